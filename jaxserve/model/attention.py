@@ -1,0 +1,75 @@
+"""Attention over the paged KV pool, and the one backend switch for it.
+
+Layout (shared by every implementation, and the same as jax's bundled paged-attention kernels):
+  k_pages, v_pages: [num_kv_heads, num_pages, page_size, head_dim]   (one layer)
+  block_tables:     [batch, max_pages_per_seq] int32; unused entries point at page 0 (null page)
+  kv_lens:          [batch] int32; tokens of K/V valid for each sequence, including this step's
+  q_positions:      [batch, q_len] int32; absolute position of each query token, -1 for padding
+  q:                [batch, q_len, num_q_heads, head_dim]
+
+Query token at position p of sequence b sees keys j with j <= p, j < kv_lens[b], and, with a
+sliding window w, p - j < w. Decode is q_len == 1; prefill (also chunked) is q_len > 1.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets):
+    """Scatter this step's K/V into the pool.
+
+    k, v: [num_tokens, num_kv_heads, head_dim]; slot_pages/slot_offsets: [num_tokens] int32
+    (padding tokens target the null page 0, whose contents are never read unmasked).
+    """
+    k_pages = k_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype))
+    v_pages = v_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype))
+    return k_pages, v_pages
+
+
+def paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *,
+                        scale: float, sliding_window: int | None = None):
+    """Plain XLA path: gather each sequence's pages, then dense masked GQA attention."""
+    B, Tq, Hq, D = q.shape
+    Hkv, _, S, _ = k_pages.shape
+    G = Hq // Hkv
+    P = block_tables.shape[1]
+    # [Hkv, B, P, S, D] -> [B, Hkv, P*S, D]
+    k = jnp.swapaxes(k_pages[:, block_tables], 0, 1).reshape(B, Hkv, P * S, D)
+    v = jnp.swapaxes(v_pages[:, block_tables], 0, 1).reshape(B, Hkv, P * S, D)
+    qg = q.reshape(B, Tq, Hkv, G, D)
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    key_pos = jnp.arange(P * S, dtype=jnp.int32)
+    qp = q_positions[:, :, None]                                   # [B, Tq, 1]
+    mask = (key_pos[None, None, :] <= qp) & (key_pos[None, None, :] < kv_lens[:, None, None])
+    if sliding_window is not None:
+        mask &= qp - key_pos[None, None, :] < sliding_window
+    s = jnp.where(mask[:, None, None], s, -1e30)
+    p = jax.nn.softmax(s, axis=-1)
+    # Rows with no visible key (padding queries) give zeros, not NaN.
+    p = jnp.where(mask[:, None, None].any(-1, keepdims=True), p, 0.0)
+    out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, Tq, Hq, D).astype(q.dtype)
+
+
+def resolve_impl(impl: str) -> str:
+    """`auto` picks Pallas kernels on GPU/TPU and the XLA path on CPU."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose from {IMPLS}")
+    if impl == "auto":
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return impl
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale: float,
+                    sliding_window: int | None = None, impl: str = "xla", interpret: bool = False):
+    if impl == "xla":
+        return paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
+                                   scale=scale, sliding_window=sliding_window)
+    if impl == "pallas":
+        from pallas_kernels import paged_attention as pk
+        return pk.paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
+                                  scale=scale, sliding_window=sliding_window, interpret=interpret)
+    raise ValueError(f"attention impl must be resolved to 'xla' or 'pallas', got {impl!r}")

@@ -1,0 +1,15 @@
+"""Host-side scheduling: requests, page allocation, admission policies. Imports no JAX.
+
+The engine calls `Scheduler.schedule()` once per step and gets back a plain `StepPlan`
+(sequence ids, token ranges, page tables); only the runner in `jaxserve` turns it into arrays.
+The same scheduler code drives the fairness simulator.
+"""
+from scheduler.block_allocator import BlockAllocator, OutOfPages
+from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+from scheduler.policy import FCFSPolicy, Policy, RequestRejected
+from scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
+
+__all__ = [
+    "BlockAllocator", "OutOfPages", "FinishReason", "Sequence", "SequenceStatus",
+    "FCFSPolicy", "Policy", "RequestRejected", "Scheduler", "SchedulerConfig", "StepPlan",
+]

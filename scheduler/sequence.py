@@ -1,0 +1,69 @@
+"""Host-side state of one request as it moves through the scheduler."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"      # in the policy's queue (new, or preempted and re-queued)
+    RUNNING = "running"      # holds pages; prefilling (num_computed < len(token_ids)) or decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"            # EOS, stop token or stop string
+    LENGTH = "length"        # max_tokens or the context limit
+    ABORT = "abort"          # client went away or request cancelled
+    REJECTED = "rejected"    # never admitted (policy refused it)
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_token_ids: list[int]
+    max_tokens: int
+    client_id: str = "anonymous"
+    adapter: str | None = None           # LoRA adapter name; None = base model
+    arrival_time: float = 0.0
+    params: Any = None                   # sampling parameters; opaque to the scheduler
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
+    block_table: list[int] = field(default_factory=list)  # page ids, in position order
+    num_computed_tokens: int = 0         # tokens whose K/V are in the pool
+    num_preemptions: int = 0
+    is_prefill_charged: bool = False     # fairness: prefill is charged once, even if recomputed
+    admit_time: float | None = None
+    first_token_time: float | None = None
+    extra: dict = field(default_factory=dict)  # per-policy bookkeeping (e.g. predicted length)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        # One token is always left uncomputed: the last one is the next step's input.
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_token_ids) + self.max_tokens
