@@ -18,27 +18,42 @@ import jax.numpy as jnp
 IMPLS = ("auto", "xla", "pallas")
 
 
-def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets):
-    """Scatter this step's K/V into the pool.
+def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets, layer=None):
+    """Scatter this step's K/V into the pool (in place when the pool is donated).
 
     k, v: [num_tokens, num_kv_heads, head_dim]; slot_pages/slot_offsets: [num_tokens] int32
     (padding tokens target the null page 0, whose contents are never read unmasked).
+    With `layer`, the pool has a leading layers axis and only that layer is written.
     """
-    k_pages = k_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype))
-    v_pages = v_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype))
-    return k_pages, v_pages
+    k, v = k.astype(k_pages.dtype), v.astype(v_pages.dtype)
+    if layer is None:
+        return (k_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(k, 0, 1)),
+                v_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(v, 0, 1)))
+    # A scalar layer index plus array indices split by a slice: numpy puts the indexed dims
+    # first, so the update is [num_tokens, kv_heads, head_dim] as given.
+    return (k_pages.at[layer, :, slot_pages, slot_offsets].set(k),
+            v_pages.at[layer, :, slot_pages, slot_offsets].set(v))
 
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *,
-                        scale: float, sliding_window: int | None = None):
-    """Plain XLA path: gather each sequence's pages, then dense masked GQA attention."""
+                        scale: float, sliding_window: int | None = None, layer=None):
+    """Plain XLA path: gather each sequence's pages, then dense masked GQA attention.
+
+    With `layer`, the pool has a leading layers axis; indexing it inside the gather avoids
+    copying the layer's whole pool.
+    """
     B, Tq, Hq, D = q.shape
-    Hkv, _, S, _ = k_pages.shape
+    Hkv, _, S, _ = k_pages.shape[-4:]
     G = Hq // Hkv
     P = block_tables.shape[1]
-    # [Hkv, B, P, S, D] -> [B, Hkv, P*S, D]
-    k = jnp.swapaxes(k_pages[:, block_tables], 0, 1).reshape(B, Hkv, P * S, D)
-    v = jnp.swapaxes(v_pages[:, block_tables], 0, 1).reshape(B, Hkv, P * S, D)
+    if layer is None:   # [Hkv, B, P, S, D]
+        k = jnp.swapaxes(k_pages[:, block_tables], 0, 1)
+        v = jnp.swapaxes(v_pages[:, block_tables], 0, 1)
+    else:               # indexed dims come first: [B, P, Hkv, S, D]
+        k = jnp.swapaxes(k_pages[layer, :, block_tables], 1, 2)
+        v = jnp.swapaxes(v_pages[layer, :, block_tables], 1, 2)
+    k = k.reshape(B, Hkv, P * S, D)
+    v = v.reshape(B, Hkv, P * S, D)
     qg = q.reshape(B, Tq, Hkv, G, D)
     s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     key_pos = jnp.arange(P * S, dtype=jnp.int32)
@@ -64,12 +79,16 @@ def resolve_impl(impl: str) -> str:
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale: float,
-                    sliding_window: int | None = None, impl: str = "xla", interpret: bool = False):
+                    sliding_window: int | None = None, impl: str = "xla", interpret: bool = False,
+                    layer=None):
+    """Dispatch to the chosen implementation. `layer`: see paged_attention_xla."""
     if impl == "xla":
         return paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
-                                   scale=scale, sliding_window=sliding_window)
+                                   scale=scale, sliding_window=sliding_window, layer=layer)
     if impl == "pallas":
         from pallas_kernels import paged_attention as pk
+        if layer is not None:
+            k_pages, v_pages = k_pages[layer], v_pages[layer]
         return pk.paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
                                   scale=scale, sliding_window=sliding_window, interpret=interpret)
     raise ValueError(f"attention impl must be resolved to 'xla' or 'pallas', got {impl!r}")

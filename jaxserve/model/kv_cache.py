@@ -1,0 +1,49 @@
+"""The paged KV pool on device, and the per-step metadata that addresses it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class KVPages:
+    k: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
+    v: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[3]
+
+
+def init_kv_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVPages:
+    shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    return KVPages(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def bytes_per_page(cfg: ModelConfig, page_size: int, dtype=jnp.float32) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class StepInput:
+    """Everything one forward step needs besides weights and the pool (a padded bucket).
+
+    Padding tokens have position -1, write to the null page 0 and are never read.
+    """
+    tokens: jax.Array         # [B, T] int32
+    positions: jax.Array      # [B, T] int32, -1 for padding
+    block_tables: jax.Array   # [B, P] int32, 0 for unused entries
+    kv_lens: jax.Array        # [B] int32: K/V tokens valid after this step's writes
+    slot_pages: jax.Array     # [B*T] int32: page each token's K/V goes to
+    slot_offsets: jax.Array   # [B*T] int32: offset within that page
+    logits_index: jax.Array   # [B] int32: which of the T tokens gives the row's next-token logits

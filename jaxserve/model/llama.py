@@ -1,0 +1,93 @@
+"""The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM) as pure functions over a weights pytree.
+
+forward(weights, cfg, step, kv) -> (logits, kv): one scan over layers; the K/V of this step's
+tokens are scattered into the paged pool, then each query attends over its sequence's pages.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig, rope_inv_freq
+from jaxserve.model.attention import paged_attention, write_kv
+from jaxserve.model.kv_cache import KVPages, StepInput
+from jaxserve.model.weights import LayerWeights, Weights
+
+
+def rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x: [B, T, heads, D]; HF's rotate-half convention (first half / second half pairs)."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]   # [B, T, D/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _proj(x, w, b=None):
+    y = jnp.einsum("bth,ho->bto", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return y if b is None else y + b.astype(y.dtype)
+
+
+def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: StepInput,
+           carry, xs):
+    x, k_pool, v_pool = carry
+    lw, layer = xs
+    B, T, _ = x.shape
+    D = cfg.head_dim
+    with jax.named_scope("attention"):
+        h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
+        q = _proj(h, lw.wq, lw.bq).reshape(B, T, cfg.num_heads, D)
+        k = _proj(h, lw.wk, lw.bk).reshape(B, T, cfg.num_kv_heads, D)
+        v = _proj(h, lw.wv, lw.bv).reshape(B, T, cfg.num_kv_heads, D)
+        q = apply_rope(q, step.positions, inv_freq)
+        k = apply_rope(k, step.positions, inv_freq)
+        k_pool, v_pool = write_kv(k_pool, v_pool, k.reshape(B * T, cfg.num_kv_heads, D),
+                                  v.reshape(B * T, cfg.num_kv_heads, D),
+                                  step.slot_pages, step.slot_offsets, layer=layer)
+        attn = paged_attention(q, k_pool, v_pool, step.block_tables, step.kv_lens, step.positions,
+                               scale=D ** -0.5, sliding_window=cfg.sliding_window,
+                               impl=attn_impl, interpret=interpret, layer=layer)
+        x = x + _proj(attn.reshape(B, T, cfg.q_size), lw.wo, lw.bo)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+        g = _proj(h, lw.w_gate)
+        u = _proj(h, lw.w_up)
+        x = x + _proj(jax.nn.silu(g) * u, lw.w_down)
+    return (x, k_pool, v_pool), None
+
+
+def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPages, *,
+                  attn_impl: str = "xla", interpret: bool = False):
+    """Final-norm hidden states [B, T, H] and the updated pool."""
+    x = weights.embed[step.tokens]
+    inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    body = functools.partial(_layer, cfg, attn_impl, interpret, inv_freq, step)
+    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers))
+    return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), KVPages(k=k, v=v)
+
+
+def lm_head(weights: Weights, h):
+    w = weights.embed.T if weights.lm_head is None else weights.lm_head
+    return jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def forward(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPages, *,
+            attn_impl: str = "xla", interpret: bool = False, all_logits: bool = False):
+    """Returns (logits, kv). logits: [B, V] float32 at each row's `logits_index`, or
+    [B, T, V] when all_logits."""
+    h, kv = hidden_states(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret)
+    if not all_logits:
+        h = jnp.take_along_axis(h, step.logits_index[:, None, None], axis=1)[:, 0]
+    return lm_head(weights, h), kv

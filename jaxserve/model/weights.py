@@ -1,0 +1,125 @@
+"""Weights as registered dataclass pytrees, described once.
+
+`describe(cfg)` lists every array (shape, logical axes); `init_random`, the loaders and the
+sharding rules all derive from it. Layer weights are stacked on a leading `layers` axis so the
+forward pass is one `lax.scan`. Projections are stored `[in, out]` (x @ W).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LayerWeights:
+    attn_norm: jax.Array       # [L, H]
+    wq: jax.Array              # [L, H, Hq*D]
+    wk: jax.Array              # [L, H, Hkv*D]
+    wv: jax.Array              # [L, H, Hkv*D]
+    wo: jax.Array              # [L, Hq*D, H]
+    mlp_norm: jax.Array        # [L, H]
+    w_gate: jax.Array          # [L, H, I]
+    w_up: jax.Array            # [L, H, I]
+    w_down: jax.Array          # [L, I, H]
+    bq: jax.Array | None = None  # [L, Hq*D]  (Qwen2, attention_bias)
+    bk: jax.Array | None = None  # [L, Hkv*D]
+    bv: jax.Array | None = None  # [L, Hkv*D]
+    bo: jax.Array | None = None  # [L, H]     (Llama attention_bias)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Weights:
+    embed: jax.Array           # [V, H]
+    layers: LayerWeights
+    final_norm: jax.Array      # [H]
+    lm_head: jax.Array | None  # [H, V]; None when tied to `embed`
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]      # logical axis names, mapped to a mesh by the sharding rules
+    init: str = "normal"       # "normal" | "ones" | "zeros"
+
+
+def describe(cfg: ModelConfig) -> dict:
+    """The single description of every weight: name -> ArraySpec (layer weights under 'layers')."""
+    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    Q, K = cfg.q_size, cfg.kv_size
+    layers = {
+        "attn_norm": ArraySpec((L, H), ("layers", "embed"), "ones"),
+        "wq": ArraySpec((L, H, Q), ("layers", "embed", "q_heads")),
+        "wk": ArraySpec((L, H, K), ("layers", "embed", "kv_heads")),
+        "wv": ArraySpec((L, H, K), ("layers", "embed", "kv_heads")),
+        "wo": ArraySpec((L, Q, H), ("layers", "q_heads", "embed")),
+        "mlp_norm": ArraySpec((L, H), ("layers", "embed"), "ones"),
+        "w_gate": ArraySpec((L, H, I), ("layers", "embed", "mlp")),
+        "w_up": ArraySpec((L, H, I), ("layers", "embed", "mlp")),
+        "w_down": ArraySpec((L, I, H), ("layers", "mlp", "embed")),
+    }
+    if cfg.qkv_bias:
+        layers["bq"] = ArraySpec((L, Q), ("layers", "q_heads"), "zeros")
+        layers["bk"] = ArraySpec((L, K), ("layers", "kv_heads"), "zeros")
+        layers["bv"] = ArraySpec((L, K), ("layers", "kv_heads"), "zeros")
+    if cfg.o_bias:
+        layers["bo"] = ArraySpec((L, H), ("layers", "embed"), "zeros")
+    top = {
+        "embed": ArraySpec((V, H), ("vocab", "embed")),
+        "final_norm": ArraySpec((H,), ("embed",), "ones"),
+        "layers": layers,
+    }
+    if not cfg.tie_word_embeddings:
+        top["lm_head"] = ArraySpec((H, V), ("embed", "vocab"))
+    return top
+
+
+def build(cfg: ModelConfig, make) -> Weights:
+    """Build a Weights tree by calling make(name, spec) for every described array."""
+    d = describe(cfg)
+    layers = LayerWeights(**{k: make(f"layers.{k}", s) for k, s in d["layers"].items()})
+    return Weights(
+        embed=make("embed", d["embed"]),
+        layers=layers,
+        final_norm=make("final_norm", d["final_norm"]),
+        lm_head=make("lm_head", d["lm_head"]) if "lm_head" in d else None,
+    )
+
+
+def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Weights:
+    rng = np.random.default_rng(seed)
+
+    def make(name, spec: ArraySpec):
+        if spec.init == "ones":
+            a = np.ones(spec.shape, np.float32)
+        elif spec.init == "zeros":
+            a = np.zeros(spec.shape, np.float32)
+        else:
+            a = rng.normal(0.0, std, spec.shape).astype(np.float32)
+        return jnp.asarray(a, dtype)
+
+    return build(cfg, make)
+
+
+def cast(weights: Weights, dtype) -> Weights:
+    return jax.tree.map(lambda a: a.astype(dtype), weights)
+
+
+def logical_axes(cfg: ModelConfig) -> Weights:
+    """The same tree shape as Weights, holding each array's logical axes (for sharding)."""
+    return build(cfg, lambda name, spec: spec.axes)
+
+
+def num_bytes(weights: Weights) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(weights))
+
+
+def replace(weights: Weights, **kw) -> Weights:
+    return dataclasses.replace(weights, **kw)
