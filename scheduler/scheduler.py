@@ -63,7 +63,7 @@ class StepPlan:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, policy: Policy | None = None):
         self.config = config
-        self.policy = policy or FCFSPolicy()
+        self.policy = policy if policy is not None else FCFSPolicy()  # an empty policy is falsy
         self.allocator = BlockAllocator(config.num_pages)
         self.running: list[Sequence] = []          # in admission order (preempt from the back)
         self._seqs: dict[int, Sequence] = {}       # waiting + running, by id

@@ -1,0 +1,166 @@
+"""Workloads for the simulator: synthetic clients from a JSON spec, or a recorded trace.
+
+Workload JSON:
+  {"duration_s": 600,
+   "clients": [{"id": "A", "rate": 1.5, "arrival": "uniform", "input_len": 256,
+                "output_len": 256, "weight": 1}, ...]}
+Per client: `arrival` is uniform (evenly spaced), poisson, on-off (`on_s`, `off_s`,
+`start_on`; `rate` while on) or ramp (`rate_start` -> `rate_end` over the run); `process`
+(uniform|poisson) spaces the requests of on-off, ramp and phases. `phases` instead of `rate`:
+[{"duration_s": 300, "rate": 1.0}, ...] piecewise-constant rates. `input_len`/`output_len`:
+an int, or [lo, hi] drawn uniformly. `start_s`: first possible arrival (default 0).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+
+ARRIVALS = ("uniform", "poisson", "on-off", "ramp")
+
+
+@dataclass(frozen=True)
+class Request:
+    client: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+class WorkloadError(ValueError):
+    """A workload file or spec is malformed; the message names the problem."""
+
+
+def load_workload(path: str) -> tuple[dict, dict[str, float]]:
+    """Read and validate a workload JSON; returns (spec, weights from the spec)."""
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise WorkloadError(f"workload file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise WorkloadError(f"workload {path} is not valid JSON: {e}") from None
+    validate(spec, path)
+    return spec, {c["id"]: float(c.get("weight", 1.0)) for c in spec["clients"]}
+
+
+def validate(spec: dict, where: str = "workload") -> None:
+    if not isinstance(spec, dict) or not isinstance(spec.get("clients"), list) or not spec["clients"]:
+        raise WorkloadError(f"{where}: needs a non-empty list 'clients'")
+    seen = set()
+    for i, c in enumerate(spec["clients"]):
+        if not isinstance(c, dict) or "id" not in c:
+            raise WorkloadError(f"{where}: client #{i} needs an 'id'")
+        if c["id"] in seen:
+            raise WorkloadError(f"{where}: duplicate client id {c['id']!r}")
+        seen.add(c["id"])
+        arrival = c.get("arrival", "uniform")
+        if arrival not in ARRIVALS:
+            raise WorkloadError(f"{where}: client {c['id']!r}: arrival {arrival!r} not one of {ARRIVALS}")
+        if arrival == "ramp":
+            _need_numbers(c, ("rate_start", "rate_end"), where)
+        elif "phases" not in c:
+            _need_numbers(c, ("rate",), where)
+        for key in ("input_len", "output_len"):
+            v = c.get(key)
+            ok = (isinstance(v, int) and v > 0) or (
+                isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+                and v[0] <= v[1])
+            if not ok:
+                raise WorkloadError(f"{where}: client {c['id']!r}: {key} must be a positive int "
+                                    f"or [lo, hi], got {v!r}")
+        if float(c.get("weight", 1.0)) <= 0:
+            raise WorkloadError(f"{where}: client {c['id']!r}: weight must be positive")
+
+
+def _need_numbers(c: dict, keys, where) -> None:
+    for k in keys:
+        if not isinstance(c.get(k), (int, float)) or c[k] < 0:
+            raise WorkloadError(f"{where}: client {c['id']!r} needs a non-negative number {k!r}")
+
+
+def generate(spec: dict, duration_s: float | None = None, seed: int = 0) -> list[Request]:
+    """Arrivals of every client in [0, duration), sorted by time (ties: client order)."""
+    validate(spec)
+    duration = float(duration_s if duration_s is not None else spec.get("duration_s", 600))
+    out = []
+    for i, c in enumerate(spec["clients"]):
+        rng = random.Random(seed * 1_000_003 + i)
+        for t in _arrival_times(c, duration, rng):
+            out.append((t, i, Request(c["id"], t, _length(c["input_len"], rng),
+                                      _length(c["output_len"], rng))))
+    out.sort(key=lambda x: (x[0], x[1]))
+    return [r for _, _, r in out]
+
+
+def _length(v, rng) -> int:
+    return v if isinstance(v, int) else rng.randint(v[0], v[1])
+
+
+def _rate_at(c: dict, t: float, duration: float) -> float:
+    arrival = c.get("arrival", "uniform")
+    if arrival == "ramp":
+        return c["rate_start"] + (c["rate_end"] - c["rate_start"]) * min(t / duration, 1.0)
+    if arrival == "on-off":
+        period = c["on_s"] + c["off_s"]
+        phase = t % period
+        is_on = phase < c["on_s"] if c.get("start_on", True) else phase >= c["off_s"]
+        return c["rate"] if is_on else 0.0
+    if "phases" in c:
+        end = 0.0
+        for ph in c["phases"]:
+            end += ph["duration_s"]
+            if t < end:
+                return ph["rate"]
+        return 0.0
+    return c["rate"]
+
+
+def _arrival_times(c: dict, duration: float, rng: random.Random) -> list[float]:
+    """Uniform: the next arrival comes once the integrated rate reaches one more request.
+    Poisson: thinning of a homogeneous process at the peak rate."""
+    process = c.get("process", "poisson" if c.get("arrival") == "poisson" else "uniform")
+    step = 0.01  # integration step for time-varying rates (s)
+    t = float(c.get("start_s", 0.0))
+    times = []
+    if process == "poisson":
+        peak = max(_rate_at(c, x * step, duration) for x in range(int(duration / step) + 1))
+        if peak <= 0:
+            return times
+        while True:
+            t += rng.expovariate(peak)
+            if t >= duration:
+                return times
+            if rng.random() * peak < _rate_at(c, t, duration):
+                times.append(t)
+    mass = 1.0  # the first request arrives at the start of the first non-zero-rate time
+    while t < duration:
+        r = _rate_at(c, t, duration)
+        if mass >= 1.0 and r > 0:
+            times.append(t)
+            mass -= 1.0
+        mass += r * step
+        t += step
+    return times
+
+
+def load_trace(path: str) -> list[Request]:
+    """A CSV with columns client,arrival_s,prompt_tokens,output_tokens, sorted by arrival."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise WorkloadError(f"trace file not found: {path}") from None
+    need = {"client", "arrival_s", "prompt_tokens", "output_tokens"}
+    if not rows or not need <= set(rows[0]):
+        raise WorkloadError(f"trace {path}: needs a header with columns {sorted(need)} and rows")
+    out = []
+    for n, row in enumerate(rows, start=2):
+        try:
+            out.append(Request(row["client"], float(row["arrival_s"]), int(row["prompt_tokens"]),
+                               int(row["output_tokens"])))
+        except (TypeError, ValueError):
+            raise WorkloadError(f"trace {path}, line {n}: malformed row {row}") from None
+    out.sort(key=lambda r: r.arrival_s)
+    return out
