@@ -1,0 +1,330 @@
+"""AsyncEngine: the bridge between asyncio handlers and the engine's own thread.
+
+A request's life through this module:
+  1. A handler calls `await submit(...)` on the event loop. Over `max_waiting` requests that have
+     no token yet -> `QueueFull` at once. Otherwise a RequestStream (an asyncio.Queue plus
+     timestamps) is registered and an "add" command goes into a thread-safe command queue.
+  2. The engine thread sleeps in a blocking `get()` on that queue whenever the engine has no
+     unfinished work, so an idle server burns no CPU. It wakes, calls `engine.add_request`, and
+     answers the handler's admission future through `loop.call_soon_threadsafe`: either accepted
+     or the engine's ValueError / RequestRejected, which the server turns into a 4xx.
+  3. While work remains the thread loops: drain commands (add, abort, calls), `engine.step()`,
+     then one `loop.call_soon_threadsafe(self._dispatch, outputs, t)` per step hands every
+     RequestOutput of that step to the event loop, where each goes into its stream's queue with
+     `put_nowait`. Nothing on either side polls.
+  4. The handler iterates the stream (`async for out in stream`) until an output is finished.
+  5. If the handler stops early (client disconnect cancels it, or it breaks out), the stream's
+     `close()` sends an "abort" command; the engine thread calls `engine.abort`, which frees the
+     request's KV pages. Abort of an already finished or unknown id is harmless.
+  6. `shutdown()` refuses new requests, lets in-flight ones finish for a grace period, aborts the
+     rest, then sends "stop" and joins the thread.
+Engine methods are only ever called on the engine thread: stats and LoRA management go through
+`call()`, which runs a function there between steps and returns its result to the loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Protocol
+
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger("jaxserve.async_engine")
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting for their first token; the client should retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down (or its thread died) and takes no new requests."""
+
+
+class EngineError(Exception):
+    """The engine failed while running a request (not the request's fault)."""
+
+
+class EngineLike(Protocol):
+    def add_request(self, request_id: str, prompt: Any, params: SamplingParams, *,
+                    client_id: str = ..., adapter: str | None = ...) -> None: ...
+    def abort(self, request_id: str) -> None: ...
+    def step(self) -> list[RequestOutput]: ...
+    def has_unfinished(self) -> bool: ...
+    def stats(self) -> dict: ...
+
+
+class Observer(Protocol):
+    """Receives per-request latencies (the server's metrics implement it)."""
+    def on_first_token(self, ttft_s: float, queue_s: float) -> None: ...
+    def on_token_gap(self, itl_s: float, num_tokens: int) -> None: ...
+    def on_finished(self, e2e_s: float, num_prompt: int, num_output: int, reason: str | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class AsyncEngineConfig:
+    max_waiting: int = 512          # requests admitted but without a first token; more -> QueueFull
+    shutdown_grace_s: float = 10.0  # in-flight requests may finish for this long on shutdown
+
+    def __post_init__(self):
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 1:
+            raise ValueError(f"max_waiting must be an integer >= 1, got {self.max_waiting!r}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError("shutdown_grace_s must be >= 0")
+
+
+class RequestStream:
+    """One request's outputs on the event loop. Iterate it; `close()` aborts if unfinished."""
+
+    def __init__(self, owner: "AsyncEngine", request_id: str):
+        self.request_id = request_id
+        self._owner = owner
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None   # engine-thread time of the first output
+        self.last_token_at: float | None = None
+        self.last_emit_at: float = 0.0             # engine-thread time the latest output left the step
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                out, self.last_emit_at = item
+                if out.finished:
+                    self.finished = True
+                yield out
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._owner._release(self)
+
+
+class AsyncEngine:
+    def __init__(self, engine: EngineLike, config: AsyncEngineConfig = AsyncEngineConfig(),
+                 observer: Observer | None = None):
+        self.engine = engine
+        self.config = config
+        self.observer = observer
+        # Read-only facts, copied before the thread starts so handlers never touch the engine.
+        self.model_name: str = getattr(engine, "model_name", "model")
+        self.max_model_len: int = int(getattr(engine, "max_model_len", 2048))
+        self.supports_lora = all(hasattr(engine, m) for m in ("add_lora", "remove_lora", "list_loras"))
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._num_waiting = 0            # streams without a first output (event-loop side count)
+        self._ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._accepting = False
+        self._dead: BaseException | None = None
+        self.num_steps = 0
+
+    # ---------------------------------------------------------------- lifecycle (event loop)
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """Stop taking requests, let in-flight ones finish (up to grace_s), abort the rest."""
+        if self._thread is None:
+            return
+        self._accepting = False
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        while self._streams and time.monotonic() < deadline and self.is_running:
+            await asyncio.sleep(0.02)  # shutdown only: waits on handlers, not on tokens
+        for stream in list(self._streams.values()):
+            stream._queue.put_nowait(EngineStopped("the server is shutting down"))
+            stream.close()
+        self._commands.put(("stop",))
+        thread, self._thread = self._thread, None
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 30.0)
+
+    # ---------------------------------------------------------------- requests (event loop)
+    async def submit(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
+                     client_id: str = "anonymous", adapter: str | None = None) -> RequestStream:
+        """Admit a request; raises QueueFull, EngineStopped, or the engine's ValueError /
+        RequestRejected. The returned stream yields RequestOutputs until one is finished."""
+        if not self._accepting or not self.is_running:
+            raise EngineStopped("the engine is not running" if self._dead is None
+                                else f"the engine thread died: {self._dead!r}")
+        if self._num_waiting >= self.config.max_waiting:
+            raise QueueFull(f"{self._num_waiting} requests are already waiting "
+                            f"(max_waiting={self.config.max_waiting}); retry later")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        stream = RequestStream(self, rid)
+        self._streams[rid] = stream
+        self._num_waiting += 1
+        admitted = self._loop.create_future()
+        self._commands.put(("add", rid, prompt, params, client_id, adapter, admitted))
+        try:
+            await admitted
+        except BaseException:
+            stream.close()  # cancelled while queued, or refused: abort is harmless either way
+            raise
+        return stream
+
+    async def generate(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
+                       client_id: str = "anonymous", adapter: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Async iterator of RequestOutput; errors of admission surface on the first item."""
+        stream = await self.submit(request_id, prompt, params, client_id, adapter)
+        async for out in stream:
+            yield out
+
+    async def call(self, fn: Callable[[EngineLike], Any]) -> Any:
+        """Run fn(engine) on the engine thread between steps; return (or raise) its result."""
+        if not self.is_running:
+            raise EngineStopped("the engine is not running")
+        fut = self._loop.create_future()
+        self._commands.put(("call", fn, fut))
+        return await fut
+
+    async def stats(self) -> dict:
+        return await self.call(lambda e: e.stats())
+
+    def _release(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+            if stream.first_token_at is None:
+                self._num_waiting -= 1
+            if not stream.finished:
+                self._commands.put(("abort", stream.request_id))
+
+    def _dispatch(self, outputs: list[RequestOutput], t_step: float, t_emit: float) -> None:
+        """On the event loop: route one step's outputs to their streams."""
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted by its handler; the engine already got the abort
+            if out.error is not None:
+                stream._queue.put_nowait(EngineError(out.error))
+                stream.finished = True
+                self._observe_end(stream, out, t_emit)
+                continue
+            n_new = len(out.new_token_ids)
+            if stream.first_token_at is None and (n_new or out.finished):
+                stream.first_token_at = t_emit
+                self._num_waiting -= 1
+                if self.observer:
+                    # Queue time ends when the step that produced the first token began (so it
+                    # includes earlier chunks of a chunked prefill).
+                    self.observer.on_first_token(t_emit - stream.arrival,
+                                                 max(0.0, t_step - stream.arrival))
+            elif n_new and stream.last_token_at is not None and self.observer:
+                self.observer.on_token_gap(t_emit - stream.last_token_at, n_new)
+            if n_new:
+                stream.last_token_at = t_emit
+            if out.finished:
+                stream.finished = True  # the engine freed it; release() must not abort
+                self._observe_end(stream, out, t_emit)
+            stream._queue.put_nowait((out, t_emit))
+
+    def _observe_end(self, stream: RequestStream, out: RequestOutput, t: float) -> None:
+        if self.observer:
+            self.observer.on_finished(t - stream.arrival, out.num_prompt_tokens,
+                                      len(out.token_ids), out.finish_reason)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """On the event loop: the engine thread died; fail every stream."""
+        for stream in list(self._streams.values()):
+            stream._queue.put_nowait(EngineError(f"the engine failed: {exc!r}"))
+
+    # ---------------------------------------------------------------- engine thread
+    def _reply(self, fut: asyncio.Future, result: Any = None, exc: BaseException | None = None) -> None:
+        def settle():
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+        self._loop.call_soon_threadsafe(settle)
+
+    def _handle(self, cmd: tuple) -> bool:
+        """Run one command on the engine thread; False means stop."""
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, prompt, params, client_id, adapter, fut = cmd
+            try:
+                self.engine.add_request(rid, prompt, params, client_id=client_id, adapter=adapter)
+            except Exception as e:  # ValueError / RequestRejected: the request's fault
+                self._reply(fut, exc=e)
+            else:
+                self._reply(fut, True)
+        elif kind == "abort":
+            self.engine.abort(cmd[1])
+        elif kind == "call":
+            _, fn, fut = cmd
+            try:
+                self._reply(fut, fn(self.engine))
+            except Exception as e:
+                self._reply(fut, exc=e)
+        elif kind == "stop":
+            return False
+        return True
+
+    def _run(self) -> None:
+        try:
+            while True:
+                # Block (no timeout, no spinning) until a command arrives when there is no work.
+                if not self.engine.has_unfinished():
+                    if not self._handle(self._commands.get()):
+                        return
+                while True:  # drain whatever else arrived
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not self._handle(cmd):
+                        return
+                if not self.engine.has_unfinished():
+                    continue
+                t_step = time.perf_counter()
+                outputs = self.engine.step()
+                self.num_steps += 1
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs, t_step,
+                                                    time.perf_counter())
+        except BaseException as e:  # a bug in the engine: fail loudly, never hang clients
+            log.exception("engine thread died")
+            self._dead = e
+            try:
+                self._loop.call_soon_threadsafe(self._fail_all, e)
+            except RuntimeError:
+                pass

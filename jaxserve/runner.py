@@ -1,0 +1,157 @@
+"""The model runner: turns a scheduler's StepPlan into padded device arrays and runs one
+jitted step (forward + sampling) with the KV pool donated.
+
+Shapes are padded to buckets (powers of two) so only a small set of programs is ever
+compiled; each new bucket is logged when first compiled.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.model import llama
+from jaxserve.model.attention import resolve_impl
+from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
+from jaxserve.model.weights import Weights
+from jaxserve.sampling import SamplingInput, sample
+from scheduler import StepPlan
+
+log = logging.getLogger("jaxserve.runner")
+
+
+def _pow2_at_least(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def bucket(n: int, cap: int, lo: int = 1) -> int:
+    """Smallest power of two >= n (and >= lo), but never above cap (cap itself is a bucket)."""
+    return min(_pow2_at_least(n, lo), cap)
+
+
+def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights, kv: KVPages,
+             step: StepInput, samp: SamplingInput):
+    logits, kv = llama.forward(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret)
+    tokens, logprobs = sample(logits, samp)
+    return tokens, logprobs, kv
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int, page_size: int,
+                 max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
+                 dtype=jnp.float32, attention_impl: str = "auto", interpret: bool | None = None):
+        self.cfg = cfg
+        self.weights = weights
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_pages_per_seq = math.ceil(max_model_len / page_size)
+        self.attn_impl = resolve_impl(attention_impl)
+        # Pallas on CPU can only run in interpret mode.
+        self.interpret = (jax.default_backend() == "cpu") if interpret is None else interpret
+        self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
+        self._step = jax.jit(functools.partial(_step_fn, cfg, self.attn_impl, self.interpret),
+                             donate_argnums=(1,))
+        self._seen_buckets: set[tuple] = set()
+        self.num_steps = 0
+
+    # -- building the padded step ---------------------------------------------------------------
+    def _build(self, plan: StepPlan):
+        n = len(plan.seqs)
+        S = self.page_size
+        if plan.is_prefill:
+            B = bucket(n, self.max_num_seqs)
+            T = bucket(max(plan.num_new_tokens), _pow2_at_least(self.max_prefill_tokens), lo=16)
+        else:
+            B = bucket(n, _pow2_at_least(self.max_num_seqs))
+            T = 1
+        max_pages = max(math.ceil((st + k) / S) for st, k in zip(plan.start_positions, plan.num_new_tokens))
+        P = bucket(max_pages, _pow2_at_least(self.max_pages_per_seq))
+        tokens = np.zeros((B, T), np.int32)
+        positions = np.full((B, T), -1, np.int32)
+        block_tables = np.zeros((B, P), np.int32)
+        kv_lens = np.zeros((B,), np.int32)
+        slot_pages = np.zeros((B, T), np.int32)
+        slot_offsets = np.zeros((B, T), np.int32)
+        logits_index = np.zeros((B,), np.int32)
+        temperature = np.zeros((B,), np.float32)
+        top_k = np.zeros((B,), np.int32)
+        top_p = np.ones((B,), np.float32)
+        seeds = np.zeros((B,), np.uint32)
+        counters = np.zeros((B,), np.int32)
+        for i, seq in enumerate(plan.seqs):
+            st, k = plan.start_positions[i], plan.num_new_tokens[i]
+            ids = seq.token_ids[st:st + k]
+            pos = np.arange(st, st + k)
+            table = np.asarray(seq.block_table, np.int32)
+            tokens[i, :k] = ids
+            positions[i, :k] = pos
+            block_tables[i, :len(table)] = table
+            kv_lens[i] = st + k
+            slot_pages[i, :k] = table[pos // S]
+            slot_offsets[i, :k] = pos % S
+            logits_index[i] = k - 1
+            p = seq.params
+            if p is not None:
+                temperature[i] = p.temperature
+                top_k[i] = p.top_k
+                top_p[i] = p.top_p
+            seeds[i] = seq.extra.get("seed", 0) & 0xFFFFFFFF
+            counters[i] = seq.num_output_tokens
+        step = StepInput(
+            tokens=tokens, positions=positions, block_tables=block_tables, kv_lens=kv_lens,
+            slot_pages=slot_pages.reshape(-1), slot_offsets=slot_offsets.reshape(-1),
+            logits_index=logits_index)
+        samp = SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
+                             counters=counters)
+        return (B, T, P), step, samp
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, plan: StepPlan) -> tuple[list[int | None], list[float | None]]:
+        """Run one step. Returns, per plan sequence, the sampled token and its log-probability
+        (None for sequences whose prefill chunk does not reach their last token)."""
+        shape, step, samp = self._build(plan)
+        key = ("prefill" if plan.is_prefill else "decode",) + shape
+        if key not in self._seen_buckets:
+            self._seen_buckets.add(key)
+            log.info("compiling %s bucket batch=%d tokens=%d pages=%d", *key)
+        tokens, logprobs, self.kv = self._step(self.weights, self.kv, step, samp)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        self.num_steps += 1
+        out_t, out_l = [], []
+        for i in range(len(plan.seqs)):
+            if plan.samples(i):
+                out_t.append(int(tokens[i]))
+                out_l.append(float(logprobs[i]))
+            else:
+                out_t.append(None)
+                out_l.append(None)
+        return out_t, out_l
+
+    def warmup(self, decode_batches=None, prefill_tokens=None, max_pages=None) -> float:
+        """Compile the given buckets ahead of serving (on the null page only). Returns seconds."""
+        t0 = time.perf_counter()
+        S = self.page_size
+        decode_batches = decode_batches or [1]
+        prefill_tokens = prefill_tokens or [16]
+        P = bucket(max_pages or 1, _pow2_at_least(self.max_pages_per_seq))
+        for kind, B, T in [("decode", b, 1) for b in decode_batches] + [("prefill", 1, t) for t in prefill_tokens]:
+            step = StepInput(
+                tokens=np.zeros((B, T), np.int32), positions=np.full((B, T), -1, np.int32),
+                block_tables=np.zeros((B, P), np.int32), kv_lens=np.zeros((B,), np.int32),
+                slot_pages=np.zeros((B * T,), np.int32), slot_offsets=np.zeros((B * T,), np.int32),
+                logits_index=np.zeros((B,), np.int32))
+            samp = SamplingInput(np.zeros((B,), np.float32), np.zeros((B,), np.int32),
+                                 np.ones((B,), np.float32), np.zeros((B,), np.uint32),
+                                 np.zeros((B,), np.int32))
+            self._seen_buckets.add((kind, B, T, P))
+            out = self._step(self.weights, self.kv, step, samp)
+            self.kv = out[2]
+        jax.block_until_ready(self.kv.k)
+        return time.perf_counter() - t0
