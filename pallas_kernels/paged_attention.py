@@ -1,0 +1,316 @@
+"""Paged attention kernels: decode (one query per sequence) and prefill/mixed (ragged, causal).
+
+Layout (see jaxserve/model/attention.py):
+  q:            [batch, q_len, num_q_heads, head_dim]
+  k/v_pages:    [num_kv_heads, num_pages, page_size, head_dim]
+  block_tables: [batch, max_pages] int32 (unused entries -> page 0)
+  kv_lens:      [batch] int32
+  q_positions:  [batch, q_len] int32, -1 = padding query (its output is zeros)
+
+How the kernels see the problem. The wrapper turns positions, lengths and the sliding window into
+one half-open key interval per query row, [lo, hi): hi = min(pos + 1, kv_len), lo = pos - window + 1
+(or 0). A padding row gets the empty interval [BIG, 0). The GQA group of query heads that share one
+KV head becomes the rows of one tile, so one K/V page load serves all of them:
+  q tile: [rows, head_dim] with rows = tokens_per_tile * group (token-major).
+A kernel instance walks page blocks from min(lo) to max(hi) through the block table, gathering
+`pages_per_block` pages at a time, with an online softmax (running max m, sum l, accumulator acc,
+all f32). Rows with no visible key finish with l == 0 and are written as zeros.
+
+Variants:
+  * portable kernels (`_decode_call`, `_prefill_call`): pages gathered by indexing the per-head
+    page pool with a vector of page ids. Runs in interpret mode on any backend and lowers through
+    Pallas' Triton backend on GPU. Decode splits the key range over `num_splits` programs
+    (flash-decoding) and merges the partial softmaxes in jnp.
+  * TPU kernel (`_tpu_call`): page ids and block ranges scalar-prefetched into SMEM, pages DMA'd
+    from HBM into double-buffered VMEM scratch, one page per softmax step. Runs on TPU (Mosaic)
+    and under TPU interpret mode on CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+_NEG = -1e30          # finite "minus infinity": keeps exp(m_old - m_new) NaN-free for empty rows
+_EMPTY_LO = 1 << 30   # lo of a row that sees nothing (padding query / padding head)
+
+
+# ----------------------------------------------------------------------------- reference
+
+def paged_attention_ref(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale,
+                        sliding_window=None):
+    """Plain jnp, f32 throughout: key j of sequence b lives at page block_tables[b, j // S], slot j % S."""
+    B, Tq, Hq, D = q.shape
+    Hkv, _, S, _ = k_pages.shape
+    G = Hq // Hkv
+    P = block_tables.shape[1]
+    j = jnp.arange(P * S)
+    page = block_tables[:, j // S]                                  # [B, P*S]
+    k = k_pages[:, page, j % S].astype(jnp.float32)                 # [Hkv, B, P*S, D]
+    v = v_pages[:, page, j % S].astype(jnp.float32)
+    k = jnp.repeat(k, G, axis=0)                                    # [Hq, B, K, D]
+    v = jnp.repeat(v, G, axis=0)
+    s = jnp.einsum("bthd,hbkd->bhtk", q.astype(jnp.float32), k,
+                   precision=lax.Precision.HIGHEST) * scale
+    pos = q_positions[:, None, :, None]
+    visible = (j <= pos) & (j < kv_lens[:, None, None, None])
+    if sliding_window is not None:
+        visible &= pos - j < sliding_window
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = p.sum(-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bhtk,hbkd->bthd", p, v, precision=lax.Precision.HIGHEST)
+    return out.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def _row_bounds(q_positions, kv_lens, sliding_window):
+    """[B, T] key interval [lo, hi) per query token; padding tokens get [_EMPTY_LO, 0)."""
+    pos = q_positions.astype(jnp.int32)
+    valid = pos >= 0
+    hi = jnp.minimum(pos + 1, kv_lens[:, None].astype(jnp.int32))
+    lo = jnp.zeros_like(pos) if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
+    hi = jnp.where(valid, jnp.maximum(hi, 0), 0)
+    lo = jnp.where(valid & (hi > lo), lo, _EMPTY_LO)
+    return lo, hi
+
+
+def _group_rows(q, q_positions, kv_lens, sliding_window, num_kv_heads, group_pad, tokens_pad):
+    """q -> [B, Hkv, Tp*Gp, D] (token-major rows) and lo/hi -> [B, Tp*Gp]."""
+    B, Tq, Hq, D = q.shape
+    G = Hq // num_kv_heads
+    lo, hi = _row_bounds(q_positions, kv_lens, sliding_window)
+    qg = q.reshape(B, Tq, num_kv_heads, G, D)
+    qg = jnp.pad(qg, ((0, 0), (0, tokens_pad - Tq), (0, 0), (0, group_pad - G), (0, 0)))
+    qg = jnp.transpose(qg, (0, 2, 1, 3, 4)).reshape(B, num_kv_heads, tokens_pad * group_pad, D)
+    lo = jnp.pad(lo, ((0, 0), (0, tokens_pad - Tq)), constant_values=_EMPTY_LO)
+    hi = jnp.pad(hi, ((0, 0), (0, tokens_pad - Tq)))
+    head_ok = jnp.arange(group_pad) < G                             # padded heads see nothing
+    lo = jnp.where(head_ok[None, None, :], lo[:, :, None], _EMPTY_LO).reshape(B, -1)
+    hi = jnp.where(head_ok[None, None, :], hi[:, :, None], 0).reshape(B, -1)
+    return qg, lo, hi
+
+
+def _ungroup_rows(out, B, Tq, Hkv, G, tokens_pad, group_pad):
+    D = out.shape[-1]
+    out = out.reshape(B, Hkv, tokens_pad, group_pad, D)[:, :, :Tq, :G]
+    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(B, Tq, Hkv * G, D)
+
+
+def _pad_block_tables(block_tables, multiple):
+    P = block_tables.shape[1]
+    return jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, -P % multiple)))
+
+
+def _softmax_step(q, k, v, key0, lo, hi, carry, scale):
+    """One online-softmax update. q [R, D]; k, v [K, D]; key0 = position of k[0]; lo/hi [R]."""
+    acc, m, l = carry
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    key = key0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    mask = (key >= lo[:, None]) & (key < hi[:, None])
+    s = jnp.where(mask, s * scale, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    l = corr * l + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    return corr[:, None] * acc + pv, m_new, l
+
+
+def _walk_pages(q, k_ref, v_ref, bt_ref, lo, hi, blk_begin, blk_end, pages_per_block, scale):
+    """Online softmax over page blocks [blk_begin, blk_end) gathered through the block table."""
+    R, D = q.shape
+    S = k_ref.shape[1]
+    bk = pages_per_block * S
+
+    def body(j, carry):
+        pages = bt_ref[pl.ds(j * pages_per_block, pages_per_block)]
+        k = k_ref[pages].reshape(bk, D)
+        v = v_ref[pages].reshape(bk, D)
+        return _softmax_step(q, k, v, j * bk, lo, hi, carry, scale)
+
+    init = (jnp.zeros((R, D), jnp.float32), jnp.full((R,), _NEG, jnp.float32),
+            jnp.zeros((R,), jnp.float32))
+    return lax.fori_loop(blk_begin, blk_end, body, init)
+
+
+def _compiler_params(interpret):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as plgpu
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _poisoned(shape, dtype):
+    return jnp.full(shape, jnp.nan if jnp.issubdtype(dtype, jnp.floating) else -1, dtype)
+
+
+# ----------------------------------------------------------------------------- prefill kernel
+
+def _prefill_kernel(bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale, pages_per_block):
+    o_ref = rest[-1]                       # rest = (poisoned_out_alias?, o_ref)
+    lo, hi = lo_ref[...], hi_ref[...]
+    bk = pages_per_block * k_ref.shape[1]
+    blk_begin = jnp.min(lo) // bk
+    blk_end = (jnp.max(hi) + bk - 1) // bk
+    acc, _, l = _walk_pages(q_ref[...], k_ref, v_ref, bt_ref, lo, hi, blk_begin, blk_end,
+                            pages_per_block, scale)
+    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _prefill_call(qg, k_pages, v_pages, bt, lo, hi, *, scale, rows_per_tile, pages_per_block,
+                  interpret, poison=False):
+    B, Hkv, N, D = qg.shape
+    _, num_pages, S, _ = k_pages.shape
+    Pp = bt.shape[1]
+    grid = (B, Hkv, N // rows_per_tile)
+    pool = pl.BlockSpec((None, num_pages, S, D), lambda b, h, i: (h, 0, 0, 0))
+    rows = pl.BlockSpec((None, rows_per_tile), lambda b, h, i: (b, i))
+    tile = pl.BlockSpec((None, None, rows_per_tile, D), lambda b, h, i: (b, h, i, 0))
+    in_specs = [pl.BlockSpec((None, Pp), lambda b, h, i: (b, 0)), rows, rows, tile, pool, pool]
+    args = [bt, lo, hi, qg, k_pages, v_pages]
+    aliases = {}
+    if poison:      # tests: start from a NaN-filled output so any element never written fails
+        in_specs.append(tile)
+        args.append(_poisoned(qg.shape, qg.dtype))
+        aliases = {len(args) - 1: 0}
+    return pl.pallas_call(
+        functools.partial(_prefill_kernel, scale=scale, pages_per_block=pages_per_block),
+        grid=grid, in_specs=in_specs, out_specs=tile,
+        out_shape=jax.ShapeDtypeStruct(qg.shape, qg.dtype),
+        input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_compiler_params(interpret),
+        name="paged_attention_prefill",
+    )(*args)
+
+
+# ----------------------------------------------------------------------------- decode kernel
+
+def _decode_kernel(bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale, pages_per_block,
+                   blocks_per_split):
+    o_ref, m_ref, l_ref = rest[-3:]
+    split = pl.program_id(2)
+    lo, hi = lo_ref[...], hi_ref[...]
+    bk = pages_per_block * k_ref.shape[1]
+    blk_begin = jnp.maximum(jnp.min(lo) // bk, split * blocks_per_split)
+    blk_end = jnp.minimum((jnp.max(hi) + bk - 1) // bk, (split + 1) * blocks_per_split)
+    acc, m, l = _walk_pages(q_ref[...], k_ref, v_ref, bt_ref, lo, hi, blk_begin, blk_end,
+                            pages_per_block, scale)
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _decode_call(qg, k_pages, v_pages, bt, lo, hi, *, scale, pages_per_block, num_splits,
+                 interpret, poison=False):
+    """Partial softmax per split: acc [B, Hkv, splits, Gp, D], m and l [B, Hkv, splits, Gp]."""
+    B, Hkv, Gp, D = qg.shape
+    _, num_pages, S, _ = k_pages.shape
+    Pp = bt.shape[1]
+    blocks_per_split = pl.cdiv(Pp // pages_per_block, num_splits)
+    grid = (B, Hkv, num_splits)
+    pool = pl.BlockSpec((None, num_pages, S, D), lambda b, h, s: (h, 0, 0, 0))
+    rows = pl.BlockSpec((None, Gp), lambda b, h, s: (b, 0))
+    in_specs = [pl.BlockSpec((None, Pp), lambda b, h, s: (b, 0)), rows, rows,
+                pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)), pool, pool]
+    out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
+                 pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
+                 pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
+    out_shape = [jax.ShapeDtypeStruct((B, Hkv, num_splits, Gp, D), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, num_splits, Gp), jnp.float32),
+                 jax.ShapeDtypeStruct((B, Hkv, num_splits, Gp), jnp.float32)]
+    args = [bt, lo, hi, qg, k_pages, v_pages]
+    aliases = {}
+    if poison:
+        for i, (spec, shp) in enumerate(zip(out_specs, out_shape)):
+            in_specs.append(spec)
+            args.append(_poisoned(shp.shape, shp.dtype))
+            aliases[len(args) - 1] = i
+    return pl.pallas_call(
+        functools.partial(_decode_kernel, scale=scale, pages_per_block=pages_per_block,
+                          blocks_per_split=blocks_per_split),
+        grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        input_output_aliases=aliases, interpret=interpret,
+        compiler_params=_compiler_params(interpret),
+        name="paged_attention_decode",
+    )(*args)
+
+
+def _merge_splits(acc, m, l):
+    """Combine per-split partial softmaxes: acc [..., s, G, D], m/l [..., s, G] -> [..., G, D]."""
+    m_all = jnp.max(m, axis=-2, keepdims=True)
+    w = jnp.where(l > 0, jnp.exp(m - m_all), 0.0)
+    denom = jnp.sum(w * l, axis=-2)
+    num = jnp.sum(w[..., None] * acc, axis=-3)
+    return jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+def _pow2_at_least(n, floor=1):
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+def default_num_splits(batch, num_kv_heads, num_page_blocks, target_programs=256):
+    """Enough (batch, head, split) programs to fill a GPU; never more splits than page blocks."""
+    want = pl.cdiv(target_programs, max(1, batch * num_kv_heads))
+    return int(max(1, min(want, num_page_blocks)))
+
+
+def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale,
+                    sliding_window=None, interpret=False, pages_per_block=None, num_splits=None,
+                    tokens_per_tile=None, backend=None, poison=False):
+    """Dispatch: decode kernel for q_len == 1, prefill kernel otherwise.
+
+    interpret=True (or a CPU backend) runs the portable kernels in Pallas interpret mode; GPU runs
+    them through Triton; TPU runs the Mosaic kernel (interpret=True there runs the portable kernel).
+    `poison` (tests only) makes every kernel output start as NaN.
+    """
+    B, Tq, Hq, D = q.shape
+    Hkv, _, S, _ = k_pages.shape
+    if Hq % Hkv:
+        raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
+    G = Hq // Hkv
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        interpret = True
+    if backend == "tpu" and not interpret:
+        from pallas_kernels import paged_attention_tpu
+        return paged_attention_tpu.paged_attention_tpu(
+            q, k_pages, v_pages, block_tables, kv_lens, q_positions, scale=scale,
+            sliding_window=sliding_window, pages_per_block=pages_per_block)
+    on_gpu = not interpret
+    P = block_tables.shape[1]
+    if pages_per_block is None:            # ~64-128 keys per step
+        pages_per_block = max(1, min(_pow2_at_least(P), 128 // S if S < 128 else 1))
+    # Triton's dot wants >= 16 rows and power-of-two tile sides.
+    Gp = _pow2_at_least(G, 16 if on_gpu else 1)
+    if Tq == 1:
+        bt = _pad_block_tables(block_tables, pages_per_block)
+        num_blocks = bt.shape[1] // pages_per_block
+        splits = num_splits or (default_num_splits(B, Hkv, num_blocks) if on_gpu else 1)
+        bt = _pad_block_tables(bt, pages_per_block * splits)
+        qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, Gp, 1)
+        acc, m, l = _decode_call(qg, k_pages, v_pages, bt, lo, hi, scale=scale,
+                                 pages_per_block=pages_per_block, num_splits=splits,
+                                 interpret=interpret, poison=poison)
+        out = _merge_splits(acc, m, l).astype(q.dtype)            # [B, Hkv, Gp, D]
+        return _ungroup_rows(out, B, 1, Hkv, G, 1, Gp)
+    bq = tokens_per_tile or max(1, 64 // Gp)
+    Tp = pl.cdiv(Tq, bq) * bq
+    bt = _pad_block_tables(block_tables, pages_per_block)
+    qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, Gp, Tp)
+    out = _prefill_call(qg, k_pages, v_pages, bt, lo, hi, scale=scale, rows_per_tile=bq * Gp,
+                        pages_per_block=pages_per_block, interpret=interpret, poison=poison)
+    return _ungroup_rows(out, B, Tq, Hkv, G, Tp, Gp)

@@ -1,0 +1,233 @@
+"""Paged-attention kernels against the plain-jnp reference, in Pallas interpret mode on CPU.
+
+Inputs are fresh each run (hypothesis draws, or a fresh numpy seed printed on failure). Every
+kernel runs with poison=True: its outputs start as NaN, so an element it never writes fails.
+Unused pages, the null page 0 and the tail of each sequence's last page hold large garbage (1e3),
+so a key read without its mask moves the result far outside tolerance.
+
+Tolerances (max abs error against an f32 reference on the same inputs, |out| <= max|v| ~ 4):
+  f32:  1e-4. The kernel sums in another order (online softmax over page blocks); observed ~1e-6,
+        the bound K * eps_f32 * max|s| for K <= 512 keys is ~1e-4.
+  bf16: 3e-2. Probabilities are rounded to bf16 before the P.V matmul (rel. 2^-9) and the output
+        is rounded to bf16 (half an ulp of a value up to 4 is 2^-7 = 8e-3); both together stay
+        below 3e-2 with margin.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pallas_kernels import paged_attention as pa
+
+GARBAGE = 1e3
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2}
+ON_CPU = jax.default_backend() == "cpu"
+
+
+def make_case(seed, *, batch, q_len, num_kv_heads, group, head_dim, page_size, max_pages,
+              dtype, last_page="mixed"):
+    """Random paged KV over shuffled, non-contiguous pages; positions ragged per sequence.
+
+    last_page: 'full' (kv_len % page_size == 0), 'empty' (one extra page allocated, no token in
+    it), 'one' (one token in the last page), or 'mixed' (each sequence picks one of these or random).
+    """
+    rng = np.random.default_rng(seed)
+    num_pages = 1 + batch * max_pages + 3                 # page 0 is the null page, 3 spare
+    hq = num_kv_heads * group
+    q = rng.standard_normal((batch, q_len, hq, head_dim))
+    k = rng.uniform(-GARBAGE, GARBAGE, (num_kv_heads, num_pages, page_size, head_dim))
+    v = rng.uniform(-GARBAGE, GARBAGE, (num_kv_heads, num_pages, page_size, head_dim))
+    perm = rng.permutation(np.arange(1, num_pages))
+    bt = np.zeros((batch, max_pages), np.int32)
+    lens = np.zeros(batch, np.int32)
+    pos = np.full((batch, q_len), -1, np.int32)
+    used = 0
+    for b in range(batch):
+        kind = last_page if last_page != "mixed" else rng.choice(["full", "empty", "one", "rand"])
+        cap = max_pages * page_size
+        if kind == "full":
+            L = page_size * int(rng.integers(1, max_pages + 1))
+        elif kind == "empty":
+            L = page_size * int(rng.integers(0, max_pages))
+        elif kind == "one":
+            L = page_size * int(rng.integers(0, max_pages)) + 1
+        else:
+            L = int(rng.integers(0, cap + 1))
+        n_pages = -(-L // page_size) + (kind == "empty" and L < cap)
+        bt[b, :n_pages] = perm[used:used + n_pages]
+        used += n_pages
+        for p in range(-(-L // page_size)):               # real K/V only where tokens live
+            n_tok = min(page_size, L - p * page_size)
+            k[:, bt[b, p], :n_tok] = rng.standard_normal((num_kv_heads, n_tok, head_dim))
+            v[:, bt[b, p], :n_tok] = rng.standard_normal((num_kv_heads, n_tok, head_dim))
+        lens[b] = L
+        n_q = int(rng.integers(0, min(q_len, L) + 1)) if L else 0
+        if b == 0 and L:
+            n_q = min(q_len, L)                           # at least one row with real queries
+        pos[b, :n_q] = np.arange(L - n_q, L)              # the newest n_q tokens, then padding
+    cast = lambda x: jnp.asarray(x, dtype)
+    return (cast(q), cast(k), cast(v), jnp.asarray(bt), jnp.asarray(lens), jnp.asarray(pos))
+
+
+def check(seed, *, dtype, scale=None, sliding_window=None, kernel_kw=None, **shape):
+    args = make_case(seed, dtype=dtype, **shape)
+    scale = scale or shape["head_dim"] ** -0.5
+    out = pa.paged_attention(*args, scale=scale, sliding_window=sliding_window, interpret=True,
+                             poison=True, **(kernel_kw or {}))
+    ref = pa.paged_attention_ref(*args, scale=scale, sliding_window=sliding_window)
+    assert out.shape == ref.shape and out.dtype == args[0].dtype
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out32).all(), f"seed={seed}: non-finite output (unwritten or leaked)"
+    pad = np.asarray(args[5]) < 0
+    assert (out32[pad] == 0).all(), f"seed={seed}: padding queries must give exact zeros"
+    np.testing.assert_allclose(out32, ref32, atol=TOL[dtype], rtol=0, err_msg=f"seed={seed}")
+
+
+def fresh_seed():
+    return int(np.random.SeedSequence().entropy % (1 << 31))
+
+
+# A covering grid: every page size, GQA ratio, head dim and dtype appears, with both kernels.
+GRID = [
+    # page, Hkv, G, D, dtype, window
+    (8, 2, 1, 64, jnp.float32, None),
+    (16, 1, 2, 128, jnp.bfloat16, None),
+    (32, 2, 4, 64, jnp.float32, 7),
+    (8, 1, 8, 128, jnp.bfloat16, 19),
+    (16, 4, 2, 64, jnp.float32, None),
+    (32, 1, 8, 64, jnp.bfloat16, None),
+]
+
+
+@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", GRID)
+def test_decode_grid(page_size, hkv, group, head_dim, dtype, window):
+    check(fresh_seed(), dtype=dtype, sliding_window=window, batch=4, q_len=1, num_kv_heads=hkv,
+          group=group, head_dim=head_dim, page_size=page_size, max_pages=6,
+          kernel_kw=dict(pages_per_block=2, num_splits=2))
+
+
+@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", GRID)
+def test_prefill_grid(page_size, hkv, group, head_dim, dtype, window):
+    check(fresh_seed(), dtype=dtype, sliding_window=window, batch=3, q_len=9, num_kv_heads=hkv,
+          group=group, head_dim=head_dim, page_size=page_size, max_pages=5,
+          kernel_kw=dict(pages_per_block=2, tokens_per_tile=4))
+
+
+@pytest.mark.parametrize("last_page", ["full", "empty", "one"])
+@pytest.mark.parametrize("q_len", [1, 6])
+def test_last_page_edges(last_page, q_len):
+    check(fresh_seed(), dtype=jnp.float32, batch=3, q_len=q_len, num_kv_heads=2, group=2,
+          head_dim=64, page_size=8, max_pages=4, last_page=last_page,
+          kernel_kw=dict(pages_per_block=1))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**31 - 1), q_len=st.sampled_from([1, 5]),
+       page_size=st.sampled_from([8, 16, 32]), group=st.sampled_from([1, 2, 4, 8]),
+       head_dim=st.sampled_from([64, 128]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+       window=st.one_of(st.none(), st.integers(1, 40)), pages_per_block=st.sampled_from([1, 2, 4]),
+       num_splits=st.sampled_from([1, 3]))
+def test_random_shapes(seed, q_len, page_size, group, head_dim, dtype, window, pages_per_block,
+                       num_splits):
+    kw = dict(pages_per_block=pages_per_block)
+    kw.update(num_splits=num_splits) if q_len == 1 else kw.update(tokens_per_tile=2)
+    check(seed, dtype=dtype, sliding_window=window, batch=2, q_len=q_len, num_kv_heads=2,
+          group=group, head_dim=head_dim, page_size=page_size, max_pages=7, kernel_kw=kw)
+
+
+def test_long_sequence_many_pages():
+    """One sequence over 24 shuffled pages, decode and a 16-token chunk at the end."""
+    for q_len in (1, 16):
+        check(fresh_seed(), dtype=jnp.float32, batch=1, q_len=q_len, num_kv_heads=1, group=4,
+              head_dim=64, page_size=8, max_pages=24, last_page="one",
+              kernel_kw=dict(pages_per_block=4))
+
+
+def test_default_tiling_matches():
+    """Wrapper defaults (no tuning knobs), as the engine calls it."""
+    for q_len in (1, 3):
+        check(fresh_seed(), dtype=jnp.float32, batch=2, q_len=q_len, num_kv_heads=2, group=2,
+              head_dim=64, page_size=16, max_pages=3)
+
+
+def test_reference_agrees_with_xla_path():
+    """The engine's XLA path and our reference describe the same attention."""
+    from jaxserve.model.attention import paged_attention_xla
+    args = make_case(fresh_seed(), batch=3, q_len=5, num_kv_heads=2, group=2, head_dim=64,
+                     page_size=8, max_pages=4, dtype=jnp.float32)
+    for w in (None, 6):
+        ref = pa.paged_attention_ref(*args, scale=0.125, sliding_window=w)
+        xla = paged_attention_xla(*args, scale=0.125, sliding_window=w)
+        np.testing.assert_allclose(np.asarray(xla), np.asarray(ref), atol=1e-4, rtol=0)
+
+
+def test_poison_catches_unwritten_output():
+    """The poisoning mechanism itself: a kernel that skips its store leaves NaN behind."""
+    from jax.experimental import pallas as pl
+
+    def lazy_kernel(x_ref, o_init_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    x = jnp.ones((2, 8), jnp.float32)
+    spec = pl.BlockSpec((1, 8), lambda i: (i, 0))
+    out = pl.pallas_call(lazy_kernel, grid=(2,), in_specs=[spec, spec], out_specs=spec,
+                         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                         input_output_aliases={1: 0}, interpret=True)(x, jnp.full_like(x, jnp.nan))
+    assert np.isfinite(np.asarray(out[0])).all() and np.isnan(np.asarray(out[1])).all()
+
+
+def test_merge_splits_handles_empty_splits():
+    acc = jnp.zeros((1, 3, 2, 4))
+    m = jnp.full((1, 3, 2), pa._NEG)
+    l = jnp.zeros((1, 3, 2))
+    acc = acc.at[0, 1].set(6.0)
+    l = l.at[0, 1].set(2.0)
+    m = m.at[0, 1].set(0.5)
+    out = pa._merge_splits(acc, m, l)
+    np.testing.assert_allclose(np.asarray(out[0]), 3.0)
+    empty = pa._merge_splits(jnp.zeros((2, 2, 4)), jnp.full((2, 2), pa._NEG), jnp.zeros((2, 2)))
+    assert (np.asarray(empty) == 0).all()
+
+
+# --------------------------------------------------------------------------- lowering checks
+# No GPU/TPU here, but Pallas lowers to Triton IR / Mosaic MLIR in Python, so lowering for the
+# other platform catches unsupported ops and bad block shapes without the hardware.
+
+def _shapes(B, Tq, Hkv, G, D, S, P, N, dtype):
+    sds = jax.ShapeDtypeStruct
+    return [sds((B, Tq, Hkv * G, D), dtype), sds((Hkv, N, S, D), dtype), sds((Hkv, N, S, D), dtype),
+            sds((B, P), jnp.int32), sds((B,), jnp.int32), sds((B, Tq), jnp.int32)]
+
+
+@pytest.mark.parametrize("q_len", [1, 32])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lowers_for_gpu_triton(q_len, dtype):
+    f = functools.partial(pa.paged_attention, scale=0.1, sliding_window=64, backend="gpu")
+    text = jax.jit(f).trace(*_shapes(8, q_len, 2, 4, 128, 16, 9, 80, dtype)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
+
+
+# --------------------------------------------------------------------------- on a real device
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ON_CPU, reason="needs a GPU or TPU")
+@pytest.mark.parametrize("q_len", [1, 24])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_kernel_on_device(q_len, dtype):
+    args = make_case(fresh_seed(), batch=8, q_len=q_len, num_kv_heads=2, group=4, head_dim=128,
+                     page_size=16, max_pages=12, dtype=dtype)
+    for w in (None, 50):
+        out = jax.jit(functools.partial(pa.paged_attention, scale=0.088, sliding_window=w))(*args)
+        ref = pa.paged_attention_ref(*args, scale=0.088, sliding_window=w)
+        # Device dots may use TF32 for f32 inputs: bf16-level tolerance for both dtypes.
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                                   atol=3e-2, rtol=0)
