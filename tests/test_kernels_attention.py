@@ -127,7 +127,7 @@ def test_last_page_edges(last_page, q_len):
           kernel_kw=dict(pages_per_block=1))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**31 - 1), q_len=st.sampled_from([1, 5]),
        page_size=st.sampled_from([8, 16, 32]), group=st.sampled_from([1, 2, 4, 8]),
        head_dim=st.sampled_from([64, 128]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
@@ -214,6 +214,42 @@ def test_lowers_for_gpu_triton(q_len, dtype):
     text = jax.jit(f).trace(*_shapes(8, q_len, 2, 4, 128, 16, 9, 80, dtype)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+
+
+@pytest.mark.parametrize("q_len", [1, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tpu_kernel_lowers_for_mosaic(q_len, head_dim, dtype):
+    f = functools.partial(pa.paged_attention, scale=0.1, sliding_window=None, backend="tpu")
+    text = jax.jit(f).trace(*_shapes(4, q_len, 2, 4, head_dim, 16, 9, 80, dtype)).lower(
+        lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text
+
+
+# --------------------------------------------------------------------------- TPU kernel, simulated
+# TPU interpret mode runs the Mosaic kernel's DMAs, semaphores and SMEM/VMEM on CPU.
+
+@pytest.mark.parametrize("q_len,page_size,group,dtype,window", [
+    (1, 8, 4, jnp.float32, None),
+    (7, 16, 2, jnp.bfloat16, 11),
+    (5, 8, 1, jnp.float32, None),
+])
+def test_tpu_kernel_interpret(q_len, page_size, group, dtype, window):
+    from jax.experimental.pallas import tpu as pltpu
+    from pallas_kernels.paged_attention_tpu import paged_attention_tpu
+    seed = fresh_seed()
+    args = make_case(seed, batch=2, q_len=q_len, num_kv_heads=2, group=group, head_dim=64,
+                     page_size=page_size, max_pages=5, dtype=dtype)
+    try:
+        out = paged_attention_tpu(*args, scale=0.125, sliding_window=window, interpret=True,
+                                  poison=True, pages_per_block=2, tokens_per_tile=2)
+    finally:
+        pltpu.reset_tpu_interpret_mode_state()
+    ref = pa.paged_attention_ref(*args, scale=0.125, sliding_window=window)
+    out32 = np.asarray(out, np.float32)
+    assert np.isfinite(out32).all(), f"seed={seed}"
+    np.testing.assert_allclose(out32, np.asarray(ref, np.float32), atol=TOL[dtype], rtol=0,
+                               err_msg=f"seed={seed}")
 
 
 # --------------------------------------------------------------------------- on a real device
