@@ -1,0 +1,157 @@
+"""`jaxserve bench`: offline throughput on N prompts, per batch size, beside HF transformers.
+
+Each batch size runs twice: once to compile every bucket it touches, then measured. Decode
+throughput counts only decode steps (tokens / seconds spent in decode steps); end-to-end
+throughput counts prefill too and is what is compared with HF `generate` (which has no
+separate decode timer). MFU = achieved model FLOP/s in decode / measured fp32 matmul peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-sizes", default="1,8,32,64", help="comma-separated")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=None, help="default: the batch size")
+    p.add_argument("--compare-hf", action="store_true", help="run HF transformers generate too")
+    p.add_argument("--output", default="bench_results/bench.json")
+
+
+def measure_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """fp32 matmul FLOP/s measured with JAX on this machine."""
+    import jax
+    import jax.numpy as jnp
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        f(a).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def _prompts(vocab: int, num: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    # Avoid the first ids (special tokens) so every prompt is ordinary text tokens.
+    return [rng.integers(100, vocab, size=length).tolist() for _ in range(num)]
+
+
+def _run_ours(engine, prompts, output_len):
+    from jaxserve.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
+    decode_s = 0.0
+    decode_tokens = 0
+    t0 = time.perf_counter()
+    total = 0
+    while engine.has_unfinished():
+        s = time.perf_counter()
+        is_prefill = bool(engine.scheduler.running and any(x.is_prefilling for x in engine.scheduler.running)) \
+            or engine.scheduler.num_waiting > 0
+        outs = engine.step()
+        dt = time.perf_counter() - s
+        total += len(outs)
+        if not is_prefill:
+            decode_s += dt
+            decode_tokens += len(outs)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "tokens": total, "e2e_tok_s": total / wall,
+            "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0}
+
+
+def _run_hf(hf, prompts, output_len, pad_id):
+    import torch
+    B = len(prompts)
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        hf.generate(input_ids=ids[:, :8], attention_mask=mask[:, :8], max_new_tokens=2, do_sample=False,
+                    pad_token_id=pad_id)  # warm-up
+        t = time.perf_counter()
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
+                          min_new_tokens=output_len, do_sample=False, pad_token_id=pad_id)
+        wall = time.perf_counter() - t
+    n = (out.shape[1] - ids.shape[1]) * B
+    return {"wall_s": wall, "tokens": n, "e2e_tok_s": n / wall}
+
+
+def _load_hf(engine):
+    import torch
+    from transformers import AutoModelForCausalLM
+    m = engine.model
+    kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
+    hf = AutoModelForCausalLM.from_pretrained(m.tokenizer_dir, dtype=torch.float32, **kw)
+    return hf.eval()
+
+
+def run_bench(args) -> int:
+    from jaxserve.cli import engine_config_from_args
+    from jaxserve.engine import LLMEngine
+    import dataclasses
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    base_cfg = engine_config_from_args(args)
+    max_len = args.input_len + args.output_len
+    peak = measure_matmul_peak()
+    rows = []
+    engine = None
+    hf = None
+    for B in batch_sizes:
+        cfg = dataclasses.replace(base_cfg, max_num_seqs=B, max_model_len=max(max_len, 64),
+                                  max_prefill_tokens=max(args.input_len, 16),
+                                  num_pages=B * (-(-max_len // base_cfg.page_size)) + 2)
+        engine = LLMEngine(cfg, model=engine.model if engine else None)
+        n = args.num_prompts or B
+        prompts = _prompts(engine.model_config.vocab_size, n, args.input_len)
+        _run_ours(engine, prompts, args.output_len)            # compile every bucket
+        ours = _run_ours(engine, prompts, args.output_len)
+        ctx = args.input_len + args.output_len / 2
+        flops = engine.model_config.flops_per_token(int(ctx))
+        row = {"batch": B, "prompts": n, "ours_decode_tok_s": ours["decode_tok_s"],
+               "ours_e2e_tok_s": ours["e2e_tok_s"],
+               "mfu_decode": ours["decode_tok_s"] * flops / peak}
+        if args.compare_hf:
+            if hf is None:
+                hf = _load_hf(engine)
+            h = _run_hf(hf, prompts, args.output_len, engine.tokenizer.eos_token_id or 0)
+            row["hf_e2e_tok_s"] = h["e2e_tok_s"]
+            row["ratio_e2e"] = ours["e2e_tok_s"] / h["e2e_tok_s"]
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+    result = {
+        "model": engine.model_name, "dtype": base_cfg.dtype, "input_len": args.input_len,
+        "output_len": args.output_len, "matmul_peak_gflops": peak / 1e9,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
+    print(f"\nmodel {engine.model_name}, input {args.input_len}, output {args.output_len}, "
+          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(_table(rows))
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _fmt_row(r):
+    s = f"batch {r['batch']:>3}: decode {r['ours_decode_tok_s']:8.1f} tok/s, e2e {r['ours_e2e_tok_s']:8.1f} tok/s, MFU {100 * r['mfu_decode']:5.1f}%"
+    if "hf_e2e_tok_s" in r:
+        s += f", HF e2e {r['hf_e2e_tok_s']:8.1f} tok/s, ratio {r['ratio_e2e']:.2f}x"
+    return s
+
+
+def _table(rows) -> str:
+    hdr = "| batch | jaxserve decode tok/s | jaxserve e2e tok/s | HF e2e tok/s | ratio (e2e) | decode MFU |"
+    lines = [hdr, "|---|---|---|---|---|---|"]
+    for r in rows:
+        hf = f"{r['hf_e2e_tok_s']:.1f}" if "hf_e2e_tok_s" in r else "-"
+        ratio = f"{r['ratio_e2e']:.2f}x" if "ratio_e2e" in r else "-"
+        lines.append(f"| {r['batch']} | {r['ours_decode_tok_s']:.1f} | {r['ours_e2e_tok_s']:.1f} | {hf} | {ratio} | {100 * r['mfu_decode']:.1f}% |")
+    return "\n".join(lines)

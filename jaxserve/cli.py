@@ -1,0 +1,138 @@
+"""The `jaxserve` command: generate, bench, serve, simulate. Argument parsing lives only here
+(and in the sub-packages' `add_arguments`); everything else takes frozen configs."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--page-size", type=int, default=16)
+    g.add_argument("--num-pages", type=int, default=None, help="KV pool pages (default: from --kv-cache-gb)")
+    g.add_argument("--kv-cache-gb", type=float, default=1.0)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-prefill-tokens", type=int, default=512)
+    g.add_argument("--max-model-len", type=int, default=2048)
+    g.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "pallas"])
+    g.add_argument("--scheduler", default="fcfs",
+                   help="admission policy: fcfs, vtc, wvtc, vtc-oracle, vtc-predict, lcf, rpm")
+    g.add_argument("--fair-weights", default=None, help="client=weight,... for weighted VTC")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def parse_fair_weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    out = {}
+    for part in text.split(","):
+        name, sep, w = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            out[name.strip()] = float(w)
+            if out[name.strip()] <= 0:
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"jaxserve: error: --fair-weights expects client=positive_number,..., got {part!r}")
+    return out
+
+
+def engine_config_from_args(args):
+    from jaxserve.engine import EngineConfig
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
+        kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+        max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
+        attention_impl=args.attention_impl, scheduler=args.scheduler,
+        fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed)
+
+
+def _cmd_generate(args) -> int:
+    from jaxserve.engine import LLMEngine
+    from jaxserve.sampling_params import SamplingParams
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
+                            ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    engine = LLMEngine(engine_config_from_args(args))
+    prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    out = engine.generate([prompt], params)[0]
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "prompt_tokens": out.num_prompt_tokens, "completion_tokens": len(out.token_ids),
+                          **({"logprobs": out.new_logprobs} if args.logprobs else {})}))
+    else:
+        print(out.text)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from jaxserve.bench import run_bench
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxserve", description="JAX LLM serving engine")
+    p.add_argument("--log-level", default="WARNING")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    add_engine_arguments(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--logprobs", action="store_true")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, ...)")
+    g.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", help="offline decode throughput (optionally beside HF transformers)")
+    add_engine_arguments(b)
+    from jaxserve.bench import add_bench_arguments
+    add_bench_arguments(b)
+    b.set_defaults(func=_cmd_bench)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_arguments(s)
+    try:
+        from server.cli import add_arguments as add_server_arguments, run as run_server
+        add_server_arguments(s)
+        s.set_defaults(func=run_server)
+    except ImportError as e:  # the server package is optional until it lands
+        s.set_defaults(func=lambda a, e=e: (print(f"jaxserve: serve unavailable: {e}", file=sys.stderr), 2)[1])
+
+    m = sub.add_parser("simulate", help="fairness simulator (VTC and baselines) over a cost model")
+    from scheduler.simulate_cli import add_arguments as add_sim_arguments, run as run_sim
+    add_sim_arguments(m)
+    m.set_defaults(func=run_sim)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        # Bad input (checkpoint, config, request): a message naming the problem, no traceback.
+        print(f"jaxserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
