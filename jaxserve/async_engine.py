@@ -24,6 +24,7 @@ Engine methods are only ever called on the engine thread: stats and LoRA managem
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import queue
@@ -89,7 +90,8 @@ class RequestStream:
         self.first_token_at: float | None = None   # engine-thread time of the first output
         self.last_token_at: float | None = None
         self.last_emit_at: float = 0.0             # engine-thread time the latest output left the step
-        self.finished = False
+        self.finished = False       # the consumer has seen the last output
+        self.engine_done = False    # the engine finished it (nothing to abort)
         self.closed = False
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
@@ -125,6 +127,9 @@ class AsyncEngine:
         # Read-only facts, copied before the thread starts so handlers never touch the engine.
         self.model_name: str = getattr(engine, "model_name", "model")
         self.max_model_len: int = int(getattr(engine, "max_model_len", 2048))
+        # The handlers' own tokenizer: HF tokenizers are not safe to share with a busy thread.
+        tok = getattr(engine, "tokenizer", None)
+        self.tokenizer = copy.deepcopy(tok) if tok is not None else None
         self.supports_lora = all(hasattr(engine, m) for m in ("add_lora", "remove_lora", "list_loras"))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
@@ -223,7 +228,7 @@ class AsyncEngine:
             del self._streams[stream.request_id]
             if stream.first_token_at is None:
                 self._num_waiting -= 1
-            if not stream.finished:
+            if not stream.engine_done:
                 self._commands.put(("abort", stream.request_id))
 
     def _dispatch(self, outputs: list[RequestOutput], t_step: float, t_emit: float) -> None:
@@ -234,7 +239,7 @@ class AsyncEngine:
                 continue  # aborted by its handler; the engine already got the abort
             if out.error is not None:
                 stream._queue.put_nowait(EngineError(out.error))
-                stream.finished = True
+                stream.engine_done = True
                 self._observe_end(stream, out, t_emit)
                 continue
             n_new = len(out.new_token_ids)
@@ -251,7 +256,7 @@ class AsyncEngine:
             if n_new:
                 stream.last_token_at = t_emit
             if out.finished:
-                stream.finished = True  # the engine freed it; release() must not abort
+                stream.engine_done = True  # the engine freed it; release() must not abort
                 self._observe_end(stream, out, t_emit)
             stream._queue.put_nowait((out, t_emit))
 

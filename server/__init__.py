@@ -1,0 +1,1 @@
+"""jaxserve HTTP server: OpenAI-compatible and S-LoRA-native endpoints over aiohttp."""

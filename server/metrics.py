@@ -1,0 +1,182 @@
+"""Prometheus text exposition with the vLLM metric names dashboards already read.
+
+Latency histograms are fed on the event loop (AsyncEngine's observer hooks and the streaming
+handlers); gauges and token counters come from one `engine.stats()` snapshot per scrape.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import time
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                   5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+DELIVERY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)   # last: +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += n
+        self.sum += value * n
+        self.count += n
+
+    def quantile(self, q: float) -> float:
+        """Upper bucket bound holding the q-quantile (coarse; for logs and tests)."""
+        if not self.count:
+            return 0.0
+        target, acc = q * self.count, 0
+        for i, c in enumerate(self.counts):
+            acc += c
+            if acc >= target:
+                return self.buckets[i] if i < len(self.buckets) else float("inf")
+        return float("inf")
+
+    def render(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        out, acc = [], 0
+        for bound, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound:g}"}} {acc}')
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum:.9g}")
+        out.append(f"{name}_count{{{labels}}} {self.count}")
+        return out
+
+
+def esc(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class ServingMetrics:
+    """The AsyncEngine observer plus server-side counters."""
+
+    def __init__(self):
+        self.ttft = Histogram(LATENCY_BUCKETS)
+        self.itl = Histogram(LATENCY_BUCKETS)
+        self.e2e = Histogram(LATENCY_BUCKETS)
+        self.queue = Histogram(LATENCY_BUCKETS)
+        self.delivery = Histogram(DELIVERY_BUCKETS)
+        self.finished: collections.Counter = collections.Counter()   # finish reason -> count
+        self.http: collections.Counter = collections.Counter()       # (route, status) -> count
+        self.started = time.time()
+
+    # AsyncEngine observer
+    def on_first_token(self, ttft_s: float, queue_s: float) -> None:
+        self.ttft.observe(ttft_s)
+        self.queue.observe(queue_s)
+
+    def on_token_gap(self, itl_s: float, num_tokens: int) -> None:
+        self.itl.observe(itl_s / num_tokens, num_tokens)
+
+    def on_finished(self, e2e_s: float, num_prompt: int, num_output: int, reason) -> None:
+        self.e2e.observe(e2e_s)
+        self.finished[reason or "unknown"] += 1
+
+    # server side
+    def on_delivery(self, seconds: float, num_tokens: int) -> None:
+        """Engine thread handing a step's output off -> the SSE bytes written to the socket."""
+        self.delivery.observe(seconds / num_tokens, num_tokens)
+
+    def on_http(self, route: str, status: int) -> None:
+        self.http[(route, status)] += 1
+
+    # exposition
+    def render(self, model: str, stats: dict, adapters: dict[str, str], num_waiting_server: int,
+               max_lora: int | None = None) -> str:
+        m = f'model_name="{esc(model)}"'
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]):
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                lines.append(f"{name}{{{labels}}} {float(value):.9g}")
+
+        def hist(name: str, help_: str, h: Histogram):
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} histogram")
+            lines.extend(h.render(name, m))
+
+        num = lambda k: float(stats.get(k, 0) or 0)  # noqa: E731
+        metric("vllm:num_requests_running", "gauge", "Requests in the running batch.",
+               [(m, num("num_running"))])
+        metric("vllm:num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
+               [(m, num("num_waiting"))])
+        metric("vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache pages in use (0..1).",
+               [(m, num("kv_usage"))])
+        metric("vllm:prompt_tokens_total", "counter", "Prefilled prompt tokens.",
+               [(m, num("prompt_tokens_total"))])
+        metric("vllm:generation_tokens_total", "counter", "Generated tokens.",
+               [(m, num("generation_tokens_total"))])
+        metric("vllm:request_success_total", "counter", "Finished requests by finish reason.",
+               [(f'{m},finished_reason="{esc(r)}"', c) for r, c in sorted(self.finished.items())])
+        hist("vllm:time_to_first_token_seconds", "Time to first token.", self.ttft)
+        hist("vllm:inter_token_latency_seconds", "Time between consecutive output tokens.", self.itl)
+        hist("vllm:e2e_request_latency_seconds", "Arrival to last token.", self.e2e)
+        hist("vllm:request_queue_time_seconds",
+             "Arrival to the start of the step that produced the first token.", self.queue)
+
+        per_adapter = _per_adapter(stats)
+        running = sorted(a for a, s in per_adapter.items() if s.get("running"))
+        waiting = sorted(a for a, s in per_adapter.items() if s.get("waiting"))
+        max_lora = max_lora if max_lora is not None else stats.get("max_loras", len(adapters))
+        metric("vllm:lora_requests_info", "gauge", "Adapters with running / waiting requests.",
+               [(f'running_lora_adapters="{esc(",".join(running))}",'
+                 f'waiting_lora_adapters="{esc(",".join(waiting))}",max_lora="{esc(max_lora)}"',
+                 time.time())])
+        metric("jaxserve:lora_requests_running", "gauge", "Running requests per adapter.",
+               [(f'adapter="{esc(a)}"', s.get("running", 0)) for a, s in sorted(per_adapter.items())])
+        metric("jaxserve:lora_requests_waiting", "gauge", "Waiting requests per adapter.",
+               [(f'adapter="{esc(a)}"', s.get("waiting", 0)) for a, s in sorted(per_adapter.items())])
+        metric("jaxserve:num_free_pages", "gauge", "Free KV-cache pages.",
+               [(m, num("num_free_pages"))])
+        metric("jaxserve:num_total_pages", "gauge", "KV-cache pages in the pool.",
+               [(m, num("num_total_pages"))])
+        metric("jaxserve:server_waiting_requests", "gauge",
+               "Admitted requests without a first token (the --max-waiting bound).",
+               [(m, num_waiting_server)])
+        for field, samples in sorted(_per_client(stats).items()):
+            metric(f"jaxserve:scheduler_client_{field}", "gauge",
+                   f"Per-client scheduler value '{field}' (VTC counters, service).", samples)
+        hist("jaxserve:token_delivery_seconds",
+             "Per streamed token: engine thread hands it off -> bytes written to the client.",
+             self.delivery)
+        metric("jaxserve:http_requests_total", "counter", "HTTP requests by route and status.",
+               [(f'route="{esc(r)}",status="{s}"', c) for (r, s), c in sorted(self.http.items())])
+        return "\n".join(lines) + "\n"
+
+
+def _per_adapter(stats: dict) -> dict[str, dict]:
+    """{adapter: {"running": n, "waiting": n}} from the engine's running_adapters and
+    waiting_adapters maps ({name: count})."""
+    out: dict[str, dict] = collections.defaultdict(lambda: {"running": 0, "waiting": 0})
+    for key, field in (("running_adapters", "running"), ("waiting_adapters", "waiting")):
+        raw = stats.get(key) or {}
+        if isinstance(raw, dict):
+            for name, n in raw.items():
+                if isinstance(n, (int, float)):
+                    out[str(name)][field] = n
+    return dict(out)
+
+
+def _per_client(stats: dict) -> dict[str, list[tuple[str, float]]]:
+    """{field: [(labels, value)]} from the policy's per-client stats ({client: {field: num}}),
+    found under stats['scheduler'] (optionally nested under a 'clients' key)."""
+    sched = stats.get("scheduler") or {}
+    clients = sched.get("clients", sched) if isinstance(sched, dict) else {}
+    out: dict[str, list] = collections.defaultdict(list)
+    if isinstance(clients, dict):
+        for client, fields in sorted(clients.items(), key=lambda kv: str(kv[0])):
+            if not isinstance(fields, dict):
+                continue
+            for field, value in fields.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    safe = "".join(c if c.isalnum() else "_" for c in str(field))
+                    out[safe].append((f'client="{esc(client)}"', value))
+    return out

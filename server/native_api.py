@@ -1,0 +1,111 @@
+"""S-LoRA's native endpoints: POST /generate and POST /generate_stream.
+
+Request: {"inputs": str, "parameters": {max_new_tokens, do_sample, temperature, top_p, top_k,
+seed, stop_sequences, ignore_eos}, "lora_dir": DIR | "adapter": NAME | "model": NAME}.
+/generate answers {"generated_text": [text], "count_output_tokens": n, "finish_reason": r};
+/generate_stream sends `data:{"token": {...}, "generated_text": null|text, "finished": bool}`.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from aiohttp import web
+
+from jaxserve.async_engine import EngineError, EngineStopped
+from server.context import ctx_of
+from server.lora import adapter_for_dir
+from server.protocol import (ApiError, GenRequest, bad, get_bool, get_float, get_int, get_str,
+                             get_stop, make_params, parse_json_object, resolve_max_tokens)
+from server.streaming import DISCONNECTED, SSE_HEADERS, admit
+
+
+async def _parse(request: web.Request) -> tuple[GenRequest, str | None]:
+    ctx = ctx_of(request)
+    body = parse_json_object(await request.read())
+    inputs = body.get("inputs")
+    if not isinstance(inputs, str) or not inputs:
+        raise bad("'inputs' must be a non-empty string", "inputs")
+    p = body.get("parameters", {})
+    if p is None:
+        p = {}
+    if not isinstance(p, dict):
+        raise bad("'parameters' must be an object", "parameters")
+    do_sample = get_bool(p, "do_sample", False)
+    temperature = get_float(p, "temperature", 1.0, 0.0, 2.0) if do_sample else 0.0
+    fields = dict(temperature=temperature, top_p=get_float(p, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+                  top_k=max(0, get_int(p, "top_k", 0, lo=-1, hi=1_000_000)),
+                  seed=get_int(p, "seed", None, lo=0, hi=2**63 - 1),
+                  stop=get_stop(p, "stop_sequences") or get_stop(p, "stop"),
+                  ignore_eos=get_bool(p, "ignore_eos", False))
+    ids = ctx.tokenize(inputs)
+    if not ids:
+        raise bad("'inputs' tokenizes to nothing", "inputs")
+    max_new = resolve_max_tokens(get_int(p, "max_new_tokens", None, lo=1), 16, len(ids),
+                                 ctx.max_model_len, "max_new_tokens")
+    model = None
+    lora_dir = get_str(body, "lora_dir")
+    if lora_dir:
+        model = await adapter_for_dir(ctx, lora_dir)
+    else:
+        model = get_str(body, "adapter") or get_str(body, "model")
+    req = GenRequest(prompt=inputs, prompt_ids=tuple(ids),
+                     params=make_params(max_new, fields, get_bool(p, "details", False)),
+                     model=model, stream=False, include_usage=False,
+                     logprobs=False, user=get_str(body, "user"))
+    return req, model
+
+
+async def generate(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    req, _ = await _parse(request)
+    stream = await admit(request, ctx, req, f"gen-{uuid.uuid4().hex}")
+    try:
+        last = None
+        async for out in stream:
+            last = out
+    except EngineError as e:
+        raise ApiError(500, str(e), code="engine_error") from None
+    except EngineStopped as e:
+        raise ApiError(503, str(e), code="unavailable") from None
+    finally:
+        stream.close()
+    return web.json_response({"generated_text": [last.text],
+                              "count_output_tokens": len(last.token_ids),
+                              "finish_reason": last.finish_reason})
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    ctx = ctx_of(request)
+    req, _ = await _parse(request)
+    stream = await admit(request, ctx, req, f"gen-{uuid.uuid4().hex}")
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    try:
+        await resp.prepare(request)
+        async for out in stream:
+            if not out.new_token_ids and not out.finished:
+                continue
+            lps = out.new_logprobs or []
+            event = {"token": {"id": out.new_token_ids[-1] if out.new_token_ids else None,
+                               "text": out.new_text, "logprob": lps[-1] if lps else None,
+                               "special": False},
+                     "token_ids": out.new_token_ids,
+                     "generated_text": out.text if out.finished else None,
+                     "finished": out.finished,
+                     "finish_reason": out.finish_reason if out.finished else None}
+            await resp.write(b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+            if out.new_token_ids:
+                ctx.metrics.on_delivery(time.perf_counter() - stream.last_emit_at,
+                                        len(out.new_token_ids))
+    except DISCONNECTED:
+        pass
+    except (EngineError, EngineStopped) as e:
+        try:
+            await resp.write(b"data:" + json.dumps({"error": str(e), "finished": True}).encode()
+                             + b"\n\n")
+        except DISCONNECTED:
+            pass
+    finally:
+        stream.close()
+    return resp
