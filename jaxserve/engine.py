@@ -25,6 +25,7 @@ from jaxserve.model.kv_cache import bytes_per_page
 from jaxserve.model.weights import cast
 from jaxserve.outputs import RequestOutput
 from jaxserve.runner import ModelRunner
+from jaxserve.sharding import head_layout
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 from scheduler import FinishReason, RequestRejected, Scheduler, SchedulerConfig, Sequence
@@ -48,13 +49,14 @@ class EngineConfig:
     scheduler: str = "fcfs"
     fair_weights: tuple[tuple[str, float], ...] = ()
     seed: int = 0
+    tp: int = 1                       # tensor-parallel degree (devices in the mesh)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.fair_weights, dict):
             object.__setattr__(self, "fair_weights", tuple(sorted(self.fair_weights.items())))
-        for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len"):
+        for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
 
@@ -92,12 +94,15 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model)
         self.eos_ids = eos_token_ids(self.tokenizer, None if self.model.gguf_file else self.model.tokenizer_dir)
         self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
-        num_pages = config.num_pages or max(
-            2, int(config.kv_cache_gb * 2**30 // bytes_per_page(self.model_config, config.page_size, dtype)))
+        # With tp > 1, kv_cache_gb is per device: each holds 1/tp of the (head-padded) pool.
+        page_bytes = (bytes_per_page(head_layout(self.model_config, config.tp).config,
+                                     config.page_size, dtype) // config.tp)
+        num_pages = config.num_pages or max(2, int(config.kv_cache_gb * 2**30 // page_bytes))
         self.runner = ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-            max_model_len=self.max_model_len, dtype=dtype, attention_impl=config.attention_impl)
+            max_model_len=self.max_model_len, dtype=dtype, attention_impl=config.attention_impl,
+            tp=config.tp)
         self.scheduler = Scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,
                             max_num_seqs=config.max_num_seqs,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from jaxserve.model import llama
 from jaxserve.model.attention import resolve_impl
@@ -45,9 +46,11 @@ def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
-                 dtype=jnp.float32, attention_impl: str = "auto", interpret: bool | None = None):
+                 dtype=jnp.float32, attention_impl: str = "auto", interpret: bool | None = None,
+                 tp: int = 1):
         self.cfg = cfg
         self.weights = weights
+        self.tp = tp
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -55,9 +58,22 @@ class ModelRunner:
         self.attn_impl = resolve_impl(attention_impl)
         # Pallas on CPU can only run in interpret mode.
         self.interpret = (jax.default_backend() == "cpu") if interpret is None else interpret
-        self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
-        self._step = jax.jit(functools.partial(_step_fn, cfg, self.attn_impl, self.interpret),
-                             donate_argnums=(1,))
+        if tp == 1:
+            self.mesh = None
+            self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
+            self._step = jax.jit(functools.partial(_step_fn, cfg, self.attn_impl, self.interpret),
+                                 donate_argnums=(1,))
+        else:   # tensor parallel: weights and KV pool sharded by jaxserve.sharding's table
+            self.mesh = sharding.make_mesh(tp)
+            layout = sharding.head_layout(cfg, tp)   # may pad/replicate heads to divide tp
+            self.weights = sharding.shard_weights(weights, cfg, self.mesh, layout)
+            self.kv = sharding.shard_kv(init_kv_pages(layout.config, num_pages, page_size, dtype),
+                                        self.mesh)
+            rep, kv_sh = sharding.replicated(self.mesh), sharding.kv_sharding(self.mesh, self.kv)
+            self._step = jax.jit(
+                functools.partial(_step_fn, layout.config, self.attn_impl, self.interpret),
+                in_shardings=(sharding.weight_shardings(layout.config, self.mesh), kv_sh, rep, rep),
+                out_shardings=(rep, rep, kv_sh), donate_argnums=(1,))
         self._seen_buckets: set[tuple] = set()
         self.num_steps = 0
 
@@ -121,6 +137,8 @@ class ModelRunner:
         if key not in self._seen_buckets:
             self._seen_buckets.add(key)
             log.info("compiling %s bucket batch=%d tokens=%d pages=%d", *key)
+        if self.mesh is not None and jax.process_count() > 1:
+            step, samp = sharding.put_replicated((step, samp), self.mesh)
         tokens, logprobs, self.kv = self._step(self.weights, self.kv, step, samp)
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         self.num_steps += 1
@@ -151,6 +169,8 @@ class ModelRunner:
                                  np.ones((B,), np.float32), np.zeros((B,), np.uint32),
                                  np.zeros((B,), np.int32))
             self._seen_buckets.add((kind, B, T, P))
+            if self.mesh is not None and jax.process_count() > 1:
+                step, samp = sharding.put_replicated((step, samp), self.mesh)
             out = self._step(self.weights, self.kv, step, samp)
             self.kv = out[2]
         jax.block_until_ready(self.kv.k)

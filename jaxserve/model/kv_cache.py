@@ -9,6 +9,9 @@ import jax.numpy as jnp
 from jaxserve.config import ModelConfig
 
 
+KV_AXES = ("layers", "kv_heads", "pages", "page_size", "head_dim")  # logical axes of k and v
+
+
 @jax.tree_util.register_dataclass
 @dataclass
 class KVPages:
@@ -47,3 +50,6 @@ class StepInput:
     slot_pages: jax.Array     # [B*T] int32: page each token's K/V goes to
     slot_offsets: jax.Array   # [B*T] int32: offset within that page
     logits_index: jax.Array   # [B] int32: which of the T tokens gives the row's next-token logits
+    # LoRA (None when no request of the step has an adapter: the base-only program is unchanged)
+    lora_idx: jax.Array | None = None  # [B*T] int32: slot in `lora` of each token, -1 = base model
+    lora: "LoraBatch | None" = None    # jaxserve.lora.pool.LoraBatch: this step's adapter slots

@@ -1,0 +1,211 @@
+"""Tensor parallelism, applied from outside the model math.
+
+The model (jaxserve/model) names only logical axes (`weights.describe`). This module owns:
+  * `make_mesh(tp)`: a 1-D mesh over `tp` devices, axis "tp";
+  * `RULES`: the one table from logical axes to mesh axes (Megatron: q/k/v/gate/up split on
+    their output, o/down on their input, the vocabulary split for embedding and LM head);
+  * `HeadLayout`: when the head counts do not divide `tp`, heads are padded (zero weights) and
+    KV heads replicated so that every device holds whole GQA groups; the model then runs on
+    `layout.config`, an ordinary ModelConfig with more heads, and computes the same function;
+  * `shard_weights`, `shard_kv` and `step_shardings` for `jax.jit`; XLA's SPMD partitioner then
+    inserts the collectives (two all-reduces of [tokens, hidden] per layer).
+LoRA sits in `shard_map` (jaxserve/lora), with specs derived from the same table.
+
+Multi-host: `initialize_distributed()` before any other JAX call (see docs/parallelism.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxserve.config import ModelConfig
+from jaxserve.model.kv_cache import KV_AXES, KVPages
+from jaxserve.model.weights import Weights, build, logical_axes
+
+log = logging.getLogger("jaxserve.sharding")
+
+TP = "tp"
+
+# The one table: logical axis -> mesh axis (None = replicated on every device).
+RULES: dict[str, str | None] = {
+    "layers": None,
+    "embed": None,        # the residual stream is replicated
+    "q_heads": TP,        # wq/bq output, wo input
+    "kv_heads": TP,       # wk/wv output, the KV pool's heads
+    "mlp": TP,            # gate/up output, down input
+    "vocab": TP,          # embedding rows, LM head columns
+    "head_dim": None,
+    "pages": None,
+    "page_size": None,
+    # LoRA stacks (see jaxserve/lora): A of a column-parallel projection is split on its rank
+    # ("lora_rank_split"); every other rank axis stays whole. B of a row-parallel projection is
+    # split on its output, the hidden size ("lora_embed"), unlike the base model's embed axis.
+    "adapters": None,
+    "lora_rank": None,
+    "lora_rank_split": TP,
+    "lora_embed": TP,
+}
+
+
+def spec(axes: tuple[str, ...], shape: tuple[int, ...] | None = None, mesh: Mesh | None = None) -> P:
+    """PartitionSpec for an array with these logical axes. With shape and mesh, a dimension the
+    mesh axis does not divide is replicated instead (logged), e.g. an odd vocabulary."""
+    out = []
+    for i, name in enumerate(axes):
+        m = RULES[name]
+        if m is not None and shape is not None and mesh is not None and shape[i] % mesh.shape[m]:
+            log.warning("axis %s of size %d is not divisible by %s=%d: replicated", name, shape[i],
+                        m, mesh.shape[m])
+            m = None
+        out.append(m)
+    return P(*out)
+
+
+def make_mesh(tp: int, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if tp < 1 or tp > len(devices):
+        raise ValueError(f"--tp {tp} needs {tp} devices, but {len(devices)} are visible "
+                         f"({devices[0].platform}); on CPU set XLA_FLAGS="
+                         "--xla_force_host_platform_device_count=N before starting")
+    return Mesh(np.asarray(devices[:tp]), (TP,))
+
+
+# ----------------------------------------------------------------------------- head layout
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where each device-friendly ("virtual") head comes from.
+
+    KV heads are padded to `num_kv` (a multiple or a divisor of tp) and, when fewer than tp,
+    each is replicated `replicas` times; a KV head's G query heads are split over its replicas
+    in runs of `group`, padded with zero heads. q_src[i] / kv_src[i] is the real head behind
+    virtual head i, or -1 for a zero head. Zero query heads contribute nothing: their rows of
+    wo are zero. Padded KV heads are only attended by zero query heads.
+    """
+    config: ModelConfig          # the model as it runs on the mesh (virtual head counts)
+    q_src: tuple[int, ...]
+    kv_src: tuple[int, ...]
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.q_src == tuple(range(len(self.q_src)))
+                and self.kv_src == tuple(range(len(self.kv_src))))
+
+
+def head_layout(cfg: ModelConfig, tp: int) -> HeadLayout:
+    Hq, Hkv = cfg.num_heads, cfg.num_kv_heads
+    G = Hq // Hkv
+    num_kv = next(n for n in range(Hkv, Hkv * tp + 1) if n % tp == 0 or tp % n == 0)
+    replicas = max(1, tp // num_kv)
+    group = math.ceil(G / replicas)          # query heads per virtual KV head
+    kv_src, q_src = [], []
+    for k in range(num_kv):
+        for r in range(replicas):
+            kv_src.append(k if k < Hkv else -1)
+            for g in range(r * group, (r + 1) * group):
+                q_src.append(k * G + g if k < Hkv and g < G else -1)
+    virt = dataclasses.replace(cfg, num_heads=len(q_src), num_kv_heads=len(kv_src))
+    return HeadLayout(virt, tuple(q_src), tuple(kv_src))
+
+
+def _take_heads(a: np.ndarray, axis: int, src: tuple[int, ...], head_dim: int) -> np.ndarray:
+    """Re-lay a [.., heads*head_dim, ..] axis to the virtual heads (zeros where src is -1)."""
+    shape = a.shape
+    a = a.reshape(shape[:axis] + (shape[axis] // head_dim, head_dim) + shape[axis + 1:])
+    idx = np.asarray(src)
+    out = np.take(a, np.maximum(idx, 0), axis=axis)
+    mask = (idx >= 0).reshape((-1,) + (1,) * (out.ndim - axis - 1))
+    out = np.where(mask, out, np.zeros((), out.dtype))
+    return out.reshape(shape[:axis] + (len(src) * head_dim,) + shape[axis + 1:])
+
+
+def relayout(a, axes: tuple[str, ...], layout: HeadLayout, head_dim: int) -> np.ndarray:
+    """One array (weights or an adapter stack) with its q_heads/kv_heads axes re-laid."""
+    a = np.asarray(a)
+    for i, name in enumerate(axes):
+        if name == "q_heads":
+            a = _take_heads(a, i, layout.q_src, head_dim)
+        elif name == "kv_heads":
+            a = _take_heads(a, i, layout.kv_src, head_dim)
+    return a
+
+
+# ----------------------------------------------------------------------------- placement
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(s, str) for s in x)
+
+
+def weight_shardings(cfg: ModelConfig, mesh: Mesh) -> Weights:
+    """NamedShardings in a tree shaped like Weights (cfg: the config as run on the mesh)."""
+    return build(cfg, lambda name, s: NamedSharding(mesh, spec(s.axes, s.shape, mesh)))
+
+
+def shard_weights(weights: Weights, cfg: ModelConfig, mesh: Mesh,
+                  layout: HeadLayout | None = None) -> Weights:
+    """Re-lay heads for `layout` (if given) and place every array on the mesh by RULES."""
+    layout = layout or head_layout(cfg, mesh.shape[TP])
+    axes = logical_axes(cfg)
+    shardings = weight_shardings(layout.config, mesh)
+
+    def place(a, ax, sh):
+        if layout.is_identity:
+            return jax.device_put(a, sh)
+        return jax.device_put(relayout(a, ax, layout, cfg.head_dim), sh)
+    return jax.tree.map(place, weights, axes, shardings)
+
+
+def kv_sharding(mesh: Mesh, kv: KVPages) -> KVPages:
+    s = NamedSharding(mesh, spec(KV_AXES, kv.k.shape, mesh))
+    return KVPages(k=s, v=s)
+
+
+def shard_kv(kv: KVPages, mesh: Mesh) -> KVPages:
+    return jax.device_put(kv, kv_sharding(mesh, kv))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put_replicated(tree, mesh: Mesh):
+    """Host arrays -> replicated global arrays. Multi-host needs every process to pass the same
+    values (the engine loop is deterministic, so it does)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, replicated(mesh))
+    s = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(s, np.asarray(x)), tree)
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+def initialize_distributed(enable: bool | None = None) -> bool:
+    """Join a multi-process JAX run (TPU pod slice, multi-node GPU) before any device is touched.
+
+    Enabled by `enable=True` (`--distributed`) or JAXSERVE_DISTRIBUTED=1. The coordinator comes
+    from JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID;
+    with none of them set, JAX auto-detects the cluster (TPU pods, SLURM, Open MPI, Kubernetes).
+    Returns whether it initialized.
+    """
+    if enable is None:
+        enable = os.environ.get("JAXSERVE_DISTRIBUTED", "0").lower() in ("1", "true", "yes")
+    if not enable:
+        return False
+    kw = {}
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        kw["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
+    if os.environ.get("JAX_NUM_PROCESSES"):
+        kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+        kw["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kw)
+    log.info("distributed: process %d of %d, %d devices (%d local)", jax.process_index(),
+             jax.process_count(), jax.device_count(), jax.local_device_count())
+    return True
