@@ -13,8 +13,8 @@ A request's life through this module:
      RequestOutput of that step to the event loop, where each goes into its stream's queue with
      `put_nowait`. Nothing on either side polls.
   4. The handler iterates the stream (`async for out in stream`) until an output is finished.
-  5. If the handler stops early (client disconnect cancels it, or it breaks out), the stream's
-     `close()` sends an "abort" command; the engine thread calls `engine.abort`, which frees the
+  5. If the handler stops early (client disconnect cancels it, or it breaks out), its `finally`
+     calls the stream's `close()`, which sends an "abort" command; the engine thread calls `engine.abort`, which frees the
      request's KV pages. Abort of an already finished or unknown id is harmless.
   6. `shutdown()` refuses new requests, lets in-flight ones finish for a grace period, aborts the
      rest, then sends "stop" and joins the thread.
@@ -80,7 +80,8 @@ class AsyncEngineConfig:
 
 
 class RequestStream:
-    """One request's outputs on the event loop. Iterate it; `close()` aborts if unfinished."""
+    """One request's outputs on the event loop, as an async iterator. Whoever stops reading
+    before the last output must `close()` it (or use `async with`): that aborts the request."""
 
     def __init__(self, owner: "AsyncEngine", request_id: str):
         self.request_id = request_id
@@ -94,22 +95,28 @@ class RequestStream:
         self.engine_done = False    # the engine finished it (nothing to abort)
         self.closed = False
 
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self._iterate()
+    def __aiter__(self) -> "RequestStream":
+        return self
 
-    async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        try:
-            while not self.finished:
-                item = await self._queue.get()
-                if isinstance(item, BaseException):
-                    self.finished = True
-                    raise item
-                out, self.last_emit_at = item
-                if out.finished:
-                    self.finished = True
-                yield out
-        finally:
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
             self.close()
+            raise item
+        out, self.last_emit_at = item
+        if out.finished:
+            self.finished = True
+            self.close()
+        return out
+
+    async def __aenter__(self) -> "RequestStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.closed:
@@ -209,8 +216,11 @@ class AsyncEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Async iterator of RequestOutput; errors of admission surface on the first item."""
         stream = await self.submit(request_id, prompt, params, client_id, adapter)
-        async for out in stream:
-            yield out
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
 
     async def call(self, fn: Callable[[EngineLike], Any]) -> Any:
         """Run fn(engine) on the engine thread between steps; return (or raise) its result."""

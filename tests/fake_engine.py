@@ -78,6 +78,7 @@ class FakeEngineNoLora:
         self.clients_seen: collections.Counter = collections.Counter()
         self.owner_thread: int | None = None   # the only thread allowed to call us
         self.num_aborted = 0
+        self.num_has_unfinished_calls = 0
 
     def _check_thread(self):
         me = threading.get_ident()
@@ -116,6 +117,7 @@ class FakeEngineNoLora:
                 self.num_aborted += 1
 
     def has_unfinished(self):
+        self.num_has_unfinished_calls += 1
         return bool(self.waiting or self.running)
 
     def _pages(self, req: _Req) -> int:
