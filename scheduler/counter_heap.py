@@ -27,6 +27,7 @@ class ClientState:
     num_output_tokens: int = 0
     charged: float = 0.0        # sum of charges minus refunds, weighted, never rebased
     lifted: float = 0.0         # sum of lift increments, never rebased
+    rebased: float = 0.0        # sum subtracted by rebasing: counter = lifted + charged - rebased
 
 
 class CounterHeap:

@@ -67,9 +67,11 @@ StepHook = Callable[[float, StepPlan, Scheduler], None]
 
 
 def simulate(requests: list[Request], policy: Policy, config: SimConfig = SimConfig(),
-             cost_model: CostModel = CostModel(), on_step: StepHook | None = None) -> SimResult:
+             cost_model: CostModel = CostModel(), on_step: StepHook | None = None,
+             on_plan: StepHook | None = None) -> SimResult:
     """Run `requests` (sorted by arrival) through a Scheduler driven by `policy`.
-    `on_step(now, plan, scheduler)` is called after each step's results are recorded."""
+    `on_plan(now, plan, scheduler)` sees each plan before it runs; `on_step(now, plan,
+    scheduler)` is called after the step's results are recorded (both for tests)."""
     sc = config.scheduler_config()
     if config.is_reserve_output:
         policy = OutputReservation(policy, sc.page_size, sc.num_pages - 1)
@@ -115,6 +117,8 @@ def simulate(requests: list[Request], policy: Policy, config: SimConfig = SimCon
         if plan.is_empty:
             raise RuntimeError("scheduler produced an empty plan while work remains (a request "
                                "that can never fit was accepted)")
+        if on_plan is not None:
+            on_plan(now, plan, sched)
         for seq in plan.preempted:
             waiting_ids.add(seq.seq_id)
             num_waiting[seq.client_id] += 1

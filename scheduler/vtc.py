@@ -191,6 +191,7 @@ class VTCPolicy(Policy):
             return
         for st in self.clients.values():
             st.counter -= least
+            st.rebased += least
         self.rebase_offset += least
         self._heap.rebuild(self.clients)
 
