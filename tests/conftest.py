@@ -1,0 +1,33 @@
+"""Shared fixtures. Expensive objects (the real default model, its HF twin) load once per session."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct (GGUF, dequantized to fp32)."""
+    from jaxserve.loader import load_model
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def hf_default_model():
+    """HF transformers' own load of the same GGUF file: the reference nobody here wrote."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from jaxserve.loader import default_model_path
+    p = default_model_path()
+    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p),
+                                             dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def default_engine(default_model):
+    """A small-pool engine on the real default model, shared by engine tests."""
+    from jaxserve.engine import EngineConfig, LLMEngine
+    return LLMEngine(EngineConfig(max_num_seqs=8, max_model_len=512, num_pages=160,
+                                  max_prefill_tokens=256), model=default_model)
