@@ -47,5 +47,5 @@ def plot_runs(runs: dict[str, SimResult], path: str, title: str = "", window_s: 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
