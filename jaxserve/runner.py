@@ -37,8 +37,10 @@ def bucket(n: int, cap: int, lo: int = 1) -> int:
 
 
 def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights, kv: KVPages,
-             step: StepInput, samp: SamplingInput):
+             step: StepInput, samp: SamplingInput, logits_shardings=()):
     logits, kv = llama.forward(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret)
+    for s in logits_shardings:   # tp: vocab-split logits, all-gathered once before sampling
+        logits = jax.lax.with_sharding_constraint(logits, s)
     tokens, logprobs = sample(logits, samp)
     return tokens, logprobs, kv
 
@@ -71,7 +73,8 @@ class ModelRunner:
                                         self.mesh)
             rep, kv_sh = sharding.replicated(self.mesh), sharding.kv_sharding(self.mesh, self.kv)
             self._step = jax.jit(
-                functools.partial(_step_fn, layout.config, self.attn_impl, self.interpret),
+                functools.partial(_step_fn, layout.config, self.attn_impl, self.interpret,
+                                  logits_shardings=sharding.logits_shardings(self.mesh, cfg)),
                 in_shardings=(sharding.weight_shardings(layout.config, self.mesh), kv_sh, rep, rep),
                 out_shardings=(rep, rep, kv_sh), donate_argnums=(1,))
         self._seen_buckets: set[tuple] = set()

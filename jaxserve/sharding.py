@@ -175,6 +175,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def logits_shardings(mesh: Mesh, cfg: ModelConfig) -> tuple[NamedSharding, NamedSharding]:
+    """Logits [B, V] as the LM head makes them (split on vocab), then replicated for sampling:
+    pinning both makes XLA gather the [B, V] logits, never the [H, V] head."""
+    return (NamedSharding(mesh, P(None, spec(("vocab",), (cfg.vocab_size,), mesh)[0])),
+            replicated(mesh))
+
+
 def put_replicated(tree, mesh: Mesh):
     """Host arrays -> replicated global arrays. Multi-host needs every process to pass the same
     values (the engine loop is deterministic, so it does)."""
