@@ -25,6 +25,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="admission policy: fcfs, vtc, wvtc, vtc-oracle, vtc-predict, lcf, rpm")
     g.add_argument("--fair-weights", default=None, help="client=weight,... for weighted VTC")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices in the mesh)")
+    g.add_argument("--distributed", action="store_true",
+                   help="multi-host: jax.distributed.initialize() from JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES, JAX_PROCESS_ID (or TPU/SLURM auto-detection)")
 
 
 def parse_fair_weights(text: str | None) -> dict[str, float]:
@@ -51,7 +55,8 @@ def engine_config_from_args(args):
         kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
         max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
         attention_impl=args.attention_impl, scheduler=args.scheduler,
-        fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed)
+        fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed,
+        tp=args.tp)
 
 
 def _cmd_generate(args) -> int:
@@ -124,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if getattr(args, "distributed", False) or os.environ.get("JAXSERVE_DISTRIBUTED"):
+        from jaxserve.sharding import initialize_distributed
+        initialize_distributed(True if getattr(args, "distributed", False) else None)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
