@@ -16,7 +16,10 @@ A request's life through this module:
   5. If the handler stops early (client disconnect cancels it, or it breaks out), its `finally`
      calls the stream's `close()`, which sends an "abort" command; the engine thread calls `engine.abort`, which frees the
      request's KV pages. Abort of an already finished or unknown id is harmless.
-  6. `shutdown()` refuses new requests, lets in-flight ones finish for a grace period, aborts the
+  6. If `engine.step()` raises, every request in flight is aborted in the engine and its handler
+     gets an EngineError (a 500 or an SSE error event); the thread keeps serving new requests
+     unless steps fail MAX_STEP_FAILURES times in a row, when it stops and /health turns 503.
+  7. `shutdown()` refuses new requests, lets in-flight ones finish for a grace period, aborts the
      rest, then sends "stop" and joins the thread.
 Engine methods are only ever called on the engine thread: stats and LoRA management go through
 `call()`, which runs a function there between steps and returns its result to the loop.
@@ -37,6 +40,8 @@ from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxserve.async_engine")
+
+MAX_STEP_FAILURES = 3  # consecutive failed steps before the engine thread gives up
 
 
 class QueueFull(Exception):
@@ -146,7 +151,10 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._accepting = False
         self._dead: BaseException | None = None
+        self._drained: asyncio.Event | None = None
         self.num_steps = 0
+        self._engine_ids: set[str] = set()   # engine thread only: ids the engine holds
+        self._num_step_failures = 0
 
     # ---------------------------------------------------------------- lifecycle (event loop)
     def start(self) -> None:
@@ -175,9 +183,12 @@ class AsyncEngine:
             return
         self._accepting = False
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        deadline = time.monotonic() + grace
-        while self._streams and time.monotonic() < deadline and self.is_running:
-            await asyncio.sleep(0.02)  # shutdown only: waits on handlers, not on tokens
+        if self._streams and self.is_running:
+            self._drained = asyncio.Event()  # set by _release when the last stream goes
+            try:
+                await asyncio.wait_for(self._drained.wait(), grace)
+            except asyncio.TimeoutError:
+                pass
         for stream in list(self._streams.values()):
             stream._queue.put_nowait(EngineStopped("the server is shutting down"))
             stream.close()
@@ -236,6 +247,8 @@ class AsyncEngine:
     def _release(self, stream: RequestStream) -> None:
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
+            if not self._streams and self._drained is not None:
+                self._drained.set()
             if stream.first_token_at is None:
                 self._num_waiting -= 1
             if not stream.engine_done:
@@ -275,6 +288,14 @@ class AsyncEngine:
             self.observer.on_finished(t - stream.arrival, out.num_prompt_tokens,
                                       len(out.token_ids), out.finish_reason)
 
+    def _fail_requests(self, request_ids: list[str], message: str) -> None:
+        """On the event loop: these requests were aborted in the engine after a failed step."""
+        for rid in request_ids:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.engine_done = True
+                stream._queue.put_nowait(EngineError(message))
+
     def _fail_all(self, exc: BaseException) -> None:
         """On the event loop: the engine thread died; fail every stream."""
         for stream in list(self._streams.values()):
@@ -301,8 +322,10 @@ class AsyncEngine:
             except Exception as e:  # ValueError / RequestRejected: the request's fault
                 self._reply(fut, exc=e)
             else:
+                self._engine_ids.add(rid)
                 self._reply(fut, True)
         elif kind == "abort":
+            self._engine_ids.discard(cmd[1])
             self.engine.abort(cmd[1])
         elif kind == "call":
             _, fn, fut = cmd
@@ -313,6 +336,22 @@ class AsyncEngine:
         elif kind == "stop":
             return False
         return True
+
+    def _step_failed(self, exc: Exception) -> None:
+        """A step raised: fail and abort everything in flight (their state may be half-updated)
+        and keep serving; several failures in a row mean the engine is broken -> re-raise."""
+        self._num_step_failures += 1
+        log.exception("engine step failed; aborting %d requests", len(self._engine_ids))
+        if self._num_step_failures >= MAX_STEP_FAILURES:
+            raise exc
+        failed = list(self._engine_ids)
+        self._engine_ids.clear()
+        for rid in failed:
+            try:
+                self.engine.abort(rid)
+            except Exception:
+                log.exception("abort of %s after a failed step raised", rid)
+        self._loop.call_soon_threadsafe(self._fail_requests, failed, f"the engine step failed: {exc!r}")
 
     def _run(self) -> None:
         try:
@@ -331,8 +370,16 @@ class AsyncEngine:
                 if not self.engine.has_unfinished():
                     continue
                 t_step = time.perf_counter()
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:
+                    self._step_failed(e)
+                    continue
+                self._num_step_failures = 0
                 self.num_steps += 1
+                for out in outputs:
+                    if out.finished:
+                        self._engine_ids.discard(out.request_id)
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs, t_step,
                                                     time.perf_counter())

@@ -79,6 +79,7 @@ class FakeEngineNoLora:
         self.owner_thread: int | None = None   # the only thread allowed to call us
         self.num_aborted = 0
         self.num_has_unfinished_calls = 0
+        self.num_failing_steps = 0   # the next N steps raise (after admitting), like a crash
 
     def _check_thread(self):
         me = threading.get_ident()
@@ -137,6 +138,9 @@ class FakeEngineNoLora:
             self.free_pages -= need
             self.running[req.rid] = req
             self.prompt_tokens_total += len(req.prompt_ids)
+        if self.num_failing_steps:
+            self.num_failing_steps -= 1
+            raise RuntimeError("injected step failure")
         outputs = []
         for rid, req in list(self.running.items()):
             need = self._pages(req)

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from fake_engine import FakeEngine, expected_text
-from jaxserve.async_engine import AsyncEngine, AsyncEngineConfig, EngineStopped, QueueFull
+from jaxserve.async_engine import (MAX_STEP_FAILURES, AsyncEngine, AsyncEngineConfig, EngineError,
+                                  EngineStopped, QueueFull)
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -207,3 +208,32 @@ def test_engine_is_only_called_from_its_thread():
         return eng
     eng = run(main())
     assert eng.owner_thread is not None and eng.owner_thread != threading.get_ident()
+
+
+def test_a_failed_step_fails_in_flight_requests_frees_pages_and_keeps_serving():
+    async def main():
+        eng = FakeEngine(step_delay_s=0.002)
+        ae = AsyncEngine(eng)
+        ae.start()
+        stream = await ae.submit("a", "abc", greedy(50))
+        await stream.__anext__()
+        eng.num_failing_steps = 1
+        with pytest.raises(EngineError, match="injected"):
+            async for _ in stream:
+                pass
+        stats = await ae.stats()
+        after = await _collect(ae.generate("b", "abc", greedy(3)))
+        eng.num_failing_steps = MAX_STEP_FAILURES
+        failures = 0
+        for i in range(MAX_STEP_FAILURES):
+            try:
+                await _collect(ae.generate(f"c{i}", "abc", greedy(3)))
+            except (EngineError, EngineStopped):
+                failures += 1
+        running = ae.is_running
+        await ae.shutdown()
+        return stats, after, failures, running
+    stats, after, failures, running = run(main())
+    assert stats["num_free_pages"] == stats["num_total_pages"] and stats["num_running"] == 0
+    assert after[-1].text == expected_text("abc", 3)
+    assert failures == MAX_STEP_FAILURES and not running
