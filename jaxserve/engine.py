@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 
 from jaxserve.loader import LoadedModel, load_model
+from jaxserve.lora.runtime import LoraRuntime, make_lora_store
 from jaxserve.model.kv_cache import bytes_per_page
 from jaxserve.model.weights import cast
 from jaxserve.outputs import RequestOutput
@@ -50,15 +51,23 @@ class EngineConfig:
     fair_weights: tuple[tuple[str, float], ...] = ()
     seed: int = 0
     tp: int = 1                       # tensor-parallel degree (devices in the mesh)
+    # LoRA: adapters share the KV pool's pages (jaxserve/lora/pool.py)
+    max_loras: int = 4                # distinct adapters in one batch (the step's adapter slots)
+    max_lora_rank: int = 64           # largest adapter rank accepted (rows gathered per slot)
+    lora_max_pages: int | None = None  # cap on pool pages adapters may hold; None = any free page
+    lora_impl: str = "xla"            # xla | pallas (gathered LoRA kernels)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if isinstance(self.fair_weights, dict):
             object.__setattr__(self, "fair_weights", tuple(sorted(self.fair_weights.items())))
-        for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp"):
+        for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp",
+                  "max_loras", "max_lora_rank"):
             if getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
+        if self.lora_impl not in ("xla", "pallas"):
+            raise ValueError(f"lora_impl must be xla or pallas, got {self.lora_impl!r}")
 
 
 def make_policy(name: str, fair_weights: dict[str, float]):
@@ -98,17 +107,22 @@ class LLMEngine:
         page_bytes = (bytes_per_page(head_layout(self.model_config, config.tp).config,
                                      config.page_size, dtype) // config.tp)
         num_pages = config.num_pages or max(2, int(config.kv_cache_gb * 2**30 // page_bytes))
+        self.loras = make_lora_store(self.model_config, config, num_pages)
         self.runner = ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
             max_model_len=self.max_model_len, dtype=dtype, attention_impl=config.attention_impl,
-            tp=config.tp)
+            tp=config.tp,
+            lora=(LoraRuntime(self.loras, config.max_loras, config.lora_impl)
+                  if self.loras is not None else None))
         self.scheduler = Scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,
                             max_num_seqs=config.max_num_seqs,
                             max_prefill_tokens=config.max_prefill_tokens,
                             max_model_len=self.max_model_len),
-            policy=make_policy(config.scheduler, dict(config.fair_weights)))
+            policy=make_policy(config.scheduler, dict(config.fair_weights)),
+            adapter_pages=self.loras.pages_needed if self.loras is not None else None,
+            max_adapter_pages=config.lora_max_pages, max_adapters_per_batch=config.max_loras)
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
@@ -146,8 +160,8 @@ class LLMEngine:
                     client_id: str = "anonymous", adapter: str | None = None) -> None:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        if adapter is not None:
-            raise ValueError(f"unknown adapter {adapter!r} (no LoRA adapters are loaded)")
+        if adapter is not None and (self.loras is None or adapter not in self.loras):
+            raise ValueError(f"unknown adapter {adapter!r} (loaded: {self.list_loras() or 'none'})")
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -164,6 +178,28 @@ class LLMEngine:
         self._requests[request_id] = _Request(request_id, seq, params,
                                               IncrementalDetokenizer(self.tokenizer, ids))
         self.num_prompt_tokens_total += len(ids)
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_lora(self, name: str, path) -> None:
+        """Register an adapter (PEFT or Orbax directory, or a LoraAdapter); validated against the
+        base model. Safe while requests run: it only enters the host store."""
+        if self.loras is None:
+            raise ValueError("LoRA adapters are not supported with tensor parallelism (tp > 1) yet")
+        self.loras.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter. Refused while any unfinished request uses it."""
+        if self.loras is None or name not in self.loras:
+            raise KeyError(f"unknown adapter {name!r}")
+        users = sum(1 for r in self._requests.values() if r.seq.adapter == name)
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {users} unfinished request(s); "
+                             "remove it after they finish or abort them")
+        self.scheduler.adapters.evict(name)
+        self.loras.remove(name)
+
+    def list_loras(self) -> list[str]:
+        return self.loras.names() if self.loras is not None else []
 
     def abort(self, request_id: str) -> None:
         req = self._requests.pop(request_id, None)

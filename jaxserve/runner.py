@@ -37,10 +37,9 @@ def bucket(n: int, cap: int, lo: int = 1) -> int:
 
 
 def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights, kv: KVPages,
-             step: StepInput, samp: SamplingInput, logits_shardings=()):
-    logits, kv = llama.forward(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret)
-    for s in logits_shardings:   # tp: vocab-split logits, all-gathered once before sampling
-        logits = jax.lax.with_sharding_constraint(logits, s)
+             step: StepInput, samp: SamplingInput, lora_impl: str = "xla"):
+    logits, kv = llama.forward(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret,
+                               lora_impl=lora_impl)
     tokens, logprobs = sample(logits, samp)
     return tokens, logprobs, kv
 
@@ -49,7 +48,7 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
                  dtype=jnp.float32, attention_impl: str = "auto", interpret: bool | None = None,
-                 tp: int = 1):
+                 tp: int = 1, lora=None):
         self.cfg = cfg
         self.weights = weights
         self.tp = tp
@@ -60,11 +59,15 @@ class ModelRunner:
         self.attn_impl = resolve_impl(attention_impl)
         # Pallas on CPU can only run in interpret mode.
         self.interpret = (jax.default_backend() == "cpu") if interpret is None else interpret
+        self.lora = lora   # jaxserve.lora.runtime.LoraRuntime, or None
+        if lora is not None and tp != 1:
+            raise ValueError("LoRA adapters are not supported with tensor parallelism yet (tp=1)")
         if tp == 1:
             self.mesh = None
             self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
-            self._step = jax.jit(functools.partial(_step_fn, cfg, self.attn_impl, self.interpret),
-                                 donate_argnums=(1,))
+            self._step = jax.jit(functools.partial(
+                _step_fn, cfg, self.attn_impl, self.interpret,
+                lora_impl=lora.impl if lora is not None else "xla"), donate_argnums=(1,))
         else:   # tensor parallel: weights and KV pool sharded by jaxserve.sharding's table
             self.mesh = sharding.make_mesh(tp)
             layout = sharding.head_layout(cfg, tp)   # may pad/replicate heads to divide tp
@@ -73,8 +76,7 @@ class ModelRunner:
                                         self.mesh)
             rep, kv_sh = sharding.replicated(self.mesh), sharding.kv_sharding(self.mesh, self.kv)
             self._step = jax.jit(
-                functools.partial(_step_fn, layout.config, self.attn_impl, self.interpret,
-                                  logits_shardings=sharding.logits_shardings(self.mesh, cfg)),
+                functools.partial(_step_fn, layout.config, self.attn_impl, self.interpret),
                 in_shardings=(sharding.weight_shardings(layout.config, self.mesh), kv_sh, rep, rep),
                 out_shardings=(rep, rep, kv_sh), donate_argnums=(1,))
         self._seen_buckets: set[tuple] = set()
@@ -129,6 +131,9 @@ class ModelRunner:
             logits_index=logits_index)
         samp = SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
                              counters=counters)
+        if self.lora is not None and plan.adapter_pages:
+            step.lora_idx, step.lora = self.lora.build(plan, B, T)
+            return (B, T, P, step.lora.pages[0].shape[0], step.lora.modules), step, samp
         return (B, T, P), step, samp
 
     # -- running -----------------------------------------------------------------------------
@@ -139,10 +144,19 @@ class ModelRunner:
         key = ("prefill" if plan.is_prefill else "decode",) + shape
         if key not in self._seen_buckets:
             self._seen_buckets.add(key)
-            log.info("compiling %s bucket batch=%d tokens=%d pages=%d", *key)
+            log.info("compiling %s bucket batch=%d tokens=%d pages=%d%s", *key[:4],
+                     f" lora slots={key[4]} modules={','.join(key[5])}" if len(key) > 4 else "")
         if self.mesh is not None and jax.process_count() > 1:
             step, samp = sharding.put_replicated((step, samp), self.mesh)
+        later = []
+        if self.lora is not None and plan.adapter_loads:
+            # Adapters this step uses are written first; prefetches queue behind the step.
+            staged = self.lora.stage(plan.adapter_loads)
+            later = [x for x in staged if x[0] not in plan.adapter_pages]
+            self.kv = self.lora.write(self.kv, [x for x in staged if x[0] in plan.adapter_pages])
         tokens, logprobs, self.kv = self._step(self.weights, self.kv, step, samp)
+        if later:
+            self.kv = self.lora.write(self.kv, later)
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         self.num_steps += 1
         out_t, out_l = [], []

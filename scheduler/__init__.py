@@ -4,12 +4,13 @@ The engine calls `Scheduler.schedule()` once per step and gets back a plain `Ste
 (sequence ids, token ranges, page tables); only the runner in `jaxserve` turns it into arrays.
 The same scheduler code drives the fairness simulator.
 """
+from scheduler.adapter_cache import AdapterCache
 from scheduler.block_allocator import BlockAllocator, OutOfPages
 from scheduler.sequence import FinishReason, Sequence, SequenceStatus
 from scheduler.policy import FCFSPolicy, Policy, RequestRejected
 from scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
 
 __all__ = [
-    "BlockAllocator", "OutOfPages", "FinishReason", "Sequence", "SequenceStatus",
+    "AdapterCache", "BlockAllocator", "OutOfPages", "FinishReason", "Sequence", "SequenceStatus",
     "FCFSPolicy", "Policy", "RequestRejected", "Scheduler", "SchedulerConfig", "StepPlan",
 ]

@@ -13,12 +13,19 @@ Each engine step:
 Pages: a request gets pages for its prompt at admission and one more page whenever decode
 crosses a page boundary. When none is free, the most recently admitted running request is
 preempted (its pages freed, its tokens kept) and re-queued; it is recomputed later.
+
+LoRA adapters (optional, `adapter_pages=`): adapter weights take pages of the same pool
+(`AdapterCache`). Admission pins the request's adapter (loading it, evicting unpinned adapters
+LRU-first, if needed) before taking its KV pages; KV growth reclaims unpinned adapters before it
+preempts anyone; the head of the queue gets its adapter prefetched into free pages. The plan
+lists the loads the runner must perform and the pages of every adapter the step uses.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from scheduler.adapter_cache import AdapterCache
 from scheduler.block_allocator import BlockAllocator
 from scheduler.policy import FCFSPolicy, Policy, RequestRejected
 from scheduler.sequence import FinishReason, Sequence, SequenceStatus
@@ -45,6 +52,8 @@ class StepPlan:
     num_new_tokens: list[int] = field(default_factory=list)   # tokens computed this step, per seq
     start_positions: list[int] = field(default_factory=list)  # position of each seq's first new token
     preempted: list[Sequence] = field(default_factory=list)   # preempted while planning this step
+    adapter_loads: list[tuple[str, list[int]]] = field(default_factory=list)  # write before the step
+    adapter_pages: dict[str, list[int]] = field(default_factory=dict)  # adapters this step uses
 
     @property
     def is_empty(self) -> bool:
@@ -61,10 +70,19 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, policy: Policy | None = None):
+    def __init__(self, config: SchedulerConfig, policy: Policy | None = None, *,
+                 adapter_pages=None, max_adapter_pages: int | None = None,
+                 max_adapters_per_batch: int | None = None, num_prefetch: int = 2):
+        """adapter_pages: name -> pages its weights take (enables adapter accounting; without
+        it `Sequence.adapter` is ignored). max_adapters_per_batch: distinct adapters running at
+        once (the runner's slot count)."""
         self.config = config
         self.policy = policy if policy is not None else FCFSPolicy()  # an empty policy is falsy
         self.allocator = BlockAllocator(config.num_pages)
+        self.adapters = (AdapterCache(self.allocator, adapter_pages, max_pages=max_adapter_pages)
+                         if adapter_pages is not None else None)
+        self.max_adapters_per_batch = max_adapters_per_batch
+        self.num_prefetch = num_prefetch
         self.running: list[Sequence] = []          # in admission order (preempt from the back)
         self._seqs: dict[int, Sequence] = {}       # waiting + running, by id
 
@@ -83,6 +101,14 @@ class Scheduler:
             raise RequestRejected(
                 f"request needs {self.pages_for(seq.max_total_tokens)} KV pages, the pool has "
                 f"{self.allocator.num_usable}")
+        if self._uses_adapter(seq):
+            total = self.pages_for(seq.max_total_tokens) + self.adapters.pages_needed(seq.adapter)
+            cap = self.adapters.max_pages
+            if total > self.allocator.num_usable or (
+                    cap is not None and self.adapters.pages_needed(seq.adapter) > cap):
+                raise RequestRejected(
+                    f"request needs {total} pages (KV + adapter {seq.adapter!r}), the pool has "
+                    f"{self.allocator.num_usable}" + (f", adapters may hold {cap}" if cap else ""))
         self.policy.add(seq, now)  # may raise RequestRejected
         seq.status = SequenceStatus.WAITING
         self._seqs[seq.seq_id] = seq
@@ -105,6 +131,7 @@ class Scheduler:
         if seq.status is SequenceStatus.FINISHED:
             return
         self.running.remove(seq)
+        self._unpin_adapter(seq)
         self._release(seq, reason, notify_policy=True)
 
     def _release(self, seq: Sequence, reason: FinishReason, notify_policy: bool) -> None:
@@ -130,9 +157,60 @@ class Scheduler:
 
     def schedule(self, now: float = 0.0) -> StepPlan:
         plan = self._schedule_prefill(now)
-        if plan.seqs:
-            return plan
-        return self._schedule_decode()
+        if not plan.seqs:
+            plan = self._schedule_decode()
+        if self.adapters is not None:
+            self._prefetch()
+            plan.adapter_loads = self.adapters.drain_loads()
+            plan.adapter_pages = {s.adapter: self.adapters.pages_of(s.adapter)
+                                  for s in plan.seqs if self._uses_adapter(s)}
+        return plan
+
+    # -- adapters ---------------------------------------------------------------------------
+    def _uses_adapter(self, seq: Sequence) -> bool:
+        return self.adapters is not None and seq.adapter is not None
+
+    def _can_take(self, num_pages: int) -> bool:
+        """Free `num_pages` KV pages, evicting unpinned cached adapters if that is what it takes."""
+        if not self.allocator.can_allocate(num_pages) and self.adapters is not None:
+            self.adapters.reclaim(num_pages)
+        return self.allocator.can_allocate(num_pages)
+
+    def _pin_adapter(self, seq: Sequence, kv_pages: int) -> bool:
+        """Pin seq's adapter (loading it if needed) when it and `kv_pages` KV pages both fit."""
+        if not self._uses_adapter(seq):
+            return True
+        cache, name = self.adapters, seq.adapter
+        pinned = cache.num_refs(name) > 0
+        if (not pinned and self.max_adapters_per_batch is not None
+                and len(cache._refs) >= self.max_adapters_per_batch):
+            return False
+        if not cache.is_resident(name) and (
+                cache.pages_needed(name) + kv_pages
+                > self.allocator.num_free + cache.num_evictable_pages):
+            return False
+        if not cache.acquire(name):
+            return False
+        if not self._can_take(kv_pages):
+            cache.release(name)
+            return False
+        return True
+
+    def _unpin_adapter(self, seq: Sequence) -> None:
+        if self._uses_adapter(seq):
+            self.adapters.release(seq.adapter)
+
+    def _prefetch(self) -> None:
+        head = self.policy.peek()
+        names = [head.adapter] if head is not None and head.adapter is not None else []
+        for seq in self.policy.waiting():
+            if len(names) >= self.num_prefetch:
+                break
+            if seq.adapter is not None and seq.adapter not in names:
+                names.append(seq.adapter)
+        for name in names[:self.num_prefetch]:
+            if not self.adapters.prefetch(name):
+                break
 
     def _schedule_prefill(self, now: float) -> StepPlan:
         cfg = self.config
@@ -153,7 +231,9 @@ class Scheduler:
             if seq is None:
                 break
             needed = self.pages_for(seq.num_tokens)
-            if not self.allocator.can_allocate(needed):
+            if not self._pin_adapter(seq, needed):
+                break
+            if not self._can_take(needed):
                 break
             self.policy.pop(seq, now)
             seq.block_table = self.allocator.allocate(needed)
@@ -174,7 +254,7 @@ class Scheduler:
         while i < len(self.running):
             seq = self.running[i]
             need = self.pages_for(seq.num_computed_tokens + 1) - len(seq.block_table)
-            if need > 0 and not self.allocator.can_allocate(need):
+            if need > 0 and not self._can_take(need):
                 victim = self.running[-1]
                 self._preempt(victim)
                 plan.preempted.append(victim)
@@ -195,6 +275,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._unpin_adapter(seq)
         self.allocator.free(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0

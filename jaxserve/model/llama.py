@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig, rope_inv_freq
+from jaxserve.lora.apply import make_layer_lora
 from jaxserve.model.attention import paged_attention, write_kv
 from jaxserve.model.kv_cache import KVPages, StepInput
 from jaxserve.model.weights import LayerWeights, Weights
@@ -40,16 +41,25 @@ def _proj(x, w, b=None):
 
 
 def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: StepInput,
-           carry, xs):
+           carry, xs, lora_impl: str = "xla"):
     x, k_pool, v_pool = carry
-    lw, layer = xs
+    lw, layer, lora_xs = xs
     B, T, _ = x.shape
     D = cfg.head_dim
+    # LoRA (only when the step has adapters; the base-only program has none of this): added to
+    # each projection's output, so to q/k before RoPE and to k/v before the K/V write.
+    lora_proj = None if step.lora is None else make_layer_lora(
+        cfg, step.lora, step.lora_idx, k_pool, v_pool, layer, *lora_xs, impl=lora_impl,
+        interpret=interpret, base=_proj)
+
+    def proj(module, inp, w, b=None):
+        return _proj(inp, w, b) if lora_proj is None else lora_proj(module, inp, w, b)
+
     with jax.named_scope("attention"):
         h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-        q = _proj(h, lw.wq, lw.bq).reshape(B, T, cfg.num_heads, D)
-        k = _proj(h, lw.wk, lw.bk).reshape(B, T, cfg.num_kv_heads, D)
-        v = _proj(h, lw.wv, lw.bv).reshape(B, T, cfg.num_kv_heads, D)
+        q = proj("q_proj", h, lw.wq, lw.bq).reshape(B, T, cfg.num_heads, D)
+        k = proj("k_proj", h, lw.wk, lw.bk).reshape(B, T, cfg.num_kv_heads, D)
+        v = proj("v_proj", h, lw.wv, lw.bv).reshape(B, T, cfg.num_kv_heads, D)
         q = apply_rope(q, step.positions, inv_freq)
         k = apply_rope(k, step.positions, inv_freq)
         k_pool, v_pool = write_kv(k_pool, v_pool, k.reshape(B * T, cfg.num_kv_heads, D),
@@ -58,23 +68,24 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
         attn = paged_attention(q, k_pool, v_pool, step.block_tables, step.kv_lens, step.positions,
                                scale=D ** -0.5, sliding_window=cfg.sliding_window,
                                impl=attn_impl, interpret=interpret, layer=layer)
-        x = x + _proj(attn.reshape(B, T, cfg.q_size), lw.wo, lw.bo)
+        x = x + proj("o_proj", attn.reshape(B, T, cfg.q_size), lw.wo, lw.bo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-        g = _proj(h, lw.w_gate)
-        u = _proj(h, lw.w_up)
-        x = x + _proj(jax.nn.silu(g) * u, lw.w_down)
+        g = proj("gate_proj", h, lw.w_gate)
+        u = proj("up_proj", h, lw.w_up)
+        x = x + proj("down_proj", jax.nn.silu(g) * u, lw.w_down)
     return (x, k_pool, v_pool), None
 
 
 def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPages, *,
-                  attn_impl: str = "xla", interpret: bool = False):
+                  attn_impl: str = "xla", interpret: bool = False, lora_impl: str = "xla"):
     """Final-norm hidden states [B, T, H] and the updated pool."""
     x = weights.embed[step.tokens]
     inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
-    body = functools.partial(_layer, cfg, attn_impl, interpret, inv_freq, step)
+    body = functools.partial(_layer, cfg, attn_impl, interpret, inv_freq, step, lora_impl=lora_impl)
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers))
+    lora_xs = None if step.lora is None else (step.lora.ranks, step.lora.scales)
+    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers, lora_xs))
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), KVPages(k=k, v=v)
 
 
@@ -84,10 +95,12 @@ def lm_head(weights: Weights, h):
 
 
 def forward(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPages, *,
-            attn_impl: str = "xla", interpret: bool = False, all_logits: bool = False):
+            attn_impl: str = "xla", interpret: bool = False, all_logits: bool = False,
+            lora_impl: str = "xla"):
     """Returns (logits, kv). logits: [B, V] float32 at each row's `logits_index`, or
     [B, T, V] when all_logits."""
-    h, kv = hidden_states(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret)
+    h, kv = hidden_states(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret,
+                          lora_impl=lora_impl)
     if not all_logits:
         h = jnp.take_along_axis(h, step.logits_index[:, None, None], axis=1)[:, 0]
     return lm_head(weights, h), kv

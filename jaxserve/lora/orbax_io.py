@@ -1,0 +1,73 @@
+"""Adapters as Orbax checkpoints: the arrays (our layout, `LoraWeights`) plus a JSON config.
+
+Layout of a checkpoint directory (orbax-checkpoint Composite):
+  params/  StandardSave of {"a": {module: [L, R, in]}, "b": {module: [L, R, out]}, "ranks", "scales"}
+  config/  JsonSave of {"peft_config": <adapter_config.json as read>, "base": <shape facts>}
+The base facts let a load refuse an adapter written for another model before touching arrays.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.lora.adapter import MODULES, AdapterError, LoraAdapter, LoraWeights, module_dims
+
+FORMAT = "jaxserve-lora-orbax-v1"
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "config"))
+
+
+def _base_facts(cfg: ModelConfig) -> dict:
+    return {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size, "q_size": cfg.q_size, "kv_size": cfg.kv_size}
+
+
+def save_orbax(adapter: LoraAdapter, path: str, model_cfg: ModelConfig) -> None:
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise AdapterError(f"{path} already exists (refusing to overwrite)")
+    w = adapter.weights
+    tree = {"a": dict(w.a), "b": dict(w.b), "ranks": w.ranks, "scales": w.scales}
+    config = {"format": FORMAT, "name": adapter.name, "peft_config": adapter.config,
+              "base": _base_facts(model_cfg)}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(path, args=ocp.args.Composite(params=ocp.args.StandardSave(tree),
+                                                 config=ocp.args.JsonSave(config)))
+
+
+def load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    if not is_orbax_dir(path):
+        raise AdapterError(f"{path} is not a jaxserve Orbax adapter (expected params/ and config/)")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        config = ckptr.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        if config.get("format") != FORMAT:
+            raise AdapterError(f"{path}: unknown adapter checkpoint format {config.get('format')!r}")
+        base = _base_facts(model_cfg)
+        if config.get("base") != base:
+            raise AdapterError(f"{path}: adapter was converted for a base model with "
+                               f"{config.get('base')}, this model has {base}")
+        tree = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+    L = model_cfg.num_layers
+    a = {m: np.asarray(v, np.float32) for m, v in tree["a"].items()}
+    b = {m: np.asarray(v, np.float32) for m, v in tree["b"].items()}
+    ranks = np.asarray(tree["ranks"], np.int32)
+    scales = np.asarray(tree["scales"], np.float32)
+    if ranks.shape != (L, len(MODULES)) or scales.shape != ranks.shape:
+        raise AdapterError(f"{path}: ranks/scales have shape {ranks.shape}, expected {(L, len(MODULES))}")
+    for m in a:
+        if m not in MODULES or m not in b:
+            raise AdapterError(f"{path}: unexpected module {m!r}")
+        din, dout = module_dims(model_cfg, m)
+        R = int(ranks[:, MODULES.index(m)].max())
+        if a[m].shape != (L, R, din) or b[m].shape != (L, R, dout):
+            raise AdapterError(f"{path}: {m} arrays {a[m].shape}/{b[m].shape} do not match the base "
+                               f"model ({(L, R, din)}/{(L, R, dout)})")
+    return LoraAdapter(name, LoraWeights(a=a, b=b, ranks=ranks, scales=scales),
+                       dict(config.get("peft_config") or {}))
