@@ -92,7 +92,9 @@ class ModelRunner:
         else:
             B = bucket(n, _pow2_at_least(self.max_num_seqs))
             T = 1
-        max_pages = max(math.ceil((st + k) / S) for st, k in zip(plan.start_positions, plan.num_new_tokens))
+        # The block table covers the whole request (pages are allocated for the full prompt at
+        # admission), which can be longer than this step's chunk.
+        max_pages = max(len(seq.block_table) for seq in plan.seqs)
         P = bucket(max_pages, _pow2_at_least(self.max_pages_per_seq))
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)

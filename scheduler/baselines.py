@@ -42,7 +42,7 @@ class RPMPolicy(FCFSPolicy):
             self.num_rejected[seq.client_id] += 1
             raise RequestRejected(
                 f"client {seq.client_id!r} exceeded {self.max_requests_per_window} requests "
-                f"per {self.window_s:g} s")
+                f"per {self.window_s:g} s", retryable=True)
         times.append(now)
         if len(self._accepted) > 4 * (len(self._queue) + 256):
             self._forget_idle(now)

@@ -21,7 +21,15 @@ from scheduler.sequence import Sequence
 
 
 class RequestRejected(Exception):
-    """Raised by `Policy.add` or the scheduler when a request can never or may not be served."""
+    """Raised by `Policy.add` or the scheduler when a request can never or may not be served.
+
+    `retryable` tells callers whether the same request may succeed later (a rate limit: HTTP
+    429) or never will (too large for the pool or context: HTTP 400).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Policy(abc.ABC):

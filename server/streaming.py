@@ -41,9 +41,7 @@ async def admit(request: web.Request, ctx: ServerContext, req: GenRequest, rid: 
     except EngineStopped as e:
         raise ApiError(503, str(e), code="unavailable") from None
     except RequestRejected as e:
-        msg = str(e)
-        never = "KV pages" in msg or "context" in msg or "empty" in msg
-        raise ApiError(400 if never else 429, msg, code="request_rejected") from None
+        raise ApiError(429 if e.retryable else 400, str(e), code="request_rejected") from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
 
