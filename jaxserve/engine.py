@@ -30,6 +30,7 @@ from jaxserve.sharding import head_layout
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 from scheduler import FinishReason, RequestRejected, Scheduler, SchedulerConfig, Sequence
+from scheduler.factory import make_policy
 
 log = logging.getLogger("jaxserve.engine")
 
@@ -68,17 +69,6 @@ class EngineConfig:
                 raise ValueError(f"{f} must be positive")
         if self.lora_impl not in ("xla", "pallas"):
             raise ValueError(f"lora_impl must be xla or pallas, got {self.lora_impl!r}")
-
-
-def make_policy(name: str, fair_weights: dict[str, float]):
-    try:
-        from scheduler.factory import make_policy as factory
-    except ImportError:  # the fairness policies are optional until scheduler.factory exists
-        if name != "fcfs":
-            raise ValueError(f"unknown scheduler {name!r}") from None
-        from scheduler import FCFSPolicy
-        return FCFSPolicy()
-    return factory(name, fair_weights=fair_weights or None)
 
 
 @dataclass
@@ -120,7 +110,7 @@ class LLMEngine:
                             max_num_seqs=config.max_num_seqs,
                             max_prefill_tokens=config.max_prefill_tokens,
                             max_model_len=self.max_model_len),
-            policy=make_policy(config.scheduler, dict(config.fair_weights)),
+            policy=make_policy(config.scheduler, fair_weights=dict(config.fair_weights) or None),
             adapter_pages=self.loras.pages_needed if self.loras is not None else None,
             max_adapter_pages=config.lora_max_pages, max_adapters_per_batch=config.max_loras)
         self._requests: dict[str, _Request] = {}
