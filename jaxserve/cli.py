@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from jaxserve.lora.cli_args import add_lora_arguments, lora_engine_kwargs, register_loras
+
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
@@ -56,6 +58,7 @@ def engine_config_from_args(args):
         max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
         attention_impl=args.attention_impl, scheduler=args.scheduler,
         fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed,
+        **lora_engine_kwargs(args),
         tp=args.tp)
 
 
@@ -66,8 +69,9 @@ def _cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
                             ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     engine = LLMEngine(engine_config_from_args(args))
+    adapter = register_loras(engine, args)
     prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    out = engine.generate([prompt], params)[0]
+    out = engine.generate([prompt], params, adapter=adapter)[0]
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
                           "prompt_tokens": out.num_prompt_tokens, "completion_tokens": len(out.token_ids),
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", action="store_true")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, ...)")
+    add_lora_arguments(g)
     g.set_defaults(func=_cmd_generate)
 
     b = sub.add_parser("bench", help="offline decode throughput (optionally beside HF transformers)")
@@ -129,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Compiled step programs persist across restarts (jax reads these before first compile).
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     if getattr(args, "distributed", False) or os.environ.get("JAXSERVE_DISTRIBUTED"):
         from jaxserve.sharding import initialize_distributed
         initialize_distributed(True if getattr(args, "distributed", False) else None)

@@ -1,7 +1,12 @@
 """Shared fixtures. Expensive objects (the real default model, its HF twin) load once per session."""
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Many tests build engines on the same model; XLA's persistent cache lets them (and the CLI
+# and TP subprocesses) reuse compiled step programs instead of recompiling each bucket.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxserve-test-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest
 
