@@ -3,7 +3,7 @@
 Adapter pool, one stack per projection:
   a:      [num_slots, max_rank, in_dim]    rows of A
   b:      [num_slots, max_rank, out_dim]   B stored transposed: one row per rank
-  ranks:  [num_slots] int32                rows >= rank are ignored (they may hold garbage)
+  ranks:  [num_slots] int32                rows >= rank are ignored (garbage, even NaN)
   scales: [num_slots] float32              lora_alpha / r (or / sqrt(r) for rsLoRA)
   idx:    [T] int32                        adapter slot per token, -1 = no adapter (adds zero)
 
@@ -43,7 +43,8 @@ def gathered_lora_ref(x, a, b, idx, ranks, scales):
     rank_ok = jnp.arange(R)[None, :] < ranks[:, None]                       # [S, R]
     v = jnp.einsum("th,srh->str", x.astype(jnp.float32), a.astype(jnp.float32), precision=hp)
     v = jnp.where(rank_ok[:, None, :], v, 0.0) * scales[:, None, None]
-    y_all = jnp.einsum("str,sro->sto", v, b.astype(jnp.float32), precision=hp)  # [S, T, out]
+    b_ok = jnp.where(rank_ok[:, :, None], b.astype(jnp.float32), 0.0)
+    y_all = jnp.einsum("str,sro->sto", v, b_ok, precision=hp)                  # [S, T, out]
     y = jnp.take_along_axis(y_all, jnp.maximum(idx, 0)[None, :, None], axis=0)[0]
     return jnp.where(idx[:, None] >= 0, y, 0.0).astype(x.dtype)
 
@@ -62,7 +63,9 @@ def gathered_lora_ragged_ref(x, a, b, idx, ranks, scales):
     live = key[order] < S
     v = jnp.where((jnp.arange(a.shape[1])[None, :] < ranks[slot][:, None]) & live[:, None], v, 0.0)
     v = v * jnp.where(live, scales[slot], 0.0)[:, None]
-    ys = lax.ragged_dot(v, b.astype(jnp.float32), sizes, precision=lax.Precision.HIGHEST)
+    b_ok = jnp.where(jnp.arange(a.shape[1])[None, :, None] < ranks[:, None, None],
+                     b.astype(jnp.float32), 0.0)
+    ys = lax.ragged_dot(v, b_ok, sizes, precision=lax.Precision.HIGHEST)
     return jnp.zeros_like(ys).at[order].set(ys).astype(x.dtype)
 
 
@@ -84,8 +87,10 @@ def lora_shrink(x, a, idx, ranks):
 def lora_expand(v, b, idx, scales, ranks):
     """y[t] = scale * sum_{j < rank} v[t, j] B_{idx[t]}[j]. [T, max_rank] -> [T, out] f32."""
     slot, tok_rank, tok_scale = _token_rank_scale(idx, ranks, scales)
-    v = jnp.where(jnp.arange(b.shape[1])[None, :] < tok_rank[:, None], v, 0.0) * tok_scale[:, None]
-    return jnp.einsum("tr,tro->to", v.astype(b.dtype), b[slot], preferred_element_type=jnp.float32)
+    live = jnp.arange(b.shape[1])[None, :] < tok_rank[:, None]                # [T, R]
+    v = jnp.where(live, v, 0.0) * tok_scale[:, None]
+    b_rows = jnp.where(live[:, :, None], b[slot], 0)        # rows past rank may hold NaN garbage
+    return jnp.einsum("tr,tro->to", v.astype(b.dtype), b_rows, preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -133,7 +138,7 @@ def _bgmv_kernel(slot_ref, rank_ref, scale_ref, x_ref, a_ref, b_ref, *rest, rank
 
         def expand(n, c):
             cols = pl.ds(n * out_block, out_block)
-            b_blk = b_ref[slot, rows, cols].astype(jnp.float32)             # [rb, bn]
+            b_blk = jnp.where(live[:, None], b_ref[slot, rows, cols].astype(jnp.float32), 0.0)
             y_ref[cols] = y_ref[cols] + jnp.sum(v[:, None] * b_blk, axis=0)
             return c
         return lax.fori_loop(0, out_dim // out_block, expand, c)
@@ -196,10 +201,12 @@ def _bgmm_kernel(slot_ref, rank_ref, scale_ref, x_ref, a_ref, b_ref, *rest, in_b
         v = lax.fori_loop(0, in_dim // in_block, shrink, jnp.zeros((bm, R), jnp.float32))
         live = lax.broadcasted_iota(jnp.int32, (bm, R), 1) < rank
         v = (jnp.where(live, v, 0.0) * scale).astype(b_ref.dtype)
+        b_live = lax.broadcasted_iota(jnp.int32, (R, out_block), 0) < rank
 
         def expand(n, c):
             cols = pl.ds(n * out_block, out_block)
-            y_ref[:, cols] = jnp.dot(v, b_ref[slot, :, cols], preferred_element_type=jnp.float32)
+            b_blk = jnp.where(b_live, b_ref[slot, :, cols], 0)    # rows past rank: may be NaN
+            y_ref[:, cols] = jnp.dot(v, b_blk, preferred_element_type=jnp.float32)
             return c
         lax.fori_loop(0, out_dim // out_block, expand, 0)
 

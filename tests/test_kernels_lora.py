@@ -1,7 +1,7 @@
 """Gathered-LoRA kernels (MBGMV, MBGMM) and the XLA path against the references, interpret mode.
 
-Fresh random inputs each run. Rows of A and B beyond each adapter's rank hold large garbage (1e3),
-so a rank mask that leaks moves the result far outside tolerance. Kernels run with poison=True
+Fresh random inputs each run. Rows of A and B beyond each adapter's rank hold large garbage (1e3,
+and some NaN in B), so a rank mask that leaks moves the result far outside tolerance. Kernels run with poison=True
 (outputs start as NaN). Mixed ranks 8..128 share one max_rank=128 pool; idx mixes -1 ("no
 adapter") with every slot.
 
@@ -43,6 +43,7 @@ def make_case(seed, *, tokens, in_dim, out_dim, num_slots, max_rank=128, dtype=j
     ranks = np.asarray(ranks, np.int32)
     a = rng.uniform(-GARBAGE, GARBAGE, (num_slots, max_rank, in_dim))
     b = rng.uniform(-GARBAGE, GARBAGE, (num_slots, max_rank, out_dim))
+    b[rng.random(b.shape) < 0.01] = np.nan   # rows past rank may be NaN (overwritten below)
     for s, r in enumerate(ranks):       # real rows scaled so x A^T B stays O(1)
         a[s, :r] = rng.standard_normal((r, in_dim)) / np.sqrt(in_dim)
         b[s, :r] = rng.standard_normal((r, out_dim)) / np.sqrt(r)
