@@ -1,26 +1,27 @@
 """Tensor parallelism on simulated CPU devices: the base model.
 
-Each check runs tests/tp_check.py in a subprocess (the device count is fixed at JAX start-up).
+Each check runs tests/tp_check.py in a subprocess (the device count is fixed at JAX start-up);
+the module starts them all at once so their compiles overlap.
 Tolerances: greedy tokens identical to tp=1; logits (and the sampled tokens' log-probabilities)
 within 3e-5 x the largest |logit| (f32; sharded matmuls and all-reduces only reorder sums:
 observed 1.4e-6 on the tiny models' logits of magnitude 2.4, 7e-5 on the default model's 33).
 """
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-HERE = os.path.dirname(__file__)
+from tp_procs import result, start_all, stop_all
+
 REL_TOL = 3e-5
+CHECKS = [("greedy", "--model", "tiny9", "--tp", "2", "4", "8"),
+          ("greedy", "--model", "tiny8", "--tp", "4", "8"),
+          ("greedy", "--model", "default", "--tp", "4", "--max-tokens", "4"),
+          ("hlo", "--model", "tiny9", "--tp", "2", "8", "--batch", "4")]
 
 
-def run_check(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "tp_check.py"), *args],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module", autouse=True)
+def _checks():
+    start_all(CHECKS)
+    yield
+    stop_all()
 
 
 def assert_matches_tp1(res: dict, tps):
@@ -56,24 +57,32 @@ def test_head_layout_pads_and_replicates():
         assert lay.is_identity == (got == (hq, hkv))
 
 
-@pytest.mark.parametrize("model", ["tiny9", "tiny8"])
-def test_tiny_greedy_matches_tp1(model):
-    res = run_check("greedy", "--model", model, "--tp", "2", "4", "8")
+def test_tiny_greedy_matches_tp1_padded_heads():
+    """9 q / 3 KV heads (the default model's): padded to 12/4 at tp 2 and 4, 16/8 at tp 8."""
+    res = result(*CHECKS[0])
     assert_matches_tp1(res, (2, 4, 8))
-    if model == "tiny9":   # 9/3 heads: padded to 12/4 (tp 2, 4) and 16/8 (tp 8)
-        assert (res["tp8"]["num_heads"], res["tp8"]["num_kv_heads"]) == (16, 8)
+    assert [(res[f"tp{t}"]["num_heads"], res[f"tp{t}"]["num_kv_heads"]) for t in (2, 4, 8)] == [
+        (12, 4), (12, 4), (16, 8)]
+
+
+def test_tiny_greedy_matches_tp1_replicated_kv_heads():
+    """8 q / 2 KV heads: KV heads replicated 2x (tp 4) and 4x (tp 8), no padding."""
+    res = result(*CHECKS[1])
+    assert_matches_tp1(res, (4, 8))
+    assert [(res[f"tp{t}"]["num_heads"], res[f"tp{t}"]["num_kv_heads"]) for t in (4, 8)] == [
+        (8, 4), (8, 8)]
 
 
 def test_default_model_greedy_matches_tp1():
-    res = run_check("greedy", "--model", "default", "--tp", "8", "--max-tokens", "4")
-    assert_matches_tp1(res, (8,))
+    """The real default model (SmolLM2-135M) at tp=4 (tp=8 with adapters: test_tp_lora.py)."""
+    assert_matches_tp1(result(*CHECKS[2]), (4,))
 
 
 def test_decode_step_collectives():
     """One decode step: the embedding's all-reduce, then per layer (the scan body appears once in
     HLO) one all-reduce after o and one after down, all [batch, 1, hidden]; one all-gather of the
     [batch, vocab] logits. Nothing else: no weight or KV-pool gathers."""
-    res = run_check("hlo", "--model", "tiny9", "--tp", "2", "8", "--batch", "4")
+    res = result(*CHECKS[3])
     for tp in (2, 8):
         H, V = res[f"tp{tp}"]["hidden"], res[f"tp{tp}"]["vocab"]
         assert res[f"tp{tp}"]["collectives"] == sorted(

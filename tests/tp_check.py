@@ -3,6 +3,7 @@
 The device count must be fixed before JAX starts, and pytest's process has already started it,
 so tests/test_tp_*.py run this file as a subprocess and read one JSON object from its last line:
     python tests/tp_check.py greedy --model tiny9 --tp 2 4 8 [--lora]
+    python tests/tp_check.py lora --heads 9 3 --tp 2 4 8
     python tests/tp_check.py hlo --model tiny9 --tp 4 [--lora]
 """
 from __future__ import annotations
@@ -130,14 +131,165 @@ def decode_hlo(runner: ModelRunner, batch: int) -> str:
     return runner._step.lower(runner.weights, runner.kv, step, samp).compile().as_text()
 
 
+# ----------------------------------------------------------------------------- LoRA
+
+LORA_NAMES = ("qv8", "all16rs", "pattern")   # ranks 4..32, q/v only, all-linear, per-layer ranks
+
+
+def lora_setup(root: str, heads: tuple[int, int]):
+    """A tiny HF Llama (with tokenizer) and PEFT adapters on disk (tests/lora_helpers.py)."""
+    import lora_helpers
+    base = lora_helpers.make_base(os.path.join(root, "base"), num_attention_heads=heads[0],
+                                  num_key_value_heads=heads[1], hidden_size=8 * heads[0])
+    lora_helpers.make_adapters(base, root, LORA_NAMES)
+    return os.path.join(root, "base"), lora_helpers.prompts(4, seed=3, lo=4, hi=9)
+
+
+ENGINE_KW = dict(num_pages=512, page_size=8, max_num_seqs=4, max_prefill_tokens=64,
+                 max_model_len=64, max_loras=4, max_lora_rank=32, attention_impl="xla")
+
+
+def lora_engine(base_path: str, root: str, tp: int):
+    from jaxserve.engine import EngineConfig, LLMEngine
+    eng = LLMEngine(EngineConfig(model=base_path, tp=tp, **ENGINE_KW))
+    for name in LORA_NAMES:
+        eng.add_lora(name, os.path.join(root, name))
+    return eng
+
+
+def synthetic_adapter(cfg: ModelConfig, name: str, rank: int, modules, seed: int):
+    """A random adapter in the engine's layout (no PEFT files), for the default model."""
+    from jaxserve.lora.adapter import MODULES, LoraAdapter, LoraWeights, module_dims
+    rng = np.random.default_rng(seed)
+    L = cfg.num_layers
+    a, b = {}, {}
+    ranks = np.zeros((L, len(MODULES)), np.int32)
+    for m in modules:
+        din, dout = module_dims(cfg, m)
+        a[m] = (rng.normal(size=(L, rank, din)) / din ** 0.5).astype(np.float32)
+        b[m] = (rng.normal(size=(L, rank, dout)) * 0.5 / rank ** 0.5).astype(np.float32)
+        ranks[:, MODULES.index(m)] = rank
+    scales = np.where(ranks > 0, 2.0, 0.0).astype(np.float32)
+    return LoraAdapter(name, LoraWeights(a=a, b=b, ranks=ranks, scales=scales), {})
+
+
+DEFAULT_LORAS = {"d_qv8": (8, ("q_proj", "v_proj")),
+                 "d_all16": (16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                  "down_proj")),
+                 "d_kod24": (24, ("k_proj", "o_proj", "down_proj"))}
+
+
+def default_lora_engine(model, tp: int):
+    from jaxserve.engine import EngineConfig, LLMEngine
+    eng = LLMEngine(EngineConfig(tp=tp, **ENGINE_KW), model=model)
+    for i, (name, (rank, modules)) in enumerate(DEFAULT_LORAS.items()):
+        eng.add_lora(name, synthetic_adapter(model.config, name, rank, modules, seed=10 + i))
+    return eng
+
+
+def lora_first_logits(eng, ps, adapters):
+    """Logits [B, V] of the first (prefill) step of a mixed-adapter batch, adapters written."""
+    runner = eng.runner
+    for i, (p, a) in enumerate(zip(ps, adapters)):
+        eng.add_request(f"x{i}", p, SamplingParams(max_tokens=1, temperature=0.0), adapter=a)
+    plan = eng.scheduler.schedule()
+    assert len(plan.seqs) == len(ps) and set(plan.adapter_pages) == {a for a in adapters if a}
+    _, step, _ = runner._build(plan)
+    runner.kv = runner.lora.write(runner.kv, runner.lora.stage(plan.adapter_loads))
+
+    cfg = sharding.head_layout(eng.model_config, runner.tp).config
+    fwd = jax.jit(lambda w, kv, s: llama.forward(w, cfg, s, kv)[0])
+    logits = np.asarray(fwd(runner.weights, runner.kv, step))[:len(ps)]
+    for i in range(len(ps)):
+        eng.abort(f"x{i}")
+    return logits
+
+
+def lora_check(args):
+    import tempfile
+    result = {"devices": jax.device_count()}
+    with tempfile.TemporaryDirectory() as root:
+        if args.model == "default":
+            from jaxserve.loader import load_model
+            model = load_model()
+            ps = [[int(t) for t in p] for p in prompts(model.config, 4)]
+            adapters = [None, *DEFAULT_LORAS]
+            make = lambda tp: default_lora_engine(model, tp)  # noqa: E731
+        else:
+            base_path, ps = lora_setup(root, tuple(args.heads))
+            adapters = [None, *LORA_NAMES]
+            make = lambda tp: lora_engine(base_path, root, tp)  # noqa: E731
+        runs = {}
+        for tp in [1, *args.tp]:
+            eng = make(tp)
+            logits = lora_first_logits(eng, ps, adapters)
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
+                                    logprobs=True)
+            ids = [f"r{i}" for i in range(len(ps))]
+            for rid, p, a in zip(ids, ps, adapters):   # all adapters in one batch
+                eng.add_request(rid, p, params, adapter=a)
+            final, lps = {}, {rid: [] for rid in ids}
+            while len(final) < len(ids):
+                for o in eng.step():
+                    lps[o.request_id] += o.new_logprobs or []
+                    if o.finished:
+                        final[o.request_id] = o
+            runs[tp] = dict(tokens=[final[r].token_ids for r in ids], lps=[lps[r] for r in ids],
+                            logits=logits)
+        ref = runs[1]
+        result["tp1"] = {"tokens": ref["tokens"]}
+        # adapters must matter, or equality with tp=1 would prove nothing
+        result["adapters_change_tokens"] = len({tuple(t) for t in ref["tokens"]}) == len(ps)
+        result["adapter_logit_effect"] = float(np.abs(ref["logits"][1:] - ref["logits"][0]).max())
+        for tp in args.tp:
+            r = runs[tp]
+            result[f"tp{tp}"] = {
+                "tokens": r["tokens"],
+                "max_logit_diff": float(np.abs(r["logits"] - ref["logits"]).max()),
+                "logit_scale": float(np.abs(ref["logits"]).max()),
+                "max_logprob_diff": float(max(abs(a - b) for x, y in zip(r["lps"], ref["lps"])
+                                              for a, b in zip(x, y))),
+            }
+    return result
+
+
+def lora_hlo_check(args):
+    """Collectives of one mixed-adapter decode step (every projection adapted by some adapter)."""
+    import tempfile
+    from jaxserve.sampling import SamplingInput  # noqa: F401  (the runner builds it)
+    result = {"devices": jax.device_count()}
+    with tempfile.TemporaryDirectory() as root:
+        base_path, ps = lora_setup(root, tuple(args.heads))
+        for tp in args.tp:
+            eng = lora_engine(base_path, root, tp)
+            for i, (p, a) in enumerate(zip(ps, [None, *LORA_NAMES])):
+                eng.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0.0), adapter=a)
+            eng.step()                                   # the prefill; the next plan decodes
+            plan = eng.scheduler.schedule()
+            assert not plan.is_prefill and len(plan.seqs) == len(ps)
+            _, step, samp = eng.runner._build(plan)
+            hlo = eng.runner._step.lower(eng.runner.weights, eng.runner.kv, step,
+                                         samp).compile().as_text()
+            cfg = eng.model_config
+            result[f"tp{tp}"] = {"collectives": collectives(hlo), "modules": list(step.lora.modules),
+                                 "tokens": int(step.tokens.size), "max_rank": step.lora.max_rank,
+                                 "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+                                 "batch": int(step.tokens.shape[0])}
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("check", choices=["greedy", "hlo"])
+    ap.add_argument("check", choices=["greedy", "hlo", "lora", "lora-hlo"])
+    ap.add_argument("--heads", type=int, nargs=2, default=[9, 3])
     ap.add_argument("--model", default="tiny9")
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--max-tokens", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     args = ap.parse_args(argv)
+    if args.check in ("lora", "lora-hlo"):
+        print(json.dumps((lora_check if args.check == "lora" else lora_hlo_check)(args)))
+        return 0
     cfg, weights = load(args.model)
     result = {"model": args.model, "devices": jax.device_count()}
     if args.check == "greedy":
