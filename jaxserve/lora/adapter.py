@@ -209,9 +209,6 @@ def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model
     if extra:
         raise AdapterError(f"{where}: weights for {module_path(*extra[0])} which target_modules / "
                            f"layers_to_transform do not select")
-    if missing:
-        raise AdapterError(f"{where}: target_modules selects {module_path(*missing[0])} but the "
-                           "adapter has no weights for it")
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     L, M = model_cfg.num_layers, len(MODULES)
@@ -237,6 +234,9 @@ def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model
         mi = MODULES.index(module)
         ranks[layer, mi] = r
         scales[layer, mi] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    if missing:   # after the shape checks: a shape error is the clearer message for a wrong base
+        raise AdapterError(f"{where}: target_modules selects {module_path(*missing[0])} but the "
+                           "adapter has no weights for it")
     a, b = {}, {}
     for module in MODULES:
         mi = MODULES.index(module)

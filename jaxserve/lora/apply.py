@@ -21,8 +21,11 @@ def gathered_lora_xla(x, a, b, idx, ranks, scales):
     rank = jnp.where(live, ranks[slot], 0)
     scale = jnp.where(live, scales[slot], 0.0)
     v = jnp.einsum("th,trh->tr", x, a[slot], preferred_element_type=jnp.float32)   # shrink
-    v = jnp.where(jnp.arange(a.shape[1])[None, :] < rank[:, None], v, 0.0) * scale[:, None]
-    y = jnp.einsum("tr,tro->to", v.astype(b.dtype), b[slot], preferred_element_type=jnp.float32)
+    live_rows = jnp.arange(a.shape[1])[None, :] < rank[:, None]                      # [T, R]
+    v = jnp.where(live_rows, v, 0.0) * scale[:, None]
+    # B rows past the rank too: pool rows there are whatever the pages hold (0 * NaN = NaN).
+    b_rows = jnp.where(live_rows[:, :, None], b[slot], 0)
+    y = jnp.einsum("tr,tro->to", v.astype(b.dtype), b_rows, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)                                                        # expand
 
 

@@ -1,0 +1,87 @@
+"""More distinct adapters than fit in the pool at once: swapping, pinning, runtime add/remove."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from lora_helpers import make_adapter, make_base, prompts, torch_greedy  # noqa: E402
+
+NUM_TOKENS = 16
+NUM_ADAPTERS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_pressure")
+    base = make_base(str(root / "base"), seed=5)
+    models = {f"a{i}": make_adapter(base, str(root / f"a{i}"), seed=100 + i, r=8, lora_alpha=16,
+                                    target_modules="all-linear") for i in range(NUM_ADAPTERS)}
+    from jaxserve.engine import EngineConfig, LLMEngine
+    # 74 usable pages: a rank-8 all-linear adapter takes 29, so two adapters plus ~4 requests'
+    # KV fit, three adapters never do.
+    engine = LLMEngine(EngineConfig(model=str(root / "base"), page_size=8, num_pages=75,
+                                    max_num_seqs=4, max_prefill_tokens=32, max_model_len=48,
+                                    max_loras=4, max_lora_rank=8))
+    for name in models:
+        engine.add_lora(name, str(root / name))
+    return root, base, models, engine
+
+
+def test_swap_under_pressure_all_correct_and_nothing_leaks(setup):
+    _, base, models, engine = setup
+    from jaxserve.sampling_params import SamplingParams
+    assert engine.loras.pages_needed("a0") == 29
+    names = [f"a{i % NUM_ADAPTERS}" for i in range(10)] + [None, None]
+    ps = prompts(len(names), seed=11, lo=4, hi=12)
+    sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+    for i, (p, a) in enumerate(zip(ps, names)):
+        engine.add_request(f"p{i}", p, sp, adapter=a)
+    cache = engine.scheduler.adapters
+    alloc = engine.scheduler.allocator
+    out, max_resident = {}, 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+        max_resident = max(max_resident, len(cache.resident))
+        # Pinned adapters are resident; pages are KV + adapters, never more than the pool.
+        assert all(cache.is_resident(s.adapter) for s in engine.scheduler.running if s.adapter)
+        kv = sum(len(s.block_table) for s in engine.scheduler.running)
+        assert kv + cache.num_pages_held == alloc.num_used
+    assert max_resident <= 2 and cache.num_evictions >= NUM_ADAPTERS - 2
+    for i, (p, a) in enumerate(zip(ps, names)):
+        ref, _ = torch_greedy(models[a] if a else base, p, NUM_TOKENS)
+        assert out[f"p{i}"] == ref, (i, a)
+    # Nothing pinned; only cached adapters hold pages; removing them frees the whole pool.
+    assert not cache._refs and alloc.num_used == cache.num_pages_held
+    for name in list(engine.list_loras()):
+        engine.remove_lora(name)
+    assert alloc.num_used == 0 and alloc.num_free == alloc.num_usable
+    assert engine.list_loras() == []
+    for name in models:   # re-register for the next test
+        engine.add_lora(name, str(setup[0] / name))
+
+
+def test_add_remove_while_running(setup):
+    root, base, models, engine = setup
+    from jaxserve.sampling_params import SamplingParams
+    sp = SamplingParams(max_tokens=NUM_TOKENS, temperature=0.0, ignore_eos=True)
+    p = prompts(2, seed=21, lo=4, hi=10)
+    engine.add_request("run-a1", p[0], sp, adapter="a1")
+    engine.step()
+    with pytest.raises(ValueError, match="in use"):
+        engine.remove_lora("a1")
+    engine.remove_lora("a2")                       # unused: fine while others run
+    with pytest.raises(ValueError, match="unknown adapter"):
+        engine.add_request("run-a2", p[1], sp, adapter="a2")
+    engine.add_lora("late", str(root / "a3"))      # added mid-run, used at once
+    engine.add_request("run-late", p[1], sp, adapter="late")
+    out = {}
+    while engine.has_unfinished():
+        out.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert out["run-a1"] == torch_greedy(models["a1"], p[0], NUM_TOKENS)[0]
+    assert out["run-late"] == torch_greedy(models["a3"], p[1], NUM_TOKENS)[0]
+    engine.remove_lora("a1")                       # finished now: removal allowed
+    assert "a1" not in engine.list_loras() and not engine.scheduler.adapters.is_resident("a1")
+

@@ -1,0 +1,110 @@
+"""Adapters the engine cannot serve exactly are refused with a clear message (store level: no
+device work), and the converter refuses the same ones without writing a checkpoint."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from lora_helpers import make_adapter, make_base  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_refuse")
+    base = make_base(str(root / "base"))
+    from jaxserve.loader import load_hf_dir
+    from jaxserve.lora.pool import PageLayout
+    from jaxserve.lora.store import LoraStore
+    cfg = load_hf_dir(str(root / "base")).config
+    store = LoraStore(cfg, PageLayout(cfg, 8, 64), max_pages=1000)
+    return root, base, store
+
+
+def _refused(env, name, match, **lora_kw):
+    root, base, store = env
+    make_adapter(base, str(root / name), seed=7, **lora_kw)
+    from jaxserve.lora.adapter import AdapterError
+    with pytest.raises(AdapterError, match=match):
+        store.add(name, str(root / name))
+    assert name not in store
+
+
+def test_dora_refused(env):
+    _refused(env, "dora", "DoRA", r=8, target_modules=["q_proj"], use_dora=True)
+
+
+def test_modules_to_save_refused(env):
+    _refused(env, "mts", "modules_to_save", r=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+
+
+def test_embedding_lora_refused(env):
+    _refused(env, "emb", "embed", r=8, target_modules=["embed_tokens", "q_proj"])
+
+
+def test_lora_bias_refused(env):
+    _refused(env, "bias", "bias", r=8, target_modules=["v_proj"], bias="lora_only")
+
+
+def test_rank_above_max_refused(env):
+    _refused(env, "big", "max_lora_rank", r=128, target_modules=["q_proj"])
+
+
+def test_shape_mismatch_refused(env, tmp_path):
+    """An adapter trained on a model with another hidden size."""
+    root, _, store = env
+    other = make_base(str(tmp_path / "other"), hidden_size=32, head_dim=4)
+    make_adapter(other, str(tmp_path / "wrong"), seed=1, r=8, target_modules=["q_proj", "down_proj"])
+    from jaxserve.lora.adapter import AdapterError
+    with pytest.raises(AdapterError, match=r"has shape \(\d+, \d+\), expected .*different base model"):
+        store.add("wrong", str(tmp_path / "wrong"))
+
+
+def test_config_lies_tensor_still_refused(env, tmp_path):
+    """A DoRA file whose config says use_dora=false: the magnitude tensor gives it away."""
+    root, base, store = env
+    make_adapter(base, str(tmp_path / "sneaky"), seed=2, r=8, target_modules=["q_proj"], use_dora=True)
+    cpath = tmp_path / "sneaky" / "adapter_config.json"
+    cfg = json.loads(cpath.read_text())
+    cfg["use_dora"] = False
+    cpath.write_text(json.dumps(cfg))
+    from jaxserve.lora.adapter import AdapterError
+    with pytest.raises(AdapterError, match="magnitude"):
+        store.add("sneaky", str(tmp_path / "sneaky"))
+
+
+def test_missing_and_unknown_dirs(env, tmp_path):
+    _, _, store = env
+    from jaxserve.lora.adapter import AdapterError
+    with pytest.raises(AdapterError, match="does not exist"):
+        store.add("x", str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        store.add("x", str(tmp_path / "empty"))
+
+
+def test_scaling_rules_parsed(env):
+    """rank_pattern / alpha_pattern / rsLoRA / layers_to_transform become per-layer numbers."""
+    root, base, store = env
+    make_adapter(base, str(root / "pat"), seed=3, r=4, lora_alpha=8, use_rslora=True,
+                 target_modules=["q_proj", "k_proj"], rank_pattern={"k_proj": 16},
+                 alpha_pattern={"q_proj": 2}, layers_to_transform=[1])
+    ad = store.add("pat", str(root / "pat"))
+    w = ad.weights
+    assert w.ranks[0].sum() == 0                       # layer 0 not transformed
+    assert list(w.ranks[1, :2]) == [4, 16]
+    np.testing.assert_allclose(w.scales[1, :2], [2 / 2.0, 8 / 4.0])   # alpha / sqrt(r)
+    assert w.a["k_proj"].shape == (2, 16, 64) and w.b["k_proj"].shape == (2, 16, 16)
+
+
+def test_converter_refuses_without_writing(env, tmp_path):
+    root, base, _ = env
+    make_adapter(base, str(tmp_path / "src" / "good"), seed=4, r=8, target_modules=["q_proj"])
+    make_adapter(base, str(tmp_path / "src" / "dora"), seed=5, r=8, target_modules=["q_proj"],
+                 use_dora=True)
+    from jaxserve.lora.convert import main
+    rc = main([str(tmp_path / "src"), str(tmp_path / "dst"), "--model", str(root / "base"), "--quiet"])
+    assert rc == 1
+    assert os.path.isdir(tmp_path / "dst" / "good") and not os.path.exists(tmp_path / "dst" / "dora")
