@@ -37,9 +37,11 @@ def bucket(n: int, cap: int, lo: int = 1) -> int:
 
 
 def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights, kv: KVPages,
-             step: StepInput, samp: SamplingInput, lora_impl: str = "xla"):
+             step: StepInput, samp: SamplingInput, lora_impl: str = "xla", logits_shardings=()):
     logits, kv = llama.forward(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret,
                                lora_impl=lora_impl)
+    for s in logits_shardings:   # tp: vocab-split logits, all-gathered once before sampling
+        logits = jax.lax.with_sharding_constraint(logits, s)
     tokens, logprobs = sample(logits, samp)
     return tokens, logprobs, kv
 
@@ -60,8 +62,6 @@ class ModelRunner:
         # Pallas on CPU can only run in interpret mode.
         self.interpret = (jax.default_backend() == "cpu") if interpret is None else interpret
         self.lora = lora   # jaxserve.lora.runtime.LoraRuntime, or None
-        if lora is not None and tp != 1:
-            raise ValueError("LoRA adapters are not supported with tensor parallelism yet (tp=1)")
         if tp == 1:
             self.mesh = None
             self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
@@ -75,8 +75,11 @@ class ModelRunner:
             self.kv = sharding.shard_kv(init_kv_pages(layout.config, num_pages, page_size, dtype),
                                         self.mesh)
             rep, kv_sh = sharding.replicated(self.mesh), sharding.kv_sharding(self.mesh, self.kv)
+            if lora is not None:   # S-LoRA's sharded LoRA (jaxserve/lora/tp.py), XLA path only
+                lora.mesh = self.mesh
             self._step = jax.jit(
-                functools.partial(_step_fn, layout.config, self.attn_impl, self.interpret),
+                functools.partial(_step_fn, layout.config, self.attn_impl, self.interpret,
+                                  logits_shardings=sharding.logits_shardings(self.mesh, cfg)),
                 in_shardings=(sharding.weight_shardings(layout.config, self.mesh), kv_sh, rep, rep),
                 out_shardings=(rep, rep, kv_sh), donate_argnums=(1,))
         self._seen_buckets: set[tuple] = set()

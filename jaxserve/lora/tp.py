@@ -148,9 +148,12 @@ def make_layer_lora_tp(cfg, lora, lora_idx, k_pool, v_pool, layer, ranks, scales
             v = jnp.einsum("th,tjh->tj", x, a[slot].astype(x.dtype),
                            preferred_element_type=jnp.float32)          # [T, rl] shrink
             rl = (rank + N - 1) // N
-            v = jnp.where(jnp.arange(RL)[None, :] < rl[:, None], v, 0.0) * scale[:, None]
+            live = jnp.arange(RL)[None, :] < rl[:, None]                  # [T, rl]
+            v = jnp.where(live, v, 0.0) * scale[:, None]
             v = lax.all_gather(v, TP, axis=1)                             # [T, N, rl]
-            y = jnp.einsum("tdj,tjdo->to", v, bb[slot].astype(jnp.float32))
+            # rows past the rank hold whatever the pages hold (0 * NaN = NaN): select, not scale
+            b_rows = jnp.where(live[:, :, None, None], bb[slot].astype(jnp.float32), 0.0)
+            y = jnp.einsum("tdj,tjdo->to", v, b_rows)
             return y.astype(x.dtype)                                      # [T, out/N]
         return jax.shard_map(f, mesh=mesh, out_specs=P(None, TP),
                              in_specs=(P(), kv_spec, kv_spec, P(), P(), P(), P(), P()))
@@ -165,9 +168,10 @@ def make_layer_lora_tp(cfg, lora, lora_idx, k_pool, v_pool, layer, ranks, scales
             slot, rank, scale = _token_slots(idx, rk, sc)
             v = jnp.einsum("ti,tji->tj", x, a[slot].astype(x.dtype),
                            preferred_element_type=jnp.float32)          # [T, r] partial shrink
-            v = jnp.where(jnp.arange(R)[None, :] < rank[:, None], v, 0.0) * scale[:, None]
-            v = lax.psum(v, TP)                                           # all-reduce [T, r]
-            y = jnp.einsum("tj,tjo->to", v, bb[slot].astype(jnp.float32))   # [T, H/N]
+            live = jnp.arange(R)[None, :] < rank[:, None]                 # [T, r]
+            v = lax.psum(jnp.where(live, v, 0.0) * scale[:, None], TP)   # all-reduce [T, r]
+            b_rows = jnp.where(live[:, :, None], bb[slot].astype(jnp.float32), 0.0)
+            y = jnp.einsum("tj,tjo->to", v, b_rows)                       # [T, H/N]
             off = lax.axis_index(TP) * (dout // N)
             mine = lax.dynamic_slice_in_dim(partial, off, dout // N, axis=1) + y
             partial = lax.dynamic_update_slice_in_dim(partial, mine, off, axis=1)
