@@ -44,13 +44,8 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "pages": None,
     "page_size": None,
-    # LoRA stacks (see jaxserve/lora): A of a column-parallel projection is split on its rank
-    # ("lora_rank_split"); every other rank axis stays whole. B of a row-parallel projection is
-    # split on its output, the hidden size ("lora_embed"), unlike the base model's embed axis.
-    "adapters": None,
-    "lora_rank": None,
-    "lora_rank_split": TP,
-    "lora_embed": TP,
+    # LoRA weights live in KV pages, so they follow "kv_heads"; how an adapter is cut across a
+    # page's per-device slices (S-LoRA's split) is in jaxserve/lora/tp.py.
 }
 
 

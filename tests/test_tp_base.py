@@ -1,7 +1,9 @@
 """Tensor parallelism on simulated CPU devices: the base model.
 
 Each check runs tests/tp_check.py in a subprocess (the device count is fixed at JAX start-up);
-the module starts them all at once so their compiles overlap.
+the module starts them all at once so their compiles overlap. The default model runs at tp=8
+in test_tp_lora.py (a base-model request mixed with three adapters' requests), which keeps the
+whole TP set near the 4-minute budget on 2 cores.
 Tolerances: greedy tokens identical to tp=1; logits (and the sampled tokens' log-probabilities)
 within 3e-5 x the largest |logit| (f32; sharded matmuls and all-reduces only reorder sums:
 observed 1.4e-6 on the tiny models' logits of magnitude 2.4, 7e-5 on the default model's 33).
@@ -13,7 +15,6 @@ from tp_procs import result, start_all, stop_all
 REL_TOL = 3e-5
 CHECKS = [("greedy", "--model", "tiny9", "--tp", "2", "4", "8"),
           ("greedy", "--model", "tiny8", "--tp", "4", "8"),
-          ("greedy", "--model", "default", "--tp", "4", "--max-tokens", "4"),
           ("hlo", "--model", "tiny9", "--tp", "2", "8", "--batch", "4")]
 
 
@@ -73,16 +74,11 @@ def test_tiny_greedy_matches_tp1_replicated_kv_heads():
         (8, 4), (8, 8)]
 
 
-def test_default_model_greedy_matches_tp1():
-    """The real default model (SmolLM2-135M) at tp=4 (tp=8 with adapters: test_tp_lora.py)."""
-    assert_matches_tp1(result(*CHECKS[2]), (4,))
-
-
 def test_decode_step_collectives():
     """One decode step: the embedding's all-reduce, then per layer (the scan body appears once in
     HLO) one all-reduce after o and one after down, all [batch, 1, hidden]; one all-gather of the
     [batch, vocab] logits. Nothing else: no weight or KV-pool gathers."""
-    res = result(*CHECKS[3])
+    res = result(*CHECKS[2])
     for tp in (2, 8):
         H, V = res[f"tp{tp}"]["hidden"], res[f"tp{tp}"]["vocab"]
         assert res[f"tp{tp}"]["collectives"] == sorted(

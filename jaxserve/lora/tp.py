@@ -28,7 +28,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxserve.lora.adapter import MODULES, LoraAdapter, module_dims
 from jaxserve.lora.pool import PageLayout
-from jaxserve.sharding import TP, HeadLayout, relayout
+from jaxserve.model.kv_cache import KV_AXES
+from jaxserve.sharding import TP, HeadLayout, relayout, spec
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
@@ -136,7 +137,7 @@ def make_layer_lora_tp(cfg, lora, lora_idx, k_pool, v_pool, layer, ranks, scales
     lora_proj(module, x [B, T, in], w, b) -> [B, T, out], the base projection plus LoRA."""
     mesh = lora.mesh
     N = mesh.shape[TP]
-    kv_spec = P(None, TP, None, None, None)
+    kv_spec = spec(KV_AXES)   # adapter pages are KV pages: split on kv_heads
 
     def column(mi, din, dout):
         RL = math.ceil(lora.max_rank / N)
