@@ -106,7 +106,7 @@ def run_bench(args) -> int:
     hf = None
     for B in batch_sizes:
         cfg = dataclasses.replace(base_cfg, max_num_seqs=B, max_model_len=max(max_len, 64),
-                                  max_prefill_tokens=max(args.input_len, 16),
+                                  max_prefill_tokens=max(base_cfg.max_prefill_tokens, args.input_len),
                                   num_pages=B * (-(-max_len // base_cfg.page_size)) + 2)
         engine = LLMEngine(cfg, model=engine.model if engine else None)
         n = args.num_prompts or B

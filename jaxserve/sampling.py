@@ -21,30 +21,43 @@ class SamplingInput:
     counters: jax.Array      # [B] int32: output tokens generated so far
 
 
+MAX_CANDIDATES = 1024  # top-k / top-p look at the 1024 most likely tokens (see below)
+
+
+def _draw(seeds, counters, logits):
+    """One categorical draw per row, keyed by (seed, counter) so rows are batch-independent."""
+    def draw(seed, counter, row):
+        return jax.random.categorical(jax.random.fold_in(jax.random.key(seed), counter), row)
+    return jax.vmap(draw)(seeds, counters, logits).astype(jnp.int32)
+
+
 def _filtered_sample(logits, s: SamplingInput):
+    """Temperature, then top-k and top-p, then a draw.
+
+    A full-vocabulary sort costs ~300 ms for 32 rows of 49k logits on a 2-core CPU; top-k and
+    top-p are computed on the MAX_CANDIDATES largest logits instead (lax.top_k, ~15 ms). This is
+    exact for top_k <= MAX_CANDIDATES and for nuclei within the top MAX_CANDIDATES tokens (top-p
+    mass is measured against the full distribution); a wider nucleus is cut at that many tokens.
+    Rows with neither filter draw from the full vocabulary.
+    """
     V = logits.shape[-1]
+    C = min(V, MAX_CANDIDATES)
     temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
     scaled = logits / temp
-    sorted_desc = -jnp.sort(-scaled, axis=-1)                                  # [B, V]
-    # top-k: keep logits >= the k-th largest.
-    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    # top-p over the top-k survivors: keep the smallest prefix whose mass reaches p.
-    ranks = jnp.arange(V)[None, :]
-    masked_sorted = jnp.where(ranks < k[:, None], sorted_desc, -jnp.inf)
-    probs = jax.nn.softmax(masked_sorted, axis=-1)
+    cand, cand_idx = jax.lax.top_k(scaled, C)                                  # sorted, [B, C]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, C), C)
+    ranks = jnp.arange(C)[None, :]
+    probs = jnp.exp(cand - jax.nn.logsumexp(scaled, axis=-1, keepdims=True))   # full-vocab mass
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (mass_before < s.top_p[:, None]) & (ranks < k[:, None])
-    num_keep = jnp.maximum(keep_sorted.sum(-1), 1)
-    pth = jnp.take_along_axis(sorted_desc, (num_keep - 1)[:, None], axis=-1)
-    cutoff = jnp.maximum(kth, pth)
-    filtered = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-
-    def draw(seed, counter, row):
-        key = jax.random.fold_in(jax.random.key(seed), counter)
-        return jax.random.categorical(key, row)
-
-    sampled = jax.vmap(draw)(s.seeds, s.counters, filtered)
+    keep = (ranks < k[:, None]) & (mass_before < s.top_p[:, None])
+    keep = keep.at[:, 0].set(True)
+    filtered = jnp.where(keep, cand, -jnp.inf)
+    from_cands = jnp.take_along_axis(cand_idx, _draw(s.seeds, s.counters, filtered)[:, None], axis=-1)[:, 0]
+    is_filtered = (s.top_k > 0) | (s.top_p < 1.0)
+    full = jax.lax.cond(jnp.any(~is_filtered & (s.temperature > 0)),
+                        lambda: _draw(s.seeds, s.counters, scaled),
+                        lambda: jnp.zeros(logits.shape[:1], jnp.int32))
+    sampled = jnp.where(is_filtered, from_cands, full)
     return jnp.where(s.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
@@ -56,6 +69,5 @@ def sample(logits, s: SamplingInput):
         jnp.all(s.temperature == 0),
         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
         lambda: _filtered_sample(logits, s))
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)

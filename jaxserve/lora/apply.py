@@ -66,5 +66,6 @@ def make_layer_lora(cfg, lora: LoraBatch, lora_idx, k_pool, v_pool, layer, ranks
     def lora_proj(module: str, x, w, b=None):
         y, d = base(x, w, b), delta(module, x)
         return y if d is None else y + d
+    lora_proj.delta = delta   # for fused base projections (model/llama.py)
     return lora_proj
 

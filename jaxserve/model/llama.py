@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig, rope_inv_freq
+from jaxserve.lora.adapter import module_dims
 from jaxserve.lora.apply import make_layer_lora
 from jaxserve.model.attention import paged_attention, write_kv
 from jaxserve.model.kv_cache import KVPages, StepInput
@@ -55,11 +56,31 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
     def proj(module, inp, w, b=None):
         return _proj(inp, w, b) if lora_proj is None else lora_proj(module, inp, w, b)
 
+    def fused(modules, inp, w, biases):
+        """One matmul for several projections (see weights.fuse_projections), then per part
+        its bias and LoRA delta."""
+        y = _proj(inp, w)
+        outs, start = [], 0
+        for module, b in zip(modules, biases):
+            size = module_dims(cfg, module)[1]
+            o = y[..., start:start + size]
+            start += size
+            if b is not None:
+                o = o + b.astype(o.dtype)
+            d = None if lora_proj is None else lora_proj.delta(module, inp)
+            outs.append(o if d is None else o + d)
+        return outs
+
     with jax.named_scope("attention"):
         h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-        q = proj("q_proj", h, lw.wq, lw.bq).reshape(B, T, cfg.num_heads, D)
-        k = proj("k_proj", h, lw.wk, lw.bk).reshape(B, T, cfg.num_kv_heads, D)
-        v = proj("v_proj", h, lw.wv, lw.bv).reshape(B, T, cfg.num_kv_heads, D)
+        if lw.wqkv is not None:
+            q, k, v = fused(("q_proj", "k_proj", "v_proj"), h, lw.wqkv, (lw.bq, lw.bk, lw.bv))
+        else:
+            q, k, v = (proj("q_proj", h, lw.wq, lw.bq), proj("k_proj", h, lw.wk, lw.bk),
+                       proj("v_proj", h, lw.wv, lw.bv))
+        q = q.reshape(B, T, cfg.num_heads, D)
+        k = k.reshape(B, T, cfg.num_kv_heads, D)
+        v = v.reshape(B, T, cfg.num_kv_heads, D)
         q = apply_rope(q, step.positions, inv_freq)
         k = apply_rope(k, step.positions, inv_freq)
         k_pool, v_pool = write_kv(k_pool, v_pool, k.reshape(B * T, cfg.num_kv_heads, D),
@@ -71,8 +92,10 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
         x = x + proj("o_proj", attn.reshape(B, T, cfg.q_size), lw.wo, lw.bo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-        g = proj("gate_proj", h, lw.w_gate)
-        u = proj("up_proj", h, lw.w_up)
+        if lw.w_gate_up is not None:
+            g, u = fused(("gate_proj", "up_proj"), h, lw.w_gate_up, (None, None))
+        else:
+            g, u = proj("gate_proj", h, lw.w_gate), proj("up_proj", h, lw.w_up)
         x = x + proj("down_proj", jax.nn.silu(g) * u, lw.w_down)
     return (x, k_pool, v_pool), None
 
@@ -90,8 +113,9 @@ def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPag
 
 
 def lm_head(weights: Weights, h):
-    w = weights.embed.T if weights.lm_head is None else weights.lm_head
-    return jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
+    if weights.lm_head is None:  # tied: contract with the embedding's hidden axis, no transpose
+        return jnp.einsum("...h,vh->...v", h, weights.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,hv->...v", h, weights.lm_head, preferred_element_type=jnp.float32)
 
 
 def forward(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPages, *,

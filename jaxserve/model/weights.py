@@ -20,18 +20,21 @@ from jaxserve.config import ModelConfig
 @dataclass
 class LayerWeights:
     attn_norm: jax.Array       # [L, H]
-    wq: jax.Array              # [L, H, Hq*D]
-    wk: jax.Array              # [L, H, Hkv*D]
-    wv: jax.Array              # [L, H, Hkv*D]
+    wq: jax.Array | None       # [L, H, Hq*D]   (None once fused into wqkv)
+    wk: jax.Array | None       # [L, H, Hkv*D]
+    wv: jax.Array | None       # [L, H, Hkv*D]
     wo: jax.Array              # [L, Hq*D, H]
     mlp_norm: jax.Array        # [L, H]
-    w_gate: jax.Array          # [L, H, I]
-    w_up: jax.Array            # [L, H, I]
+    w_gate: jax.Array | None   # [L, H, I]      (None once fused into w_gate_up)
+    w_up: jax.Array | None     # [L, H, I]
     w_down: jax.Array          # [L, I, H]
     bq: jax.Array | None = None  # [L, Hq*D]  (Qwen2, attention_bias)
     bk: jax.Array | None = None  # [L, Hkv*D]
     bv: jax.Array | None = None  # [L, Hkv*D]
     bo: jax.Array | None = None  # [L, H]     (Llama attention_bias)
+    # Derived by fuse_projections (single device): one matmul instead of three / two.
+    wqkv: jax.Array | None = None       # [L, H, Hq*D + 2*Hkv*D]
+    w_gate_up: jax.Array | None = None  # [L, H, 2*I]
 
 
 @jax.tree_util.register_dataclass
@@ -106,6 +109,22 @@ def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float =
         return jnp.asarray(a, dtype)
 
     return build(cfg, make)
+
+
+def fuse_projections(weights: Weights) -> Weights:
+    """Concatenate q|k|v and gate|up along their outputs (and drop the parts).
+
+    Fewer, wider matmuls: on a 2-core CPU at batch 64 the layer matmuls run ~1.6x faster.
+    Only for an unsharded model; tensor parallelism shards the separate projections.
+    """
+    lw = weights.layers
+    if lw.wqkv is not None:
+        return weights
+    fused = dataclasses.replace(
+        lw, wqkv=jnp.concatenate([lw.wq, lw.wk, lw.wv], axis=-1),
+        w_gate_up=jnp.concatenate([lw.w_gate, lw.w_up], axis=-1),
+        wq=None, wk=None, wv=None, w_gate=None, w_up=None)
+    return dataclasses.replace(weights, layers=fused)
 
 
 def cast(weights: Weights, dtype) -> Weights:
