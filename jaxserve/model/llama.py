@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.lora.adapter import module_dims
-from jaxserve.lora.apply import make_layer_lora
+from jaxserve.lora.apply import gather_all_layers, make_layer_lora
 from jaxserve.model.attention import paged_attention, write_kv
 from jaxserve.model.kv_cache import KVPages, StepInput
 from jaxserve.model.weights import LayerWeights, Weights
@@ -107,7 +107,11 @@ def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPag
     inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
     body = functools.partial(_layer, cfg, attn_impl, interpret, inv_freq, step, lora_impl=lora_impl)
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    lora_xs = None if step.lora is None else (step.lora.ranks, step.lora.scales)
+    lora_xs = None
+    if step.lora is not None:
+        lora_xs = (step.lora.ranks, step.lora.scales)
+        if step.lora.mesh is None:   # single device: adapter weights read once, before the scan
+            lora_xs += (gather_all_layers(cfg, step.lora, kv.k, kv.v),)
     (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers, lora_xs))
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), KVPages(k=k, v=v)
 
