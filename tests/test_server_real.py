@@ -217,3 +217,50 @@ def test_fuzz_real_tokenizer_and_template_no_5xx(srv, kind, text, role, extra):
         path, body = "/generate", {"inputs": text, "parameters": {"max_new_tokens": 1, **extra}}
     st_, b = http(srv.url, path, body, timeout=120)
     assert st_ < 500, (body, b)
+
+
+def _write_peft_adapter(path, cfg, rank=8, seed=0):
+    """A PEFT-format LoRA adapter (q_proj, v_proj) for the default model, written directly in
+    PEFT's file layout (adapter_config.json + adapter_model.safetensors)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    tensors = {}
+    for i in range(cfg.num_layers):
+        for mod, out in (("q_proj", cfg.q_size), ("v_proj", cfg.kv_size)):
+            key = f"base_model.model.model.layers.{i}.self_attn.{mod}"
+            tensors[f"{key}.lora_A.weight"] = (rng.normal(size=(rank, cfg.hidden_size)) / 24).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.normal(size=(out, rank)) * 0.5).astype(np.float32)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
+        "bias": "none", "task_type": "CAUSAL_LM"}))
+
+
+def test_adapter_selected_by_model_name(srv, client, tmp_path):
+    path = tmp_path / "sql"
+    _write_peft_adapter(path, srv.engine.model_config)
+    from server.context import CTX_KEY
+    from server.lora import load_adapter
+    # What --lora-modules does at start-up (the HTTP load endpoint needs --lora-root, tested
+    # with the fake engine).
+    srv.on_loop(load_adapter(srv.app[CTX_KEY], "sql", str(path)))
+    try:
+        listed = {m.id: m for m in client.models.list().data}
+        assert "sql" in listed and listed["sql"].parent == srv.model
+        kw = dict(prompt=PROMPT, max_tokens=8, temperature=0)
+        base = client.completions.create(model=srv.model, **kw).choices[0].text
+        by_name = client.completions.create(model="sql", **kw).choices[0].text
+        by_pair = client.completions.create(model=f"{srv.model}:sql", **kw).choices[0].text
+        streamed = "".join(c.choices[0].text for c in client.completions.create(model="sql", stream=True, **kw))
+        ref = srv.on_loop(srv.async_engine.call(
+            lambda e: e.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0), adapter="sql")[0]))
+        assert by_name == by_pair == streamed == ref.text
+        assert by_name != base      # the adapter really changes the output
+    finally:
+        st_, body = http(srv.url, "/v1/unload_lora_adapter", {"lora_name": "sql"})
+        assert st_ == 200, body
+    assert "sql" not in {m.id for m in client.models.list().data}
+    stats = srv.stats()
+    assert stats["num_free_pages"] == stats["num_total_pages"]
