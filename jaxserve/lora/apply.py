@@ -3,8 +3,9 @@
 `gathered_lora` keeps the Pallas kernels' interface (pallas_kernels/lora.py): a [S, R, in] rows
 of A, b [S, R, out] B transposed, ranks/scales [S], idx [T] (-1 = base model, adds zero). The
 XLA path (lora_by_slot_xla) multiplies every token by the batch's few slots densely and keeps
-each token's own slot (faster on CPU than per-token gathers, gathered_lora_xla, which stays as
-the reference); the Pallas kernels gather. Rows at or past a slot's rank are masked.
+each token's own slot (faster on CPU than per-token gathers: pallas_kernels.lora's
+lora_shrink/lora_expand and gathered_lora_ref); the Pallas kernels gather. Rows at or past a
+slot's rank are masked.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def lora_by_slot_xla(x, a, b, idx, ranks, scales):
 
     S (distinct adapters in one batch, at most max_loras) is small, so the extra
     T*S*R*(in+out) FLOPs are a few percent of the base projections, whereas per-token gathers
-    of A and B rows (gathered_lora_xla) are batched mat-vecs that XLA:CPU runs slowly.
+    of A and B rows (pallas_kernels.lora.lora_shrink/expand) are batched mat-vecs that XLA:CPU
+    runs slowly.
     """
     S, R, _ = a.shape
     live = jnp.arange(R)[None, :] < ranks[:, None]                            # [S, R]
@@ -34,20 +36,6 @@ def lora_by_slot_xla(x, a, b, idx, ranks, scales):
     v = jnp.where(own[:, :, None], v * scales[None, :, None], 0.0)
     y = jnp.einsum("tsr,sro->to", v.astype(b.dtype), b, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
-
-
-def gathered_lora_xla(x, a, b, idx, ranks, scales):
-    live = idx >= 0
-    slot = jnp.where(live, idx, 0)
-    rank = jnp.where(live, ranks[slot], 0)
-    scale = jnp.where(live, scales[slot], 0.0)
-    v = jnp.einsum("th,trh->tr", x, a[slot], preferred_element_type=jnp.float32)   # shrink
-    live_rows = jnp.arange(a.shape[1])[None, :] < rank[:, None]                      # [T, R]
-    v = jnp.where(live_rows, v, 0.0) * scale[:, None]
-    # B rows past the rank too: pool rows there are whatever the pages hold (0 * NaN = NaN).
-    b_rows = jnp.where(live_rows[:, :, None], b[slot], 0)
-    y = jnp.einsum("tr,tro->to", v.astype(b.dtype), b_rows, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)                                                        # expand
 
 
 def gathered_lora(x, a, b, idx, ranks, scales, *, impl: str = "xla", interpret: bool = False):
