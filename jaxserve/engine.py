@@ -53,7 +53,9 @@ class EngineConfig:
     seed: int = 0
     tp: int = 1                       # tensor-parallel degree (devices in the mesh)
     # LoRA: adapters share the KV pool's pages (jaxserve/lora/pool.py)
-    max_loras: int = 4                # distinct adapters in one batch (the step's adapter slots)
+    # distinct adapters in one batch; None = no cap (a step's cost does not depend on it: each
+    # batch row has its own adapter slot, jaxserve/lora/runtime.py)
+    max_loras: int | None = None
     max_lora_rank: int = 64           # largest adapter rank accepted (rows gathered per slot)
     lora_max_pages: int | None = None  # cap on pool pages adapters may hold; None = any free page
     lora_impl: str = "xla"            # xla | pallas (gathered LoRA kernels)
@@ -65,7 +67,7 @@ class EngineConfig:
             object.__setattr__(self, "fair_weights", tuple(sorted(self.fair_weights.items())))
         for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp",
                   "max_loras", "max_lora_rank"):
-            if getattr(self, f) <= 0:
+            if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
         if self.lora_impl not in ("xla", "pallas"):
             raise ValueError(f"lora_impl must be xla or pallas, got {self.lora_impl!r}")
@@ -103,7 +105,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
             max_model_len=self.max_model_len, dtype=dtype, attention_impl=config.attention_impl,
             tp=config.tp,
-            lora=(LoraRuntime(self.loras, config.max_loras, config.lora_impl)
+            lora=(LoraRuntime(self.loras, config.lora_impl)
                   if self.loras is not None else None))
         self.scheduler = Scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,

@@ -85,3 +85,32 @@ def test_add_remove_while_running(setup):
     engine.remove_lora("a1")                       # finished now: removal allowed
     assert "a1" not in engine.list_loras() and not engine.scheduler.adapters.is_resident("a1")
 
+
+
+def test_step_shape_does_not_depend_on_distinct_adapters(setup):
+    """One slot per batch row: a batch mixing 3 adapters and the base model builds the same
+    program inputs (shapes, static fields) as a batch using one adapter, so the number of
+    distinct adapters never selects a different (or more costly) compiled step."""
+    from types import SimpleNamespace
+
+    import jax
+    root, engine = setup[0], setup[3]
+    for name in ("a0", "a1", "a2"):
+        if name not in engine.list_loras():
+            engine.add_lora(name, str(root / name))
+    n = engine.loras.pages_needed("a0")
+
+    def plan(names):
+        distinct = [a for a in dict.fromkeys(names) if a]
+        pages = {a: list(range(1 + i * n, 1 + (i + 1) * n)) for i, a in enumerate(distinct)}
+        return SimpleNamespace(adapter_pages=pages, seqs=[SimpleNamespace(adapter=a) for a in names],
+                               num_new_tokens=[1] * len(names))
+
+    idx1, one = engine.runner.lora.build(plan(["a0"] * 4), 4, 1)
+    idx2, mixed = engine.runner.lora.build(plan(["a0", "a1", "a2", None]), 4, 1)
+    shapes = lambda b: jax.tree.map(lambda x: x.shape, b)  # noqa: E731
+    assert shapes(one) == shapes(mixed)
+    assert (one.modules, one.max_rank) == (mixed.modules, mixed.max_rank) == (one.modules, 8)
+    assert idx1.tolist() == [0, 1, 2, 3] and idx2.tolist() == [0, 1, 2, -1]
+    assert (mixed.ranks[:, :, 3] == 0).all() and (mixed.ranks[:, :, :3] == 8).all()
+    assert mixed.pages[0][1, 0] == 1 + n and (mixed.pages[0][3] == 0).all()

@@ -1,11 +1,11 @@
-"""Gathered multi-LoRA inside the layer: y += scale_s * (x A_s^T) B_s with s = each token's slot.
+"""Multi-LoRA inside the layer: y += scale_i * (x A_i^T) B_i, with i the adapter of each row.
 
-`gathered_lora` keeps the Pallas kernels' interface (pallas_kernels/lora.py): a [S, R, in] rows
-of A, b [S, R, out] B transposed, ranks/scales [S], idx [T] (-1 = base model, adds zero). The
-XLA path (lora_by_slot_xla) multiplies every token by the batch's few slots densely and keeps
-each token's own slot (faster on CPU than per-token gathers: pallas_kernels.lora's
-lora_shrink/lora_expand and gathered_lora_ref); the Pallas kernels gather. Rows at or past a
-slot's rank are masked.
+The runner gives every batch row its own slot (jaxserve/lora/runtime.py), so the XLA path
+(`lora_by_row_xla`) is a batched shrink and expand over rows: its cost is that of one adapter
+per row whatever the number of distinct adapters in the batch. The Pallas kernels
+(pallas_kernels/lora.py) keep the gathered interface: a [S, R, in] rows of A, b [S, R, out] B
+transposed, ranks/scales [S], idx [T] per token (-1 = base model, adds zero); the runner's
+rows are their slots. Rows at or past a slot's rank (zeros, or null-page garbage) are masked.
 """
 from __future__ import annotations
 
@@ -18,33 +18,37 @@ from jaxserve.lora.pool import LoraBatch, gather_slots
 IMPLS = ("xla", "pallas")
 
 
-def lora_by_slot_xla(x, a, b, idx, ranks, scales):
-    """The CPU path: every token against every slot's A in one dense matmul, then each token
-    keeps only its own slot's row before the expand.
+def _mask_rows(a, b, ranks):
+    live = jnp.arange(a.shape[1])[None, :] < ranks[:, None]                   # [S, R]
+    return jnp.where(live[:, :, None], a, 0), jnp.where(live[:, :, None], b, 0)
 
-    S (distinct adapters in one batch, at most max_loras) is small, so the extra
-    T*S*R*(in+out) FLOPs are a few percent of the base projections, whereas per-token gathers
-    of A and B rows (pallas_kernels.lora.lora_shrink/expand) are batched mat-vecs that XLA:CPU
-    runs slowly.
+
+def lora_by_row_xla(x, a, b, ranks, scales):
+    """x [B, T, in]; a [B, R, in], b [B, R, out], ranks/scales [B] for each row -> [B, T, out].
+
+    A base-model row has rank 0 and gets exactly zero. Shrink is a batched matmul over rows;
+    the expand is a batched matmul for decode (T == 1) and a multiply-reduce over the few rank
+    rows for prefill, where XLA:CPU's batched dot with an 8..64-wide contraction ran 2-4x slower
+    (measured at B=8, T=64 and B=4, T=256, ranks 8 and 16).
     """
-    S, R, _ = a.shape
-    live = jnp.arange(R)[None, :] < ranks[:, None]                            # [S, R]
-    a = jnp.where(live[:, :, None], a, 0)           # rows past rank may hold NaN garbage
-    b = jnp.where(live[:, :, None], b, 0)
-    v = jnp.einsum("th,srh->tsr", x, a, preferred_element_type=jnp.float32)    # [T, S, R]
-    own = idx[:, None] == jnp.arange(S)[None, :]                              # [T, S]; -1: none
-    v = jnp.where(own[:, :, None], v * scales[None, :, None], 0.0)
-    y = jnp.einsum("tsr,sro->to", v.astype(b.dtype), b, preferred_element_type=jnp.float32)
+    a, b = _mask_rows(a, b, ranks)
+    v = jnp.einsum("btf,brf->btr", x, a.astype(x.dtype), preferred_element_type=jnp.float32)
+    v = v * scales[:, None, None]
+    if x.shape[1] == 1:
+        y = jnp.einsum("btr,bro->bto", v, b.astype(jnp.float32))
+    else:
+        y = (v[..., None] * b.astype(jnp.float32)[:, None]).sum(axis=-2)
     return y.astype(x.dtype)
 
 
 def gathered_lora(x, a, b, idx, ranks, scales, *, impl: str = "xla", interpret: bool = False):
-    if impl == "xla":
-        return lora_by_slot_xla(x, a, b, idx, ranks, scales)
-    if impl == "pallas":
-        from pallas_kernels.lora import gathered_lora as kernel
-        return kernel(x, a, b, idx, ranks, scales, impl="pallas", interpret=interpret)
-    raise ValueError(f"LoRA impl must be one of {IMPLS}, got {impl!r}")
+    """Per-token gathered LoRA on flat tokens x [T, in] (the Pallas kernels' interface; impl
+    "xla" is pallas_kernels.lora's plain per-token gather)."""
+    if impl not in IMPLS:
+        raise ValueError(f"LoRA impl must be one of {IMPLS}, got {impl!r}")
+    from pallas_kernels.lora import gathered_lora as kernel
+    a, b = _mask_rows(a, b, ranks)
+    return kernel(x, a, b, idx, ranks, scales, impl=impl, interpret=interpret)
 
 
 def gather_all_layers(cfg, lora: LoraBatch, k_pool, v_pool) -> tuple:
@@ -87,8 +91,10 @@ def make_layer_lora(cfg, lora: LoraBatch, lora_idx, k_pool, v_pool, layer, ranks
             return None
         mi = lora.modules.index(module)
         din, dout = module_dims(cfg, module)
-        a, b = slot_weights[module]
+        a, b = slot_weights[module]                 # one slot per batch row: [B, R, in/out]
         B, T, _ = x.shape
+        if impl == "xla":
+            return lora_by_row_xla(x, a, b, ranks[mi], scales[mi])
         y = gathered_lora(x.reshape(B * T, din), a.astype(x.dtype), b.astype(x.dtype), lora_idx,
                           ranks[mi], scales[mi], impl=impl, interpret=interpret)
         return y.reshape(B, T, dout)

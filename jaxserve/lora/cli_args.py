@@ -11,7 +11,8 @@ def add_lora_arguments(p: argparse.ArgumentParser, per_request: bool = True) -> 
     if per_request:
         g.add_argument("--adapter", default=None, metavar="NAME",
                        help="adapter to generate with (one registered with --lora)")
-    g.add_argument("--max-loras", type=int, default=4, help="distinct adapters in one batch")
+    g.add_argument("--max-loras", type=int, default=None,
+                   help="cap on distinct adapters in one batch (default: none)")
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--lora-max-pages", type=int, default=None,
                    help="cap on KV-pool pages adapters may hold (default: any free page)")

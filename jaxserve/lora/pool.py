@@ -12,10 +12,12 @@ Consequences: memory held by adapters is exactly memory not available to KV (one
 separate adapter heap, no fragmentation beyond one partial page per projection); row widths of
 any size (GQA K/V, MLP) pack the same way; admission needs only page counts (plain Python).
 
-Per step, the runner gives each distinct adapter of the batch a slot s and, per projection, its
-page list `pages[s]` padded with the null page 0 to the pages a `max_rank` projection needs; the
-layer gathers those pages into dense `[S, max_rank, in]` / `[S, max_rank, out]` stacks. Rows past
-an adapter's rank (zeros, or null-page garbage) are masked by its rank inside `gathered_lora`.
+Per step, the runner gives each batch row a slot holding its sequence's adapter (or none), and,
+per projection, the row's page list padded with the null page 0 to the pages a rank-R projection
+needs, R = the step's largest rank rounded up to a power of two. The layers gather those pages
+into dense `[B, R, in]` / `[B, R, out]` stacks; rows past an adapter's rank (zeros, or null-page
+garbage) are masked by its rank. The step's shapes, and so its program and cost, depend on the
+batch and R, never on how many distinct adapters the batch mixes.
 """
 from __future__ import annotations
 
@@ -36,12 +38,12 @@ from jaxserve.model.kv_cache import KVPages
                    meta_fields=["modules", "max_rank", "mesh"])
 @dataclass
 class LoraBatch:
-    """Adapter slots of one step (S = distinct adapters, padded to a bucket)."""
-    pages: tuple          # per module in `modules`: [S, pages_per_slot(m)] int32 pool pages
+    """Adapter slots of one step (S = batch rows, one slot each; see jaxserve/lora/runtime.py)."""
+    pages: tuple          # per module in `modules`: [S, pages_for_rank(m, max_rank)] int32
     ranks: jax.Array      # [L, len(modules), S] int32 (0 for empty slots)
     scales: jax.Array     # [L, len(modules), S] float32
     modules: tuple = field(default=())   # static: projections some adapter of the step adapts
-    max_rank: int = 0                    # static: rows gathered per slot
+    max_rank: int = 0                    # static: rows gathered per slot (the step's rank bucket)
     mesh: object = None                  # static: the tp Mesh when sharded (jaxserve/lora/tp.py)
 
 
@@ -62,9 +64,6 @@ class PageLayout:
 
     def pages_for_rank(self, module: str, rank: int) -> int:
         return math.ceil(rank * self.width(module) / self.page_elems)
-
-    def pages_per_slot(self, module: str) -> int:
-        return self.pages_for_rank(module, self.max_rank)
 
     def module_pages(self, adapter: LoraAdapter) -> dict[str, int]:
         return {m: self.pages_for_rank(m, adapter.weights.a[m].shape[1]) for m in adapter.modules}

@@ -21,10 +21,9 @@ def _pow2(n: int) -> int:
 
 
 class LoraRuntime:
-    def __init__(self, store: LoraStore, max_slots: int, impl: str = "xla"):
+    def __init__(self, store: LoraStore, impl: str = "xla"):
         self.store = store
         self.layout = store.layout
-        self.max_slots = max_slots          # distinct adapters in one step
         self.impl = impl
         self.num_pages_written = 0
         self.mesh = None                    # set by a tensor-parallel runner
@@ -50,33 +49,42 @@ class LoraRuntime:
 
     # -- a step's slots ---------------------------------------------------------------------
     def build(self, plan, B: int, T: int):
-        """(lora_idx [B*T] int32, LoraBatch) for the plan, or (None, None) with no adapter."""
+        """(lora_idx [B*T] int32, LoraBatch) for the plan, or (None, None) with no adapter.
+
+        One slot per batch row (S = B): row i's slot holds its sequence's adapter, or nothing
+        (rank 0) for a base-model row. The step's program therefore depends on the batch shape,
+        the adapted modules and the rank bucket only, never on how many distinct adapters the
+        batch mixes: 1 or 64 adapters in a batch of 64 run the same program at the same cost.
+        Rows sharing an adapter read its pages twice (a few MB per step at rank 8).
+        The rank bucket R is the smallest power of two >= the largest rank in the step (at most
+        max_lora_rank): only R rows per slot are gathered and multiplied.
+        """
         names = list(plan.adapter_pages)
         if not names:
             return None, None
-        if len(names) > self.max_slots:
-            raise RuntimeError(f"{len(names)} adapters in one step, max_loras={self.max_slots}")
-        S = min(_pow2(len(names)), _pow2(self.max_slots))
-        slot_of = {n: i for i, n in enumerate(names)}
-        adapters = [self.store.get(n) for n in names]
-        modules = tuple(m for m in MODULES if any(m in a.weights.a for a in adapters))
+        adapters = {n: self.store.get(n) for n in names}
+        modules = tuple(m for m in MODULES if any(m in a.weights.a for a in adapters.values()))
+        stored = max(w.shape[1] for a in adapters.values() for w in a.weights.a.values())
+        R = min(_pow2(stored), self.layout.max_rank)
         L = self.layout.cfg.num_layers
-        pages = [np.zeros((S, self.layout.pages_per_slot(m)), np.int32) for m in modules]
-        ranks = np.zeros((L, len(modules), S), np.int32)
-        scales = np.zeros((L, len(modules), S), np.float32)
-        for s, (name, ad) in enumerate(zip(names, adapters)):
-            split = self.layout.split_pages(ad, plan.adapter_pages[name])
-            for j, m in enumerate(modules):
-                if m in split:
-                    pages[j][s, :len(split[m])] = split[m]
-                    ranks[:, j, s] = ad.weights.ranks[:, MODULES.index(m)]
-                    scales[:, j, s] = ad.weights.scales[:, MODULES.index(m)]
+        pages = [np.zeros((B, self.layout.pages_for_rank(m, R)), np.int32) for m in modules]
+        ranks = np.zeros((L, len(modules), B), np.int32)
+        scales = np.zeros((L, len(modules), B), np.float32)
         idx = np.full((B, T), -1, np.int32)
+        split = {n: self.layout.split_pages(a, plan.adapter_pages[n]) for n, a in adapters.items()}
         for i, seq in enumerate(plan.seqs):
-            if seq.adapter is not None:
-                idx[i, :plan.num_new_tokens[i]] = slot_of[seq.adapter]
+            if seq.adapter is None:
+                continue
+            ad = adapters[seq.adapter]
+            for j, m in enumerate(modules):
+                if m in split[seq.adapter]:
+                    own = split[seq.adapter][m]
+                    pages[j][i, :len(own)] = own
+                    ranks[:, j, i] = ad.weights.ranks[:, MODULES.index(m)]
+                    scales[:, j, i] = ad.weights.scales[:, MODULES.index(m)]
+            idx[i, :plan.num_new_tokens[i]] = i
         batch = LoraBatch(pages=tuple(pages), ranks=ranks, scales=scales, modules=modules,
-                          max_rank=self.layout.max_rank, mesh=self.mesh)
+                          max_rank=R, mesh=self.mesh)
         return idx.reshape(-1), batch
 
 
