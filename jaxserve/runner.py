@@ -1,8 +1,8 @@
 """The model runner: turns a scheduler's StepPlan into padded device arrays and runs one
 jitted step (forward + sampling) with the KV pool donated.
 
-Shapes are padded to buckets (powers of two) so only a small set of programs is ever
-compiled; each new bucket is logged when first compiled.
+Shapes are padded to buckets (powers of two; pages per sequence also 1.5x powers of two) so
+only a small set of programs is ever compiled; each new bucket is logged when first compiled.
 """
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def _pow2_at_least(n: int, lo: int = 1) -> int:
 def bucket(n: int, cap: int, lo: int = 1) -> int:
     """Smallest power of two >= n (and >= lo), but never above cap (cap itself is a bucket)."""
     return min(_pow2_at_least(n, lo), cap)
+
+
+def page_bucket(n: int, cap: int) -> int:
+    """Pages per sequence: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and
+    1.5x powers of two) >= n, never above cap. Attention reads every bucketed page of every row,
+    so this bounds the padding at 33% instead of 50% of the context for powers of two alone."""
+    p = _pow2_at_least(n)
+    if p >= 4 and n <= 3 * p // 4:
+        p = 3 * p // 4
+    return min(p, cap)
 
 
 def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights, kv: KVPages,
@@ -99,7 +109,7 @@ class ModelRunner:
         # The block table covers the whole request (pages are allocated for the full prompt at
         # admission), which can be longer than this step's chunk.
         max_pages = max(len(seq.block_table) for seq in plan.seqs)
-        P = bucket(max_pages, _pow2_at_least(self.max_pages_per_seq))
+        P = page_bucket(max_pages, _pow2_at_least(self.max_pages_per_seq))
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
         block_tables = np.zeros((B, P), np.int32)
@@ -181,7 +191,7 @@ class ModelRunner:
         S = self.page_size
         decode_batches = decode_batches or [1]
         prefill_tokens = prefill_tokens or [16]
-        P = bucket(max_pages or 1, _pow2_at_least(self.max_pages_per_seq))
+        P = page_bucket(max_pages or 1, _pow2_at_least(self.max_pages_per_seq))
         for kind, B, T in [("decode", b, 1) for b in decode_batches] + [("prefill", 1, t) for t in prefill_tokens]:
             step = StepInput(
                 tokens=np.zeros((B, T), np.int32), positions=np.full((B, T), -1, np.int32),

@@ -64,3 +64,13 @@ def test_seeded_sampling_is_batch_invariant(default_engine):
     assert outs[1].token_ids == alone
     other_seed = _alone(default_engine, PROMPTS[1], SamplingParams(**{**params.__dict__, "seed": 99}))
     assert other_seed != alone  # 16 tokens at T=0.9: equal by chance has negligible probability
+
+
+def test_page_buckets_bound_padding_and_stay_few():
+    from jaxserve.runner import page_bucket
+    buckets = {page_bucket(n, 128) for n in range(1, 129)}
+    assert sorted(buckets) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+    for n in range(1, 129):
+        p = page_bucket(n, 128)
+        assert n <= p and (p == n or p < 1.5 * n)   # padding stays under a third of the bucket
+    assert page_bucket(200, 128) == 128

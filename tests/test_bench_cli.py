@@ -1,0 +1,25 @@
+"""`jaxserve bench --compare-hf` end to end on a tiny checkpoint: both engines run the same
+prompts, and the JSON carries decode and e2e rates for each, their ratios and the MFU."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from lora_helpers import make_base  # noqa: E402
+
+
+def test_bench_compare_hf_writes_rates_and_ratios(tmp_path):
+    from jaxserve.cli import main
+    make_base(str(tmp_path / "base"))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(tmp_path / "base"), "--batch-sizes", "1,2",
+                 "--input-len", "8", "--output-len", "6", "--compare-hf",
+                 "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["batch"] for r in res["rows"]] == [1, 2] and res["matmul_peak_gflops"] > 0
+    for r in res["rows"]:
+        for k in ("ours_decode_tok_s", "ours_e2e_tok_s", "hf_decode_tok_s", "hf_e2e_tok_s"):
+            assert r[k] > 0, k
+        assert abs(r["ratio_decode"] - r["ours_decode_tok_s"] / r["hf_decode_tok_s"]) < 1e-9
+        assert abs(r["ratio_e2e"] - r["ours_e2e_tok_s"] / r["hf_e2e_tok_s"]) < 1e-9
+        assert 0 < r["mfu_decode"] < 1
