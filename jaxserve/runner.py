@@ -149,7 +149,7 @@ class ModelRunner:
                              counters=counters)
         if self.lora is not None and plan.adapter_pages:
             step.lora_idx, step.lora = self.lora.build(plan, B, T)
-            return (B, T, P, step.lora.pages[0].shape[0], step.lora.modules), step, samp
+            return (B, T, P, step.lora.max_rank, step.lora.modules), step, samp
         return (B, T, P), step, samp
 
     # -- running -----------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class ModelRunner:
         if key not in self._seen_buckets:
             self._seen_buckets.add(key)
             log.info("compiling %s bucket batch=%d tokens=%d pages=%d%s", *key[:4],
-                     f" lora slots={key[4]} modules={','.join(key[5])}" if len(key) > 4 else "")
+                     f" lora rank={key[4]} modules={','.join(key[5])}" if len(key) > 4 else "")
         if self.mesh is not None and jax.process_count() > 1:
             step, samp = sharding.put_replicated((step, samp), self.mesh)
         later = []

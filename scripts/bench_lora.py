@@ -189,7 +189,7 @@ def main(argv=None) -> int:
                 engine.add_lora(f"{prefix}-{a}", make(f"{prefix}-{a}", a % len(sets)))
             reqs = workload(args.num_requests, n, args.alpha, args.rate, args.cv, lo_in, hi_in,
                             lo_out, hi_out, cfg.vocab_size)
-            if not results:     # warm-up: compile the buckets this workload touches
+            if n == counts[0]:  # warm-up per rank: compile the buckets this workload touches
                 t = time.perf_counter()
                 for _ in range(3):   # step shapes depend on timing: repeat while new ones appear
                     seen = len(engine.runner._seen_buckets)
