@@ -36,14 +36,29 @@ def bucket(n: int, cap: int, lo: int = 1) -> int:
     return min(_pow2_at_least(n, lo), cap)
 
 
-def page_bucket(n: int, cap: int) -> int:
-    """Pages per sequence: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and
-    1.5x powers of two) >= n, never above cap. Attention reads every bucketed page of every row,
-    so this bounds the padding at 33% instead of 50% of the context for powers of two alone."""
+def fine_bucket(n: int, cap: int, lo: int = 1) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x powers of two)
+    >= max(n, lo), never above cap: padding stays under a third of the bucket instead of half.
+    Used for pages per sequence (attention reads every bucketed page of every row) and for the
+    rows and tokens of prefill calls (compute-bound, so padded tokens cost as much as real ones)."""
+    n = max(n, lo)
     p = _pow2_at_least(n)
     if p >= 4 and n <= 3 * p // 4:
         p = 3 * p // 4
     return min(p, cap)
+
+
+def prefill_groups(chunks: list[int], token_bucket) -> list[list[int]]:
+    """Split one prefill step's sequences into device calls of similar chunk length.
+
+    A call pads every row to its longest chunk, so mixing a 36-token chunk with a 133-token one
+    computes 2 x 256 token slots for 169 tokens. Sequences whose chunks fall in the same token
+    bucket share a call; the others get their own. Returns index lists, longest chunks first.
+    """
+    groups: dict[int, list[int]] = {}
+    for i in sorted(range(len(chunks)), key=lambda i: -chunks[i]):
+        groups.setdefault(token_bucket(chunks[i]), []).append(i)
+    return list(groups.values())
 
 
 def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights, kv: KVPages,
@@ -101,15 +116,15 @@ class ModelRunner:
         n = len(plan.seqs)
         S = self.page_size
         if plan.is_prefill:
-            B = bucket(n, self.max_num_seqs)
-            T = bucket(max(plan.num_new_tokens), _pow2_at_least(self.max_prefill_tokens), lo=16)
+            B = fine_bucket(n, self.max_num_seqs)
+            T = self._prefill_tokens_bucket(max(plan.num_new_tokens))
         else:
             B = bucket(n, _pow2_at_least(self.max_num_seqs))
             T = 1
         # The block table covers the whole request (pages are allocated for the full prompt at
         # admission), which can be longer than this step's chunk.
         max_pages = max(len(seq.block_table) for seq in plan.seqs)
-        P = page_bucket(max_pages, _pow2_at_least(self.max_pages_per_seq))
+        P = fine_bucket(max_pages, _pow2_at_least(self.max_pages_per_seq))
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
         block_tables = np.zeros((B, P), np.int32)
@@ -152,10 +167,46 @@ class ModelRunner:
             return (B, T, P, step.lora.max_rank, step.lora.modules), step, samp
         return (B, T, P), step, samp
 
+    def _prefill_tokens_bucket(self, n: int) -> int:
+        return fine_bucket(n, _pow2_at_least(self.max_prefill_tokens), lo=16)
+
     # -- running -----------------------------------------------------------------------------
     def run(self, plan: StepPlan) -> tuple[list[int | None], list[float | None]]:
         """Run one step. Returns, per plan sequence, the sampled token and its log-probability
-        (None for sequences whose prefill chunk does not reach their last token)."""
+        (None for sequences whose prefill chunk does not reach their last token).
+
+        A prefill step mixing chunk lengths runs as one device call per group of similar
+        lengths (prefill_groups); adapter loads are written before the first call, prefetches
+        after the last."""
+        later = []
+        if self.lora is not None and plan.adapter_loads:
+            # Adapters this step uses are written first; prefetches queue behind the step.
+            staged = self.lora.stage(plan.adapter_loads)
+            later = [x for x in staged if x[0] not in plan.adapter_pages]
+            self.kv = self.lora.write(self.kv, [x for x in staged if x[0] in plan.adapter_pages])
+        groups = (prefill_groups(plan.num_new_tokens, self._prefill_tokens_bucket)
+                  if plan.is_prefill else [])
+        if len(groups) <= 1:    # one call for the whole plan, in its own order
+            groups = [list(range(len(plan.seqs)))]
+        out_t: list[int | None] = [None] * len(plan.seqs)
+        out_l: list[float | None] = [None] * len(plan.seqs)
+        for g in groups:
+            sub = plan if len(groups) == 1 else StepPlan(
+                is_prefill=True, seqs=[plan.seqs[i] for i in g],
+                num_new_tokens=[plan.num_new_tokens[i] for i in g],
+                start_positions=[plan.start_positions[i] for i in g],
+                adapter_pages=plan.adapter_pages)
+            tokens, logprobs = self._run_call(sub)
+            for j, i in enumerate(g):
+                if sub.samples(j):
+                    out_t[i], out_l[i] = int(tokens[j]), float(logprobs[j])
+        if later:
+            self.kv = self.lora.write(self.kv, later)
+        self.num_steps += 1
+        return out_t, out_l
+
+    def _run_call(self, plan: StepPlan):
+        """One jitted call for the plan's sequences: (tokens, logprobs) as host arrays."""
         shape, step, samp = self._build(plan)
         key = ("prefill" if plan.is_prefill else "decode",) + shape
         if key not in self._seen_buckets:
@@ -164,26 +215,8 @@ class ModelRunner:
                      f" lora rank={key[4]} modules={','.join(key[5])}" if len(key) > 4 else "")
         if self.mesh is not None and jax.process_count() > 1:
             step, samp = sharding.put_replicated((step, samp), self.mesh)
-        later = []
-        if self.lora is not None and plan.adapter_loads:
-            # Adapters this step uses are written first; prefetches queue behind the step.
-            staged = self.lora.stage(plan.adapter_loads)
-            later = [x for x in staged if x[0] not in plan.adapter_pages]
-            self.kv = self.lora.write(self.kv, [x for x in staged if x[0] in plan.adapter_pages])
         tokens, logprobs, self.kv = self._step(self.weights, self.kv, step, samp)
-        if later:
-            self.kv = self.lora.write(self.kv, later)
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        self.num_steps += 1
-        out_t, out_l = [], []
-        for i in range(len(plan.seqs)):
-            if plan.samples(i):
-                out_t.append(int(tokens[i]))
-                out_l.append(float(logprobs[i]))
-            else:
-                out_t.append(None)
-                out_l.append(None)
-        return out_t, out_l
+        return np.asarray(tokens), np.asarray(logprobs)
 
     def warmup(self, decode_batches=None, prefill_tokens=None, max_pages=None) -> float:
         """Compile the given buckets ahead of serving (on the null page only). Returns seconds."""
@@ -191,7 +224,7 @@ class ModelRunner:
         S = self.page_size
         decode_batches = decode_batches or [1]
         prefill_tokens = prefill_tokens or [16]
-        P = page_bucket(max_pages or 1, _pow2_at_least(self.max_pages_per_seq))
+        P = fine_bucket(max_pages or 1, _pow2_at_least(self.max_pages_per_seq))
         for kind, B, T in [("decode", b, 1) for b in decode_batches] + [("prefill", 1, t) for t in prefill_tokens]:
             step = StepInput(
                 tokens=np.zeros((B, T), np.int32), positions=np.full((B, T), -1, np.int32),

@@ -67,10 +67,18 @@ def test_seeded_sampling_is_batch_invariant(default_engine):
 
 
 def test_page_buckets_bound_padding_and_stay_few():
-    from jaxserve.runner import page_bucket
+    from jaxserve.runner import fine_bucket as page_bucket
     buckets = {page_bucket(n, 128) for n in range(1, 129)}
     assert sorted(buckets) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
     for n in range(1, 129):
         p = page_bucket(n, 128)
         assert n <= p and (p == n or p < 1.5 * n)   # padding stays under a third of the bucket
     assert page_bucket(200, 128) == 128
+
+
+def test_prefill_groups_split_by_chunk_bucket():
+    from jaxserve.runner import fine_bucket, prefill_groups
+    tb = lambda n: fine_bucket(n, 512, lo=16)   # noqa: E731
+    # 36 -> 48, 87 -> 96, 133 -> 192, 130 -> 192, 10 -> 16, 12 -> 16
+    assert prefill_groups([36, 87, 133, 130, 10, 12], tb) == [[2, 3], [1], [0], [5, 4]]
+    assert prefill_groups([128] * 4, tb) == [[0, 1, 2, 3]]
