@@ -20,7 +20,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model import llama
 from jaxserve.model.attention import resolve_impl
 from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
-from jaxserve.model.weights import Weights, fuse_projections
+from jaxserve.model.weights import Weights, fuse_projections, unstack_layers
 from jaxserve.sampling import SamplingInput, sample
 from scheduler import StepPlan
 
@@ -89,7 +89,7 @@ class ModelRunner:
         self.lora = lora   # jaxserve.lora.runtime.LoraRuntime, or None
         if tp == 1:
             self.mesh = None
-            self.weights = fuse_projections(weights)
+            self.weights = unstack_layers(fuse_projections(weights))
             self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
             self._step = jax.jit(functools.partial(
                 _step_fn, cfg, self.attn_impl, self.interpret,

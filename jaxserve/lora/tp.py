@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxserve.lora.adapter import MODULES, LoraAdapter, module_dims
 from jaxserve.lora.pool import PageLayout
-from jaxserve.model.kv_cache import KV_AXES
+from jaxserve.model.kv_cache import KV_AXES, decode
 from jaxserve.sharding import TP, HeadLayout, relayout, spec
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -121,7 +121,7 @@ def sharded_layout(layout: PageLayout, heads: HeadLayout, tp: int) -> ShardedPag
 def _gather_rows(k_pool, v_pool, layer, pages, rows: int, width: int):
     """This device's row groups of every slot: [S, rows, width] (from its slice of the pages)."""
     S = pages.shape[0]
-    kp, vp = k_pool[layer, :, pages], v_pool[layer, :, pages]   # [S, P, h, page, D]
+    kp, vp = decode(k_pool[layer, :, pages]), decode(v_pool[layer, :, pages])   # [S, P, h, page, D]
     flat = jnp.stack([kp, vp], axis=2).reshape(S, -1)[:, :rows * width]
     return flat.reshape(S, rows, width)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxserve.model.kv_cache import decode, encode
+
 IMPLS = ("auto", "xla", "pallas")
 
 
@@ -25,7 +27,7 @@ def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets, layer=None):
     (padding tokens target the null page 0, whose contents are never read unmasked).
     With `layer`, the pool has a leading layers axis and only that layer is written.
     """
-    k, v = k.astype(k_pages.dtype), v.astype(v_pages.dtype)
+    k, v = encode(k, k_pages.dtype), encode(v, v_pages.dtype)
     if layer is None:
         return (k_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(k, 0, 1)),
                 v_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(v, 0, 1)))
@@ -52,7 +54,7 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
         k = k_pages[layer, :, block_tables]
         v = v_pages[layer, :, block_tables]
     # Scores and softmax in float32 (XLA:CPU also has no bf16 x bf16 -> f32 dot).
-    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    k, v = decode(k).astype(jnp.float32), decode(v).astype(jnp.float32)
     key_pos = jnp.arange(P * S, dtype=jnp.int32).reshape(P, S)
     qp = q_positions[:, :, None, None]                                        # [B, Tq, 1, 1]
     mask = (key_pos <= qp) & (key_pos < kv_lens[:, None, None, None])         # [B, Tq, P, S]
@@ -102,6 +104,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
         from pallas_kernels import paged_attention as pk
         if layer is not None:
             k_pages, v_pages = k_pages[layer], v_pages[layer]
+        k_pages, v_pages = decode(k_pages), decode(v_pages)
         return pk.paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
                                   scale=scale, sliding_window=sliding_window, interpret=interpret)
     raise ValueError(f"attention impl must be resolved to 'xla' or 'pallas', got {impl!r}")

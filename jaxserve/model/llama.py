@@ -112,7 +112,14 @@ def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPag
         lora_xs = (step.lora.ranks, step.lora.scales)
         if step.lora.mesh is None:   # single device: adapter weights read once, before the scan
             lora_xs += (gather_all_layers(cfg, step.lora, kv.k, kv.v),)
-    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers, lora_xs))
+    if isinstance(weights.layers, tuple):   # per-layer arrays (weights.unstack_layers): unrolled
+        carry = (x, kv.k, kv.v)
+        for i, lw in enumerate(weights.layers):
+            xs_i = None if lora_xs is None else jax.tree.map(lambda a, i=i: a[i], lora_xs)
+            carry, _ = body(carry, (lw, i, xs_i))
+        x, k, v = carry
+    else:
+        (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers, lora_xs))
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), KVPages(k=k, v=v)
 
 
