@@ -3,7 +3,8 @@
 Each batch size runs twice: once to compile every bucket it touches, then measured. Decode
 throughput counts only decode steps (tokens / seconds spent in decode steps); end-to-end
 throughput counts prefill too and is what is compared with HF `generate` (which has no
-separate decode timer). MFU = achieved model FLOP/s in decode / measured fp32 matmul peak.
+separate decode timer). MFU = achieved model FLOP/s in decode / measured matmul peak in the serving dtype.
+HF runs in the same dtype as the engine.
 """
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="bench_results/bench.json")
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 30) -> float:
-    """fp32 matmul FLOP/s measured with JAX on this machine: the fastest of `repeats` timed
-    2048^2 matmuls. A peak, so the best observation: on a shared VM a mean would fold the
+def measure_matmul_peak(n: int = 2048, repeats: int = 30, dtype: str = "float32") -> float:
+    """Matmul FLOP/s measured with JAX on this machine in the serving dtype (bf16 inputs
+    accumulate in f32, as the model's projections do): the fastest of `repeats` timed 2048^2
+    matmuls. A peak, so the best observation: on a shared VM a mean would fold the
     neighbours' load into the denominator and inflate the MFU."""
     import jax
     import jax.numpy as jnp
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -101,7 +103,8 @@ def _load_hf(engine):
     from transformers import AutoModelForCausalLM
     m = engine.model
     kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
-    hf = AutoModelForCausalLM.from_pretrained(m.tokenizer_dir, dtype=torch.float32, **kw)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[engine.config.dtype]
+    hf = AutoModelForCausalLM.from_pretrained(m.tokenizer_dir, dtype=dtype, **kw)   # same dtype
     return hf.eval()
 
 
@@ -112,7 +115,7 @@ def run_bench(args) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     base_cfg = engine_config_from_args(args)
     max_len = args.input_len + args.output_len
-    peak = measure_matmul_peak()
+    peak = measure_matmul_peak(dtype=base_cfg.dtype)
     rows = []
     engine = None
     hf = None
@@ -140,15 +143,16 @@ def run_bench(args) -> int:
             row["ratio_decode"] = ours["decode_tok_s"] / h["decode_tok_s"] if h["decode_tok_s"] else 0.0
         rows.append(row)
         print(_fmt_row(row), flush=True)
-    peak = max(peak, measure_matmul_peak())   # again at the end: the VM's load drifts
+    peak = max(peak, measure_matmul_peak(dtype=base_cfg.dtype))   # again at the end: the VM's load drifts
     for r in rows:
         r["mfu_decode"] = r["ours_decode_tok_s"] * r.pop("_flops_per_token") / peak
     result = {
         "model": engine.model_name, "dtype": base_cfg.dtype, "input_len": args.input_len,
         "output_len": args.output_len, "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_dtype": base_cfg.dtype,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     print(f"\nmodel {engine.model_name}, input {args.input_len}, output {args.output_len}, "
-          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+          f"{base_cfg.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(_table(rows))
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
