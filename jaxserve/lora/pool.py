@@ -34,7 +34,8 @@ from jaxserve.lora.adapter import MODULES, LoraAdapter, module_dims
 from jaxserve.model.kv_cache import KVPages, decode, encode
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["pages", "ranks", "scales"],
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["pages", "ranks", "scales", "weights"],
                    meta_fields=["modules", "max_rank", "mesh"])
 @dataclass
 class LoraBatch:
@@ -45,6 +46,9 @@ class LoraBatch:
     modules: tuple = field(default=())   # static: projections some adapter of the step adapts
     max_rank: int = 0                    # static: rows gathered per slot (the step's rank bucket)
     mesh: object = None                  # static: the tp Mesh when sharded (jaxserve/lora/tp.py)
+    # every layer's slot weights, gathered from `pages` by a call of their own before the step
+    # (jaxserve.lora.apply.gather_all_layers); None: the step gathers them itself
+    weights: tuple | None = None
 
 
 @dataclass(frozen=True)

@@ -110,8 +110,9 @@ def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPag
     lora_xs = None
     if step.lora is not None:
         lora_xs = (step.lora.ranks, step.lora.scales)
-        if step.lora.mesh is None:   # single device: adapter weights read once, before the scan
-            lora_xs += (gather_all_layers(cfg, step.lora, kv.k, kv.v),)
+        if step.lora.mesh is None:   # single device: adapter weights read once, before the layers
+            lora_xs += (step.lora.weights if step.lora.weights is not None
+                        else gather_all_layers(cfg, step.lora, kv.k, kv.v),)
     if isinstance(weights.layers, tuple):   # per-layer arrays (weights.unstack_layers): unrolled
         carry = (x, kv.k, kv.v)
         for i, lw in enumerate(weights.layers):
