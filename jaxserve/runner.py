@@ -18,7 +18,6 @@ import numpy as np
 
 from jaxserve import sharding
 from jaxserve.config import ModelConfig
-from jaxserve.lora.apply import gather_all_layers
 from jaxserve.model import llama
 from jaxserve.model.attention import resolve_impl
 from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
@@ -114,24 +113,39 @@ class ModelRunner:
                                   logits_shardings=sharding.logits_shardings(self.mesh, cfg)),
                 in_shardings=(sharding.weight_shardings(layout.config, self.mesh), kv_sh, rep, rep),
                 out_shardings=(rep, rep, kv_sh), donate_argnums=(1,))
-        # Single device: a step's adapter weights are gathered from the pool by a call of their
-        # own. Gathered inside the step, XLA may order a gather after a layer's in-place K/V
-        # write and then copies the whole pool to keep the pre-write contents (a full pool copy
-        # per step: LoRA decode 4x slower than base at batch 32 with unrolled layers).
-        self._gather_lora = jax.jit(
-            lambda kv, lora: gather_all_layers(cfg, lora, kv.k, kv.v)) if tp == 1 else None
+        self._rows: dict[int, int] = {}   # decode: seq_id -> its batch row (kept while it runs)
         self._seen_buckets: set[tuple] = set()
         self.num_steps = 0
 
     # -- building the padded step ---------------------------------------------------------------
+    def _decode_rows(self, plan: StepPlan) -> list[int]:
+        """Each decoding sequence keeps its batch row from step to step (new ones take the
+        lowest free rows), so per-row state cached on device -- the adapter weights of
+        jaxserve.lora.runtime -- changes only where a row's occupant does. Rows are compacted
+        when the holes left by finished sequences would push the batch into a larger bucket."""
+        live = {seq.seq_id for seq in plan.seqs}
+        self._rows = {sid: r for sid, r in self._rows.items() if sid in live}
+        cap = _pow2_at_least(self.max_num_seqs)
+        if self._rows and bucket(max(self._rows.values()) + 1, cap) > bucket(len(plan.seqs), cap):
+            self._rows = {}
+        used = set(self._rows.values())
+        free = (r for r in range(len(plan.seqs) + len(used)) if r not in used)
+        for seq in plan.seqs:
+            if seq.seq_id not in self._rows:
+                self._rows[seq.seq_id] = next(free)
+        return [self._rows[seq.seq_id] for seq in plan.seqs]
+
     def _build(self, plan: StepPlan):
+        """Padded arrays for one call, and the batch row of each plan sequence."""
         n = len(plan.seqs)
         S = self.page_size
         if plan.is_prefill:
+            rows = list(range(n))
             B = fine_bucket(n, self.max_num_seqs)
             T = self._prefill_tokens_bucket(max(plan.num_new_tokens))
         else:
-            B = bucket(n, _pow2_at_least(self.max_num_seqs), lo=self.min_decode_rows)
+            rows = self._decode_rows(plan)
+            B = bucket(max(rows) + 1, _pow2_at_least(self.max_num_seqs), lo=self.min_decode_rows)
             T = 1
         # The block table covers the whole request (pages are allocated for the full prompt at
         # admission), which can be longer than this step's chunk.
@@ -149,8 +163,9 @@ class ModelRunner:
         top_p = np.ones((B,), np.float32)
         seeds = np.zeros((B,), np.uint32)
         counters = np.zeros((B,), np.int32)
-        for i, seq in enumerate(plan.seqs):
-            st, k = plan.start_positions[i], plan.num_new_tokens[i]
+        for j, seq in enumerate(plan.seqs):
+            i = rows[j]
+            st, k = plan.start_positions[j], plan.num_new_tokens[j]
             ids = seq.token_ids[st:st + k]
             pos = np.arange(st, st + k)
             table = np.asarray(seq.block_table, np.int32)
@@ -175,9 +190,9 @@ class ModelRunner:
         samp = SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
                              counters=counters)
         if self.lora is not None and plan.adapter_pages:
-            step.lora_idx, step.lora = self.lora.build(plan, B, T)
-            return (B, T, P, step.lora.max_rank, step.lora.modules), step, samp
-        return (B, T, P), step, samp
+            step.lora_idx, step.lora = self.lora.build(plan, B, T, rows)
+            return (B, T, P, step.lora.max_rank, step.lora.modules), step, samp, rows
+        return (B, T, P), step, samp, rows
 
     def _prefill_tokens_bucket(self, n: int) -> int:
         return fine_bucket(n, _pow2_at_least(self.max_prefill_tokens), lo=16)
@@ -219,7 +234,7 @@ class ModelRunner:
 
     def _run_call(self, plan: StepPlan):
         """One jitted call for the plan's sequences: (tokens, logprobs) as host arrays."""
-        shape, step, samp = self._build(plan)
+        shape, step, samp, rows = self._build(plan)
         key = ("prefill" if plan.is_prefill else "decode",) + shape
         if key not in self._seen_buckets:
             self._seen_buckets.add(key)
@@ -227,10 +242,11 @@ class ModelRunner:
                      f" lora rank={key[4]} modules={','.join(key[5])}" if len(key) > 4 else "")
         if self.mesh is not None and jax.process_count() > 1:
             step, samp = sharding.put_replicated((step, samp), self.mesh)
-        if step.lora is not None and self._gather_lora is not None:
-            step.lora = dataclasses.replace(step.lora, weights=self._gather_lora(self.kv, step.lora))
+        if step.lora is not None and self.mesh is None:   # see LoraRuntime.slot_weights
+            step.lora = dataclasses.replace(step.lora, weights=self.lora.slot_weights(
+                self.kv, step.lora, cache=not plan.is_prefill))
         tokens, logprobs, self.kv = self._step(self.weights, self.kv, step, samp)
-        return np.asarray(tokens), np.asarray(logprobs)
+        return np.asarray(tokens)[rows], np.asarray(logprobs)[rows]
 
     def warmup(self, decode_batches=None, prefill_tokens=None, max_pages=None) -> float:
         """Compile the given buckets ahead of serving (on the null page only). Returns seconds."""

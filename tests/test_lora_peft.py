@@ -79,7 +79,7 @@ def test_mixed_prefill_full_logits_match_peft(setup):
     assert len(plan.seqs) == len(MIX) and plan.is_prefill
     runner = engine.runner
     runner.kv = runner.lora.write(runner.kv, runner.lora.stage(plan.adapter_loads))
-    _, step, _ = runner._build(plan)
+    _, step, _, _ = runner._build(plan)
     fwd = jax.jit(functools.partial(llama.forward, cfg=engine.model_config, all_logits=True))
     logits, runner.kv = fwd(runner.weights, step=step, kv=runner.kv)
     logits = np.asarray(logits)

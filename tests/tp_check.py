@@ -194,7 +194,7 @@ def lora_first_logits(eng, ps, adapters):
         eng.add_request(f"x{i}", p, SamplingParams(max_tokens=1, temperature=0.0), adapter=a)
     plan = eng.scheduler.schedule()
     assert len(plan.seqs) == len(ps) and set(plan.adapter_pages) == {a for a in adapters if a}
-    _, step, _ = runner._build(plan)
+    _, step, _, _ = runner._build(plan)
     runner.kv = runner.lora.write(runner.kv, runner.lora.stage(plan.adapter_loads))
 
     cfg = sharding.head_layout(eng.model_config, runner.tp).config
@@ -267,7 +267,7 @@ def lora_hlo_check(args):
             eng.step()                                   # the prefill; the next plan decodes
             plan = eng.scheduler.schedule()
             assert not plan.is_prefill and len(plan.seqs) == len(ps)
-            _, step, samp = eng.runner._build(plan)
+            _, step, samp, _ = eng.runner._build(plan)
             hlo = eng.runner._step.lower(eng.runner.weights, eng.runner.kv, step,
                                          samp).compile().as_text()
             cfg = eng.model_config

@@ -8,10 +8,13 @@ overlaps the step and their scatter queues behind it instead of delaying it.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
 from jaxserve.lora.adapter import MODULES
+from jaxserve.lora.apply import gather_all_layers
 from jaxserve.lora.pool import LoraBatch, write_pages
 from jaxserve.lora.store import LoraStore
 
@@ -27,6 +30,12 @@ class LoraRuntime:
         self.impl = impl
         self.num_pages_written = 0
         self.mesh = None                    # set by a tensor-parallel runner
+        self._generation: dict[str, int] = {}   # adapter -> how many times it was loaded
+        cfg = store.layout.cfg
+        self._gather = jax.jit(lambda kv, lora: gather_all_layers(cfg, lora, kv.k, kv.v))
+        self._update = jax.jit(_update_rows, static_argnums=(0,), donate_argnums=(1,))
+        self._cached = None      # decode: (shape key, per-row keys, slot weights) of the last step
+        self.num_rows_gathered = 0
 
     # -- loads ------------------------------------------------------------------------------
     def stage(self, loads: list[tuple[str, list[int]]]):
@@ -40,6 +49,7 @@ class LoraRuntime:
             buf[:, :len(pages)] = data
             staged.append((name, jax.device_put(idx), jax.device_put(buf)))
             self.num_pages_written += len(pages)
+            self._generation[name] = self._generation.get(name, 0) + 1
         return staged
 
     def write(self, kv, staged):
@@ -48,10 +58,11 @@ class LoraRuntime:
         return kv
 
     # -- a step's slots ---------------------------------------------------------------------
-    def build(self, plan, B: int, T: int):
+    def build(self, plan, B: int, T: int, rows: list[int]):
         """(lora_idx [B*T] int32, LoraBatch) for the plan, or (None, None) with no adapter.
 
-        One slot per batch row (S = B): row i's slot holds its sequence's adapter, or nothing
+        One slot per batch row (S = B; plan sequence j sits in row rows[j]): a row's slot
+        holds its sequence's adapter, or nothing
         (rank 0) for a base-model row. The step's program therefore depends on the batch shape,
         the adapted modules and the rank bucket only, never on how many distinct adapters the
         batch mixes: 1 or 64 adapters in a batch of 64 run the same program at the same cost.
@@ -72,20 +83,65 @@ class LoraRuntime:
         scales = np.zeros((L, len(modules), B), np.float32)
         idx = np.full((B, T), -1, np.int32)
         split = {n: self.layout.split_pages(a, plan.adapter_pages[n]) for n, a in adapters.items()}
-        for i, seq in enumerate(plan.seqs):
+        keys: list = [None] * B
+        for j, seq in enumerate(plan.seqs):
+            i = rows[j]
             if seq.adapter is None:
                 continue
+            keys[i] = (seq.adapter, self._generation.get(seq.adapter, 0))
             ad = adapters[seq.adapter]
-            for j, m in enumerate(modules):
+            for mi, m in enumerate(modules):
                 if m in split[seq.adapter]:
                     own = split[seq.adapter][m]
-                    pages[j][i, :len(own)] = own
-                    ranks[:, j, i] = ad.weights.ranks[:, MODULES.index(m)]
-                    scales[:, j, i] = ad.weights.scales[:, MODULES.index(m)]
-            idx[i, :plan.num_new_tokens[i]] = i
+                    pages[mi][i, :len(own)] = own
+                    ranks[:, mi, i] = ad.weights.ranks[:, MODULES.index(m)]
+                    scales[:, mi, i] = ad.weights.scales[:, MODULES.index(m)]
+            idx[i, :plan.num_new_tokens[j]] = i
         batch = LoraBatch(pages=tuple(pages), ranks=ranks, scales=scales, modules=modules,
                           max_rank=R, mesh=self.mesh)
+        self._row_keys = keys
         return idx.reshape(-1), batch
+
+    # -- a step's slot weights (single device) ----------------------------------------------
+    def slot_weights(self, kv, batch: LoraBatch, cache: bool):
+        """Every layer's weights of the batch's slots, gathered from the pool in a call of their
+        own (inside the step, XLA may order a gather after a layer's in-place K/V write, and
+        then copies the whole pool to keep its pre-write contents).
+
+        With `cache` (decode), the last step's weights are reused and only rows whose occupant
+        changed are re-gathered and written in place: a row's weights are B rows x rank x
+        (in + out) x layers of pool pages, 140 MB per step at batch 32 and rank 8 on the default
+        model, which cost ~45 ms to gather on the 2-core VM; a row keeps its sequence across
+        steps (ModelRunner._decode_rows). A row's key is its adapter and how many times that
+        adapter was loaded, so a reload into other (or the same) pages is re-gathered.
+        """
+        keys = self._row_keys
+        shape = (len(keys), batch.max_rank, batch.modules)
+        if not cache:
+            self.num_rows_gathered += len(keys)
+            return self._gather(kv, batch)
+        if self._cached is None or self._cached[0] != shape:
+            weights = self._gather(kv, batch)
+            self.num_rows_gathered += len(keys)
+        else:
+            _, old_keys, weights = self._cached
+            changed = [i for i, k in enumerate(keys) if k is not None and k != old_keys[i]]
+            if changed:
+                sel = np.full((_pow2(len(changed)),), changed[0], np.int32)   # pad: repeat a row
+                sel[:len(changed)] = changed
+                sub = dataclasses.replace(batch, pages=tuple(p[sel] for p in batch.pages))
+                weights = self._update(self.layout.cfg, weights, kv, sub, sel)
+                self.num_rows_gathered += len(changed)
+            keys = [k if k is not None else o for k, o in zip(keys, old_keys)]
+        self._cached = (shape, keys, weights)
+        return weights
+
+
+def _update_rows(cfg, weights, kv, sub: LoraBatch, rows):
+    """Gather `sub`'s slots and write them at batch rows `rows` of the cached slot weights."""
+    new = gather_all_layers(cfg, sub, kv.k, kv.v)
+    return tuple((a.at[:, rows].set(na), b.at[:, rows].set(nb))
+                 for (a, b), (na, nb) in zip(weights, new))
 
 
 def make_lora_store(model_cfg, config, num_pages: int) -> LoraStore:
