@@ -6,6 +6,7 @@ only a small set of programs is ever compiled; each new bucket is logged when fi
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -82,6 +83,24 @@ def prefill_groups(chunks: list[int], token_bucket, row_bucket,
     return groups[::-1]
 
 
+def _num_maps() -> int | None:
+    """Memory mappings this process holds (Linux), or None where that cannot be read."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def _map_budget() -> int | None:
+    """Half of vm.max_map_count: the mappings compiled programs may take us to (ModelRunner._program)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read()) // 2
+    except (OSError, ValueError):
+        return None
+
+
 def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights, kv: KVPages,
              step: StepInput, samp: SamplingInput, lora_impl: str = "xla", logits_shardings=()):
     logits, kv = llama.forward(weights, cfg, step, kv, attn_impl=attn_impl, interpret=interpret,
@@ -134,6 +153,8 @@ class ModelRunner:
                 in_shardings=(sharding.weight_shardings(layout.config, self.mesh), kv_sh, rep, rep),
                 out_shardings=(rep, rep, kv_sh), donate_argnums=(1,))
         self._rows: dict[int, int] = {}   # decode: seq_id -> its batch row (kept while it runs)
+        self._programs: collections.OrderedDict = collections.OrderedDict()   # see _program
+        self.num_programs_dropped = 0
         self._seen_buckets: set[tuple] = set()
         self.num_steps = 0
 
@@ -266,8 +287,33 @@ class ModelRunner:
         if step.lora is not None and self.mesh is None:   # see LoraRuntime.slot_weights
             step.lora = dataclasses.replace(step.lora, weights=self.lora.slot_weights(
                 self.kv, step.lora, cache=not plan.is_prefill))
-        tokens, logprobs, self.kv = self._step(self.weights, self.kv, step, samp)
+        tokens, logprobs, self.kv = self._program(step, samp)(self.weights, self.kv, step, samp)
         return np.asarray(tokens)[rows], np.asarray(logprobs)[rows]
+
+    def _program(self, step: StepInput, samp: SamplingInput):
+        """The compiled step for these input shapes, most recently used kept last.
+
+        Every compiled program holds its machine code in memory mappings of its own (~550 for
+        a base step of the default model, ~1,900 with LoRA, layers unrolled), and Linux caps a
+        process at vm.max_map_count (65,530 by default): past it, compiling fails and the
+        process crashes (seen after ~40 programs in the multi-LoRA benchmark). When the process
+        holds more than half that many mappings, the least recently used programs are dropped;
+        one needed again is recompiled, or read back from the persistent compilation cache
+        (~0.7 s on the 2-core VM).
+        """
+        leaves, tree = jax.tree.flatten((step, samp))
+        key = (tree, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+        prog = self._programs.get(key)
+        if prog is not None:
+            self._programs.move_to_end(key)
+            return prog
+        prog = self._step.lower(self.weights, self.kv, step, samp).compile()
+        self._programs[key] = prog
+        limit = _map_budget()
+        while len(self._programs) > 1 and limit is not None and _num_maps() > limit:
+            self._programs.popitem(last=False)
+            self.num_programs_dropped += 1
+        return prog
 
     def warmup(self, decode_batches=None, prefill_tokens=None, max_pages=None) -> float:
         """Compile the given buckets ahead of serving (on the null page only). Returns seconds."""
@@ -288,7 +334,7 @@ class ModelRunner:
             self._seen_buckets.add((kind, B, T, P))
             if self.mesh is not None and jax.process_count() > 1:
                 step, samp = sharding.put_replicated((step, samp), self.mesh)
-            out = self._step(self.weights, self.kv, step, samp)
+            out = self._program(step, samp)(self.weights, self.kv, step, samp)
             self.kv = out[2]
         jax.block_until_ready(self.kv.k)
         return time.perf_counter() - t0

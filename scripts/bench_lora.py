@@ -5,8 +5,9 @@ Workload (S-LoRA's generator, restated): request i uses adapter floor(np.random.
 inter-arrival times Gamma(1/cv^2, cv^2/rate), input/output lengths uniform in [lo, hi], greedy,
 ignore_eos, seed 42. Metrics: throughput = completed requests / wall time including the drain;
 average first-token latency (arrival -> first token). jaxserve runs one engine for every setting
-(programs compiled in a warm-up pass, not timed). PEFT serves the same requests in arrival order,
-in batches of up to --max-batch with mixed adapters (`generate(adapter_names=...)`), each batch
+(programs compiled in warm-up passes of the same workload before each measurement, repeated
+while new step shapes appear, not timed; "new programs" counts shapes first seen while timed). PEFT serves the same requests in
+arrival order, in batches of up to --max-num-seqs with mixed adapters (`generate(adapter_names=...)`), each batch
 decoding to its longest output (what static batching does).
 
 Adapters: n distinct names (n = 1, 10, 100, 1000), all on q,k,v,o at the given rank. Their
@@ -189,14 +190,15 @@ def main(argv=None) -> int:
                 engine.add_lora(f"{prefix}-{a}", make(f"{prefix}-{a}", a % len(sets)))
             reqs = workload(args.num_requests, n, args.alpha, args.rate, args.cv, lo_in, hi_in,
                             lo_out, hi_out, cfg.vocab_size)
-            if n == counts[0]:  # warm-up per rank: compile the buckets this workload touches
-                t = time.perf_counter()
-                for _ in range(3):   # step shapes depend on timing: repeat while new ones appear
-                    seen = len(engine.runner._seen_buckets)
-                    run_jaxserve(engine, reqs, prefix)
-                    if len(engine.runner._seen_buckets) == seen:
-                        break
-                print(f"warm-up (compiles) {time.perf_counter() - t:.1f}s", file=sys.stderr)
+            # Warm-up for every setting: compile the step shapes this workload touches. Shapes
+            # depend on timing (which requests share a step), so repeat while new ones appear.
+            t = time.perf_counter()
+            for _ in range(4):
+                seen = len(engine.runner._seen_buckets)
+                run_jaxserve(engine, reqs, prefix)
+                if len(engine.runner._seen_buckets) == seen:
+                    break
+            print(f"warm-up (compiles) {time.perf_counter() - t:.1f}s", file=sys.stderr)
             loads0 = engine.scheduler.adapters.num_loads
             programs0 = len(engine.runner._seen_buckets)
             row = dict(rank=rank, num_adapters=n, jaxserve=run_jaxserve(engine, reqs, prefix))

@@ -54,6 +54,20 @@ def test_batch_invariance_across_preemption(default_model, default_engine):
     assert small.stats()["num_free_pages"] == small.stats()["num_total_pages"]
 
 
+def test_dropped_programs_are_rebuilt_and_outputs_unchanged(default_model, default_engine,
+                                                              monkeypatch):
+    """With no room for compiled programs (map budget 0), the runner keeps only the last one
+    and rebuilds the others when needed: outputs are those of an engine that keeps them all."""
+    import jaxserve.runner as runner_mod
+    monkeypatch.setattr(runner_mod, "_map_budget", lambda: 0)
+    eng = LLMEngine(EngineConfig(max_num_seqs=4, max_model_len=256, num_pages=40,
+                                 max_prefill_tokens=64), model=default_model)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    batched = _staggered(eng, PROMPTS[:3], params, join_every=2)
+    assert eng.runner.num_programs_dropped > 0 and len(eng.runner._programs) == 1
+    assert batched == [_alone(default_engine, p, params) for p in PROMPTS[:3]]
+
+
 def test_seeded_sampling_is_batch_invariant(default_engine):
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=1234, ignore_eos=True)
     alone = _alone(default_engine, PROMPTS[1], params)
