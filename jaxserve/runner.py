@@ -22,7 +22,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model import llama
 from jaxserve.model.attention import resolve_impl
 from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
-from jaxserve.model.weights import Weights, fuse_projections, unstack_layers
+from jaxserve.model.weights import Weights, fuse_projections
 from jaxserve.sampling import SamplingInput, sample
 from scheduler import StepPlan
 
@@ -93,7 +93,8 @@ def _num_maps() -> int | None:
 
 
 def _map_budget() -> int | None:
-    """Half of vm.max_map_count: the mappings compiled programs may take us to (ModelRunner._program)."""
+    """Half of vm.max_map_count: the mappings compiled programs may take us to
+    (ModelRunner._program)."""
     try:
         with open("/proc/sys/vm/max_map_count") as f:
             return int(f.read()) // 2
@@ -133,7 +134,7 @@ class ModelRunner:
                                      and jax.default_backend() == "cpu") else 1
         if tp == 1:
             self.mesh = None
-            self.weights = unstack_layers(fuse_projections(weights))
+            self.weights = fuse_projections(weights)
             self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
             self._step = jax.jit(functools.partial(
                 _step_fn, cfg, self.attn_impl, self.interpret,
@@ -293,13 +294,13 @@ class ModelRunner:
     def _program(self, step: StepInput, samp: SamplingInput):
         """The compiled step for these input shapes, most recently used kept last.
 
-        Every compiled program holds its machine code in memory mappings of its own (~550 for
-        a base step of the default model, ~1,900 with LoRA, layers unrolled), and Linux caps a
-        process at vm.max_map_count (65,530 by default): past it, compiling fails and the
-        process crashes (seen after ~40 programs in the multi-LoRA benchmark). When the process
-        holds more than half that many mappings, the least recently used programs are dropped;
-        one needed again is recompiled, or read back from the persistent compilation cache
-        (~0.7 s on the 2-core VM).
+        Every compiled program holds its machine code in memory mappings of its own (~300-500
+        for a step of the default model; ~550-1,900 when its 30 layers were unrolled), and
+        Linux caps a process at vm.max_map_count (65,530 by default): past it, compiling fails
+        and the process crashes (seen in the multi-LoRA benchmark with unrolled layers). When
+        the process holds more than half that many mappings, the least recently used half of
+        the programs is dropped; one needed again is recompiled, or read back from the
+        persistent compilation cache (~0.7 s on the 2-core VM).
         """
         leaves, tree = jax.tree.flatten((step, samp))
         key = (tree, tuple((np.shape(x), np.result_type(x)) for x in leaves))
@@ -309,10 +310,15 @@ class ModelRunner:
             return prog
         prog = self._step.lower(self.weights, self.kv, step, samp).compile()
         self._programs[key] = prog
-        limit = _map_budget()
-        while len(self._programs) > 1 and limit is not None and _num_maps() > limit:
-            self._programs.popitem(last=False)
-            self.num_programs_dropped += 1
+        limit, n = _map_budget(), _num_maps()
+        if limit is not None and n is not None and n > limit and len(self._programs) > 1:
+            # Drop the least recently used half, then JAX's own caches (they also hold every
+            # executable compiled through them, so dropping ours alone frees nothing; what is
+            # cleared there and still needed comes back from the persistent cache).
+            for _ in range(max(1, len(self._programs) // 2)):
+                self._programs.popitem(last=False)
+                self.num_programs_dropped += 1
+            jax.clear_caches()
         return prog
 
     def warmup(self, decode_batches=None, prefill_tokens=None, max_pages=None) -> float:

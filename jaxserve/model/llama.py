@@ -113,14 +113,7 @@ def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPag
         if step.lora.mesh is None:   # single device: adapter weights read once, before the layers
             lora_xs += (step.lora.weights if step.lora.weights is not None
                         else gather_all_layers(cfg, step.lora, kv.k, kv.v),)
-    if isinstance(weights.layers, tuple):   # per-layer arrays (weights.unstack_layers): unrolled
-        carry = (x, kv.k, kv.v)
-        for i, lw in enumerate(weights.layers):
-            xs_i = None if lora_xs is None else jax.tree.map(lambda a, i=i: a[i], lora_xs)
-            carry, _ = body(carry, (lw, i, xs_i))
-        x, k, v = carry
-    else:
-        (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers, lora_xs))
+    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers, lora_xs))
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), KVPages(k=k, v=v)
 
 

@@ -127,23 +127,6 @@ def fuse_projections(weights: Weights) -> Weights:
     return dataclasses.replace(weights, layers=fused)
 
 
-def unstack_layers(weights: Weights) -> Weights:
-    """The same weights with `layers` as a tuple of per-layer LayerWeights (no layers axis).
-
-    The forward pass then unrolls the layers with static indices. Inside a `lax.scan` over
-    stacked weights, XLA:CPU copies each layer's slice out of the stack before its matmuls:
-    measured on the default model (2-core VM), the layer matmuls take 32 ms at batch 1 under
-    the scan and 18 ms unrolled over separate arrays (79 -> 66 ms at batch 64). Single device
-    only: tensor parallelism keeps the stacked, sharded layout.
-    """
-    if isinstance(weights.layers, tuple):
-        return weights
-    lw = weights.layers
-    n = lw.attn_norm.shape[0]
-    per = tuple(jax.tree.map(lambda a, i=i: a[i], lw) for i in range(n))
-    return dataclasses.replace(weights, layers=per)
-
-
 def cast(weights: Weights, dtype) -> Weights:
     return jax.tree.map(lambda a: a.astype(dtype), weights)
 
