@@ -47,7 +47,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_prefill_tokens: int = 512
     max_model_len: int = 2048
-    attention_impl: str = "auto"      # auto | xla | pallas
+    attention_impl: str = "auto"      # auto | xla | cpu | pallas
+    layer_loop: str = "auto"          # auto | scan | dispatch (jaxserve.runner.resolve_layer_loop)
     scheduler: str = "fcfs"
     fair_weights: tuple[tuple[str, float], ...] = ()
     seed: int = 0
@@ -104,7 +105,7 @@ class LLMEngine:
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
             max_model_len=self.max_model_len, dtype=dtype, attention_impl=config.attention_impl,
-            tp=config.tp,
+            tp=config.tp, layer_loop=config.layer_loop,
             lora=(LoraRuntime(self.loras, config.lora_impl)
                   if self.loras is not None else None))
         self.scheduler = Scheduler(
@@ -121,8 +122,9 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_preemptions_total = 0
-        log.info("engine ready: %s, %d KV pages of %d tokens, attention=%s (%.1fs)", self.model_name,
-                 num_pages, config.page_size, self.runner.attn_impl, time.perf_counter() - t0)
+        log.info("engine ready: %s, %d KV pages of %d tokens, attention=%s, layers=%s (%.1fs)",
+                 self.model_name, num_pages, config.page_size, self.runner.attn_impl,
+                 self.runner.layer_loop, time.perf_counter() - t0)
 
     # -- requests ------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict]) -> list[int]:

@@ -112,11 +112,65 @@ def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights
     return tokens, logprobs, kv
 
 
+LAYER_LOOPS = ("auto", "scan", "dispatch")
+
+
+def resolve_layer_loop(layer_loop: str, tp: int) -> str:
+    """How a step runs its layers.
+
+    scan: the whole step is one program, a lax.scan over the stacked layer weights (one compiled
+    layer body; GPU/TPU, tensor parallel). dispatch: one device call per layer over per-layer
+    weight arrays, plus an embedding call and a head+sampling call. On XLA:CPU the scan copies
+    each layer's weight slice out of the stack before its matmuls (~14 MB per layer for the
+    default model in float32, half of a batch-1 step) and its bfloat16 matmuls ran ~2x slower
+    inside the loop; a call costs ~30-50 us of dispatch. `auto`: dispatch on CPU without tensor
+    parallelism, else scan.
+    """
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"unknown layer loop {layer_loop!r}; choose from {LAYER_LOOPS}")
+    if layer_loop == "auto":
+        return "dispatch" if (jax.default_backend() == "cpu" and tp == 1) else "scan"
+    if layer_loop == "dispatch" and tp != 1:
+        raise ValueError("layer_loop='dispatch' runs unsharded; use 'scan' with tp > 1")
+    return layer_loop
+
+
+def _embed_fn(weights: Weights, step: StepInput):
+    return llama.embed(weights, step)
+
+
+def _layer_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, lora_impl: str, lw, x,
+              kv: KVPages, layer, step: StepInput):
+    return llama.decoder_layer(cfg, lw, x, kv, layer, step, attn_impl=attn_impl,
+                               interpret=interpret, lora_impl=lora_impl)
+
+
+def _head_fn(cfg: ModelConfig, weights: Weights, x, step: StepInput, samp: SamplingInput):
+    return sample(llama.head(weights, cfg, x, step), samp)
+
+
+class _LayerByLayer:
+    """A compiled step run as separate device calls: embed, each layer, head + sampling
+    (layer_loop="dispatch"). Same call signature and results as a compiled whole step."""
+
+    def __init__(self, embed, layer, head, layer_weights, layer_ids):
+        self.embed, self.layer, self.head = embed, layer, head
+        self.layer_weights, self.layer_ids = layer_weights, layer_ids
+
+    def __call__(self, weights, kv, step, samp):
+        step = jax.device_put(step)   # once, not once per layer call
+        x = self.embed(weights, step)
+        for lw, i in zip(self.layer_weights, self.layer_ids):
+            x, kv = self.layer(lw, x, kv, i, step)
+        tokens, logprobs = self.head(weights, x, step, samp)
+        return tokens, logprobs, kv
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
                  dtype=jnp.float32, attention_impl: str = "auto", interpret: bool | None = None,
-                 tp: int = 1, lora=None):
+                 tp: int = 1, lora=None, layer_loop: str = "auto"):
         self.cfg = cfg
         self.weights = weights
         self.tp = tp
@@ -132,13 +186,24 @@ class ModelRunner:
         # 1x576x3072, 0.23 ms with two rows): bf16 decode on CPU pads to at least two rows.
         self.min_decode_rows = 2 if (jnp.dtype(dtype) == jnp.bfloat16
                                      and jax.default_backend() == "cpu") else 1
+        self.layer_loop = resolve_layer_loop(layer_loop, tp)
+        lora_impl = lora.impl if lora is not None else "xla"
         if tp == 1:
             self.mesh = None
             self.weights = fuse_projections(weights)
             self.kv = init_kv_pages(cfg, num_pages, page_size, dtype)
             self._step = jax.jit(functools.partial(
-                _step_fn, cfg, self.attn_impl, self.interpret,
-                lora_impl=lora.impl if lora is not None else "xla"), donate_argnums=(1,))
+                _step_fn, cfg, self.attn_impl, self.interpret, lora_impl=lora_impl),
+                donate_argnums=(1,))
+            if self.layer_loop == "dispatch":   # per-layer arrays; the stacked ones are dropped
+                self.layer_weights = llama.unstack_layers(self.weights.layers)
+                self.weights = dataclasses.replace(self.weights, layers=None)
+                self._layer_ids = [jnp.int32(i) for i in range(cfg.num_layers)]
+                self._embed = jax.jit(_embed_fn)
+                self._layer = jax.jit(functools.partial(
+                    _layer_fn, cfg, self.attn_impl, self.interpret, lora_impl),
+                    donate_argnums=(1, 2))
+                self._head = jax.jit(functools.partial(_head_fn, cfg))
         else:   # tensor parallel: weights and KV pool sharded by jaxserve.sharding's table
             self.mesh = sharding.make_mesh(tp)
             layout = sharding.head_layout(cfg, tp)   # may pad/replicate heads to divide tp
@@ -158,6 +223,14 @@ class ModelRunner:
         self.num_programs_dropped = 0
         self._seen_buckets: set[tuple] = set()
         self.num_steps = 0
+
+    def stacked_weights(self) -> Weights:
+        """The full weights tree with stacked layers, for calling llama.forward directly (in
+        dispatch mode a fresh stack of the per-layer arrays)."""
+        if self.layer_loop == "scan":
+            return self.weights
+        layers = jax.tree.map(lambda *a: jnp.stack(a), *self.layer_weights)
+        return dataclasses.replace(self.weights, layers=layers)
 
     # -- building the padded step ---------------------------------------------------------------
     def _decode_rows(self, plan: StepPlan) -> list[int]:
@@ -308,7 +381,7 @@ class ModelRunner:
         if prog is not None:
             self._programs.move_to_end(key)
             return prog
-        prog = self._step.lower(self.weights, self.kv, step, samp).compile()
+        prog = self._compile(step, samp)
         self._programs[key] = prog
         limit, n = _map_budget(), _num_maps()
         if limit is not None and n is not None and n > limit and len(self._programs) > 1:
@@ -320,6 +393,17 @@ class ModelRunner:
                 self.num_programs_dropped += 1
             jax.clear_caches()
         return prog
+
+    def _compile(self, step: StepInput, samp: SamplingInput):
+        if self.layer_loop == "scan":
+            return self._step.lower(self.weights, self.kv, step, samp).compile()
+        x = jax.eval_shape(_embed_fn, self.weights, step)
+        return _LayerByLayer(
+            self._embed.lower(self.weights, step).compile(),
+            self._layer.lower(self.layer_weights[0], x, self.kv, self._layer_ids[0],
+                              step).compile(),
+            self._head.lower(self.weights, x, step, samp).compile(),
+            self.layer_weights, self._layer_ids)
 
     def warmup(self, decode_batches=None, prefill_tokens=None, max_pages=None) -> float:
         """Compile the given buckets ahead of serving (on the null page only). Returns seconds."""

@@ -81,7 +81,7 @@ def test_mixed_prefill_full_logits_match_peft(setup):
     runner.kv = runner.lora.write(runner.kv, runner.lora.stage(plan.adapter_loads))
     _, step, _, _ = runner._build(plan)
     fwd = jax.jit(functools.partial(llama.forward, cfg=engine.model_config, all_logits=True))
-    logits, runner.kv = fwd(runner.weights, step=step, kv=runner.kv)
+    logits, runner.kv = fwd(runner.stacked_weights(), step=step, kv=runner.kv)
     logits = np.asarray(logits)
     for i, (p, a) in enumerate(zip(ps, MIX)):
         with torch.no_grad():

@@ -2,6 +2,8 @@
 
 forward(weights, cfg, step, kv) -> (logits, kv): one scan over layers; the K/V of this step's
 tokens are scattered into the paged pool, then each query attends over its sequence's pages.
+The same step also comes in pieces, embed -> decoder_layer x L (per-layer weights) -> head, for
+running one layer per device call (jaxserve.runner, layer_loop="dispatch").
 """
 from __future__ import annotations
 
@@ -100,21 +102,57 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
     return (x, k_pool, v_pool), None
 
 
+def lora_layer_inputs(cfg: ModelConfig, step: StepInput, kv: KVPages):
+    """The step's per-layer LoRA inputs, stacked on a leading layers axis (None without
+    adapters): (ranks, scales[, slot weights])."""
+    if step.lora is None:
+        return None
+    lora_xs = (step.lora.ranks, step.lora.scales)
+    if step.lora.mesh is None:   # single device: adapter weights read once, before the layers
+        lora_xs += (step.lora.weights if step.lora.weights is not None
+                    else gather_all_layers(cfg, step.lora, kv.k, kv.v),)
+    return lora_xs
+
+
+def embed(weights: Weights, step: StepInput):
+    return weights.embed[step.tokens]
+
+
+def decoder_layer(cfg: ModelConfig, lw: LayerWeights, x, kv: KVPages, layer, step: StepInput, *,
+                  attn_impl: str = "xla", interpret: bool = False, lora_impl: str = "xla"):
+    """One decoder layer on its own (unstacked) weights: (x, kv) -> (x, kv). `layer` (an int32
+    scalar, may be traced) selects the pool's layer; the step's LoRA inputs must be pre-gathered
+    (LoraBatch.weights) and are indexed here. For running layer by layer (jaxserve.runner)."""
+    lora_xs = lora_layer_inputs(cfg, step, kv)
+    if lora_xs is not None:
+        if step.lora.mesh is None and step.lora.weights is None:
+            raise ValueError("decoder_layer needs the step's LoRA slot weights gathered first")
+        lora_xs = jax.tree.map(lambda a: a[layer], lora_xs)
+    inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    (x, k, v), _ = _layer(cfg, attn_impl, interpret, inv_freq, step, (x, kv.k, kv.v),
+                          (lw, layer, lora_xs), lora_impl=lora_impl)
+    return x, KVPages(k=k, v=v)
+
+
 def hidden_states(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPages, *,
                   attn_impl: str = "xla", interpret: bool = False, lora_impl: str = "xla"):
-    """Final-norm hidden states [B, T, H] and the updated pool."""
-    x = weights.embed[step.tokens]
+    """Final-norm hidden states [B, T, H] and the updated pool: one scan over the stacked layers."""
+    x = embed(weights, step)
     inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
     body = functools.partial(_layer, cfg, attn_impl, interpret, inv_freq, step, lora_impl=lora_impl)
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    lora_xs = None
-    if step.lora is not None:
-        lora_xs = (step.lora.ranks, step.lora.scales)
-        if step.lora.mesh is None:   # single device: adapter weights read once, before the layers
-            lora_xs += (step.lora.weights if step.lora.weights is not None
-                        else gather_all_layers(cfg, step.lora, kv.k, kv.v),)
+    lora_xs = lora_layer_inputs(cfg, step, kv)
     (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (weights.layers, layers, lora_xs))
     return rms_norm(x, weights.final_norm, cfg.rms_norm_eps), KVPages(k=k, v=v)
+
+
+def head(weights: Weights, cfg: ModelConfig, x, step: StepInput, all_logits: bool = False):
+    """Last layer's output [B, T, H] -> logits: [B, V] float32 at each row's `logits_index`, or
+    [B, T, V] when all_logits."""
+    h = rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
+    if not all_logits:
+        h = jnp.take_along_axis(h, step.logits_index[:, None, None], axis=1)[:, 0]
+    return lm_head(weights, h)
 
 
 def lm_head(weights: Weights, h):
@@ -133,3 +171,9 @@ def forward(weights: Weights, cfg: ModelConfig, step: StepInput, kv: KVPages, *,
     if not all_logits:
         h = jnp.take_along_axis(h, step.logits_index[:, None, None], axis=1)[:, 0]
     return lm_head(weights, h), kv
+
+
+def unstack_layers(layers: LayerWeights) -> list[LayerWeights]:
+    """Stacked layer weights -> one LayerWeights per layer (own buffers, no leading axis)."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: jnp.array(a[i], copy=True), layers) for i in range(n)]
