@@ -260,7 +260,8 @@ class ModelRunner:
             T = self._prefill_tokens_bucket(max(plan.num_new_tokens))
         else:
             rows = self._decode_rows(plan)
-            B = bucket(max(rows) + 1, _pow2_at_least(self.max_num_seqs), lo=self.min_decode_rows)
+            B = bucket(max(rows) + 1, max(_pow2_at_least(self.max_num_seqs), self.min_decode_rows),
+                       lo=self.min_decode_rows)
             T = 1
         # The block table covers the whole request (pages are allocated for the full prompt at
         # admission), which can be longer than this step's chunk.

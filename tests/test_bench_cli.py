@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 from lora_helpers import make_base  # noqa: E402
 
@@ -22,4 +24,4 @@ def test_bench_compare_hf_writes_rates_and_ratios(tmp_path):
             assert r[k] > 0, k
         assert abs(r["ratio_decode"] - r["ours_decode_tok_s"] / r["hf_decode_tok_s"]) < 1e-9
         assert abs(r["ratio_e2e"] - r["ours_e2e_tok_s"] / r["hf_e2e_tok_s"]) < 1e-9
-        assert 0 < r["mfu_decode"] < 1
+        assert 0 < r["mfu_decode"] < 1 and r["mfu_decode_fp32_peak"] == pytest.approx(r["mfu_decode"])
