@@ -178,7 +178,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
-        self.attn_impl = resolve_impl(attention_impl)
+        self.attn_impl = resolve_impl(attention_impl, tp=tp)
         # Pallas on CPU can only run in interpret mode.
         self.interpret = (jax.default_backend() == "cpu") if interpret is None else interpret
         self.lora = lora   # jaxserve.lora.runtime.LoraRuntime, or None

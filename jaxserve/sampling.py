@@ -24,6 +24,21 @@ class SamplingInput:
 MAX_CANDIDATES = 1024  # top-k / top-p look at the 1024 most likely tokens (see below)
 
 
+def _row_max_argmax(x, block: int = 128):
+    """(max [B, 1], first index of it [B]) per row, as jnp.argmax but in two levels: block
+    maxima, the first block holding the row max, then the first index within that block.
+    XLA:CPU runs jnp.argmax as a variadic (value, index) reduce that does not vectorize: 5 ms
+    for 64 x 49k logits on the 2-core VM, against ~0.6 ms this way."""
+    B, V = x.shape
+    nb = -(-V // block)
+    xb = jnp.pad(x, ((0, 0), (0, nb * block - V)), constant_values=-jnp.inf).reshape(B, nb, block)
+    bmax = xb.max(axis=-1)                                            # [B, nb]
+    b = jnp.argmax(bmax, axis=-1)                                     # first block with the max
+    inner = jnp.take_along_axis(xb, b[:, None, None], axis=1)[:, 0]   # [B, block]
+    idx = b * block + jnp.argmax(inner, axis=-1)
+    return jnp.take_along_axis(bmax, b[:, None], axis=1), idx.astype(jnp.int32)
+
+
 def _draw(seeds, counters, logits):
     """One categorical draw per row, keyed by (seed, counter) so rows are batch-independent."""
     def draw(seed, counter, row):
@@ -58,16 +73,16 @@ def _filtered_sample(logits, s: SamplingInput):
                         lambda: _draw(s.seeds, s.counters, scaled),
                         lambda: jnp.zeros(logits.shape[:1], jnp.int32))
     sampled = jnp.where(is_filtered, from_cands, full)
-    return jnp.where(s.temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+    return jnp.where(s.temperature > 0, sampled, _row_max_argmax(logits)[1]).astype(jnp.int32)
 
 
 def sample(logits, s: SamplingInput):
     """logits: [B, V] float32 -> (tokens [B] int32, logprobs [B] float32 of the chosen tokens
     under the unmodified distribution)."""
     logits = logits.astype(jnp.float32)
-    tokens = jax.lax.cond(
-        jnp.all(s.temperature == 0),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        lambda: _filtered_sample(logits, s))
+    m, greedy = _row_max_argmax(logits)
+    tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy,
+                          lambda: _filtered_sample(logits, s))
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
+    lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
+    return tokens, chosen - lse

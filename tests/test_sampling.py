@@ -69,3 +69,19 @@ def test_same_seed_same_counter_same_token_in_any_batch():
                           counters=jnp.full((B,), 5, jnp.int32))
         return int(np.asarray(_sample(jnp.asarray(np.stack(batch)), s)[0])[0])
     assert run([row]) == run([row, *other])
+
+
+def test_two_level_argmax_is_numpys_argmax():
+    """Fresh random rows, with ties (first index wins), a constant row, the max in the last
+    (padded) block, and vocabularies that are not a multiple of the block."""
+    from jaxserve.sampling import _row_max_argmax
+    rng = np.random.default_rng()
+    for V in (49152, 1000, 129, 7):
+        x = rng.standard_normal((6, V)).astype(np.float32)
+        x[1, [3, V // 2, V - 1]] = 50.0          # tie: first index
+        x[2, :] = 3.0                            # all equal: index 0
+        x[3, V - 1] = 1e9                        # in the last, partial block
+        x[4] = np.round(x[4])                    # many ties
+        m, idx = _row_max_argmax(jnp.asarray(x))
+        np.testing.assert_array_equal(np.asarray(idx), x.argmax(-1))
+        np.testing.assert_array_equal(np.asarray(m)[:, 0], x.max(-1))
