@@ -5,12 +5,13 @@ then runs small batched einsums. The kernel here reads each visible K/V row of t
 does all query heads of a GQA group against it, and keeps an online softmax in float32; rows
 (batch row, kv head) are spread over XLA's intra-op thread pool. Decode only (q_len == 1).
 
-The shared library is built on first use with the system C++ compiler
-(`g++ -O3 -march=native -std=c++17 -shared -fPIC`; `$CXX` overrides g++) into
-`$JAXSERVE_CACHE_DIR`, default `~/.cache/jaxserve/kernels/`, under a name keyed by the source,
-the compiler version, the jaxlib version, the build flags and the CPU's feature flags (the code is
-built for this CPU). The build goes to a temporary file that is then renamed into place, so
-processes building at the same time do not see each other's partial output.
+The shared library is built on first use with the system C++ compiler (see native_build:
+`g++ -O3 -march=native -std=c++17 -shared -fPIC`, `$CXX` overrides g++) into
+`$JAXSERVE_CACHE_DIR`, default `~/.cache/jaxserve/kernels/`, as `cpu_attention-<key>.so`, the key
+hashing the source, the compiler version, the jaxlib version, the build flags and the CPU's
+feature flags (the code is built for this CPU). The build goes to a temporary file that is then
+renamed into place, so processes building at the same time do not see each other's partial
+output.
 
 `available()` says whether the kernel can be used (never raises; logs the reason once when not):
 it is False with JAXSERVE_CPU_KERNELS=0 (or false/no/off), off the CPU backend, without a
@@ -18,137 +19,41 @@ compiler, or if the build or load fails. attention.resolve_impl("auto") uses it 
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxserve.model import native_build
+from jaxserve.model.native_build import cache_dir  # noqa: F401 -- part of this module's API
 
 log = logging.getLogger("jaxserve.cpu_attention")
 
 TARGET = "jaxserve_paged_decode_attention"
 _SYMBOL = "JaxservePagedDecodeAttention"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _POOL_DTYPES = (jnp.float32, jnp.uint16, jnp.bfloat16)   # uint16: bf16 bit patterns (kv_cache)
 
-_lock = threading.Lock()
-_state: dict = {}          # "lib": the loaded library, or "error": why it is unusable
-_warned: set[str] = set()
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        log.warning("native CPU paged attention unavailable (using the XLA path): %s", reason)
-
-
-def cache_dir() -> str:
-    return os.environ.get("JAXSERVE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "jaxserve", "kernels")
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX") or "g++"
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line.strip()
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def _build_key(cxx: str, include_dir: str) -> str:
-    import jaxlib
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60,
-                             check=True).stdout
-    h = hashlib.sha256()
-    with open(_SOURCE, "rb") as f:
-        h.update(f.read())
-    for part in (version, jaxlib.__version__, _cpu_flags(), " ".join(_FLAGS), include_dir):
-        h.update(b"\0" + part.encode())
-    return h.hexdigest()[:20]
-
-
-def _build(cxx: str, include_dir: str, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cpu_attention-",
-                               suffix=".so.tmp")
-    os.close(fd)
-    try:
-        cmd = [cxx, *_FLAGS, f"-I{include_dir}", _SOURCE, "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(f"build failed ({' '.join(cmd)}):\n{r.stderr[-4000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+_LIB = native_build.NativeLibrary("cpu_attention", _SOURCE, {TARGET: _SYMBOL},
+                                  "native CPU paged attention", log)
 
 
 def _load():
-    """The loaded library with its FFI target registered, or None (reason in _state['error'])."""
-    with _lock:
-        if "lib" in _state or "error" in _state:
-            return _state.get("lib")
-        try:
-            cxx = _compiler()
-            if shutil.which(cxx) is None:
-                raise RuntimeError(f"no C++ compiler ({cxx!r} not on PATH)")
-            include_dir = jax.ffi.include_dir()
-            path = os.path.join(cache_dir(), f"cpu_attention-{_build_key(cxx, include_dir)}.so")
-            if not os.path.exists(path):
-                log.info("building %s", path)
-                _build(cxx, include_dir, path)
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:          # a damaged cache entry: rebuild it once
-                _build(cxx, include_dir, path)
-                lib = ctypes.CDLL(path)
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
-                                        platform="cpu")
-            _state["lib"] = lib
-        except Exception as e:       # noqa: BLE001 -- available() must never raise
-            _state["error"] = f"{type(e).__name__}: {e}"
-        return _state.get("lib")
+    """The loaded library with its FFI target registered, or None (reason in
+    unavailable_reason())."""
+    return _LIB.load()
 
 
 def unavailable_reason() -> str | None:
     """Why available() is False, or None when it is True."""
-    flag = os.environ.get("JAXSERVE_CPU_KERNELS", "1").strip().lower()
-    if flag in ("0", "false", "no", "off"):
-        return f"disabled by JAXSERVE_CPU_KERNELS={flag}"
-    try:
-        backend = jax.default_backend()
-    except Exception as e:           # noqa: BLE001
-        return f"no JAX backend ({type(e).__name__}: {e})"
-    if backend != "cpu":
-        return f"the default JAX backend is {backend!r}, not 'cpu'"
-    if _load() is None:
-        return _state["error"]
-    return None
+    return _LIB.unavailable_reason()
 
 
 def available() -> bool:
     """Whether paged_decode_attention can run here (builds the kernel on first call)."""
-    reason = unavailable_reason()
-    if reason is not None:
-        _warn_once(reason)
-        return False
-    return True
+    return _LIB.available()
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, kv_lens, q_positions, *, scale,

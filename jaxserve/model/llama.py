@@ -39,7 +39,11 @@ def apply_rope(x, positions, inv_freq):
 
 
 def _proj(x, w, b=None):
-    y = jnp.einsum("bth,ho->bto", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    from jaxserve.model import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
+    if cpu_matmul.use_for(x, w):
+        y = cpu_matmul.matmul(x, w).astype(x.dtype)
+    else:
+        y = jnp.einsum("bth,ho->bto", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     return y if b is None else y + b.astype(y.dtype)
 
 
@@ -156,8 +160,13 @@ def head(weights: Weights, cfg: ModelConfig, x, step: StepInput, all_logits: boo
 
 
 def lm_head(weights: Weights, h):
+    from jaxserve.model import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
     if weights.lm_head is None:  # tied: contract with the embedding's hidden axis, no transpose
+        if cpu_matmul.use_for(h, weights.embed, transposed=True):
+            return cpu_matmul.matmul_t(h, weights.embed)
         return jnp.einsum("...h,vh->...v", h, weights.embed, preferred_element_type=jnp.float32)
+    if cpu_matmul.use_for(h, weights.lm_head):
+        return cpu_matmul.matmul(h, weights.lm_head)
     return jnp.einsum("...h,hv->...v", h, weights.lm_head, preferred_element_type=jnp.float32)
 
 

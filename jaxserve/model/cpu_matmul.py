@@ -1,0 +1,130 @@
+"""Small-M matmuls against bf16 (and f32) weights on XLA:CPU (FFI custom calls, cpu_matmul.cc).
+
+Decode at batch 1-8 reads every weight once per step, so it is bound by memory bandwidth; but
+XLA:CPU's dot with bf16 weights and a few rows runs far below it (x[M, 576] @ W[576, 3072] bf16
+with float32 accumulation: ~5 GB/s of weights at M = 1, ~10-15 GB/s at M = 2-8, against ~25 GB/s
+for float32 weights). The kernels here stream the bf16 weights once, widen them exactly to
+float32 (bits << 16) and accumulate in float32 against x in float32 (a bf16 x is widened, never
+the other way round), spread over XLA's intra-op thread pool:
+
+  matmul(x, w)    x [..., K] @ w [K, N]        (projections: [in, out])
+  matmul_t(x, e)  x [..., K] @ e[N, K]^T       (tied-embedding LM head: one contiguous row of
+                                                e per output)
+
+Both return float32 [..., N]; x may be float32 or bfloat16 (other float dtypes are cast to
+float32 first); the weights are bfloat16, or float32 (the same kernels without the widening:
+XLA's float32 dot also falls below bandwidth at M = 2-16). They work under jit; the custom call
+has no partitioning rule, so keep it out of sharded (tensor-parallel) programs.
+
+Built on first use like cpu_attention (see native_build: g++ -O3 -march=native into
+`$JAXSERVE_CACHE_DIR`, `cpu_matmul-<key>.so`). `available()` never raises; it is False with
+JAXSERVE_CPU_KERNELS=0, off the CPU backend, without a compiler, or if the build fails.
+llama._proj / llama.lm_head use these when `use_for` says so (see ROW_RANGES).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model import native_build
+
+log = logging.getLogger("jaxserve.cpu_matmul")
+
+TARGET = "jaxserve_matmul_bf16"            # x @ W
+TARGET_T = "jaxserve_matmul_t_bf16"        # x @ E^T
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
+_LIB = native_build.NativeLibrary(
+    "cpu_matmul", _SOURCE, {TARGET: "JaxserveMatmulBf16", TARGET_T: "JaxserveMatmulTBf16"},
+    "native CPU bf16 matmul", log)
+
+# When llama's projections / LM head take the kernel: for x with `rows` rows (x's leading dims
+# multiplied) against weights of this dtype and layout ("nn": x @ W, "nt": x @ E^T, the tied
+# head), ROW_RANGES[dtype, layout] = (fewest, most) rows. Measured with
+# scripts/bench_cpu_matmul.py on the default model's shapes, weights cycled from DRAM (2-core
+# Sapphire Rapids, ~28 GB/s of read bandwidth; the tables: bench_results/cpu_matmul*.json):
+#   bf16 x @ W: the kernel reads the weights at 20-35 GB/s for M = 1-8, 1.3-17x XLA's dot (XLA:
+#     ~2 GB/s at M = 1, 8-17 GB/s at M = 2-8); at M = 12-16 its float32 multiply-adds are the
+#     limit (~8-15 GB/s) and XLA is as fast or faster: crossover at 8 (MAX_ROWS).
+#   bf16 x @ E^T (49152 x 576): 23 GB/s at M = 1 (XLA 0.9), 1.0-1.3x XLA at M = 4, 0.8-0.9x at
+#     M = 8: up to 4.
+#   f32 x @ W: XLA's dot already streams at ~26 GB/s for M = 1 (the kernel: the same), but drops
+#     to 9-18 GB/s for M = 2-16, where the kernel keeps 15-38 GB/s (1.5-2.6x); still 1.5x at
+#     M = 24-32, 1.0x at 64; kept to 2..16 (decode-sized batches).
+#   f32 x @ E^T: 0.9x at M = 1, 1.1-1.5x at M = 2-8, ~1.1x at 16, < 1 from 24: 2..8.
+MAX_ROWS = 8
+ROW_RANGES = {
+    ("bfloat16", "nn"): (1, MAX_ROWS),
+    ("bfloat16", "nt"): (1, 4),
+    ("float32", "nn"): (2, 16),
+    ("float32", "nt"): (2, 8),
+}
+
+
+def unavailable_reason() -> str | None:
+    """Why available() is False, or None when it is True."""
+    return _LIB.unavailable_reason()
+
+
+def available() -> bool:
+    """Whether matmul / matmul_t can run here (builds the kernel on first call)."""
+    return _LIB.available()
+
+
+def rows(x) -> int:
+    """Rows of x as the kernel sees them: the product of its leading dims (static)."""
+    return math.prod(x.shape[:-1])
+
+
+def use_for(x, w, transposed: bool = False) -> bool:
+    """Whether llama's projections / LM head should take the kernel for x against weight w
+    (w [K, N]; with `transposed`, the tied head's e [N, K]), decided at trace time from static
+    shapes: the CPU backend with one device (the custom call has no partitioning rule), a
+    bfloat16 or float32 weight, rows(x) within ROW_RANGES, and the kernel available."""
+    lo, hi = ROW_RANGES.get((jnp.dtype(w.dtype).name, "nt" if transposed else "nn"), (1, 0))
+    if not lo <= rows(x) <= hi:
+        return False
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    return available()
+
+
+def _prepare(x, w, name: str, w_layout: str):
+    if w.ndim != 2:
+        raise ValueError(f"{name}: weight must be 2-D {w_layout}, got shape {w.shape}")
+    if w.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"{name}: weight must be bfloat16 or float32, got {w.dtype}")
+    if x.ndim < 1:
+        raise ValueError(f"{name}: x must be [..., K], got a scalar")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name}: x must be a float array, got {x.dtype}")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        x = x.astype(jnp.float32)
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"native CPU bf16 matmul unavailable: {reason}")
+    return x.reshape(rows(x), x.shape[-1])
+
+
+def matmul(x, w):
+    """x [..., K] (float32 or bfloat16) @ w [K, N] (bfloat16 or float32) -> float32 [..., N]."""
+    x2 = _prepare(x, w, "matmul", "[K, N]")
+    K, N = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"matmul: x {x.shape} and w {w.shape}: K {x.shape[-1]} != {K}")
+    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(x2, w)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def matmul_t(x, e):
+    """x [..., K] (float32 or bfloat16) @ e[N, K]^T (e bfloat16 or float32) -> float32
+    [..., N]."""
+    x2 = _prepare(x, e, "matmul_t", "[N, K]")
+    N, K = e.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"matmul_t: x {x.shape} and e {e.shape}: K {x.shape[-1]} != {K}")
+    y = jax.ffi.ffi_call(TARGET_T, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(x2, e)
+    return y.reshape(*x.shape[:-1], N)
