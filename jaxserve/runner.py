@@ -186,9 +186,12 @@ class ModelRunner:
         self.interpret = (jax.default_backend() == "cpu") if interpret is None else interpret
         self.lora = lora   # jaxserve.lora.runtime.LoraRuntime, or None
         # XLA:CPU runs a one-row bf16 matmul as a slow matrix-vector product (0.53 ms for
-        # 1x576x3072, 0.23 ms with two rows): bf16 decode on CPU pads to at least two rows.
+        # 1x576x3072, 0.23 ms with two rows): bf16 decode on CPU pads to at least two rows,
+        # unless the native small-M kernel (model/cpu_matmul.py) takes those rows.
+        from jaxserve.model import cpu_matmul
         self.min_decode_rows = 2 if (jnp.dtype(dtype) == jnp.bfloat16
-                                     and jax.default_backend() == "cpu") else 1
+                                     and jax.default_backend() == "cpu"
+                                     and not (tp == 1 and cpu_matmul.available())) else 1
         self.layer_loop = resolve_layer_loop(layer_loop, tp)
         lora_impl = lora.impl if lora is not None else "xla"
         if tp == 1:

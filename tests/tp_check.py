@@ -128,7 +128,7 @@ def decode_hlo(runner: ModelRunner, batch: int) -> str:
     from jaxserve.sampling import SamplingInput
     samp = SamplingInput(np.zeros(batch, np.float32), z(batch), np.ones(batch, np.float32),
                          np.zeros(batch, np.uint32), z(batch))
-    return runner._step.lower(runner.weights, runner.kv, step, samp).compile().as_text()
+    return runner._step.lower(runner.stacked_weights(), runner.kv, step, samp).compile().as_text()
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -199,7 +199,7 @@ def lora_first_logits(eng, ps, adapters):
 
     cfg = sharding.head_layout(eng.model_config, runner.tp).config
     fwd = jax.jit(lambda w, kv, s: llama.forward(w, cfg, s, kv)[0])
-    logits = np.asarray(fwd(runner.weights, runner.kv, step))[:len(ps)]
+    logits = np.asarray(fwd(runner.stacked_weights(), runner.kv, step))[:len(ps)]
     for i in range(len(ps)):
         eng.abort(f"x{i}")
     return logits
@@ -268,7 +268,7 @@ def lora_hlo_check(args):
             plan = eng.scheduler.schedule()
             assert not plan.is_prefill and len(plan.seqs) == len(ps)
             _, step, samp, _ = eng.runner._build(plan)
-            hlo = eng.runner._step.lower(eng.runner.weights, eng.runner.kv, step,
+            hlo = eng.runner._step.lower(eng.runner.stacked_weights(), eng.runner.kv, step,
                                          samp).compile().as_text()
             cfg = eng.model_config
             result[f"tp{tp}"] = {"collectives": collectives(hlo), "modules": list(step.lora.modules),
