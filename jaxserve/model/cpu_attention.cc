@@ -52,6 +52,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -60,43 +61,9 @@ namespace {
 
 // ----------------------------------------------------------------------------- vector types
 
-#if defined(__AVX512F__)
-constexpr int kW = 16;
-#elif defined(__AVX__) || defined(__ARM_FEATURE_SVE)
-constexpr int kW = 8;
-#else
-constexpr int kW = 4;
-#endif
-typedef float VF __attribute__((vector_size(kW * sizeof(float))));
-typedef int32_t VI __attribute__((vector_size(kW * sizeof(float))));
+using namespace jaxserve_simd;  // kW, VF, VI, LoadF, StoreF, PairSum (cpu_simd.h)
 typedef uint32_t VU32 __attribute__((vector_size(kW * sizeof(float))));
 typedef uint16_t VU16 __attribute__((vector_size(kW * sizeof(uint16_t))));
-
-inline VF Load(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void Store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
-
-// Lanes [0, kW/2) = sums of adjacent lane pairs of a, lanes [kW/2, kW) = the same for b.
-inline VF PairSum(VF a, VF b) {
-#if defined(__clang__)
-#define JXS_SHUF(...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define JXS_SHUF(...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
-#endif
-#if defined(__AVX512F__)
-  return JXS_SHUF(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         JXS_SHUF(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#elif defined(__AVX__) || defined(__ARM_FEATURE_SVE)
-  return JXS_SHUF(0, 2, 4, 6, 8, 10, 12, 14) + JXS_SHUF(1, 3, 5, 7, 9, 11, 13, 15);
-#else
-  return JXS_SHUF(0, 2, 4, 6) + JXS_SHUF(1, 3, 5, 7);
-#endif
-#undef JXS_SHUF
-}
 
 // Lane groups of the result hold partial sums of q . rows[i] for i < N, in row order, kW / N
 // lanes per row; with N = kW, lane i is the dot product of q with rows[i]. The lanes of each
@@ -106,10 +73,10 @@ template <int N, int kD>
 inline VF Dots(const float* __restrict q, const float* const* rows) {
   if constexpr (N == 1) {
     const float* r = rows[0];
-    VF a0 = Load(q) * Load(r), a1 = Load(q + kW) * Load(r + kW);  // two chains
+    VF a0 = LoadF(q) * LoadF(r), a1 = LoadF(q + kW) * LoadF(r + kW);  // two chains
     for (int c = 2; c < kD / kW; c += 2) {
-      a0 += Load(q + c * kW) * Load(r + c * kW);
-      a1 += Load(q + (c + 1) * kW) * Load(r + (c + 1) * kW);
+      a0 += LoadF(q + c * kW) * LoadF(r + c * kW);
+      a1 += LoadF(q + (c + 1) * kW) * LoadF(r + (c + 1) * kW);
     }
     return a0 + a1;
   } else {
@@ -295,7 +262,7 @@ void BlockScores(const Problem& pr, Scratch& sc, int64_t nb, int64_t SS) {
     for (int64_t j = nb; j < (nb + kW - 1) / kW * kW; ++j) sc.krows[j] = sc.zero.data();
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t j = 0; j < nb; j += kW) {
-        Store(&sc.s[g * SS + j], Dots<kW, kD>(&sc.qs[g * kD], &sc.krows[j]));
+        StoreF(&sc.s[g * SS + j], Dots<kW, kD>(&sc.qs[g * kD], &sc.krows[j]));
       }
     }
   } else {
@@ -319,37 +286,37 @@ void BlockWeightedSum(const Problem& pr, Scratch& sc, int64_t nb, int64_t SS) {
       for (; g + 1 < G; g += 2) {
         float* a_ptr = acc + g * kD + c;
         float* b_ptr = acc + (g + 1) * kD + c;
-        VF a0 = Load(a_ptr), a1 = Load(a_ptr + kW), a2 = Load(a_ptr + 2 * kW),
-           a3 = Load(a_ptr + 3 * kW);
-        VF b0 = Load(b_ptr), b1 = Load(b_ptr + kW), b2 = Load(b_ptr + 2 * kW),
-           b3 = Load(b_ptr + 3 * kW);
+        VF a0 = LoadF(a_ptr), a1 = LoadF(a_ptr + kW), a2 = LoadF(a_ptr + 2 * kW),
+           a3 = LoadF(a_ptr + 3 * kW);
+        VF b0 = LoadF(b_ptr), b1 = LoadF(b_ptr + kW), b2 = LoadF(b_ptr + 2 * kW),
+           b3 = LoadF(b_ptr + 3 * kW);
         const float* pa = s + g * SS;
         const float* pb = s + (g + 1) * SS;
         for (int64_t j = 0; j < nb; ++j) {
           const float* v = sc.vrows[j] + c;
-          const VF v0 = Load(v), v1 = Load(v + kW), v2 = Load(v + 2 * kW), v3 = Load(v + 3 * kW);
+          const VF v0 = LoadF(v), v1 = LoadF(v + kW), v2 = LoadF(v + 2 * kW), v3 = LoadF(v + 3 * kW);
           const float x = pa[j], y = pb[j];
           a0 += x * v0, a1 += x * v1, a2 += x * v2, a3 += x * v3;
           b0 += y * v0, b1 += y * v1, b2 += y * v2, b3 += y * v3;
         }
-        Store(a_ptr, a0), Store(a_ptr + kW, a1), Store(a_ptr + 2 * kW, a2);
-        Store(a_ptr + 3 * kW, a3);
-        Store(b_ptr, b0), Store(b_ptr + kW, b1), Store(b_ptr + 2 * kW, b2);
-        Store(b_ptr + 3 * kW, b3);
+        StoreF(a_ptr, a0), StoreF(a_ptr + kW, a1), StoreF(a_ptr + 2 * kW, a2);
+        StoreF(a_ptr + 3 * kW, a3);
+        StoreF(b_ptr, b0), StoreF(b_ptr + kW, b1), StoreF(b_ptr + 2 * kW, b2);
+        StoreF(b_ptr + 3 * kW, b3);
       }
       if (g < G) {
         float* a_ptr = acc + g * kD + c;
-        VF a0 = Load(a_ptr), a1 = Load(a_ptr + kW), a2 = Load(a_ptr + 2 * kW),
-           a3 = Load(a_ptr + 3 * kW);
+        VF a0 = LoadF(a_ptr), a1 = LoadF(a_ptr + kW), a2 = LoadF(a_ptr + 2 * kW),
+           a3 = LoadF(a_ptr + 3 * kW);
         const float* pa = s + g * SS;
         for (int64_t j = 0; j < nb; ++j) {
           const float* v = sc.vrows[j] + c;
           const float x = pa[j];
-          a0 += x * Load(v), a1 += x * Load(v + kW), a2 += x * Load(v + 2 * kW);
-          a3 += x * Load(v + 3 * kW);
+          a0 += x * LoadF(v), a1 += x * LoadF(v + kW), a2 += x * LoadF(v + 2 * kW);
+          a3 += x * LoadF(v + 3 * kW);
         }
-        Store(a_ptr, a0), Store(a_ptr + kW, a1), Store(a_ptr + 2 * kW, a2);
-        Store(a_ptr + 3 * kW, a3);
+        StoreF(a_ptr, a0), StoreF(a_ptr + kW, a1), StoreF(a_ptr + 2 * kW, a2);
+        StoreF(a_ptr + 3 * kW, a3);
       }
     }
   } else {

@@ -65,6 +65,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -77,24 +78,9 @@ namespace {
 
 // ----------------------------------------------------------------------------- vector types
 
-#if defined(__AVX512F__)
-constexpr int kW = 16;
-#elif defined(__AVX__) || defined(__ARM_FEATURE_SVE)
-constexpr int kW = 8;
-#else
-constexpr int kW = 4;
-#endif
+using namespace jaxserve_simd;  // kW, VF, LoadF, StoreF, PairSum (cpu_simd.h)
 constexpr int kChunk = 2 * kW;  // bf16 weights per vector load: kW even + kW odd positions
-typedef float VF __attribute__((vector_size(kW * sizeof(float))));
 typedef uint32_t VU __attribute__((vector_size(kW * sizeof(float))));
-
-inline VF LoadF(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline void StoreF(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
 
 // 2 * kW bf16 at p -> (even positions, odd positions) as float32, exactly.
 inline void Widen2(const uint16_t* p, VF* even, VF* odd) {
@@ -234,28 +220,9 @@ constexpr int kR = 4;                   // rows of E per register block
 constexpr int64_t kPrefetchL1NT = 4;   // rows ahead, into L1
 constexpr int64_t kPrefetchL2NT = 16;  // rows ahead, into L2
 
-// Lanes [0, kW/2) = sums of adjacent lane pairs of a, lanes [kW/2, kW) = the same for b.
-inline VF FoldPairs(VF a, VF b) {
-  typedef int32_t VI __attribute__((vector_size(kW * sizeof(float))));
-#if defined(__clang__)
-#define JXS_SEL(...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define JXS_SEL(...) __builtin_shuffle(a, b, VI{__VA_ARGS__})
-#endif
-#if defined(__AVX512F__)
-  return JXS_SEL(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         JXS_SEL(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-#elif defined(__AVX__) || defined(__ARM_FEATURE_SVE)
-  return JXS_SEL(0, 2, 4, 6, 8, 10, 12, 14) + JXS_SEL(1, 3, 5, 7, 9, 11, 13, 15);
-#else
-  return JXS_SEL(0, 2, 4, 6) + JXS_SEL(1, 3, 5, 7);
-#endif
-#undef JXS_SEL
-}
-
-// s[r] = the lane sum of a[r], r < 4: two levels of FoldPairs leave kW / 4 lanes per row.
+// s[r] = the lane sum of a[r], r < 4: two levels of PairSum leave kW / 4 lanes per row.
 inline void LaneSums4(const VF* a, float* s) {
-  const VF f = FoldPairs(FoldPairs(a[0], a[1]), FoldPairs(a[2], a[3]));
+  const VF f = PairSum(PairSum(a[0], a[1]), PairSum(a[2], a[3]));
   float l[kW];
   std::memcpy(l, &f, sizeof l);
   for (int r = 0; r < 4; ++r) {

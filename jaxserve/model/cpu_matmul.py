@@ -109,22 +109,21 @@ def _prepare(x, w, name: str, w_layout: str):
     return x.reshape(rows(x), x.shape[-1])
 
 
+def _call(target, x, w, name: str, wname: str, layout: str, k_axis: int):
+    x2 = _prepare(x, w, name, layout)
+    K, N = w.shape[k_axis], w.shape[1 - k_axis]
+    if x.shape[-1] != K:
+        raise ValueError(f"{name}: x {x.shape} and {wname} {w.shape}: K {x.shape[-1]} != {K}")
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(x2, w)
+    return y.reshape(*x.shape[:-1], N)
+
+
 def matmul(x, w):
     """x [..., K] (float32 or bfloat16) @ w [K, N] (bfloat16 or float32) -> float32 [..., N]."""
-    x2 = _prepare(x, w, "matmul", "[K, N]")
-    K, N = w.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"matmul: x {x.shape} and w {w.shape}: K {x.shape[-1]} != {K}")
-    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(x2, w)
-    return y.reshape(*x.shape[:-1], N)
+    return _call(TARGET, x, w, "matmul", "w", "[K, N]", k_axis=0)
 
 
 def matmul_t(x, e):
     """x [..., K] (float32 or bfloat16) @ e[N, K]^T (e bfloat16 or float32) -> float32
     [..., N]."""
-    x2 = _prepare(x, e, "matmul_t", "[N, K]")
-    N, K = e.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"matmul_t: x {x.shape} and e {e.shape}: K {x.shape[-1]} != {K}")
-    y = jax.ffi.ffi_call(TARGET_T, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(x2, e)
-    return y.reshape(*x.shape[:-1], N)
+    return _call(TARGET_T, x, e, "matmul_t", "e", "[N, K]", k_axis=1)

@@ -1,9 +1,9 @@
 """Lazy builds of the native XLA:CPU kernels (cpu_attention.cc, cpu_matmul.cc).
 
-Each kernel source is one C++ file, built on first use with the system C++ compiler
+Each kernel source is one C++ file (plus the shared header cpu_simd.h), built on first use with the system C++ compiler
 (`g++ -O3 -march=native -std=c++17 -shared -fPIC`; `$CXX` overrides g++) into
 `$JAXSERVE_CACHE_DIR`, default `~/.cache/jaxserve/kernels/`, as `<name>-<key>.so`, the key hashing
-the source, the compiler version, the jaxlib version, the build flags, the FFI include dir and
+the source and headers, the compiler version, the jaxlib version, the build flags, the FFI include dir and
 the CPU's feature flags (the code is built for this CPU). The build goes to a temporary file that
 is then renamed into place, so processes building at the same time do not see each other's
 partial output. The loaded library's handlers are registered as XLA FFI targets on "cpu".
@@ -27,6 +27,8 @@ import threading
 import jax
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+HEADERS = (os.path.join(_HERE, "cpu_simd.h"),)   # included by every kernel source; in the key
 
 
 def cache_dir() -> str:
@@ -80,8 +82,9 @@ class NativeLibrary:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60,
                                  check=True).stdout
         h = hashlib.sha256()
-        with open(self.source, "rb") as f:
-            h.update(f.read())
+        for path in (self.source, *HEADERS):
+            with open(path, "rb") as f:
+                h.update(f.read())
         for part in (version, jaxlib.__version__, cpu_flags(), " ".join(FLAGS), include_dir):
             h.update(b"\0" + part.encode())
         return h.hexdigest()[:20]
@@ -92,7 +95,7 @@ class NativeLibrary:
                                    suffix=".so.tmp")
         os.close(fd)
         try:
-            cmd = [cxx, *FLAGS, f"-I{include_dir}", self.source, "-o", tmp]
+            cmd = [cxx, *FLAGS, f"-I{include_dir}", f"-I{_HERE}", self.source, "-o", tmp]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if r.returncode != 0:
                 raise RuntimeError(f"build failed ({' '.join(cmd)}):\n{r.stderr[-4000:]}")
