@@ -22,7 +22,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.model import llama
 from jaxserve.model.attention import resolve_impl
 from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
-from jaxserve.model.weights import Weights, fuse_projections
+from jaxserve.model.weights import Weights, fuse_projections, pack_for_amx
 from jaxserve.sampling import SamplingInput, sample
 from scheduler import StepPlan
 
@@ -193,6 +193,7 @@ class ModelRunner:
                                      and jax.default_backend() == "cpu"
                                      and not (tp == 1 and cpu_matmul.available())) else 1
         self.layer_loop = resolve_layer_loop(layer_loop, tp)
+        self.amx = False   # projections packed for cpu_matmul.matmul_amx (dispatch, bf16)
         lora_impl = lora.impl if lora is not None else "xla"
         if tp == 1:
             self.mesh = None
@@ -204,6 +205,11 @@ class ModelRunner:
             if self.layer_loop == "dispatch":   # per-layer arrays; the stacked ones are dropped
                 self.layer_weights = llama.unstack_layers(self.weights.layers)
                 self.weights = dataclasses.replace(self.weights, layers=None)
+                # bf16 on a CPU with AMX: projections (and the tied head) in the tile layout.
+                self.amx = jnp.dtype(dtype) == jnp.bfloat16 and cpu_matmul.amx_available()
+                if self.amx:
+                    self.weights, self.layer_weights = pack_for_amx(self.weights,
+                                                                    self.layer_weights)
                 self._layer_ids = [jnp.int32(i) for i in range(cfg.num_layers)]
                 self._embed = jax.jit(_embed_fn)
                 self._layer = jax.jit(functools.partial(

@@ -101,6 +101,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--weight-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="weights (and x) dtype")
+    ap.add_argument("--kernel", default="small-m", choices=("small-m", "amx"),
+                    help="small-m: matmul / matmul_t; amx: matmul_amx on weights packed with "
+                         "pack_amx (the head: E^T packed), bf16 only")
     ap.add_argument("--json", default=None,
                     help="default: bench_results/cpu_matmul.json (f32: cpu_matmul_f32.json); "
                          "'' for none")
@@ -109,8 +112,12 @@ def main(argv=None):
         sys.exit(f"kernel unavailable: {cpu_matmul.unavailable_reason()}")
     rows_list = [int(m) for m in args.rows.split(",")]
     wdt = jnp.dtype(args.weight_dtype)
+    amx = args.kernel == "amx"
+    if amx and (wdt != jnp.bfloat16 or not cpu_matmul.amx_available()):
+        sys.exit("--kernel amx needs bfloat16 weights and AMX (cpu_matmul.amx_available())")
     if args.json is None:
-        args.json = os.path.join("bench_results", "cpu_matmul.json" if wdt == jnp.bfloat16
+        args.json = os.path.join("bench_results", "cpu_matmul_amx.json" if amx else
+                                 "cpu_matmul.json" if wdt == jnp.bfloat16
                                  else "cpu_matmul_f32.json")
     shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes.split(",")]
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__},"
@@ -133,7 +140,12 @@ def main(argv=None):
         # Distinct copies: each a different buffer (and slightly different values).
         ws = [jnp.asarray(base * (1.0 + 1e-3 * i), wdt) for i in range(args.copies)]
         nbytes = K * N * jnp.dtype(wdt).itemsize
-        kern = chained(cpu_matmul.matmul if layout == "nn" else cpu_matmul.matmul_t, args.copies)
+        kfn = cpu_matmul.matmul if layout == "nn" else cpu_matmul.matmul_t
+        kws = ws
+        if amx:
+            kfn = cpu_matmul.matmul_amx
+            kws = [cpu_matmul.pack_amx(w if layout == "nn" else w.T) for w in ws]
+        kern = chained(kfn, args.copies)
         xla = chained(xla_nn if layout == "nn" else xla_nt, args.copies)
         for M in rows_list:
             x = jnp.asarray(rng.standard_normal((M, K), np.float32), wdt)
@@ -142,10 +154,9 @@ def main(argv=None):
             x0 = np.asarray(x, np.float64)
             ref = x0 @ (w0 if layout == "nn" else w0.T)
             S = np.abs(x0) @ np.abs(w0 if layout == "nn" else w0.T)
-            yk = np.asarray(jax.jit(cpu_matmul.matmul if layout == "nn" else cpu_matmul.matmul_t)(
-                x, ws[0]))
+            yk = np.asarray(jax.jit(kfn)(x, kws[0]))
             err = float((np.abs(yk - ref) / S).max())
-            tk = median_s(kern, (x, *ws), args.reps) / args.copies
+            tk = median_s(kern, (x, *kws), args.reps) / args.copies
             tx = median_s(xla, (x, *ws), args.reps) / args.copies
             row = dict(shape=name, layout=layout, K=K, N=N, M=M, weight_mb=nbytes / 2 ** 20,
                        kernel_ms=tk * 1e3, kernel_gbps=nbytes / tk / 1e9, xla_ms=tx * 1e3,
@@ -155,9 +166,9 @@ def main(argv=None):
                   f"{nbytes * args.copies / 2 ** 20:9.0f} {tk * 1e3:10.3f} "
                   f"{row['kernel_gbps']:6.1f} {tx * 1e3:8.3f} {row['xla_gbps']:6.1f} "
                   f"{row['speedup']:7.2f}x {err:9.1e}", flush=True)
-        del ws
+        del ws, kws
     out = dict(device=jax.devices()[0].device_kind, cpus=os.cpu_count(), jax=jax.__version__,
-               weight_dtype=wdt.name, copies=args.copies, reps=args.reps, llc=llc_size(),
+               weight_dtype=wdt.name, kernel=args.kernel, copies=args.copies, reps=args.reps, llc=llc_size(),
                read_bandwidth_gbps=bw, rows=results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

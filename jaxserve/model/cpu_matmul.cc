@@ -68,6 +68,13 @@
 #include "cpu_simd.h"
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define JXS_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -311,6 +318,125 @@ struct AlignedAlloc {
   bool operator!=(const AlignedAlloc&) const { return false; }
 };
 
+// ----------------------------------------------------------------------------- AMX, packed W
+//
+// JaxserveMatmulAmx: y = x @ W for bfloat16 x [M, K] and a bfloat16 W [K, N] stored pre-packed
+// for Intel AMX (cpu_matmul.pack_amx, done once when the weights are loaded):
+//   Wp [Ns, Kb, 2, 16, 32] with Kb = ceil(K / 32), Ns = ceil(N / 32):
+//   Wp[s, kb, t, p, 2 * n + e] = W[32 kb + 2 p + e, 32 s + 16 t + n]   (zero past K and N)
+// i.e. per strip of 32 columns s and 32-row slice kb, two 1 KB B tiles in the "VNNI" layout
+// that TDPBF16PS takes: 16 rows of 16 (k, k + 1) pairs. A strip is one contiguous run of
+// Kb * 2 KB, read front to back (the hardware prefetchers follow it; no repacking per call).
+// TDPBF16PS multiplies a 16 x 32 bf16 tile A by such a B tile into a 16 x 16 float32 tile C,
+// the products exact (bf16 x bf16 fits in float32) and summed in float32: the arithmetic of
+// XLA's bf16 dot with float32 accumulation, in another summation order (per 32-wide slice of K
+// one tile product, in the hardware's order inside it; the slices in order). Float32 x never
+// takes this path (it would have to be rounded to bf16).
+// x is packed once per call, by the caller, into A tiles: xa[Mt][Kb][16][32] (Mt = ceil(M / 16),
+// zero-padded), so each A tile is 1 KB contiguous (tile loads with a 64-byte row stride ran
+// ~1.5x faster than with x's own row stride, measured). Tiles: C0..C3 = tmm0..3, A0, A1 =
+// tmm4, 5, B0, B1 = tmm6, 7, all 16 rows x 64 bytes. Work item = kAmxStrips strips; per strip
+// and 32 rows of x, a 32 x 32 block of y (2 x 2 C tiles) over all Kb slices, stored through a
+// float scratch (rows past M and columns past N dropped). With M > 32 the strip is read again
+// for each further 32 rows, from L2.
+//
+// Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process):
+// JaxserveAmxAvailable() says whether this build has the path and the request succeeded. Each
+// thread loads the tile configuration before its items and releases the tiles after them.
+
+#ifdef JXS_AMX
+bool AmxEnabled() {
+  static const bool ok = [] {
+    constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023;  // ARCH_{GET,REQ}_XCOMP_PERM
+    constexpr int kXtileData = 18;                         // XFEATURE_XTILEDATA
+    if (syscall(SYS_arch_prctl, kReqPerm, kXtileData) != 0) return false;
+    unsigned long mask = 0;
+    if (syscall(SYS_arch_prctl, kGetPerm, &mask) != 0) return false;
+    return ((mask >> kXtileData) & 1) != 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline void AmxConfigure() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  _tile_loadconfig(&c);
+}
+
+// c[32][32] = (A0; A1) @ (B0 B1) over Kb slices: A tiles at a0 / a1 + kb * 512, B tiles at
+// b + kb * 1024 (B0) and + 512 (B1). Without kTwoA only A0 (rows 0..16 of c).
+template <bool kTwoA>
+inline void AmxBlock(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, int64_t Kb,
+                     float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kTwoA) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < Kb; ++kb) {
+    _tile_loadd(6, b + kb * 1024, 64);
+    _tile_loadd(7, b + kb * 1024 + 512, 64);
+    _tile_loadd(4, a0 + kb * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (kTwoA) {
+      _tile_loadd(5, a1 + kb * 512, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  if constexpr (kTwoA) {
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+}
+#else
+bool AmxEnabled() { return false; }
+#endif  // JXS_AMX
+
+constexpr int64_t kAmxStrips = 2;  // strips of 32 columns per work item
+
+struct AmxProblem {
+  const uint16_t* wp;  // [Ns, Kb, 2, 16, 32]
+  float* y;            // [M, N]
+  int64_t M, K, N, Kb, Ns, Mt;
+  std::vector<uint16_t, AlignedAlloc<uint16_t>> xa;  // [Mt][Kb][16][32]
+};
+
+#ifdef JXS_AMX
+void AmxItem(const AmxProblem& pr, int64_t item, float* c) {
+  const int64_t s1 = std::min(pr.Ns, (item + 1) * kAmxStrips);
+  for (int64_t s = item * kAmxStrips; s < s1; ++s) {
+    const uint16_t* b = pr.wp + s * pr.Kb * 1024;
+    const int64_t nc = std::min<int64_t>(32, pr.N - s * 32);
+    for (int64_t mt = 0; mt < pr.Mt; mt += 2) {
+      const uint16_t* a0 = pr.xa.data() + mt * pr.Kb * 512;
+      if (mt + 1 < pr.Mt) {
+        AmxBlock<true>(a0, a0 + pr.Kb * 512, b, pr.Kb, c);
+      } else {
+        AmxBlock<false>(a0, nullptr, b, pr.Kb, c);
+      }
+      const int64_t mr = std::min<int64_t>(32, pr.M - mt * 16);
+      float* y = pr.y + mt * 16 * pr.N + s * 32;
+      for (int64_t m = 0; m < mr; ++m) std::memcpy(y + m * pr.N, c + m * 32, nc * sizeof(float));
+    }
+  }
+}
+#endif  // JXS_AMX
+
+// ----------------------------------------------------------------------------- x @ W, x @ E^T
+
 struct Problem {
   bool transposed;      // x @ E^T
   const float* x;       // [M, K] float32 (the operand, or xbuf)
@@ -445,7 +571,8 @@ inline void CpuRelax() {
 // Until every item is done. Only items already claimed by running tasks are left, so this is
 // short: spin rather than sleep on a futex (a sleeping caller can take tens of microseconds to
 // get its core back, e.g. from a spinning pool thread), yielding the core after a while.
-void WaitDone(const Shared& sh) {
+template <typename S>
+void WaitDone(const S& sh) {
   for (int spins = 0; sh.done.load(std::memory_order_acquire) != sh.total; ++spins) {
     if (spins < 4096) {
       CpuRelax();
@@ -575,7 +702,91 @@ ffi::Error MatmulTBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer e,
   return MatmulImpl(true, pool, x, e, out);
 }
 
+
+// ----------------------------------------------------------------------------- AMX handler
+
+struct AmxShared {
+  AmxProblem pr;
+  int64_t total = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void AmxWork(AmxShared& sh) {
+#ifdef JXS_AMX
+  int64_t i = sh.next.fetch_add(1, std::memory_order_relaxed);
+  if (i >= sh.total) return;
+  alignas(64) float c[32 * 32];
+  int64_t ran = 0;
+  AmxConfigure();
+  for (; i < sh.total; i = sh.next.fetch_add(1, std::memory_order_relaxed)) {
+    AmxItem(sh.pr, i, c);
+    ++ran;
+  }
+  _tile_release();
+  sh.done.fetch_add(ran, std::memory_order_release);
+#else
+  (void)sh;
+#endif
+}
+
+ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
+                     ffi::Result<ffi::AnyBuffer> out) {
+  using DT = ffi::DataType;
+  const std::string op = "jaxserve matmul_amx (x @ packed W): ";
+  auto fail = [&](const std::string& msg) { return ffi::Error::InvalidArgument(op + msg); };
+  if (!AmxEnabled()) return fail("AMX is not available in this process");
+  if (x.element_type() != DT::BF16 || x.dimensions().size() != 2)
+    return fail(std::string("x must be bfloat16 [M, K], got ") + TypeName(x.element_type()) +
+                " " + Dims(x.dimensions()));
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  const int64_t Kb = (K + 31) / 32;
+  const auto wd = wp.dimensions();
+  if (wp.element_type() != DT::BF16 || wd.size() != 5 || wd[1] != Kb || wd[2] != 2 ||
+      wd[3] != 16 || wd[4] != 32)
+    return fail("packed W must be bfloat16 [Ns, " + std::to_string(Kb) +
+                ", 2, 16, 32] for K = " + std::to_string(K) + ", got " +
+                TypeName(wp.element_type()) + " " + Dims(wd));
+  const int64_t Ns = wd[0];
+  if (out->element_type() != DT::F32 || out->dimensions().size() != 2 ||
+      out->dimensions()[0] != M || out->dimensions()[1] > Ns * 32 ||
+      out->dimensions()[1] <= (Ns - 1) * 32)
+    return fail("result must be float32 [M=" + std::to_string(M) + ", N] with N in (" +
+                std::to_string((Ns - 1) * 32) + ", " + std::to_string(Ns * 32) + "], got " +
+                TypeName(out->element_type()) + " " + Dims(out->dimensions()));
+  const int64_t N = out->dimensions()[1];
+  float* y = static_cast<float*>(out->untyped_data());
+  if (M == 0) return ffi::Error::Success();
+  auto sh = std::make_shared<AmxShared>();
+  AmxProblem& pr = sh->pr;
+  pr.wp = static_cast<const uint16_t*>(wp.untyped_data());
+  pr.y = y;
+  pr.M = M, pr.K = K, pr.N = N, pr.Kb = Kb, pr.Ns = Ns, pr.Mt = (M + 15) / 16;
+  // x into A tiles: xa[mt][kb][r][j] = x[16 mt + r, 32 kb + j], zero-padded.
+  pr.xa.assign(pr.Mt * Kb * 512, 0);
+  const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t kb = 0; kb < Kb; ++kb) {
+      const int64_t n = std::min<int64_t>(32, K - kb * 32);
+      std::memcpy(pr.xa.data() + ((m / 16) * Kb + kb) * 512 + (m % 16) * 32,
+                  xb + m * K + kb * 32, n * sizeof(uint16_t));
+    }
+  }
+  sh->total = (Ns + kAmxStrips - 1) / kAmxStrips;
+  const int64_t bytes = Ns * Kb * 2048;
+  const int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), bytes / kMinBytesPerThread));
+  const int64_t helpers = std::min<int64_t>(threads - 1, sh->total - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh]() { AmxWork(*sh); });
+  AmxWork(*sh);
+  WaitDone(*sh);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+// 1 when JaxserveMatmulAmx can run in this process (built with AMX and granted the tile state).
+extern "C" int JaxserveAmxAvailable() { return AmxEnabled() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulBf16, MatmulBf16,
                               ffi::Ffi::Bind()
@@ -590,3 +801,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulTBf16, MatmulTBf16,
                                   .Arg<ffi::AnyBuffer>()  // x [M, K]
                                   .Arg<ffi::AnyBuffer>()  // E [N, K]
                                   .Ret<ffi::AnyBuffer>());  // y [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulAmx, MatmulAmx,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x [M, K] bf16
+                                  .Arg<ffi::AnyBuffer>()  // Wp [Ns, Kb, 2, 16, 32] bf16
+                                  .Ret<ffi::AnyBuffer>());  // y [M, N] f32

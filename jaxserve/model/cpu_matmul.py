@@ -36,9 +36,11 @@ log = logging.getLogger("jaxserve.cpu_matmul")
 
 TARGET = "jaxserve_matmul_bf16"            # x @ W
 TARGET_T = "jaxserve_matmul_t_bf16"        # x @ E^T
+TARGET_AMX = "jaxserve_matmul_amx"         # bf16 x @ AMX-packed bf16 W
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
 _LIB = native_build.NativeLibrary(
-    "cpu_matmul", _SOURCE, {TARGET: "JaxserveMatmulBf16", TARGET_T: "JaxserveMatmulTBf16"},
+    "cpu_matmul", _SOURCE, {TARGET: "JaxserveMatmulBf16", TARGET_T: "JaxserveMatmulTBf16",
+                 TARGET_AMX: "JaxserveMatmulAmx"},
     "native CPU bf16 matmul", log)
 
 # When llama's projections / LM head take the kernel: for x with `rows` rows (x's leading dims
@@ -62,6 +64,93 @@ ROW_RANGES = {
     ("float32", "nn"): (2, 16),
     ("float32", "nt"): (2, 8),
 }
+
+
+def amx_enabled() -> bool:
+    """Whether bfloat16 x against bfloat16 weights take the AMX tile path (cpu_matmul.cc): the
+    kernel is available, was built for a CPU with AMX, Linux granted the tile state, and
+    JAXSERVE_CPU_AMX is not "0" (read at each trace)."""
+    if os.environ.get("JAXSERVE_CPU_AMX", "1") == "0" or not available():
+        return False
+    return bool(_LIB.state["lib"].JaxserveAmxAvailable())
+
+
+# The tied LM head (49152 x 576) takes matmul_amx up to this many rows; from 32 rows XLA's dot
+# is as fast (scripts/bench_cpu_matmul.py --kernel amx: 2.3 vs 28.8 ms at M = 1, 2.4 vs 3.7 at
+# M = 8, 6.6 vs 6.3 at 32).
+AMX_HEAD_MAX_ROWS = 16
+
+
+def amx_available() -> bool:
+    """Whether matmul_amx runs on the tile unit here: the kernel is available, was built for a
+    CPU with AMX (Sapphire Rapids or later), Linux granted the tile state, and JAXSERVE_CPU_AMX
+    is not "0"."""
+    if os.environ.get("JAXSERVE_CPU_AMX", "1") == "0" or not available():
+        return False
+    return bool(_LIB.state["lib"].JaxserveAmxAvailable())
+
+
+@jax.tree_util.register_pytree_node_class
+class AmxPacked:
+    """A bfloat16 weight W [K, N] stored for the AMX kernel (see cpu_matmul.cc):
+    data [ceil(N/32), ceil(K/32), 2, 16, 32], data[s, kb, t, p, 2n + e] = W[32kb + 2p + e,
+    32s + 16t + n] (zero-padded). A pytree (data is the leaf; K and N are static), so it can
+    stand in for W in a weights tree passed through jit. llama._proj and lm_head take it."""
+
+    def __init__(self, data, k: int, n: int):
+        self.data, self.k, self.n = data, int(k), int(n)
+
+    def tree_flatten(self):
+        return (self.data,), (self.k, self.n)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def unpack(self):
+        """W [K, N] again."""
+        ns, kb = self.data.shape[:2]
+        w = self.data.reshape(ns, kb, 2, 16, 16, 2).transpose(1, 3, 5, 0, 2, 4)
+        return w.reshape(kb * 32, ns * 32)[:self.k, :self.n]
+
+
+def pack_amx(w) -> AmxPacked:
+    """W [K, N] (cast to bfloat16) -> AmxPacked."""
+    if w.ndim != 2:
+        raise ValueError(f"pack_amx: W must be [K, N], got shape {w.shape}")
+    k, n = w.shape
+    kp, np_ = -(-k // 32) * 32, -(-n // 32) * 32
+    w = jnp.pad(jnp.asarray(w, jnp.bfloat16), ((0, kp - k), (0, np_ - n)))
+    data = w.reshape(kp // 32, 16, 2, np_ // 32, 2, 16).transpose(3, 0, 4, 1, 5, 2)
+    return AmxPacked(data.reshape(np_ // 32, kp // 32, 2, 16, 32), k, n)
+
+
+def matmul_amx(x, w: AmxPacked):
+    """x [..., K] @ W (AmxPacked) -> float32 [..., N]. On the tile unit for bfloat16 x where
+    amx_available(); otherwise (float32 x, or no AMX) an XLA einsum over the packed layout, the
+    same products in float32."""
+    if x.shape[-1] != w.k:
+        raise ValueError(f"matmul_amx: x {x.shape} and packed W [K={w.k}, N={w.n}]: K differs")
+    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and jax.device_count() == 1 \
+            and amx_available():
+        x2 = x.reshape(rows(x), w.k)
+        y = jax.ffi.ffi_call(TARGET_AMX, jax.ShapeDtypeStruct((x2.shape[0], w.n), jnp.float32))(
+            x2, w.data)
+        return y.reshape(*x.shape[:-1], w.n)
+    ns, kb = w.data.shape[:2]
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, kb * 32 - w.k)])
+    xp = xp.reshape(*x.shape[:-1], kb, 16, 2)
+    y = jnp.einsum("...kpe,sktpne->...stn", xp, w.data.reshape(ns, kb, 2, 16, 16, 2),
+                   preferred_element_type=jnp.float32)
+    return y.reshape(*x.shape[:-1], ns * 32)[..., :w.n]
 
 
 def unavailable_reason() -> str | None:
@@ -114,7 +203,9 @@ def _call(target, x, w, name: str, wname: str, layout: str, k_axis: int):
     K, N = w.shape[k_axis], w.shape[1 - k_axis]
     if x.shape[-1] != K:
         raise ValueError(f"{name}: x {x.shape} and {wname} {w.shape}: K {x.shape[-1]} != {K}")
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(x2, w)
+    amx = x2.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and amx_enabled()
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(
+        x2, w, amx=amx)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -40,7 +40,9 @@ def apply_rope(x, positions, inv_freq):
 
 def _proj(x, w, b=None):
     from jaxserve.model import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
-    if cpu_matmul.use_for(x, w):
+    if isinstance(w, cpu_matmul.AmxPacked):   # packed for AMX (weights.pack_for_amx)
+        y = cpu_matmul.matmul_amx(x, w).astype(x.dtype)
+    elif cpu_matmul.use_for(x, w):
         y = cpu_matmul.matmul(x, w).astype(x.dtype)
     else:
         y = jnp.einsum("bth,ho->bto", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -161,6 +163,10 @@ def head(weights: Weights, cfg: ModelConfig, x, step: StepInput, all_logits: boo
 
 def lm_head(weights: Weights, h):
     from jaxserve.model import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
+    if isinstance(weights.lm_head, cpu_matmul.AmxPacked):   # tied embed^T (pack_for_amx)
+        if cpu_matmul.rows(h) <= cpu_matmul.AMX_HEAD_MAX_ROWS:
+            return cpu_matmul.matmul_amx(h, weights.lm_head)
+        return jnp.einsum("...h,vh->...v", h, weights.embed, preferred_element_type=jnp.float32)
     if weights.lm_head is None:  # tied: contract with the embedding's hidden axis, no transpose
         if cpu_matmul.use_for(h, weights.embed, transposed=True):
             return cpu_matmul.matmul_t(h, weights.embed)

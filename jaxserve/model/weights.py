@@ -43,7 +43,8 @@ class Weights:
     embed: jax.Array           # [V, H]
     layers: LayerWeights
     final_norm: jax.Array      # [H]
-    lm_head: jax.Array | None  # [H, V]; None when tied to `embed`
+    lm_head: jax.Array | None  # [H, V]; None when tied to `embed` (or, on CPU with AMX, the
+    #                            tied embed^T packed for the tile unit: see pack_for_amx)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,27 @@ def fuse_projections(weights: Weights) -> Weights:
         w_gate_up=jnp.concatenate([lw.w_gate, lw.w_up], axis=-1),
         wq=None, wk=None, wv=None, w_gate=None, w_up=None)
     return dataclasses.replace(weights, layers=fused)
+
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
+
+
+def pack_for_amx(weights: Weights, layers: list[LayerWeights]) -> tuple[Weights, list[LayerWeights]]:
+    """For bf16 decode on a CPU with AMX (jaxserve.model.cpu_matmul.matmul_amx): each layer's
+    bfloat16 projection matrices repacked into the tile layout (cpu_matmul.AmxPacked, replacing
+    them), and a tied LM head given a packed copy of embed^T as `lm_head` (embed stays for the
+    token lookup and for heads over many rows, where XLA's dot is as fast). Per-layer weights
+    (the runner's layer-by-layer mode); anything not bfloat16 is left as it is."""
+    from jaxserve.model import cpu_matmul
+
+    def pack(lw: LayerWeights) -> LayerWeights:
+        return dataclasses.replace(lw, **{
+            f: cpu_matmul.pack_amx(getattr(lw, f)) for f in PROJECTIONS
+            if getattr(lw, f) is not None and getattr(lw, f).dtype == jnp.bfloat16})
+
+    if weights.lm_head is None and weights.embed.dtype == jnp.bfloat16:
+        weights = dataclasses.replace(weights, lm_head=cpu_matmul.pack_amx(weights.embed.T))
+    return weights, [pack(lw) for lw in layers]
 
 
 def cast(weights: Weights, dtype) -> Weights:
