@@ -22,6 +22,7 @@ ulp, 2^-8 relative, each): 2^-7 * (|y| + |y + b|) on top of the float32 bound.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -330,3 +331,131 @@ def test_f32_proj_matches_xla_path():
         S = np.abs(f32(x)) @ np.abs(f32(w))
         err = np.abs(f32(out) - f32(ref)) - 2 * K * U * S
         assert (err <= 0).all(), f"seed={seed} rows={rows}: off by {err.max():.3e}"
+
+
+# ----------------------------------------------------------------------------- AMX, packed W
+#
+# matmul_amx multiplies bf16 x by bf16 W on the tile unit: exact products (bf16 x bf16 fits in
+# float32) summed in float32, so the float32 bound above holds as it is. Without AMX (or for
+# float32 x) it is an XLA einsum over the packed layout: the same bound.
+
+amx = pytest.mark.skipif(not cpu_matmul.amx_available(), reason="no AMX on this CPU")
+mm_amx = jax.jit(cpu_matmul.matmul_amx)
+AMX_ROWS = [1, 5, 16, 17, 33, 64, 100]
+
+
+@pytest.mark.parametrize("K,N", SHAPES + [(576, 3072), (32, 32)])
+def test_amx_pack_round_trip(K, N):
+    seed = fresh_seed()
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal((K, N)), jnp.bfloat16)
+    p = cpu_matmul.pack_amx(w)
+    assert p.shape == (K, N) and p.data.shape == (-(-N // 32), -(-K // 32), 2, 16, 32)
+    np.testing.assert_array_equal(np.asarray(p.unpack()), np.asarray(w), err_msg=f"seed={seed}")
+    # Padding is zeros: the packed data holds exactly W's values and nothing else.
+    assert np.count_nonzero(np.asarray(p.data)) == np.count_nonzero(np.asarray(w))
+
+
+@amx
+@pytest.mark.parametrize("K,N", SHAPES)
+def test_amx_matches_reference(K, N):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05, jnp.bfloat16)
+    p = cpu_matmul.pack_amx(w)
+    for M in AMX_ROWS:
+        x = jnp.asarray(rng.standard_normal((M, K), np.float32), jnp.bfloat16)
+        check(mm_amx(x, p), x, w, False, seed, f"matmul_amx M={M} K={K} N={N}")
+
+
+@pytest.mark.parametrize("K,N", [(576, 960), (100, 37)])
+def test_amx_fallback_matches_reference(monkeypatch, K, N):
+    """The XLA einsum over the packed layout: float32 x, and bf16 x with AMX switched off."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05, jnp.bfloat16)
+    p = cpu_matmul.pack_amx(w)
+    monkeypatch.setenv("JAXSERVE_CPU_AMX", "0")
+    assert not cpu_matmul.amx_available()
+    for M in (1, 17):
+        for xd in (jnp.float32, jnp.bfloat16):
+            x = jnp.asarray(rng.standard_normal((2, M, K), np.float32), xd)
+            y = jax.jit(cpu_matmul.matmul_amx)(x, p)
+            assert y.shape == (2, M, N)
+            check(y, x, w, False, seed, f"fallback M={M} x {xd.__name__}")
+
+
+@amx
+@pytest.mark.parametrize("K,N", [(576, 960), (100, 37), (33, 65)])
+def test_amx_exact_integers(K, N):
+    """Small integers (exact in bf16; every partial sum exact in float32): the tile path must
+    give the exact product, so a dropped, repeated or misplaced term or tile shows."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-16, 17, (K, N)).astype(np.float32)
+    p = cpu_matmul.pack_amx(jnp.asarray(w, jnp.bfloat16))
+    for M in AMX_ROWS:
+        x = rng.integers(-8, 9, (M, K)).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(mm_amx(jnp.asarray(x, jnp.bfloat16), p)), x @ w,
+                                      err_msg=f"seed={seed} M={M}")
+
+
+@amx
+def test_amx_kernel_validates_operands():
+    w = cpu_matmul.pack_amx(jnp.ones((64, 40), jnp.bfloat16))
+    x = jnp.ones((3, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K differs"):
+        cpu_matmul.matmul_amx(jnp.ones((3, 65), jnp.bfloat16), w)
+    call = lambda xx, data, n: jax.ffi.ffi_call(
+        cpu_matmul.TARGET_AMX, jax.ShapeDtypeStruct((xx.shape[0], n), jnp.float32))(xx, data)
+    with pytest.raises(Exception, match="packed W must be bfloat16"):   # K = 96: Kb 3, not 2
+        jax.block_until_ready(call(jnp.ones((3, 96), jnp.bfloat16), w.data, 40))
+    with pytest.raises(Exception, match="result must be float32"):      # N past the strips
+        jax.block_until_ready(call(x, w.data, 65))
+    with pytest.raises(Exception, match="x must be bfloat16"):
+        jax.block_until_ready(call(x.astype(jnp.float32), w.data, 40))
+
+
+@amx
+@pytest.mark.parametrize("tied", [False, True])
+def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
+    """End to end: a tiny bf16 Llama with its projections (and the tied head) packed by
+    weights.pack_for_amx, run as a 9-token prefill then one token per step, stays within
+    test_model_hf's bf16 bound of HF's float32 logits, and within half of it of the unpacked
+    XLA path (the two differ by float32 summation order before the bf16 roundings)."""
+    import types
+
+    import tests.test_model_hf as hf_test
+    from jaxserve.loader import load_hf_dir
+    from jaxserve.model.weights import cast, pack_for_amx
+    from tests.tiny_models import make_hf_model
+
+    seed = fresh_seed()
+    hf = make_hf_model("llama", tmp_path, seed=seed % 1000, tie_word_embeddings=tied)
+    model = load_hf_dir(str(tmp_path))
+    ids = np.random.default_rng(seed).integers(0, 512, size=14).tolist()
+    chunks = [ids[:9]] + [[t] for t in ids[9:]]
+    ref = hf_test.hf_logits(hf, ids)
+
+    w16 = cast(model.weights, jnp.bfloat16)
+    head, layers = pack_for_amx(w16, llama.unstack_layers(w16.layers))
+    assert isinstance(layers[0].wq, cpu_matmul.AmxPacked)
+    assert isinstance(head.lm_head, cpu_matmul.AmxPacked) == tied
+    packed = dataclasses.replace(head, layers=jax.tree.map(lambda *a: jnp.stack(a), *layers))
+
+    calls = []
+    real = cpu_matmul.matmul_amx
+    monkeypatch.setattr(cpu_matmul, "matmul_amx", lambda *a: calls.append(1) or real(*a))
+
+    def run(weights):   # a fresh jit each time
+        monkeypatch.setattr(hf_test, "_forward", jax.jit(
+            llama.forward, static_argnames=("cfg", "all_logits", "attn_impl")))
+        return hf_test.paged_prefill_logits(types.SimpleNamespace(config=model.config,
+                                                                  weights=weights),
+                                            chunks, dtype=jnp.bfloat16)
+
+    ours = run(packed)
+    assert len(calls) >= 7 + tied, calls     # q, k, v, o, gate, up, down (+ the head)
+    xla = run(w16)
+    bound = 0.15 * max(1.0, np.abs(ref).max() / 5)      # test_model_hf's bf16 bound
+    assert np.abs(ours - ref).max() < bound, f"seed={seed}"
+    assert np.abs(ours - xla).max() < bound / 2, f"seed={seed}"
