@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import sharding
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.model import llama
 from jaxserve.model.attention import resolve_impl
 from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
@@ -135,8 +135,10 @@ def resolve_layer_loop(layer_loop: str, tp: int) -> str:
     return layer_loop
 
 
-def _embed_fn(weights: Weights, step: StepInput):
-    return llama.embed(weights, step)
+def _embed_fn(cfg: ModelConfig, weights: Weights, step: StepInput):
+    """Token embeddings and the step's RoPE tables (once, for all the layer calls)."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
+    return llama.embed(weights, step), llama.rope_tables(step.positions, inv_freq)
 
 
 def _layer_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, lora_impl: str, lw, x,
@@ -162,7 +164,8 @@ class _LayerByLayer:
 
     def __call__(self, weights, kv, step, samp):
         step = jax.device_put(step)   # once, not once per layer call
-        x = self.embed(weights, step)
+        x, rope = self.embed(weights, step)
+        step = dataclasses.replace(step, rope=rope)
         for lw, i in zip(self.layer_weights, self.layer_ids):
             x, kv = self.layer(lw, x, kv, i, step)
         tokens, logprobs = self.sample(self.logits(weights, x, step), samp)
@@ -211,7 +214,7 @@ class ModelRunner:
                     self.weights, self.layer_weights = pack_for_amx(self.weights,
                                                                     self.layer_weights)
                 self._layer_ids = [jnp.int32(i) for i in range(cfg.num_layers)]
-                self._embed = jax.jit(_embed_fn)
+                self._embed = jax.jit(functools.partial(_embed_fn, cfg))
                 self._layer = jax.jit(functools.partial(
                     _layer_fn, cfg, self.attn_impl, self.interpret, lora_impl),
                     donate_argnums=(1, 2))
@@ -316,8 +319,9 @@ class ModelRunner:
             tokens=tokens, positions=positions, block_tables=block_tables, kv_lens=kv_lens,
             slot_pages=slot_pages.reshape(-1), slot_offsets=slot_offsets.reshape(-1),
             logits_index=logits_index)
+        want = any(seq.params is None or seq.params.logprobs for seq in plan.seqs)
         samp = SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
-                             counters=counters)
+                             counters=counters, logprobs=np.bool_(want))
         if self.lora is not None and plan.adapter_pages:
             step.lora_idx, step.lora = self.lora.build(plan, B, T, rows)
             return (B, T, P, step.lora.max_rank, step.lora.modules), step, samp, rows
@@ -411,13 +415,15 @@ class ModelRunner:
     def _compile(self, step: StepInput, samp: SamplingInput):
         if self.layer_loop == "scan":
             return self._step.lower(self.weights, self.kv, step, samp).compile()
-        x = jax.eval_shape(_embed_fn, self.weights, step)
+        x, rope = jax.eval_shape(self._embed, self.weights, step)
+        lstep = dataclasses.replace(step, rope=rope)   # as _LayerByLayer passes it on
         return _LayerByLayer(
             self._embed.lower(self.weights, step).compile(),
             self._layer.lower(self.layer_weights[0], x, self.kv, self._layer_ids[0],
-                              step).compile(),
-            self._logits.lower(self.weights, x, step).compile(),
-            self._sample.lower(jax.eval_shape(self._logits, self.weights, x, step), samp).compile(),
+                              lstep).compile(),
+            self._logits.lower(self.weights, x, lstep).compile(),
+            self._sample.lower(jax.eval_shape(self._logits, self.weights, x, lstep),
+                               samp).compile(),
             self.layer_weights, self._layer_ids)
 
     def warmup(self, decode_batches=None, prefill_tokens=None, max_pages=None) -> float:
@@ -435,7 +441,7 @@ class ModelRunner:
                 logits_index=np.zeros((B,), np.int32))
             samp = SamplingInput(np.zeros((B,), np.float32), np.zeros((B,), np.int32),
                                  np.ones((B,), np.float32), np.zeros((B,), np.uint32),
-                                 np.zeros((B,), np.int32))
+                                 np.zeros((B,), np.int32), np.bool_(False))
             self._seen_buckets.add((kind, B, T, P))
             if self.mesh is not None and jax.process_count() > 1:
                 step, samp = sharding.put_replicated((step, samp), self.mesh)

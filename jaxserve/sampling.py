@@ -19,6 +19,9 @@ class SamplingInput:
     top_p: jax.Array         # [B] float32, 1 = off
     seeds: jax.Array         # [B] uint32
     counters: jax.Array      # [B] int32: output tokens generated so far
+    # [] bool: whether any row wants its log-prob. Without, the full-vocabulary logsumexp is
+    # skipped (~2 ms for 32 x 49k logits on the 2-core VM) and the log-probs returned are NaN.
+    logprobs: jax.Array | bool = True
 
 
 MAX_CANDIDATES = 1024  # top-k / top-p look at the 1024 most likely tokens (see below)
@@ -78,11 +81,13 @@ def _filtered_sample(logits, s: SamplingInput):
 
 def sample(logits, s: SamplingInput):
     """logits: [B, V] float32 -> (tokens [B] int32, logprobs [B] float32 of the chosen tokens
-    under the unmodified distribution)."""
+    under the unmodified distribution; NaN unless s.logprobs)."""
     logits = logits.astype(jnp.float32)
     m, greedy = _row_max_argmax(logits)
     tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy,
                           lambda: _filtered_sample(logits, s))
     chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1))
+    lse = jax.lax.cond(jnp.asarray(s.logprobs, bool),
+                       lambda: m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)),
+                       lambda: jnp.full_like(chosen, jnp.nan))
     return tokens, chosen - lse

@@ -85,3 +85,22 @@ def test_two_level_argmax_is_numpys_argmax():
         m, idx = _row_max_argmax(jnp.asarray(x))
         np.testing.assert_array_equal(np.asarray(idx), x.argmax(-1))
         np.testing.assert_array_equal(np.asarray(m)[:, 0], x.max(-1))
+
+
+def test_logprobs_switch():
+    """With logprobs off the same tokens come back and the log-probs are NaN (the engine only
+    reports them for requests that asked); on, they are log-softmax of the chosen tokens."""
+    rng = np.random.default_rng()
+    B, V = 5, 1000
+    logits = rng.normal(0, 3, (B, V)).astype(np.float32)
+    base = dict(temperature=jnp.array([0.0, 0.0, 0.8, 1.0, 0.0], jnp.float32),
+                top_k=jnp.zeros((B,), jnp.int32), top_p=jnp.ones((B,), jnp.float32),
+                seeds=jnp.arange(B, dtype=jnp.uint32), counters=jnp.zeros((B,), jnp.int32))
+    t_on, lp_on = _sample(jnp.asarray(logits), SamplingInput(**base, logprobs=np.bool_(True)))
+    t_off, lp_off = _sample(jnp.asarray(logits), SamplingInput(**base, logprobs=np.bool_(False)))
+    np.testing.assert_array_equal(np.asarray(t_on), np.asarray(t_off))
+    assert np.isnan(np.asarray(lp_off)).all()
+    x = logits.astype(np.float64)
+    ref = x - (x.max(-1, keepdims=True) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1,
+                                                                                   keepdims=True)))
+    np.testing.assert_allclose(np.asarray(lp_on), ref[np.arange(B), np.asarray(t_on)], atol=1e-5)

@@ -344,6 +344,15 @@ struct AlignedAlloc {
 // JaxserveAmxAvailable() says whether this build has the path and the request succeeded. Each
 // thread loads the tile configuration before its items and releases the tiles after them.
 
+#ifndef JXS_AMX_PF
+#define JXS_AMX_PF 1
+#endif
+#ifndef JXS_AMX_HINT
+#define JXS_AMX_HINT 1
+#endif
+constexpr int64_t kAmxPrefetch = JXS_AMX_PF;    // strips ahead
+constexpr int kAmxPrefetchHint = JXS_AMX_HINT;  // 3: into L1, 1: into L2
+
 #ifdef JXS_AMX
 bool AmxEnabled() {
   static const bool ok = [] {
@@ -375,7 +384,7 @@ inline void AmxConfigure() {
 // b + kb * 1024 (B0) and + 512 (B1). Without kTwoA only A0 (rows 0..16 of c).
 template <bool kTwoA>
 inline void AmxBlock(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, int64_t Kb,
-                     float* c) {
+                     float* c, const uint16_t* pf) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (kTwoA) {
@@ -383,6 +392,7 @@ inline void AmxBlock(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, 
     _tile_zero(3);
   }
   for (int64_t kb = 0; kb < Kb; ++kb) {
+    if (pf != nullptr) PrefetchBytes<kAmxPrefetchHint>(pf + kb * 1024, 2048);
     _tile_loadd(6, b + kb * 1024, 64);
     _tile_loadd(7, b + kb * 1024 + 512, 64);
     _tile_loadd(4, a0 + kb * 512, 64);
@@ -422,10 +432,14 @@ void AmxItem(const AmxProblem& pr, int64_t item, float* c) {
     const int64_t nc = std::min<int64_t>(32, pr.N - s * 32);
     for (int64_t mt = 0; mt < pr.Mt; mt += 2) {
       const uint16_t* a0 = pr.xa.data() + mt * pr.Kb * 512;
+      // The first pass over a strip streams it from memory: prefetch kAmxPrefetch strips ahead
+      // (the hardware prefetchers stop at 4 KB pages).
+      const uint16_t* pf = mt == 0 && s + kAmxPrefetch < pr.Ns ? b + kAmxPrefetch * pr.Kb * 1024
+                                                                : nullptr;
       if (mt + 1 < pr.Mt) {
-        AmxBlock<true>(a0, a0 + pr.Kb * 512, b, pr.Kb, c);
+        AmxBlock<true>(a0, a0 + pr.Kb * 512, b, pr.Kb, c, pf);
       } else {
-        AmxBlock<false>(a0, nullptr, b, pr.Kb, c);
+        AmxBlock<false>(a0, nullptr, b, pr.Kb, c, pf);
       }
       const int64_t mr = std::min<int64_t>(32, pr.M - mt * 16);
       float* y = pr.y + mt * 16 * pr.N + s * 32;

@@ -79,3 +79,6 @@ class StepInput:
     # LoRA (None when no request of the step has an adapter: the base-only program is unchanged)
     lora_idx: jax.Array | None = None  # [B*T] int32: slot in `lora` of each token, -1 = base model
     lora: "LoraBatch | None" = None    # jaxserve.lora.pool.LoraBatch: this step's adapter slots
+    # RoPE (cos, sin) [B, T, D/2] float32 of `positions`, computed once per step when the step
+    # runs layer by layer (llama.rope_tables); None: each layer computes them.
+    rope: tuple | None = None

@@ -27,11 +27,17 @@ def rms_norm(x, w, eps):
     return (xf * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x, positions, inv_freq):
-    """x: [B, T, heads, D]; HF's rotate-half convention (first half / second half pairs)."""
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]   # [B, T, D/2]
-    cos = jnp.cos(ang)[:, :, None, :]
-    sin = jnp.sin(ang)[:, :, None, :]
+def rope_tables(positions, inv_freq):
+    """(cos, sin) [B, T, D/2] float32 of the rotation angles positions * inv_freq."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, positions, inv_freq, tables=None):
+    """x: [B, T, heads, D]; HF's rotate-half convention (first half / second half pairs).
+    `tables`: rope_tables(positions, inv_freq), if already computed."""
+    cos, sin = rope_tables(positions, inv_freq) if tables is None else tables
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -89,8 +95,8 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
         q = q.reshape(B, T, cfg.num_heads, D)
         k = k.reshape(B, T, cfg.num_kv_heads, D)
         v = v.reshape(B, T, cfg.num_kv_heads, D)
-        q = apply_rope(q, step.positions, inv_freq)
-        k = apply_rope(k, step.positions, inv_freq)
+        q = apply_rope(q, step.positions, inv_freq, step.rope)
+        k = apply_rope(k, step.positions, inv_freq, step.rope)
         k_pool, v_pool = write_kv(k_pool, v_pool, k.reshape(B * T, cfg.num_kv_heads, D),
                                   v.reshape(B * T, cfg.num_kv_heads, D),
                                   step.slot_pages, step.slot_offsets, layer=layer)
