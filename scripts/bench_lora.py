@@ -84,11 +84,11 @@ def run_jaxserve(engine, reqs, prefix):
                 tokens_per_s=sum(r["out"] for r in reqs) / wall)
 
 
-def run_peft(base_dir, reqs, n, weight_sets, rank, max_batch, tmp):
+def run_peft(base_dir, reqs, n, weight_sets, rank, max_batch, tmp, dtype="float32"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, dtype)).eval()
     used = sorted({r["adapter"] for r in reqs})
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = None
@@ -167,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--peft-max-adapters", type=int, default=100,
                    help="skip PEFT above this many adapters (it keeps every adapter as modules)")
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="jaxserve's and PEFT's dtype (PEFT keeps its adapter weights in float32, "
+                        "its default)")
     p.add_argument("--json", default="bench_lora.json")
     args = p.parse_args(argv)
     from jaxserve.engine import EngineConfig, LLMEngine
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
     lo_out, hi_out = map(int, args.output_len.split(","))
     ranks = [int(r) for r in args.ranks.split(",")]
     counts = [int(n) for n in args.num_adapters.split(",")]
-    engine = LLMEngine(EngineConfig(model=args.model, num_pages=args.num_pages,
+    engine = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, num_pages=args.num_pages,
                                     max_num_seqs=args.max_num_seqs, max_loras=args.max_loras,
                                     max_lora_rank=max(ranks), max_model_len=hi_in + hi_out + 16,
                                     max_prefill_tokens=max(256, hi_in)))
@@ -208,7 +211,8 @@ def main(argv=None) -> int:
             if not args.no_peft and n <= args.peft_max_adapters:
                 if base_dir is None:
                     base_dir = export_hf(engine, tmp)
-                row["peft"] = run_peft(base_dir, reqs, n, sets, rank, args.max_num_seqs, tmp)
+                row["peft"] = run_peft(base_dir, reqs, n, sets, rank, args.max_num_seqs, tmp,
+                                       args.dtype)
             results.append(row)
             for name in [x for x in engine.list_loras()]:
                 engine.remove_lora(name)
