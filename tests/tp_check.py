@@ -63,7 +63,7 @@ def greedy(runner: ModelRunner, cfg, max_tokens: int):
                                       max_prefill_tokens=32, max_model_len=64))
     seqs = []
     for i, ids in enumerate(prompts(cfg)):
-        p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=True)
         seqs.append(Sequence(seq_id=i, prompt_token_ids=ids, max_tokens=max_tokens, params=p))
         sched.add(seqs[-1])
     lps = {s.seq_id: [] for s in seqs}
