@@ -418,15 +418,15 @@ def test_amx_kernel_validates_operands():
 @amx
 @pytest.mark.parametrize("tied", [False, True])
 def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
-    """End to end: a tiny bf16 Llama with its projections (and the tied head) packed by
-    weights.pack_for_amx, run as a 9-token prefill then one token per step, stays within
+    """End to end: a tiny bf16 Llama with its projections fused and packed by
+    weights.pack_for_amx (and the tied head; gate|up through swiglu_amx), run as a 9-token prefill then one token per step, stays within
     test_model_hf's bf16 bound of HF's float32 logits, and within half of it of the unpacked
     XLA path (the two differ by float32 summation order before the bf16 roundings)."""
     import types
 
     import tests.test_model_hf as hf_test
     from jaxserve.loader import load_hf_dir
-    from jaxserve.model.weights import cast, pack_for_amx
+    from jaxserve.model.weights import cast, fuse_projections, pack_for_amx
     from tests.tiny_models import make_hf_model
 
     seed = fresh_seed()
@@ -436,15 +436,17 @@ def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
     chunks = [ids[:9]] + [[t] for t in ids[9:]]
     ref = hf_test.hf_logits(hf, ids)
 
-    w16 = cast(model.weights, jnp.bfloat16)
+    w16 = fuse_projections(cast(model.weights, jnp.bfloat16))   # as the runner holds them
     head, layers = pack_for_amx(w16, llama.unstack_layers(w16.layers))
-    assert isinstance(layers[0].wq, cpu_matmul.AmxPacked)
+    assert isinstance(layers[0].wqkv, cpu_matmul.AmxPacked)
     assert isinstance(head.lm_head, cpu_matmul.AmxPacked) == tied
     packed = dataclasses.replace(head, layers=jax.tree.map(lambda *a: jnp.stack(a), *layers))
 
     calls = []
-    real = cpu_matmul.matmul_amx
-    monkeypatch.setattr(cpu_matmul, "matmul_amx", lambda *a: calls.append(1) or real(*a))
+    real, real_swiglu = cpu_matmul.matmul_amx, cpu_matmul.swiglu_amx
+    monkeypatch.setattr(cpu_matmul, "matmul_amx", lambda *a: calls.append("mm") or real(*a))
+    monkeypatch.setattr(cpu_matmul, "swiglu_amx",
+                        lambda *a: calls.append("swiglu") or real_swiglu(*a))
 
     def run(weights):   # a fresh jit each time
         monkeypatch.setattr(hf_test, "_forward", jax.jit(
@@ -454,8 +456,67 @@ def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
                                             chunks, dtype=jnp.bfloat16)
 
     ours = run(packed)
-    assert len(calls) >= 7 + tied, calls     # q, k, v, o, gate, up, down (+ the head)
+    # qkv, o, down (+ the head) on matmul_amx, gate|up with SwiGLU on swiglu_amx
+    assert calls.count("mm") >= 3 + tied and "swiglu" in calls, calls
     xla = run(w16)
     bound = 0.15 * max(1.0, np.abs(ref).max() / 5)      # test_model_hf's bf16 bound
     assert np.abs(ours - ref).max() < bound, f"seed={seed}"
     assert np.abs(ours - xla).max() < bound / 2, f"seed={seed}"
+
+
+def _swiglu_check(a, x, w, seed, what):
+    """a: swiglu_amx's bf16 result for x and the fused [Wg Wu] w. Reference in float64; bound:
+    the final bf16 rounding (2^-8 relative) plus the float32 matmul error (2K u S per product,
+    test_matches_reference) carried through silu(g) * u (|silu'| <= 1.1)."""
+    xf, wf = f32(x).astype(np.float64), f32(w).astype(np.float64)
+    K, half = wf.shape[0], wf.shape[1] // 2
+    y, S = xf @ wf, np.abs(xf) @ np.abs(wf)
+    g, u = y[..., :half], y[..., half:]
+    silu = g / (1 + np.exp(-g))
+    ref = silu * u
+    dg, du = 2 * K * U * S[..., :half], 2 * K * U * S[..., half:]
+    bound = 2.0 ** -8 * np.abs(ref) + 1.1 * (np.abs(u) * dg + (np.abs(silu) + dg) * du) + 1e-30
+    a = f32(a).astype(np.float64)
+    assert a.shape == ref.shape, f"seed={seed} {what}: {a.shape}"
+    err = np.abs(a - ref) - bound
+    assert (err <= 0).all(), (f"seed={seed} {what}: off by {err.max():.3e} over the bound at "
+                              f"{np.unravel_index(err.argmax(), err.shape)}")
+
+
+@amx
+@pytest.mark.parametrize("K,N", [(576, 3072), (64, 128), (100, 64)])
+def test_swiglu_amx_matches_reference(K, N):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05, jnp.bfloat16)
+    p = cpu_matmul.pack_amx(w)
+    assert cpu_matmul.swiglu_fits(p)
+    for M in AMX_ROWS:
+        x = jnp.asarray(rng.standard_normal((M, K), np.float32), jnp.bfloat16)
+        y = jax.jit(cpu_matmul.swiglu_amx)(x, p)
+        assert y.dtype == jnp.bfloat16
+        _swiglu_check(y, x, w, seed, f"swiglu_amx M={M} K={K} N={N}")
+
+
+def test_swiglu_fallback_matches_reference(monkeypatch):
+    """Without AMX, and for a [Wg Wu] whose halves are not whole strips: matmul_amx, then XLA."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    for K, N, amx_on in ((576, 3072, "0"), (64, 96, "1")):   # N = 96: halves of 48 columns
+        monkeypatch.setenv("JAXSERVE_CPU_AMX", amx_on)
+        w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05, jnp.bfloat16)
+        p = cpu_matmul.pack_amx(w)
+        x = jnp.asarray(rng.standard_normal((2, 5, K), np.float32), jnp.bfloat16)
+        y = jax.jit(cpu_matmul.swiglu_amx)(x, p)
+        assert y.shape == (2, 5, N // 2)
+        _swiglu_check(y, x, w, seed, f"fallback K={K} N={N} AMX={amx_on}")
+
+
+@amx
+def test_swiglu_kernel_validates_operands():
+    w = cpu_matmul.pack_amx(jnp.ones((64, 96), jnp.bfloat16))     # 3 strips: no even split
+    x = jnp.ones((3, 64), jnp.bfloat16)
+    call = lambda n: jax.ffi.ffi_call(cpu_matmul.TARGET_SWIGLU,
+                                      jax.ShapeDtypeStruct((3, n), jnp.bfloat16))(x, w.data)
+    with pytest.raises(Exception, match="even number of 32-column strips"):
+        jax.block_until_ready(call(48))

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from lora_helpers import make_adapter, make_base, prompts  # noqa: E402
 
 from jaxserve.engine import EngineConfig, LLMEngine  # noqa: E402
+from jaxserve.model import cpu_matmul  # noqa: E402
 from jaxserve.runner import resolve_layer_loop  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
@@ -27,15 +28,18 @@ def base_dir(tmp_path_factory):
     base = make_base(str(root / "base"), num_hidden_layers=3)
     make_adapter(base, str(root / "qv"), seed=1, r=8, lora_alpha=16,
                  target_modules=["q_proj", "v_proj", "down_proj"])
+    make_adapter(base, str(root / "gu"), seed=2, r=8, lora_alpha=16,
+                 target_modules=["gate_proj", "up_proj"])
     return root
 
 
-def _run(root, layer_loop, adapters):
+def _run(root, layer_loop, adapters, dtype="float32"):
     engine = LLMEngine(EngineConfig(model=str(root / "base"), page_size=8, num_pages=200,
                                     max_num_seqs=4, max_prefill_tokens=64, max_model_len=96,
-                                    max_lora_rank=16, layer_loop=layer_loop))
+                                    max_lora_rank=16, layer_loop=layer_loop, dtype=dtype))
     assert engine.runner.layer_loop == layer_loop
     engine.add_lora("qv", str(root / "qv"))
+    engine.add_lora("gu", str(root / "gu"))
     ps = prompts(len(adapters), seed=5)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
     outs = []
@@ -49,6 +53,7 @@ def _run(root, layer_loop, adapters):
     for o in outs:
         lps.setdefault(o.request_id, []).extend(o.new_logprobs or [])
     engine.remove_lora("qv")   # its pages go back to the pool with the sequences' pages
+    engine.remove_lora("gu")
     assert engine.stats()["num_free_pages"] == engine.stats()["num_total_pages"]
     return ([final[f"r{i}"].token_ids for i in range(len(adapters))],
             [lps[f"r{i}"] for i in range(len(adapters))])
@@ -70,3 +75,30 @@ def test_layer_loop_choices():
         resolve_layer_loop("dispatch", 2)
     with pytest.raises(ValueError, match="unknown layer loop"):
         resolve_layer_loop("unrolled", 1)
+
+
+@pytest.mark.skipif(not cpu_matmul.amx_available(), reason="no AMX on this CPU")
+def test_bf16_amx_dispatch_agrees_with_scan(base_dir, monkeypatch):
+    """bf16 on a CPU with AMX: dispatch packs the projections (cpu_matmul.matmul_amx) and runs
+    gate|up + SwiGLU as one call (swiglu_amx), except in steps whose adapters touch gate/up
+    (their deltas must be added to g and u before the activation). Against the scan program on
+    XLA's dot: log-probs of the chosen tokens within bf16 drift (both round activations to bf16
+    after every op, in different summation orders: ~1e-2 here; a skipped LoRA delta or a wrong
+    weight moves them by far more)."""
+    calls = []
+    real = cpu_matmul.swiglu_amx
+    monkeypatch.setattr(cpu_matmul, "swiglu_amx", lambda *a: calls.append(1) or real(*a))
+    mix = ["gu", None, "qv", "gu"]
+    tok_s, lp_s = _run(base_dir, "scan", mix, dtype="bfloat16")
+    assert not calls                      # scan keeps XLA's dot (no packed weights)
+    tok_d, lp_d = _run(base_dir, "dispatch", mix, dtype="bfloat16")
+    assert calls                          # traced for the steps without gate/up adapters
+    for ts, td, a, b in zip(tok_s, tok_d, lp_s, lp_d):
+        # The tiny random model's next-token distribution is nearly flat, so bf16 noise can
+        # swap a near-tied greedy choice; compare up to and including the first such swap
+        # (where both chose a maximum: their log-probs still agree).
+        n = next((i for i, (x, y) in enumerate(zip(ts, td)) if x != y), len(ts) - 1) + 1
+        np.testing.assert_allclose(a[:n], b[:n], atol=0.05, rtol=0)
+    calls.clear()
+    _run(base_dir, "dispatch", ["gu"], dtype="bfloat16")   # every step has gate/up LoRA
+    assert not calls

@@ -55,6 +55,7 @@
 // was tuned on they ran at half the products per second of float32 multiply-adds.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -419,13 +420,65 @@ constexpr int64_t kAmxStrips = 2;  // strips of 32 columns per work item
 
 struct AmxProblem {
   const uint16_t* wp;  // [Ns, Kb, 2, 16, 32]
-  float* y;            // [M, N]
+  float* y;            // [M, N] (x @ W)
+  uint16_t* act;       // [M, N / 2] bf16 (SwiGLU: silu(gate) * up), or null
   int64_t M, K, N, Kb, Ns, Mt;
   std::vector<uint16_t, AlignedAlloc<uint16_t>> xa;  // [Mt][Kb][16][32]
 };
 
+// float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN).
+inline uint16_t ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// act[m, 0..nc) = bf16(silu(g) * u) for the rows of two 32 x 32 float blocks (g: gate, u: up),
+// in float32: silu(g) = g * sigmoid(g), sigmoid from e = exp(-|g|) (a non-positive argument:
+// 1 / (1 + e) for g >= 0, e / (1 + e) below).
+inline void SwigluRows(const float* g, const float* u, uint16_t* act, int64_t ld, int64_t mr,
+                       int64_t nc) {
+  for (int64_t m = 0; m < mr; ++m) {
+    float e[32], v[32];
+    for (int j = 0; j < 32; ++j) e[j] = -std::fabs(g[m * 32 + j]);
+    ExpNonPositive(e, 32);
+    for (int j = 0; j < 32; ++j) {
+      const float gj = g[m * 32 + j];
+      const float sig = (gj >= 0.0f ? 1.0f : e[j]) / (1.0f + e[j]);
+      v[j] = gj * sig * u[m * 32 + j];
+    }
+    for (int64_t j = 0; j < nc; ++j) act[m * ld + j] = ToBf16(v[j]);
+  }
+}
+
 #ifdef JXS_AMX
+// SwiGLU: strips [item * kAmxStrips, ...) of the gate half and the matching up strips (Ns / 2
+// further), combined per 32 x 32 block.
+void AmxSwigluItem(const AmxProblem& pr, int64_t item, float* c) {
+  const int64_t half = pr.Ns / 2, I = pr.N / 2;
+  float* cu = c + 32 * 32;
+  const int64_t s1 = std::min(half, (item + 1) * kAmxStrips);
+  for (int64_t s = item * kAmxStrips; s < s1; ++s) {
+    const uint16_t* bg = pr.wp + s * pr.Kb * 1024;
+    const uint16_t* bu = pr.wp + (s + half) * pr.Kb * 1024;
+    for (int64_t mt = 0; mt < pr.Mt; mt += 2) {
+      const uint16_t* a0 = pr.xa.data() + mt * pr.Kb * 512;
+      if (mt + 1 < pr.Mt) {
+        AmxBlock<true>(a0, a0 + pr.Kb * 512, bg, pr.Kb, c, nullptr);
+        AmxBlock<true>(a0, a0 + pr.Kb * 512, bu, pr.Kb, cu, nullptr);
+      } else {
+        AmxBlock<false>(a0, nullptr, bg, pr.Kb, c, nullptr);
+        AmxBlock<false>(a0, nullptr, bu, pr.Kb, cu, nullptr);
+      }
+      SwigluRows(c, cu, pr.act + mt * 16 * I + s * 32, I, std::min<int64_t>(32, pr.M - mt * 16),
+                 32);
+    }
+  }
+}
+
 void AmxItem(const AmxProblem& pr, int64_t item, float* c) {
+  if (pr.act != nullptr) return AmxSwigluItem(pr, item, c);
   const int64_t s1 = std::min(pr.Ns, (item + 1) * kAmxStrips);
   for (int64_t s = item * kAmxStrips; s < s1; ++s) {
     const uint16_t* b = pr.wp + s * pr.Kb * 1024;
@@ -730,7 +783,7 @@ void AmxWork(AmxShared& sh) {
 #ifdef JXS_AMX
   int64_t i = sh.next.fetch_add(1, std::memory_order_relaxed);
   if (i >= sh.total) return;
-  alignas(64) float c[32 * 32];
+  alignas(64) float c[2 * 32 * 32];
   int64_t ran = 0;
   AmxConfigure();
   for (; i < sh.total; i = sh.next.fetch_add(1, std::memory_order_relaxed)) {
@@ -744,10 +797,11 @@ void AmxWork(AmxShared& sh) {
 #endif
 }
 
-ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
-                     ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error MatmulAmxImpl(bool swiglu, ffi::ThreadPool pool, ffi::AnyBuffer x,
+                         ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> out) {
   using DT = ffi::DataType;
-  const std::string op = "jaxserve matmul_amx (x @ packed W): ";
+  const std::string op = swiglu ? "jaxserve swiglu_amx (silu(x @ Wg) * (x @ Wu), packed [Wg Wu]): "
+                                : "jaxserve matmul_amx (x @ packed W): ";
   auto fail = [&](const std::string& msg) { return ffi::Error::InvalidArgument(op + msg); };
   if (!AmxEnabled()) return fail("AMX is not available in this process");
   if (x.element_type() != DT::BF16 || x.dimensions().size() != 2)
@@ -762,19 +816,30 @@ ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
                 ", 2, 16, 32] for K = " + std::to_string(K) + ", got " +
                 TypeName(wp.element_type()) + " " + Dims(wd));
   const int64_t Ns = wd[0];
-  if (out->element_type() != DT::F32 || out->dimensions().size() != 2 ||
-      out->dimensions()[0] != M || out->dimensions()[1] > Ns * 32 ||
-      out->dimensions()[1] <= (Ns - 1) * 32)
-    return fail("result must be float32 [M=" + std::to_string(M) + ", N] with N in (" +
-                std::to_string((Ns - 1) * 32) + ", " + std::to_string(Ns * 32) + "], got " +
-                TypeName(out->element_type()) + " " + Dims(out->dimensions()));
-  const int64_t N = out->dimensions()[1];
-  float* y = static_cast<float*>(out->untyped_data());
+  const auto od = out->dimensions();
+  int64_t N;
+  if (swiglu) {  // gate and up halves of whole strips: Ns even, I = 16 * Ns
+    if (Ns % 2 != 0 || out->element_type() != DT::BF16 || od.size() != 2 || od[0] != M ||
+        od[1] != Ns * 16)
+      return fail("packed [Wg Wu] needs an even number of 32-column strips and the result "
+                  "bfloat16 [M=" + std::to_string(M) + ", I=" + std::to_string(Ns * 16) +
+                  "], got Ns = " + std::to_string(Ns) + ", " + TypeName(out->element_type()) +
+                  " " + Dims(od));
+    N = Ns * 32;
+  } else {
+    if (out->element_type() != DT::F32 || od.size() != 2 || od[0] != M || od[1] > Ns * 32 ||
+        od[1] <= (Ns - 1) * 32)
+      return fail("result must be float32 [M=" + std::to_string(M) + ", N] with N in (" +
+                  std::to_string((Ns - 1) * 32) + ", " + std::to_string(Ns * 32) + "], got " +
+                  TypeName(out->element_type()) + " " + Dims(od));
+    N = od[1];
+  }
   if (M == 0) return ffi::Error::Success();
   auto sh = std::make_shared<AmxShared>();
   AmxProblem& pr = sh->pr;
   pr.wp = static_cast<const uint16_t*>(wp.untyped_data());
-  pr.y = y;
+  pr.y = swiglu ? nullptr : static_cast<float*>(out->untyped_data());
+  pr.act = swiglu ? static_cast<uint16_t*>(out->untyped_data()) : nullptr;
   pr.M = M, pr.K = K, pr.N = N, pr.Kb = Kb, pr.Ns = Ns, pr.Mt = (M + 15) / 16;
   // x into A tiles: xa[mt][kb][r][j] = x[16 mt + r, 32 kb + j], zero-padded.
   pr.xa.assign(pr.Mt * Kb * 512, 0);
@@ -786,7 +851,8 @@ ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
                   xb + m * K + kb * 32, n * sizeof(uint16_t));
     }
   }
-  sh->total = (Ns + kAmxStrips - 1) / kAmxStrips;
+  const int64_t strips = swiglu ? Ns / 2 : Ns;  // SwiGLU: items over the gate half
+  sh->total = (strips + kAmxStrips - 1) / kAmxStrips;
   const int64_t bytes = Ns * Kb * 2048;
   const int64_t threads =
       std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), bytes / kMinBytesPerThread));
@@ -795,6 +861,16 @@ ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
   AmxWork(*sh);
   WaitDone(*sh);
   return ffi::Error::Success();
+}
+
+ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
+                     ffi::Result<ffi::AnyBuffer> out) {
+  return MatmulAmxImpl(false, pool, x, wp, out);
+}
+
+ffi::Error SwigluAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
+                     ffi::Result<ffi::AnyBuffer> out) {
+  return MatmulAmxImpl(true, pool, x, wp, out);
 }
 
 }  // namespace
@@ -822,3 +898,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulAmx, MatmulAmx,
                                   .Arg<ffi::AnyBuffer>()  // x [M, K] bf16
                                   .Arg<ffi::AnyBuffer>()  // Wp [Ns, Kb, 2, 16, 32] bf16
                                   .Ret<ffi::AnyBuffer>());  // y [M, N] f32
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSwigluAmx, SwigluAmx,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x [M, K] bf16
+                                  .Arg<ffi::AnyBuffer>()  // [Wg Wu] packed, Ns even
+                                  .Ret<ffi::AnyBuffer>());  // act [M, I] bf16

@@ -37,10 +37,11 @@ log = logging.getLogger("jaxserve.cpu_matmul")
 TARGET = "jaxserve_matmul_bf16"            # x @ W
 TARGET_T = "jaxserve_matmul_t_bf16"        # x @ E^T
 TARGET_AMX = "jaxserve_matmul_amx"         # bf16 x @ AMX-packed bf16 W
+TARGET_SWIGLU = "jaxserve_swiglu_amx"      # silu(x @ Wg) * (x @ Wu), [Wg Wu] AMX-packed
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
 _LIB = native_build.NativeLibrary(
     "cpu_matmul", _SOURCE, {TARGET: "JaxserveMatmulBf16", TARGET_T: "JaxserveMatmulTBf16",
-                 TARGET_AMX: "JaxserveMatmulAmx"},
+                 TARGET_AMX: "JaxserveMatmulAmx", TARGET_SWIGLU: "JaxserveSwigluAmx"},
     "native CPU bf16 matmul", log)
 
 # When llama's projections / LM head take the kernel: for x with `rows` rows (x's leading dims
@@ -151,6 +152,29 @@ def matmul_amx(x, w: AmxPacked):
     y = jnp.einsum("...kpe,sktpne->...stn", xp, w.data.reshape(ns, kb, 2, 16, 16, 2),
                    preferred_element_type=jnp.float32)
     return y.reshape(*x.shape[:-1], ns * 32)[..., :w.n]
+
+
+def swiglu_fits(w: AmxPacked) -> bool:
+    """Whether swiglu_amx can take this packed [Wg Wu] on the tile unit: each half a whole number
+    of 32-column strips."""
+    return w.n % 64 == 0
+
+
+def swiglu_amx(x, w: AmxPacked):
+    """silu(x @ Wg) * (x @ Wu) as bfloat16 [..., N/2], for w the packed fused [Wg Wu] [K, N]
+    (weights.fuse_projections' w_gate_up). On the tile unit for bfloat16 x where amx_available()
+    and swiglu_fits(w): the activation computed in float32 from the float32 products and
+    rounded once to bfloat16 (the XLA path rounds g and u to bfloat16 first, then silu(g) and the
+    product: a few bfloat16 ulp apart). Otherwise matmul_amx, then the same in XLA."""
+    half = w.n // 2
+    if (x.dtype == jnp.bfloat16 and swiglu_fits(w) and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and amx_available()):
+        x2 = x.reshape(rows(x), w.k)
+        y = jax.ffi.ffi_call(TARGET_SWIGLU, jax.ShapeDtypeStruct((x2.shape[0], half),
+                                                                  jnp.bfloat16))(x2, w.data)
+        return y.reshape(*x.shape[:-1], half)
+    y = matmul_amx(x, w)
+    return (jax.nn.silu(y[..., :half]) * y[..., half:]).astype(jnp.bfloat16)
 
 
 def unavailable_reason() -> str | None:

@@ -106,6 +106,12 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
         x = x + proj("o_proj", attn.reshape(B, T, cfg.q_size), lw.wo, lw.bo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+        from jaxserve.model import cpu_matmul
+        if (isinstance(lw.w_gate_up, cpu_matmul.AmxPacked) and h.dtype == jnp.bfloat16
+                and (step.lora is None or not {"gate_proj", "up_proj"} & set(step.lora.modules))):
+            # gate|up matmul and SwiGLU in one native call (no LoRA on gate/up in this step)
+            x = x + proj("down_proj", cpu_matmul.swiglu_amx(h, lw.w_gate_up), lw.w_down)
+            return (x, k_pool, v_pool), None
         if lw.w_gate_up is not None:
             g, u = fused(("gate_proj", "up_proj"), h, lw.w_gate_up, (None, None))
         else:
