@@ -169,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--peft-max-adapters", type=int, default=100,
                    help="skip PEFT above this many adapters (it keeps every adapter as modules)")
     p.add_argument("--no-peft", action="store_true")
+    p.add_argument("--warmup", type=int, default=6,
+                   help="most warm-up passes per setting (they stop when no new step shape appears)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed jaxserve runs per setting; the median is reported")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -197,12 +199,18 @@ def main(argv=None) -> int:
                 engine.add_lora(f"{prefix}-{a}", make(f"{prefix}-{a}", a % len(sets)))
             reqs = workload(args.num_requests, n, args.alpha, args.rate, args.cv, lo_in, hi_in,
                             lo_out, hi_out, cfg.vocab_size)
-            # Warm-up for every setting: compile the step shapes this workload touches. Shapes
-            # depend on timing (which requests share a step), so repeat while new ones appear.
+            def cold_run():   # every adapter re-registered: none resident on the device
+                for a in range(n):
+                    engine.remove_lora(f"{prefix}-{a}")
+                    engine.add_lora(f"{prefix}-{a}", make(f"{prefix}-{a}", a % len(sets)))
+                return run_jaxserve(engine, reqs, prefix)
+            # Warm-up for every setting, under the timed runs' conditions (adapters cold):
+            # compile the step shapes this workload touches. Shapes depend on timing (which
+            # requests share a step), so repeat while new ones appear (up to --warmup passes).
             t = time.perf_counter()
-            for _ in range(4):
+            for _ in range(args.warmup):
                 seen = len(engine.runner._seen_buckets)
-                run_jaxserve(engine, reqs, prefix)
+                cold_run()
                 if len(engine.runner._seen_buckets) == seen:
                     break
             print(f"warm-up (compiles) {time.perf_counter() - t:.1f}s", file=sys.stderr)
@@ -210,11 +218,6 @@ def main(argv=None) -> int:
             programs0 = len(engine.runner._seen_buckets)
             # Timed runs of the same workload; the one with the median throughput is reported
             # (a run can meet a step shape the warm-up did not, and pay its compile).
-            def cold_run():   # every adapter re-registered: none resident on the device
-                for a in range(n):
-                    engine.remove_lora(f"{prefix}-{a}")
-                    engine.add_lora(f"{prefix}-{a}", make(f"{prefix}-{a}", a % len(sets)))
-                return run_jaxserve(engine, reqs, prefix)
             runs = sorted((cold_run() for _ in range(args.repeats)), key=lambda r: r["throughput"])
             row = dict(rank=rank, num_adapters=n, jaxserve=dict(runs[len(runs) // 2]))
             row["jaxserve"]["all_throughputs"] = [r["throughput"] for r in runs]
