@@ -273,12 +273,10 @@ def test_builds_into_cache_dir(tmp_path):
     assert len(files) == 1 and files[0].startswith("cpu_matmul-") and files[0].endswith(".so")
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
-    """End to end: a tiny bf16 Llama run as a 9-token prefill then one token per step (1 row:
-    every projection and the LM head of those steps take the kernel, inside the layer scan) stays
-    as close to HF's float32 logits as test_model_hf's bf16 check demands, and as close as the
-    same run on the XLA path."""
+def _tiny_llama_case(tmp_path, tied):
+    """A fresh tiny HF Llama saved to tmp_path and loaded by us, a 14-token prompt as a 9-token
+    prefill chunk then one token per step, and HF's float32 logits for it:
+    (seed, model, chunks, ref)."""
     import tests.test_model_hf as hf_test
     from jaxserve.loader import load_hf_dir
     from tests.tiny_models import make_hf_model
@@ -288,7 +286,18 @@ def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
     model = load_hf_dir(str(tmp_path))
     ids = np.random.default_rng(seed).integers(0, 512, size=14).tolist()
     chunks = [ids[:9]] + [[t] for t in ids[9:]]
-    ref = hf_test.hf_logits(hf, ids)
+    return seed, model, chunks, hf_test.hf_logits(hf, ids)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
+    """End to end: a tiny bf16 Llama run as a 9-token prefill then one token per step (1 row:
+    every projection and the LM head of those steps take the kernel, inside the layer scan) stays
+    as close to HF's float32 logits as test_model_hf's bf16 check demands, and as close as the
+    same run on the XLA path."""
+    import tests.test_model_hf as hf_test
+
+    seed, model, chunks, ref = _tiny_llama_case(tmp_path, tied)
 
     calls = []
     real = (cpu_matmul.matmul, cpu_matmul.matmul_t)
@@ -425,16 +434,9 @@ def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
     import types
 
     import tests.test_model_hf as hf_test
-    from jaxserve.loader import load_hf_dir
     from jaxserve.model.weights import cast, fuse_projections, pack_for_amx
-    from tests.tiny_models import make_hf_model
 
-    seed = fresh_seed()
-    hf = make_hf_model("llama", tmp_path, seed=seed % 1000, tie_word_embeddings=tied)
-    model = load_hf_dir(str(tmp_path))
-    ids = np.random.default_rng(seed).integers(0, 512, size=14).tolist()
-    chunks = [ids[:9]] + [[t] for t in ids[9:]]
-    ref = hf_test.hf_logits(hf, ids)
+    seed, model, chunks, ref = _tiny_llama_case(tmp_path, tied)
 
     w16 = fuse_projections(cast(model.weights, jnp.bfloat16))   # as the runner holds them
     head, layers = pack_for_amx(w16, llama.unstack_layers(w16.layers))

@@ -46,6 +46,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -340,18 +341,11 @@ void Item(const Problem& pr, int64_t item, Scratch& sc) {
   };
   // All of the item's K, then V rows, requested at once (the pages are scattered, so the
   // hardware prefetchers cannot run ahead; ~5-10% faster at batch 32-64, measured).
-  {
+  for (const T* base : {kbase, vbase}) {
     for (int64_t pi = first; pi <= last; ++pi) {
       int64_t t0, t1;
       rows(pi, &t0, &t1);
-      const int64_t off = (bt[pi] * S + t0) * D;
-      PrefetchL2(kbase + off, (t1 - t0) * row_bytes);
-    }
-    for (int64_t pi = first; pi <= last; ++pi) {
-      int64_t t0, t1;
-      rows(pi, &t0, &t1);
-      const int64_t off = (bt[pi] * S + t0) * D;
-      PrefetchL2(vbase + off, (t1 - t0) * row_bytes);
+      PrefetchL2(base + (bt[pi] * S + t0) * D, (t1 - t0) * row_bytes);
     }
   }
   for (int64_t pb = first; pb <= last; pb += ppb) {

@@ -345,14 +345,10 @@ struct AlignedAlloc {
 // JaxserveAmxAvailable() says whether this build has the path and the request succeeded. Each
 // thread loads the tile configuration before its items and releases the tiles after them.
 
-#ifndef JXS_AMX_PF
-#define JXS_AMX_PF 1
-#endif
-#ifndef JXS_AMX_HINT
-#define JXS_AMX_HINT 1
-#endif
-constexpr int64_t kAmxPrefetch = JXS_AMX_PF;    // strips ahead
-constexpr int kAmxPrefetchHint = JXS_AMX_HINT;  // 3: into L1, 1: into L2
+// Prefetch distance and level, tuned on the 2-core VM (sweeps of 0-4 strips ahead and L1/L2
+// were within noise at 8-64 rows; one strip into L2 was best at 1-8 rows).
+constexpr int64_t kAmxPrefetch = 1;  // strips ahead
+constexpr int kAmxPrefetchHint = 1;  // __builtin_prefetch locality: into L2
 
 #ifdef JXS_AMX
 bool AmxEnabled() {
@@ -453,6 +449,17 @@ inline void SwigluRows(const float* g, const float* u, uint16_t* act, int64_t ld
 }
 
 #ifdef JXS_AMX
+// c = 32 rows of x from its tile row mt (16 when mt is the last, odd one) @ the strip at b.
+inline void AmxRows(const AmxProblem& pr, int64_t mt, const uint16_t* b, float* c,
+                    const uint16_t* pf) {
+  const uint16_t* a0 = pr.xa.data() + mt * pr.Kb * 512;
+  if (mt + 1 < pr.Mt) {
+    AmxBlock<true>(a0, a0 + pr.Kb * 512, b, pr.Kb, c, pf);
+  } else {
+    AmxBlock<false>(a0, nullptr, b, pr.Kb, c, pf);
+  }
+}
+
 // SwiGLU: strips [item * kAmxStrips, ...) of the gate half and the matching up strips (Ns / 2
 // further), combined per 32 x 32 block.
 void AmxSwigluItem(const AmxProblem& pr, int64_t item, float* c) {
@@ -463,14 +470,8 @@ void AmxSwigluItem(const AmxProblem& pr, int64_t item, float* c) {
     const uint16_t* bg = pr.wp + s * pr.Kb * 1024;
     const uint16_t* bu = pr.wp + (s + half) * pr.Kb * 1024;
     for (int64_t mt = 0; mt < pr.Mt; mt += 2) {
-      const uint16_t* a0 = pr.xa.data() + mt * pr.Kb * 512;
-      if (mt + 1 < pr.Mt) {
-        AmxBlock<true>(a0, a0 + pr.Kb * 512, bg, pr.Kb, c, nullptr);
-        AmxBlock<true>(a0, a0 + pr.Kb * 512, bu, pr.Kb, cu, nullptr);
-      } else {
-        AmxBlock<false>(a0, nullptr, bg, pr.Kb, c, nullptr);
-        AmxBlock<false>(a0, nullptr, bu, pr.Kb, cu, nullptr);
-      }
+      AmxRows(pr, mt, bg, c, nullptr);
+      AmxRows(pr, mt, bu, cu, nullptr);
       SwigluRows(c, cu, pr.act + mt * 16 * I + s * 32, I, std::min<int64_t>(32, pr.M - mt * 16),
                  32);
     }
@@ -484,16 +485,11 @@ void AmxItem(const AmxProblem& pr, int64_t item, float* c) {
     const uint16_t* b = pr.wp + s * pr.Kb * 1024;
     const int64_t nc = std::min<int64_t>(32, pr.N - s * 32);
     for (int64_t mt = 0; mt < pr.Mt; mt += 2) {
-      const uint16_t* a0 = pr.xa.data() + mt * pr.Kb * 512;
       // The first pass over a strip streams it from memory: prefetch kAmxPrefetch strips ahead
       // (the hardware prefetchers stop at 4 KB pages).
       const uint16_t* pf = mt == 0 && s + kAmxPrefetch < pr.Ns ? b + kAmxPrefetch * pr.Kb * 1024
                                                                 : nullptr;
-      if (mt + 1 < pr.Mt) {
-        AmxBlock<true>(a0, a0 + pr.Kb * 512, b, pr.Kb, c, pf);
-      } else {
-        AmxBlock<false>(a0, nullptr, b, pr.Kb, c, pf);
-      }
+      AmxRows(pr, mt, b, c, pf);
       const int64_t mr = std::min<int64_t>(32, pr.M - mt * 16);
       float* y = pr.y + mt * 16 * pr.N + s * 32;
       for (int64_t m = 0; m < mr; ++m) std::memcpy(y + m * pr.N, c + m * 32, nc * sizeof(float));
@@ -649,6 +645,27 @@ void WaitDone(const S& sh) {
   }
 }
 
+// Threads for a call reading `bytes` of weights: num_threads() (the caller included), fewer
+// where a thread would get less than kMinBytesPerThread (~15-20 us of reading at one core's
+// bandwidth; waking a pool thread takes a few us, sometimes tens).
+constexpr int64_t kMinBytesPerThread = 256 << 10;
+int64_t ThreadsFor(ffi::ThreadPool& pool, int64_t bytes) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), bytes / kMinBytesPerThread));
+}
+
+// Run work(*sh) on the caller and on up to threads - 1 pool tasks (no more than sh->total - 1),
+// then wait for every item.
+template <typename S, typename F>
+void RunOnPool(ffi::ThreadPool& pool, const std::shared_ptr<S>& sh, int64_t threads, F work) {
+  const int64_t helpers = std::min<int64_t>(threads - 1, sh->total - 1);
+  for (int64_t t = 0; t < helpers; ++t) {
+    // On a scheduling failure the FFI runs the task inline: that just does the work here.
+    pool.Schedule([sh, work]() { work(*sh); });
+  }
+  work(*sh);
+  WaitDone(*sh);
+}
+
 std::string Dims(ffi::AnyBuffer::Dimensions d) {
   std::string s = "[";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
@@ -666,9 +683,6 @@ const char* TypeName(ffi::DataType t) {
   }
 }
 
-// Weights of at least this many bytes per thread before another thread is woken (~15-20 us of
-// reading at one core's bandwidth; waking a pool thread takes a few us, sometimes tens).
-constexpr int64_t kMinBytesPerThread = 256 << 10;
 constexpr int64_t kPartsPerThread = 2;  // x @ W: column ranges per thread
 constexpr int64_t kMinPartChunks = 4;   // x @ W: chunks (of kChunk columns) per range at least
 
@@ -720,8 +734,7 @@ ffi::Error MatmulImpl(bool transposed, ffi::ThreadPool pool, ffi::AnyBuffer x, f
     pr.x = pr.xbuf.data();
   }
   const int64_t bytes = K * N * static_cast<int64_t>(pr.f32_weights ? 4 : 2);
-  int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), bytes / kMinBytesPerThread));
+  int64_t threads = ThreadsFor(pool, bytes);
   if (transposed) {  // x in chunk order (bf16 weights: kW even positions, then kW odd)
     const int64_t Kc = K / kChunk;
     pr.ldxd = Kc * kChunk;
@@ -749,13 +762,7 @@ ffi::Error MatmulImpl(bool transposed, ffi::ThreadPool pool, ffi::AnyBuffer x, f
     threads = std::min(threads, pr.parts);
     sh->total = pr.parts;
   }
-  const int64_t helpers = std::min<int64_t>(threads - 1, sh->total - 1);
-  for (int64_t t = 0; t < helpers; ++t) {
-    // On a scheduling failure the FFI runs the task inline: that just does the work here.
-    pool.Schedule([sh]() { Work(*sh); });
-  }
-  Work(*sh);
-  WaitDone(*sh);
+  RunOnPool(pool, sh, threads, Work);
   return ffi::Error::Success();
 }
 
@@ -854,12 +861,7 @@ ffi::Error MatmulAmxImpl(bool swiglu, ffi::ThreadPool pool, ffi::AnyBuffer x,
   const int64_t strips = swiglu ? Ns / 2 : Ns;  // SwiGLU: items over the gate half
   sh->total = (strips + kAmxStrips - 1) / kAmxStrips;
   const int64_t bytes = Ns * Kb * 2048;
-  const int64_t threads =
-      std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), bytes / kMinBytesPerThread));
-  const int64_t helpers = std::min<int64_t>(threads - 1, sh->total - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh]() { AmxWork(*sh); });
-  AmxWork(*sh);
-  WaitDone(*sh);
+  RunOnPool(pool, sh, ThreadsFor(pool, bytes), AmxWork);
   return ffi::Error::Success();
 }
 

@@ -67,15 +67,6 @@ ROW_RANGES = {
 }
 
 
-def amx_enabled() -> bool:
-    """Whether bfloat16 x against bfloat16 weights take the AMX tile path (cpu_matmul.cc): the
-    kernel is available, was built for a CPU with AMX, Linux granted the tile state, and
-    JAXSERVE_CPU_AMX is not "0" (read at each trace)."""
-    if os.environ.get("JAXSERVE_CPU_AMX", "1") == "0" or not available():
-        return False
-    return bool(_LIB.state["lib"].JaxserveAmxAvailable())
-
-
 # The tied LM head (49152 x 576) takes matmul_amx up to this many rows; at 64 XLA's dot is as
 # fast. Single calls, bf16, 2-core Sapphire Rapids VM: 2.7 ms at M = 1 (XLA ~28), 2.9 vs 3.7 ms
 # at M = 16, 3.5 vs 4.3 at 32, 5.6-7.0 vs 5.1 at 64.
@@ -134,14 +125,20 @@ def pack_amx(w) -> AmxPacked:
     return AmxPacked(data.reshape(np_ // 32, kp // 32, 2, 16, 32), k, n)
 
 
+def _on_tiles(x) -> bool:
+    """Whether a bfloat16 x goes to the AMX kernels (decided at trace time): the CPU backend with
+    one device (the custom calls have no partitioning rule) and amx_available()."""
+    return (x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+            and jax.device_count() == 1 and amx_available())
+
+
 def matmul_amx(x, w: AmxPacked):
     """x [..., K] @ W (AmxPacked) -> float32 [..., N]. On the tile unit for bfloat16 x where
     amx_available(); otherwise (float32 x, or no AMX) an XLA einsum over the packed layout, the
     same products in float32."""
     if x.shape[-1] != w.k:
         raise ValueError(f"matmul_amx: x {x.shape} and packed W [K={w.k}, N={w.n}]: K differs")
-    if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" and jax.device_count() == 1 \
-            and amx_available():
+    if _on_tiles(x):
         x2 = x.reshape(rows(x), w.k)
         y = jax.ffi.ffi_call(TARGET_AMX, jax.ShapeDtypeStruct((x2.shape[0], w.n), jnp.float32))(
             x2, w.data)
@@ -167,8 +164,7 @@ def swiglu_amx(x, w: AmxPacked):
     rounded once to bfloat16 (the XLA path rounds g and u to bfloat16 first, then silu(g) and the
     product: a few bfloat16 ulp apart). Otherwise matmul_amx, then the same in XLA."""
     half = w.n // 2
-    if (x.dtype == jnp.bfloat16 and swiglu_fits(w) and jax.default_backend() == "cpu"
-            and jax.device_count() == 1 and amx_available()):
+    if swiglu_fits(w) and _on_tiles(x):
         x2 = x.reshape(rows(x), w.k)
         y = jax.ffi.ffi_call(TARGET_SWIGLU, jax.ShapeDtypeStruct((x2.shape[0], half),
                                                                   jnp.bfloat16))(x2, w.data)
@@ -227,9 +223,7 @@ def _call(target, x, w, name: str, wname: str, layout: str, k_axis: int):
     K, N = w.shape[k_axis], w.shape[1 - k_axis]
     if x.shape[-1] != K:
         raise ValueError(f"{name}: x {x.shape} and {wname} {w.shape}: K {x.shape[-1]} != {K}")
-    amx = x2.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16 and amx_enabled()
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(
-        x2, w, amx=amx)
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], N), jnp.float32))(x2, w)
     return y.reshape(*x.shape[:-1], N)
 
 

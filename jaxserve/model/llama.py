@@ -110,13 +110,14 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
         if (isinstance(lw.w_gate_up, cpu_matmul.AmxPacked) and h.dtype == jnp.bfloat16
                 and (step.lora is None or not {"gate_proj", "up_proj"} & set(step.lora.modules))):
             # gate|up matmul and SwiGLU in one native call (no LoRA on gate/up in this step)
-            x = x + proj("down_proj", cpu_matmul.swiglu_amx(h, lw.w_gate_up), lw.w_down)
-            return (x, k_pool, v_pool), None
-        if lw.w_gate_up is not None:
-            g, u = fused(("gate_proj", "up_proj"), h, lw.w_gate_up, (None, None))
+            act = cpu_matmul.swiglu_amx(h, lw.w_gate_up)
         else:
-            g, u = proj("gate_proj", h, lw.w_gate), proj("up_proj", h, lw.w_up)
-        x = x + proj("down_proj", jax.nn.silu(g) * u, lw.w_down)
+            if lw.w_gate_up is not None:
+                g, u = fused(("gate_proj", "up_proj"), h, lw.w_gate_up, (None, None))
+            else:
+                g, u = proj("gate_proj", h, lw.w_gate), proj("up_proj", h, lw.w_up)
+            act = jax.nn.silu(g) * u
+        x = x + proj("down_proj", act, lw.w_down)
     return (x, k_pool, v_pool), None
 
 
