@@ -21,6 +21,8 @@ XLA: jnp.dot(x, w, preferred_element_type=f32) and, for the head, jnp.einsum('mk
 preferred_element_type=f32). Read-bandwidth reference, measured in the same run: jnp.sum of a
 512 MB float32 array (XLA's reduce). max|d|/S: the kernel's largest error against a float64
 product of the same values, relative to sum_k |x_k w_k| of that output.
+With --kernel amx, `swiglu` is swiglu_amx (silu(x @ Wg) * (x @ Wu), bf16 out) on the packed fused
+gate|up weight against the same in XLA; its max|d|/S is relative to the largest activation.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ SHAPES = [  # (name, layout, K, N): "nn" = x @ W [K, N], "nt" = x @ E^T with E [
     ("gate_up", "nn", 576, 3072),
     ("down", "nn", 1536, 576),
     ("lm_head", "nt", 576, 49152),
+    ("swiglu", "swiglu", 576, 3072),   # --kernel amx only: swiglu_amx on the packed [Wg Wu]
 ]
 
 
@@ -119,7 +122,8 @@ def main(argv=None):
         args.json = os.path.join("bench_results", "cpu_matmul_amx.json" if amx else
                                  "cpu_matmul.json" if wdt == jnp.bfloat16
                                  else "cpu_matmul_f32.json")
-    shapes = [s for s in SHAPES if args.shapes is None or s[0] in args.shapes.split(",")]
+    shapes = [s for s in SHAPES if (args.shapes is None or s[0] in args.shapes.split(","))
+              and (amx or s[1] != "swiglu")]
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__},"
           f" {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
     print(f"last-level cache (as reported): {llc_size()}; weights {wdt.name}, "
@@ -129,13 +133,18 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     xla_nn = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
     xla_nt = lambda x, e: jnp.einsum("mk,nk->mn", x, e, preferred_element_type=jnp.float32)
+
+    def xla_swiglu(x, w):
+        y = xla_nn(x, w)
+        return jax.nn.silu(y[:, :w.shape[1] // 2]) * y[:, w.shape[1] // 2:]
+    xla_fns = {"nn": xla_nn, "nt": xla_nt, "swiglu": xla_swiglu}
     results = []
     hdr = (f"{'shape':8} {'K x N':>11} {'M':>3} {'MB':>6} {'copies MB':>9} {'kernel ms':>10} "
            f"{'GB/s':>6} "
            f"{'xla ms':>8} {'GB/s':>6} {'speedup':>8} {'max|d|/S':>9}")
     print(hdr)
     for name, layout, K, N in shapes:
-        wshape = (K, N) if layout == "nn" else (N, K)
+        wshape = (N, K) if layout == "nt" else (K, N)
         base = rng.standard_normal(wshape, np.float32) * 0.05
         # Distinct copies: each a different buffer (and slightly different values).
         ws = [jnp.asarray(base * (1.0 + 1e-3 * i), wdt) for i in range(args.copies)]
@@ -143,18 +152,22 @@ def main(argv=None):
         kfn = cpu_matmul.matmul if layout == "nn" else cpu_matmul.matmul_t
         kws = ws
         if amx:
-            kfn = cpu_matmul.matmul_amx
-            kws = [cpu_matmul.pack_amx(w if layout == "nn" else w.T) for w in ws]
+            kfn = cpu_matmul.swiglu_amx if layout == "swiglu" else cpu_matmul.matmul_amx
+            kws = [cpu_matmul.pack_amx(w.T if layout == "nt" else w) for w in ws]
         kern = chained(kfn, args.copies)
-        xla = chained(xla_nn if layout == "nn" else xla_nt, args.copies)
+        xla = chained(xla_fns[layout], args.copies)
         for M in rows_list:
             x = jnp.asarray(rng.standard_normal((M, K), np.float32), wdt)
             # Correctness on the way: both against a float64 product of the same values.
             w0 = np.asarray(ws[0], np.float64)
             x0 = np.asarray(x, np.float64)
-            ref = x0 @ (w0 if layout == "nn" else w0.T)
-            S = np.abs(x0) @ np.abs(w0 if layout == "nn" else w0.T)
-            yk = np.asarray(jax.jit(kfn)(x, kws[0]))
+            wt = w0.T if layout == "nt" else w0
+            ref, S = x0 @ wt, np.abs(x0) @ np.abs(wt)
+            yk = np.asarray(jax.jit(kfn)(x, kws[0]), np.float64)
+            if layout == "swiglu":   # bf16 output: relative to the largest activation
+                h = N // 2
+                ref = ref[:, :h] / (1 + np.exp(-ref[:, :h])) * ref[:, h:]
+                S = np.abs(ref).max()
             err = float((np.abs(yk - ref) / S).max())
             tk = median_s(kern, (x, *kws), args.reps) / args.copies
             tx = median_s(xla, (x, *ws), args.reps) / args.copies

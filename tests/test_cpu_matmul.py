@@ -394,7 +394,7 @@ def test_amx_fallback_matches_reference(monkeypatch, K, N):
 
 
 @amx
-@pytest.mark.parametrize("K,N", [(576, 960), (100, 37), (33, 65)])
+@pytest.mark.parametrize("K,N", [(576, 960), (100, 37), (33, 65), (64, 4000)])
 def test_amx_exact_integers(K, N):
     """Small integers (exact in bf16; every partial sum exact in float32): the tile path must
     give the exact product, so a dropped, repeated or misplaced term or tile shows."""

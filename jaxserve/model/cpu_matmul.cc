@@ -336,19 +336,32 @@ struct AlignedAlloc {
 // x is packed once per call, by the caller, into A tiles: xa[Mt][Kb][16][32] (Mt = ceil(M / 16),
 // zero-padded), so each A tile is 1 KB contiguous (tile loads with a 64-byte row stride ran
 // ~1.5x faster than with x's own row stride, measured). Tiles: C0..C3 = tmm0..3, A0, A1 =
-// tmm4, 5, B0, B1 = tmm6, 7, all 16 rows x 64 bytes. Work item = kAmxStrips strips; per strip
-// and 32 rows of x, a 32 x 32 block of y (2 x 2 C tiles) over all Kb slices, stored through a
-// float scratch (rows past M and columns past N dropped). With M > 32 the strip is read again
-// for each further 32 rows, from L2.
+// tmm4, 5, B0, B1 = tmm6, 7, all 16 rows x 64 bytes. Work item = a contiguous run of strips
+// (kAmxItemsPerThread per thread: each thread reads long forward streams; items of two strips
+// claimed in turn by the threads read ~10% slower in the engine, measured); per strip
+// and 32 rows of x, a 32 x 32 block of y (2 x 2 C tiles) over all Kb slices, stored into a
+// float scratch of kAmxGroup such blocks side by side, copied out to y (rows past M and columns
+// past N dropped). With M > 32 the strip is read again for each further 32 rows, from L2.
 //
 // Linux hands out AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process):
 // JaxserveAmxAvailable() says whether this build has the path and the request succeeded. Each
 // thread loads the tile configuration before its items and releases the tiles after them.
 
-// Prefetch distance and level, tuned on the 2-core VM (sweeps of 0-4 strips ahead and L1/L2
-// were within noise at 8-64 rows; one strip into L2 was best at 1-8 rows).
-constexpr int64_t kAmxPrefetch = 1;  // strips ahead
-constexpr int kAmxPrefetchHint = 1;  // __builtin_prefetch locality: into L2
+// Prefetch distance and level, tuned in the engine on the 2-core VM (bf16 batch-32 decode step,
+// median of 60: 4 / 8 / 16 / 32 slices ahead into L2 and 16 into L1 or "L3" within ~2 ms of each
+// other, 8 into L2 best; the step was 35.8 ms before, with one strip ahead at interleaved items).
+constexpr int64_t kAmxPrefetchSlices = 8;  // 2 KB slices ahead (16 KB)
+constexpr int kAmxPrefetchHint = 2;        // __builtin_prefetch locality: into L2
+
+// Software prefetch of the weight stream: for the slice at b, the one kAmxPrefetchSlices
+// slices further on, unless that is past `end` (the end of this item's run of strips).
+struct Prefetch {
+  const uint16_t* end = nullptr;   // null: no prefetching (passes reading from cache)
+  inline void Slice(const uint16_t* b) const {
+    const uint16_t* p = b + kAmxPrefetchSlices * 1024;
+    if (p < end) PrefetchBytes<kAmxPrefetchHint>(p, 2048);
+  }
+};
 
 #ifdef JXS_AMX
 bool AmxEnabled() {
@@ -381,7 +394,7 @@ inline void AmxConfigure() {
 // b + kb * 1024 (B0) and + 512 (B1). Without kTwoA only A0 (rows 0..16 of c).
 template <bool kTwoA>
 inline void AmxBlock(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, int64_t Kb,
-                     float* c, const uint16_t* pf) {
+                     float* c, int64_t ldc, const Prefetch& pf) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (kTwoA) {
@@ -389,7 +402,7 @@ inline void AmxBlock(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, 
     _tile_zero(3);
   }
   for (int64_t kb = 0; kb < Kb; ++kb) {
-    if (pf != nullptr) PrefetchBytes<kAmxPrefetchHint>(pf + kb * 1024, 2048);
+    pf.Slice(b + kb * 1024);
     _tile_loadd(6, b + kb * 1024, 64);
     _tile_loadd(7, b + kb * 1024 + 512, 64);
     _tile_loadd(4, a0 + kb * 512, 64);
@@ -401,24 +414,26 @@ inline void AmxBlock(const uint16_t* a0, const uint16_t* a1, const uint16_t* b, 
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, c, 128);
-  _tile_stored(1, c + 16, 128);
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(1, c + 16, ldc * 4);
   if constexpr (kTwoA) {
-    _tile_stored(2, c + 16 * 32, 128);
-    _tile_stored(3, c + 16 * 32 + 16, 128);
+    _tile_stored(2, c + 16 * ldc, ldc * 4);
+    _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
   }
 }
 #else
 bool AmxEnabled() { return false; }
 #endif  // JXS_AMX
 
-constexpr int64_t kAmxStrips = 2;  // strips of 32 columns per work item
+constexpr int64_t kAmxItemsPerThread = 2;  // work items: contiguous runs of strips
+constexpr int64_t kAmxGroup = 4;            // strips per block of y made in scratch (x @ W)
 
 struct AmxProblem {
   const uint16_t* wp;  // [Ns, Kb, 2, 16, 32]
   float* y;            // [M, N] (x @ W)
   uint16_t* act;       // [M, N / 2] bf16 (SwiGLU: silu(gate) * up), or null
   int64_t M, K, N, Kb, Ns, Mt;
+  int64_t strips_per_item;
   std::vector<uint16_t, AlignedAlloc<uint16_t>> xa;  // [Mt][Kb][16][32]
 };
 
@@ -449,50 +464,59 @@ inline void SwigluRows(const float* g, const float* u, uint16_t* act, int64_t ld
 }
 
 #ifdef JXS_AMX
-// c = 32 rows of x from its tile row mt (16 when mt is the last, odd one) @ the strip at b.
+// c = 32 rows of x from its tile row mt (16 when mt is the last, odd one) @ the strip at b,
+// rows ldc floats apart.
 inline void AmxRows(const AmxProblem& pr, int64_t mt, const uint16_t* b, float* c,
-                    const uint16_t* pf) {
+                    const Prefetch& pf, int64_t ldc = 32) {
   const uint16_t* a0 = pr.xa.data() + mt * pr.Kb * 512;
   if (mt + 1 < pr.Mt) {
-    AmxBlock<true>(a0, a0 + pr.Kb * 512, b, pr.Kb, c, pf);
+    AmxBlock<true>(a0, a0 + pr.Kb * 512, b, pr.Kb, c, ldc, pf);
   } else {
-    AmxBlock<false>(a0, nullptr, b, pr.Kb, c, pf);
+    AmxBlock<false>(a0, nullptr, b, pr.Kb, c, ldc, pf);
   }
 }
 
-// SwiGLU: strips [item * kAmxStrips, ...) of the gate half and the matching up strips (Ns / 2
-// further), combined per 32 x 32 block.
-void AmxSwigluItem(const AmxProblem& pr, int64_t item, float* c) {
-  const int64_t half = pr.Ns / 2, I = pr.N / 2;
+// SwiGLU: strips [s0, s1) of the gate half and the matching up strips (Ns / 2 further),
+// combined per 32 x 32 block; two weight streams, each prefetched within its run.
+void AmxSwigluItem(const AmxProblem& pr, int64_t s0, int64_t s1, float* c) {
+  const int64_t half = pr.Ns / 2, I = pr.N / 2, strip = pr.Kb * 1024;
   float* cu = c + 32 * 32;
-  const int64_t s1 = std::min(half, (item + 1) * kAmxStrips);
-  for (int64_t s = item * kAmxStrips; s < s1; ++s) {
-    const uint16_t* bg = pr.wp + s * pr.Kb * 1024;
-    const uint16_t* bu = pr.wp + (s + half) * pr.Kb * 1024;
+  const Prefetch none, pf_g{pr.wp + s1 * strip}, pf_u{pr.wp + (s1 + half) * strip};
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint16_t* bg = pr.wp + s * strip;
+    const uint16_t* bu = pr.wp + (s + half) * strip;
     for (int64_t mt = 0; mt < pr.Mt; mt += 2) {
-      AmxRows(pr, mt, bg, c, nullptr);
-      AmxRows(pr, mt, bu, cu, nullptr);
+      AmxRows(pr, mt, bg, c, mt == 0 ? pf_g : none);
+      AmxRows(pr, mt, bu, cu, mt == 0 ? pf_u : none);
       SwigluRows(c, cu, pr.act + mt * 16 * I + s * 32, I, std::min<int64_t>(32, pr.M - mt * 16),
                  32);
     }
   }
 }
 
+// Plain x @ W: per group of up to kAmxGroup strips and 32 rows of x, the 32 x (32 * group)
+// block of y is made in the scratch c (rows 32 * group floats apart), then copied out row by
+// row in runs of group * 128 bytes. The stores into y are what limits large M: the tied head
+// (49152 columns) at 64 rows took 3.8 ms with 32 x 32 blocks copied out (128-byte pieces 196 KB
+// apart), 1.9 ms with no copy at all, ~2.4 ms in groups of 4 (16 and non-temporal stores were
+// no better).
 void AmxItem(const AmxProblem& pr, int64_t item, float* c) {
-  if (pr.act != nullptr) return AmxSwigluItem(pr, item, c);
-  const int64_t s1 = std::min(pr.Ns, (item + 1) * kAmxStrips);
-  for (int64_t s = item * kAmxStrips; s < s1; ++s) {
-    const uint16_t* b = pr.wp + s * pr.Kb * 1024;
-    const int64_t nc = std::min<int64_t>(32, pr.N - s * 32);
+  const int64_t strips = pr.act != nullptr ? pr.Ns / 2 : pr.Ns;  // SwiGLU: the gate half
+  const int64_t s0 = item * pr.strips_per_item;
+  const int64_t s1 = std::min(strips, s0 + pr.strips_per_item);
+  if (pr.act != nullptr) return AmxSwigluItem(pr, s0, s1, c);
+  // The first pass over a strip streams it from memory (later ones, for rows past 32, read it
+  // from L2): prefetched kAmxPrefetchSlices slices ahead within the item's run of strips.
+  const Prefetch none, pf{pr.wp + s1 * pr.Kb * 1024};
+  for (int64_t g0 = s0; g0 < s1; g0 += kAmxGroup) {
+    const int64_t g1 = std::min(s1, g0 + kAmxGroup), ldc = (g1 - g0) * 32;
+    const int64_t n0 = g0 * 32, nc = std::min(pr.N, g1 * 32) - n0;
     for (int64_t mt = 0; mt < pr.Mt; mt += 2) {
-      // The first pass over a strip streams it from memory: prefetch kAmxPrefetch strips ahead
-      // (the hardware prefetchers stop at 4 KB pages).
-      const uint16_t* pf = mt == 0 && s + kAmxPrefetch < pr.Ns ? b + kAmxPrefetch * pr.Kb * 1024
-                                                                : nullptr;
-      AmxRows(pr, mt, b, c, pf);
+      for (int64_t s = g0; s < g1; ++s)
+        AmxRows(pr, mt, pr.wp + s * pr.Kb * 1024, c + (s - g0) * 32, mt == 0 ? pf : none, ldc);
       const int64_t mr = std::min<int64_t>(32, pr.M - mt * 16);
-      float* y = pr.y + mt * 16 * pr.N + s * 32;
-      for (int64_t m = 0; m < mr; ++m) std::memcpy(y + m * pr.N, c + m * 32, nc * sizeof(float));
+      float* y = pr.y + mt * 16 * pr.N + n0;
+      for (int64_t m = 0; m < mr; ++m) std::memcpy(y + m * pr.N, c + m * ldc, nc * sizeof(float));
     }
   }
 }
@@ -790,11 +814,12 @@ void AmxWork(AmxShared& sh) {
 #ifdef JXS_AMX
   int64_t i = sh.next.fetch_add(1, std::memory_order_relaxed);
   if (i >= sh.total) return;
-  alignas(64) float c[2 * 32 * 32];
+  // Scratch: 32 rows of kAmxGroup strips (x @ W) or two 32 x 32 blocks (SwiGLU).
+  std::vector<float, AlignedAlloc<float>> c(32 * 32 * std::max<int64_t>(2, kAmxGroup));
   int64_t ran = 0;
   AmxConfigure();
   for (; i < sh.total; i = sh.next.fetch_add(1, std::memory_order_relaxed)) {
-    AmxItem(sh.pr, i, c);
+    AmxItem(sh.pr, i, c.data());
     ++ran;
   }
   _tile_release();
@@ -858,10 +883,14 @@ ffi::Error MatmulAmxImpl(bool swiglu, ffi::ThreadPool pool, ffi::AnyBuffer x,
                   xb + m * K + kb * 32, n * sizeof(uint16_t));
     }
   }
+  // Items: kAmxItemsPerThread contiguous runs of strips per thread, so that each thread reads
+  // long forward streams (short items interleaved between threads read slower, measured).
   const int64_t strips = swiglu ? Ns / 2 : Ns;  // SwiGLU: items over the gate half
-  sh->total = (strips + kAmxStrips - 1) / kAmxStrips;
-  const int64_t bytes = Ns * Kb * 2048;
-  RunOnPool(pool, sh, ThreadsFor(pool, bytes), AmxWork);
+  const int64_t threads = ThreadsFor(pool, Ns * Kb * 2048);
+  pr.strips_per_item = std::max<int64_t>(1, (strips + threads * kAmxItemsPerThread - 1) /
+                                                (threads * kAmxItemsPerThread));
+  sh->total = (strips + pr.strips_per_item - 1) / pr.strips_per_item;
+  RunOnPool(pool, sh, threads, AmxWork);
   return ffi::Error::Success();
 }
 
