@@ -136,9 +136,13 @@ def resolve_layer_loop(layer_loop: str, tp: int) -> str:
 
 
 def _embed_fn(cfg: ModelConfig, weights: Weights, step: StepInput):
-    """Token embeddings and the step's RoPE tables (once, for all the layer calls)."""
+    """Token embeddings, the step's RoPE tables (once, for all the layer calls) and its
+    metadata back as device arrays for the layer calls: the call's own transfer of its host
+    arguments replaces a device_put of the step (which took ~0.7 ms for a batch-32 decode step
+    between steps, measured, vs ~15 us more for this call)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
-    return llama.embed(weights, step), llama.rope_tables(step.positions, inv_freq)
+    meta = dataclasses.replace(step, lora=None)
+    return llama.embed(weights, step), llama.rope_tables(step.positions, inv_freq), meta
 
 
 def _layer_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, lora_impl: str, lw, x,
@@ -163,9 +167,10 @@ class _LayerByLayer:
         self.layer_weights, self.layer_ids = layer_weights, layer_ids
 
     def __call__(self, weights, kv, step, samp):
-        step = jax.device_put(step)   # once, not once per layer call
-        x, rope = self.embed(weights, step)
-        step = dataclasses.replace(step, rope=rope)
+        x, rope, meta = self.embed(weights, dataclasses.replace(step, lora=None))
+        # On device once, not once per layer call.
+        lora = None if step.lora is None else jax.device_put(step.lora)
+        step = dataclasses.replace(meta, rope=rope, lora=lora)
         for lw, i in zip(self.layer_weights, self.layer_ids):
             x, kv = self.layer(lw, x, kv, i, step)
         tokens, logprobs = self.sample(self.logits(weights, x, step), samp)
@@ -415,10 +420,11 @@ class ModelRunner:
     def _compile(self, step: StepInput, samp: SamplingInput):
         if self.layer_loop == "scan":
             return self._step.lower(self.weights, self.kv, step, samp).compile()
-        x, rope = jax.eval_shape(self._embed, self.weights, step)
+        bare = dataclasses.replace(step, lora=None)
+        x, rope, _ = jax.eval_shape(self._embed, self.weights, bare)
         lstep = dataclasses.replace(step, rope=rope)   # as _LayerByLayer passes it on
         return _LayerByLayer(
-            self._embed.lower(self.weights, step).compile(),
+            self._embed.lower(self.weights, bare).compile(),
             self._layer.lower(self.layer_weights[0], x, self.kv, self._layer_ids[0],
                               lstep).compile(),
             self._logits.lower(self.weights, x, lstep).compile(),

@@ -7,7 +7,7 @@ stacked pool [30, 3, N, 16, 64] as the engine holds it, with the layer index a t
 that moves to the next layer on every call (so consecutive calls do not find the K/V in cache).
 Both implementations run under jax.jit. Batch 1, 32, 64 with 128 and 256 tokens of context
 (every row at full context, pages shuffled), fp32 and bf16 pools (bf16 stored as uint16 bits,
-as the engine does on CPU). `GB/s` = bytes of K/V the kernel must read (each visible row once)
+as the engine does on CPU) with the query in the pool's dtype, as in the engine. `GB/s` = bytes of K/V the kernel must read (each visible row once)
 divided by its median time; `speedup` = XLA time / kernel time.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv=None):
         for B in BATCHES:
             for ctx in CONTEXTS:
                 P = -(-ctx // S)
-                q = jnp.asarray(rng.standard_normal((B, 1, HQ, D)), jnp.float32)
+                q = jnp.asarray(rng.standard_normal((B, 1, HQ, D)), dtype)   # as the engine
                 bt = jnp.asarray(1 + rng.permutation(max_pages)[:B * P].reshape(B, P), jnp.int32)
                 lens = jnp.full((B,), ctx, jnp.int32)
                 pos = jnp.full((B, 1), ctx - 1, jnp.int32)
