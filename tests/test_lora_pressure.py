@@ -146,3 +146,40 @@ def test_decode_regathers_only_rows_whose_adapter_changed(setup):
     assert decode_rows <= 4 + 2
     for i, (p, a, n) in enumerate(zip(ps, names, lens)):
         assert out[f"rg{i}"] == torch_greedy(models[a] if a else base, p, n)[0], (i, a)
+
+
+def test_bf16_cached_slot_weights_update_changed_rows_exactly(setup):
+    """bf16 on CPU: the cached slot weights are kept as the pool's uint16 bits (XLA:CPU writes
+    rows into a bf16 array out of place), the rows whose adapter changed are re-gathered into
+    them, and the result is exactly a fresh gather of the new batch."""
+    import jax
+    import numpy as np
+    from types import SimpleNamespace
+    from jaxserve.engine import EngineConfig, LLMEngine
+    root, _, _, _ = setup
+    engine = LLMEngine(EngineConfig(model=str(root / "base"), dtype="bfloat16", page_size=8,
+                                    num_pages=120, max_num_seqs=4, max_prefill_tokens=32,
+                                    max_model_len=48, max_loras=4, max_lora_rank=8))
+    names = ("a0", "a1", "a2")
+    for name in names:
+        engine.add_lora(name, str(root / name))
+    rt, n = engine.runner.lora, engine.loras.pages_needed("a0")
+    pages = {a: list(range(1 + i * n, 1 + (i + 1) * n)) for i, a in enumerate(names)}
+    kv = rt.write(engine.runner.kv, rt.stage(list(pages.items())))
+
+    def batch(row_adapters):
+        plan = SimpleNamespace(adapter_pages={a: pages[a] for a in set(row_adapters) if a},
+                               seqs=[SimpleNamespace(adapter=a) for a in row_adapters],
+                               num_new_tokens=[1] * len(row_adapters))
+        return rt.build(plan, 4, 1, [0, 1, 2, 3])[1]
+
+    rt.slot_weights(kv, batch(["a0", "a1", "a0", None]), cache=True)
+    before = rt.num_rows_gathered
+    new = batch(["a2", "a1", "a0", "a1"])            # rows 0 and 3 change
+    cached = rt.slot_weights(kv, new, cache=True)
+    assert rt.num_rows_gathered - before == 2
+    fresh = rt._gather(kv, new)
+    stored = engine.runner.kv.k.dtype
+    for c, f in zip(jax.tree.leaves(cached), jax.tree.leaves(fresh)):
+        assert c.dtype == f.dtype == stored
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(f))

@@ -47,7 +47,8 @@ class LoraBatch:
     max_rank: int = 0                    # static: rows gathered per slot (the step's rank bucket)
     mesh: object = None                  # static: the tp Mesh when sharded (jaxserve/lora/tp.py)
     # every layer's slot weights, gathered from `pages` by a call of their own before the step
-    # (jaxserve.lora.apply.gather_all_layers); None: the step gathers them itself
+    # (jaxserve.lora.runtime.LoraRuntime.slot_weights), as the pool stores values (decoded by
+    # llama.lora_layer_inputs); None: the step gathers them itself
     weights: tuple | None = None
 
 

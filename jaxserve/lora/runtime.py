@@ -17,6 +17,7 @@ from jaxserve.lora.adapter import MODULES
 from jaxserve.lora.apply import gather_all_layers
 from jaxserve.lora.pool import LoraBatch, write_pages
 from jaxserve.lora.store import LoraStore
+from jaxserve.model.kv_cache import encode
 
 
 def _pow2(n: int) -> int:
@@ -32,7 +33,8 @@ class LoraRuntime:
         self.mesh = None                    # set by a tensor-parallel runner
         self._generation: dict[str, int] = {}   # adapter -> how many times it was loaded
         cfg = store.layout.cfg
-        self._gather = jax.jit(lambda kv, lora: gather_all_layers(cfg, lora, kv.k, kv.v))
+        self._gather = jax.jit(
+            lambda kv, lora: _as_stored(gather_all_layers(cfg, lora, kv.k, kv.v), kv.k.dtype))
         self._update = jax.jit(_update_rows, static_argnums=(0,), donate_argnums=(1,))
         # In place (the pool donated): run eagerly, each adapter load copied the whole KV pool
         # (~0.4 GB for the LoRA benchmark's bf16 pool, ~40 ms per load on the 2-core VM).
@@ -117,6 +119,11 @@ class LoraRuntime:
         model, which cost ~45 ms to gather on the 2-core VM; a row keeps its sequence across
         steps (ModelRunner._decode_rows). A row's key is its adapter and how many times that
         adapter was loaded, so a reload into other (or the same) pages is re-gathered.
+
+        The weights are kept as the pool stores values (uint16 bits for bf16 on CPU; the layers
+        decode them): XLA:CPU writes rows into a bf16 array out of place, copying every slot's
+        weights (~55 ms per update at batch 32, rank 8, q/k/v/o on the 2-core VM), and into a
+        uint16 one in place (~1 ms).
         """
         keys = self._row_keys
         shape = (len(keys), batch.max_rank, batch.modules)
@@ -140,9 +147,14 @@ class LoraRuntime:
         return weights
 
 
+def _as_stored(weights, pool_dtype):
+    """Slot weights in the pool's stored dtype (kv_cache.storage_dtype)."""
+    return jax.tree.map(lambda w: encode(w, pool_dtype), weights)
+
+
 def _update_rows(cfg, weights, kv, sub: LoraBatch, rows):
     """Gather `sub`'s slots and write them at batch rows `rows` of the cached slot weights."""
-    new = gather_all_layers(cfg, sub, kv.k, kv.v)
+    new = _as_stored(gather_all_layers(cfg, sub, kv.k, kv.v), kv.k.dtype)
     return tuple((a.at[:, rows].set(na), b.at[:, rows].set(nb))
                  for (a, b), (na, nb) in zip(weights, new))
 

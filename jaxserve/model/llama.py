@@ -17,7 +17,7 @@ from jaxserve.config import ModelConfig, rope_inv_freq
 from jaxserve.lora.adapter import module_dims
 from jaxserve.lora.apply import gather_all_layers, make_layer_lora
 from jaxserve.model.attention import paged_attention, write_kv
-from jaxserve.model.kv_cache import KVPages, StepInput
+from jaxserve.model.kv_cache import KVPages, StepInput, decode
 from jaxserve.model.weights import LayerWeights, Weights
 
 
@@ -128,7 +128,8 @@ def lora_layer_inputs(cfg: ModelConfig, step: StepInput, kv: KVPages):
         return None
     lora_xs = (step.lora.ranks, step.lora.scales)
     if step.lora.mesh is None:   # single device: adapter weights read once, before the layers
-        lora_xs += (step.lora.weights if step.lora.weights is not None
+        # Pre-gathered weights (LoraRuntime.slot_weights) come as the pool stores values.
+        lora_xs += (jax.tree.map(decode, step.lora.weights) if step.lora.weights is not None
                     else gather_all_layers(cfg, step.lora, kv.k, kv.v),)
     return lora_xs
 
