@@ -341,38 +341,43 @@ class ModelRunner:
         (None for sequences whose prefill chunk does not reach their last token).
 
         A prefill step mixing chunk lengths runs as one device call per group of similar
-        lengths (prefill_groups); adapter loads are written before the first call, prefetches
-        after the last."""
+        lengths (prefill_groups); adapter loads are written before the first call. Prefetches
+        (adapters of waiting requests) are packed and copied after the calls are dispatched,
+        while the device runs them, and their writes queue behind the step."""
         later = []
         if self.lora is not None and plan.adapter_loads:
-            # Adapters this step uses are written first; prefetches queue behind the step.
-            staged = self.lora.stage(plan.adapter_loads)
-            later = [x for x in staged if x[0] not in plan.adapter_pages]
-            self.kv = self.lora.write(self.kv, [x for x in staged if x[0] in plan.adapter_pages])
+            now = [x for x in plan.adapter_loads if x[0] in plan.adapter_pages]
+            later = [x for x in plan.adapter_loads if x[0] not in plan.adapter_pages]
+            if now:
+                self.kv = self.lora.write(self.kv, self.lora.stage(now))
         groups = (prefill_groups(plan.num_new_tokens, self._prefill_tokens_bucket,
                                  lambda n: fine_bucket(n, self.max_num_seqs))
                   if plan.is_prefill else [])
         if len(groups) <= 1:    # one call for the whole plan, in its own order
             groups = [list(range(len(plan.seqs)))]
-        out_t: list[int | None] = [None] * len(plan.seqs)
-        out_l: list[float | None] = [None] * len(plan.seqs)
+        calls = []
         for g in groups:
             sub = plan if len(groups) == 1 else StepPlan(
                 is_prefill=True, seqs=[plan.seqs[i] for i in g],
                 num_new_tokens=[plan.num_new_tokens[i] for i in g],
                 start_positions=[plan.start_positions[i] for i in g],
                 adapter_pages=plan.adapter_pages)
-            tokens, logprobs = self._run_call(sub)
+            calls.append((g, sub, self._dispatch(sub)))
+        if later:
+            self.kv = self.lora.write(self.kv, self.lora.stage(later))
+        out_t: list[int | None] = [None] * len(plan.seqs)
+        out_l: list[float | None] = [None] * len(plan.seqs)
+        for g, sub, (tokens, logprobs, rows) in calls:
+            tokens, logprobs = np.asarray(tokens)[rows], np.asarray(logprobs)[rows]
             for j, i in enumerate(g):
                 if sub.samples(j):
                     out_t[i], out_l[i] = int(tokens[j]), float(logprobs[j])
-        if later:
-            self.kv = self.lora.write(self.kv, later)
         self.num_steps += 1
         return out_t, out_l
 
-    def _run_call(self, plan: StepPlan):
-        """One jitted call for the plan's sequences: (tokens, logprobs) as host arrays."""
+    def _dispatch(self, plan: StepPlan):
+        """One jitted call for the plan's sequences, dispatched: (tokens, logprobs) on device
+        and the plan sequences' batch rows."""
         shape, step, samp, rows = self._build(plan)
         key = ("prefill" if plan.is_prefill else "decode",) + shape
         if key not in self._seen_buckets:
@@ -385,7 +390,7 @@ class ModelRunner:
             step.lora = dataclasses.replace(step.lora, weights=self.lora.slot_weights(
                 self.kv, step.lora, cache=not plan.is_prefill))
         tokens, logprobs, self.kv = self._program(step, samp)(self.weights, self.kv, step, samp)
-        return np.asarray(tokens)[rows], np.asarray(logprobs)[rows]
+        return tokens, logprobs, rows
 
     def _program(self, step: StepInput, samp: SamplingInput):
         """The compiled step for these input shapes, most recently used kept last.

@@ -84,16 +84,21 @@ class PageLayout:
             i += n
         return out
 
-    def pack(self, adapter: LoraAdapter) -> np.ndarray:
-        """The adapter's page contents: [L, num_pages, page_elems] float32, modules in order."""
+    def pack(self, adapter: LoraAdapter, num_pages: int | None = None) -> np.ndarray:
+        """The adapter's page contents: [L, num_pages, page_elems] float32, modules in order,
+        written straight into one zeroed buffer (pages past the adapter's own, up to
+        `num_pages`, stay zero)."""
         L, E = self.cfg.num_layers, self.page_elems
-        parts = []
-        for m, n in self.module_pages(adapter).items():
-            rows = np.concatenate([adapter.weights.a[m], adapter.weights.b[m]], axis=-1)  # [L, R, W]
-            flat = np.zeros((L, n * E), np.float32)
-            flat[:, :rows.shape[1] * rows.shape[2]] = rows.reshape(L, -1)
-            parts.append(flat.reshape(L, n, E))
-        return np.concatenate(parts, axis=1)
+        own = self.module_pages(adapter)
+        out = np.zeros((L, num_pages or sum(own.values()), E), np.float32)
+        flat, i = out.reshape(L, -1), 0
+        for m, n in own.items():
+            a, b = adapter.weights.a[m], adapter.weights.b[m]           # [L, R, in], [L, R, out]
+            R, din = a.shape[1], a.shape[2]
+            rows = flat[:, i * E:i * E + R * (din + b.shape[2])].reshape(L, R, -1)
+            rows[..., :din], rows[..., din:] = a, b
+            i += n
+        return out
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

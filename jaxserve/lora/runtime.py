@@ -46,13 +46,10 @@ class LoraRuntime:
     def stage(self, loads: list[tuple[str, list[int]]]):
         staged = []
         for name, pages in loads:
-            data = self.store.packed(name)
             n = _pow2(len(pages))           # few write shapes; padding goes to the null page
             idx = np.zeros((n,), np.int32)
             idx[:len(pages)] = pages
-            buf = np.zeros((data.shape[0], n, data.shape[2]), np.float32)
-            buf[:, :len(pages)] = data
-            staged.append((name, jax.device_put(idx), jax.device_put(buf)))
+            staged.append((name, jax.device_put(idx), jax.device_put(self.store.packed(name, n))))
             self.num_pages_written += len(pages)
             self._generation[name] = self._generation.get(name, 0) + 1
         return staged

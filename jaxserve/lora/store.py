@@ -76,7 +76,8 @@ class LoraStore:
     def pages_needed(self, name: str) -> int:
         return self.layout.num_pages(self.get(name))
 
-    def packed(self, name: str):
-        """Page contents [L, pages, page_elems], packed per load (not kept: it would double
-        the host footprint of thousands of adapters, and packing is a memcpy)."""
-        return self.layout.pack(self.get(name))
+    def packed(self, name: str, num_pages: int | None = None):
+        """Page contents [L, pages, page_elems] (zero-padded to `num_pages`), packed per load
+        (not kept: it would double the host footprint of thousands of adapters, and packing is
+        a memcpy)."""
+        return self.layout.pack(self.get(name), num_pages)
