@@ -97,8 +97,9 @@ class ShardedPageLayout(PageLayout):
                          b[layer, :r, d * dout // N:(d + 1) * dout // N]], axis=1)
         return out
 
-    def pack(self, adapter: LoraAdapter) -> np.ndarray:
-        """[L, num_pages, 2 * Hkv * page_size * D]: each device's slice of each page in place."""
+    def pack(self, adapter: LoraAdapter, num_pages: int | None = None) -> np.ndarray:
+        """[L, num_pages, 2 * Hkv * page_size * D]: each device's slice of each page in place
+        (pages past the adapter's own, up to `num_pages`, zero)."""
         N, E = self.tp, self.page_elems
         L, h, S, D = self.cfg.num_layers, self.cfg.num_kv_heads // N, self.page_size, self.cfg.head_dim
         parts = []
@@ -109,7 +110,12 @@ class ShardedPageLayout(PageLayout):
             flat[:, :, :rows[0, 0].size] = rows.reshape(N, L, -1)
             parts.append(flat.reshape(N, L, n, 2, h, S, D))
         dev = np.concatenate(parts, axis=2)                          # [N, L, pages, 2, h, S, D]
-        return np.moveaxis(dev, 0, 3).reshape(L, dev.shape[2], -1)   # heads: device-major
+        packed = np.moveaxis(dev, 0, 3).reshape(L, dev.shape[2], -1)  # heads: device-major
+        if num_pages is None or num_pages == packed.shape[1]:
+            return packed
+        out = np.zeros((L, num_pages, packed.shape[2]), np.float32)
+        out[:, :packed.shape[1]] = packed
+        return out
 
 
 def sharded_layout(layout: PageLayout, heads: HeadLayout, tp: int) -> ShardedPageLayout:
