@@ -96,6 +96,7 @@ class PageLayout:
             a, b = adapter.weights.a[m], adapter.weights.b[m]           # [L, R, in], [L, R, out]
             R, din = a.shape[1], a.shape[2]
             rows = flat[:, i * E:i * E + R * (din + b.shape[2])].reshape(L, R, -1)
+            assert np.may_share_memory(rows, out)   # a view (splitting the last axis), not a copy
             rows[..., :din], rows[..., din:] = a, b
             i += n
         return out
