@@ -446,9 +446,10 @@ def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
 
     calls = []
     real, real_swiglu = cpu_matmul.matmul_amx, cpu_matmul.swiglu_amx
-    monkeypatch.setattr(cpu_matmul, "matmul_amx", lambda *a: calls.append("mm") or real(*a))
+    monkeypatch.setattr(cpu_matmul, "matmul_amx",
+                        lambda *a, **kw: calls.append("mm") or real(*a, **kw))
     monkeypatch.setattr(cpu_matmul, "swiglu_amx",
-                        lambda *a: calls.append("swiglu") or real_swiglu(*a))
+                        lambda *a, **kw: calls.append("swiglu") or real_swiglu(*a, **kw))
 
     def run(weights):   # a fresh jit each time
         monkeypatch.setattr(hf_test, "_forward", jax.jit(
@@ -522,3 +523,68 @@ def test_swiglu_kernel_validates_operands():
                                       jax.ShapeDtypeStruct((3, n), jnp.bfloat16))(x, w.data)
     with pytest.raises(Exception, match="even number of 32-column strips"):
         jax.block_until_ready(call(48))
+
+
+# ----------------------------------------------------------------------------- fused RMSNorm
+#
+# matmul_amx / swiglu_amx with norm=(weight, eps) multiply h = llama.rms_norm(x, weight, eps),
+# made while x is packed. h is rounded to bf16 like the XLA norm's, but r = 1/sqrt(mean(x^2)+eps)
+# comes from another summation order, so an element of h can be one bf16 ulp (2^-7 relative)
+# away: |y - y_ref| <= 2^-7 sum_k |h_k w_k| (+ the float32 product bound, far smaller). A norm
+# skipped or a weight ignored moves y by O(|y|), far outside; the fallback (no AMX) is the XLA
+# norm itself, so there the results are identical.
+
+def _norm_case(seed, M, K, N):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((M, K), np.float32) * 3, jnp.bfloat16)
+    nw = jnp.asarray(1 + 0.3 * rng.standard_normal(K, np.float32), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05, jnp.bfloat16)
+    return x, nw, w, np.asarray(llama.rms_norm(x, nw, 1e-5), np.float32)
+
+
+@amx
+@pytest.mark.parametrize("K,N", [(576, 960), (100, 37), (1536, 576)])
+def test_amx_fused_norm_matches_xla_norm(K, N):
+    seed = fresh_seed()
+    for M in (1, 17, 64):
+        x, nw, w, h = _norm_case(seed + M, M, K, N)
+        p = cpu_matmul.pack_amx(w)
+        y = np.asarray(jax.jit(lambda x: cpu_matmul.matmul_amx(x, p, norm=(nw, 1e-5)))(x))
+        ref = np.asarray(jax.jit(cpu_matmul.matmul_amx)(jnp.asarray(h, jnp.bfloat16), p))
+        S = np.abs(h).astype(np.float64) @ np.abs(f32(w)).astype(np.float64)
+        err = np.abs(y - ref) - (2.0 ** -7 * S + 1e-6)
+        assert (err <= 0).all(), f"seed={seed} M={M}: off by {err.max():.3e}"
+        assert np.mean(y == ref) > 0.5, f"seed={seed} M={M}: most outputs should be identical"
+
+
+@amx
+def test_swiglu_fused_norm_matches_xla_norm():
+    seed = fresh_seed()
+    x, nw, w, h = _norm_case(seed, 33, 576, 3072)
+    p = cpu_matmul.pack_amx(w)
+    y = f32(jax.jit(lambda x: cpu_matmul.swiglu_amx(x, p, norm=(nw, 1e-5)))(x))
+    ref = f32(jax.jit(cpu_matmul.swiglu_amx)(jnp.asarray(h, jnp.bfloat16), p))
+    _swiglu_check(y.astype(jnp.bfloat16), jnp.asarray(h, jnp.bfloat16), w, seed, "fused norm")
+    assert np.mean(y == ref) > 0.5, f"seed={seed}"
+
+
+def test_fused_norm_fallback_is_the_xla_norm(monkeypatch):
+    monkeypatch.setenv("JAXSERVE_CPU_AMX", "0")
+    seed = fresh_seed()
+    x, nw, w, h = _norm_case(seed, 5, 64, 96)
+    p = cpu_matmul.pack_amx(w)
+    hb = jnp.asarray(h, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(cpu_matmul.matmul_amx(x, p, norm=(nw, 1e-5))),
+                                  np.asarray(cpu_matmul.matmul_amx(hb, p)))
+    np.testing.assert_array_equal(f32(cpu_matmul.swiglu_amx(x, p, norm=(nw, 1e-5))),
+                                  f32(cpu_matmul.swiglu_amx(hb, p)))
+
+
+@amx
+def test_fused_norm_validates_the_weight():
+    p = cpu_matmul.pack_amx(jnp.ones((64, 64), jnp.bfloat16))
+    x = jnp.ones((3, 64), jnp.bfloat16)
+    with pytest.raises(Exception, match="norm weight must be bfloat16 or float32"):
+        jax.block_until_ready(jax.ffi.ffi_call(
+            cpu_matmul.TARGET_AMX_NORM, jax.ShapeDtypeStruct((3, 64), jnp.float32))(
+                x, jnp.ones((63,), jnp.bfloat16), p.data, eps=np.float32(1e-5)))

@@ -87,7 +87,7 @@ def test_bf16_amx_dispatch_agrees_with_scan(base_dir, monkeypatch):
     weight moves them by far more)."""
     calls = []
     real = cpu_matmul.swiglu_amx
-    monkeypatch.setattr(cpu_matmul, "swiglu_amx", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_matmul, "swiglu_amx", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     mix = ["gu", None, "qv", "gu"]
     tok_s, lp_s = _run(base_dir, "scan", mix, dtype="bfloat16")
     assert not calls                      # scan keeps XLA's dot (no packed weights)

@@ -29,6 +29,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxserve.model import native_build
 
@@ -38,10 +39,14 @@ TARGET = "jaxserve_matmul_bf16"            # x @ W
 TARGET_T = "jaxserve_matmul_t_bf16"        # x @ E^T
 TARGET_AMX = "jaxserve_matmul_amx"         # bf16 x @ AMX-packed bf16 W
 TARGET_SWIGLU = "jaxserve_swiglu_amx"      # silu(x @ Wg) * (x @ Wu), [Wg Wu] AMX-packed
+TARGET_AMX_NORM = "jaxserve_matmul_amx_norm"       # rms_norm(x) @ W, W AMX-packed
+TARGET_SWIGLU_NORM = "jaxserve_swiglu_amx_norm"    # the SwiGLU of rms_norm(x)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_matmul.cc")
 _LIB = native_build.NativeLibrary(
     "cpu_matmul", _SOURCE, {TARGET: "JaxserveMatmulBf16", TARGET_T: "JaxserveMatmulTBf16",
-                 TARGET_AMX: "JaxserveMatmulAmx", TARGET_SWIGLU: "JaxserveSwigluAmx"},
+                 TARGET_AMX: "JaxserveMatmulAmx", TARGET_SWIGLU: "JaxserveSwigluAmx",
+                 TARGET_AMX_NORM: "JaxserveMatmulAmxNorm",
+                 TARGET_SWIGLU_NORM: "JaxserveSwigluAmxNorm"},
     "native CPU bf16 matmul", log)
 
 # When llama's projections / LM head take the kernel: for x with `rows` rows (x's leading dims
@@ -132,17 +137,38 @@ def _on_tiles(x) -> bool:
             and jax.device_count() == 1 and amx_available())
 
 
-def matmul_amx(x, w: AmxPacked):
+def _normed(x, norm):
+    """llama.rms_norm(x, *norm) (norm = (weight, eps)), for the paths without the fused norm."""
+    from jaxserve.model.llama import rms_norm
+    return rms_norm(x, *norm)
+
+
+def _tile_call(target, x, w: AmxPacked, out_n: int, out_dtype, norm=None):
+    """The AMX custom call on x [..., K] (with the RMSNorm prologue when norm = (weight, eps))."""
+    x2 = x.reshape(rows(x), w.k)
+    out = jax.ShapeDtypeStruct((x2.shape[0], out_n), out_dtype)
+    if norm is None:
+        y = jax.ffi.ffi_call(target, out)(x2, w.data)
+    else:
+        weight, eps = norm
+        y = jax.ffi.ffi_call(target, out)(x2, weight, w.data, eps=np.float32(eps))
+    return y.reshape(*x.shape[:-1], out_n)
+
+
+def matmul_amx(x, w: AmxPacked, norm=None):
     """x [..., K] @ W (AmxPacked) -> float32 [..., N]. On the tile unit for bfloat16 x where
     amx_available(); otherwise (float32 x, or no AMX) an XLA einsum over the packed layout, the
-    same products in float32."""
+    same products in float32. With norm = (weight [K], eps): the product of
+    llama.rms_norm(x, weight, eps), on the tile unit computed while x is packed (one call, no
+    separate norm ops; r = 1/sqrt(mean(x^2) + eps) in one float32 chain, so rarely an element of
+    the bf16 h is one ulp from XLA's)."""
     if x.shape[-1] != w.k:
         raise ValueError(f"matmul_amx: x {x.shape} and packed W [K={w.k}, N={w.n}]: K differs")
     if _on_tiles(x):
-        x2 = x.reshape(rows(x), w.k)
-        y = jax.ffi.ffi_call(TARGET_AMX, jax.ShapeDtypeStruct((x2.shape[0], w.n), jnp.float32))(
-            x2, w.data)
-        return y.reshape(*x.shape[:-1], w.n)
+        return _tile_call(TARGET_AMX if norm is None else TARGET_AMX_NORM, x, w, w.n,
+                          jnp.float32, norm)
+    if norm is not None:
+        x = _normed(x, norm)
     ns, kb = w.data.shape[:2]
     xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, kb * 32 - w.k)])
     xp = xp.reshape(*x.shape[:-1], kb, 16, 2)
@@ -157,19 +183,18 @@ def swiglu_fits(w: AmxPacked) -> bool:
     return w.n % 64 == 0
 
 
-def swiglu_amx(x, w: AmxPacked):
+def swiglu_amx(x, w: AmxPacked, norm=None):
     """silu(x @ Wg) * (x @ Wu) as bfloat16 [..., N/2], for w the packed fused [Wg Wu] [K, N]
     (weights.fuse_projections' w_gate_up). On the tile unit for bfloat16 x where amx_available()
     and swiglu_fits(w): the activation computed in float32 from the float32 products and
     rounded once to bfloat16 (the XLA path rounds g and u to bfloat16 first, then silu(g) and the
-    product: a few bfloat16 ulp apart). Otherwise matmul_amx, then the same in XLA."""
+    product: a few bfloat16 ulp apart). Otherwise matmul_amx, then the same in XLA. `norm`: as
+    matmul_amx's."""
     half = w.n // 2
     if swiglu_fits(w) and _on_tiles(x):
-        x2 = x.reshape(rows(x), w.k)
-        y = jax.ffi.ffi_call(TARGET_SWIGLU, jax.ShapeDtypeStruct((x2.shape[0], half),
-                                                                  jnp.bfloat16))(x2, w.data)
-        return y.reshape(*x.shape[:-1], half)
-    y = matmul_amx(x, w)
+        return _tile_call(TARGET_SWIGLU if norm is None else TARGET_SWIGLU_NORM, x, w, half,
+                          jnp.bfloat16, norm)
+    y = matmul_amx(x, w, norm)
     return (jax.nn.silu(y[..., :half]) * y[..., half:]).astype(jnp.bfloat16)
 
 

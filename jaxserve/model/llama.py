@@ -70,10 +70,10 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
     def proj(module, inp, w, b=None):
         return _proj(inp, w, b) if lora_proj is None else lora_proj(module, inp, w, b)
 
-    def fused(modules, inp, w, biases):
-        """One matmul for several projections (see weights.fuse_projections), then per part
-        its bias and LoRA delta."""
-        y = _proj(inp, w)
+    def fused(modules, inp, w, biases, y=None):
+        """One matmul for several projections (see weights.fuse_projections; or its result y),
+        then per part its bias and LoRA delta."""
+        y = _proj(inp, w) if y is None else y
         outs, start = [], 0
         for module, b in zip(modules, biases):
             size = module_dims(cfg, module)[1]
@@ -85,11 +85,19 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
             outs.append(o if d is None else o + d)
         return outs
 
+    from jaxserve.model import cpu_matmul
+    eps = cfg.rms_norm_eps
     with jax.named_scope("attention"):
-        h = rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-        if lw.wqkv is not None:
+        if isinstance(lw.wqkv, cpu_matmul.AmxPacked) and lora_proj is None:
+            # The norm inside the AMX call (no LoRA delta needs h in this step).
+            y = cpu_matmul.matmul_amx(x, lw.wqkv, norm=(lw.attn_norm, eps)).astype(x.dtype)
+            q, k, v = fused(("q_proj", "k_proj", "v_proj"), None, lw.wqkv, (lw.bq, lw.bk, lw.bv),
+                            y=y)
+        elif lw.wqkv is not None:
+            h = rms_norm(x, lw.attn_norm, eps)
             q, k, v = fused(("q_proj", "k_proj", "v_proj"), h, lw.wqkv, (lw.bq, lw.bk, lw.bv))
         else:
+            h = rms_norm(x, lw.attn_norm, eps)
             q, k, v = (proj("q_proj", h, lw.wq, lw.bq), proj("k_proj", h, lw.wk, lw.bk),
                        proj("v_proj", h, lw.wv, lw.bv))
         q = q.reshape(B, T, cfg.num_heads, D)
@@ -105,13 +113,12 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
                                impl=attn_impl, interpret=interpret, layer=layer)
         x = x + proj("o_proj", attn.reshape(B, T, cfg.q_size), lw.wo, lw.bo)
     with jax.named_scope("mlp"):
-        h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-        from jaxserve.model import cpu_matmul
-        if (isinstance(lw.w_gate_up, cpu_matmul.AmxPacked) and h.dtype == jnp.bfloat16
+        if (isinstance(lw.w_gate_up, cpu_matmul.AmxPacked) and x.dtype == jnp.bfloat16
                 and (step.lora is None or not {"gate_proj", "up_proj"} & set(step.lora.modules))):
-            # gate|up matmul and SwiGLU in one native call (no LoRA on gate/up in this step)
-            act = cpu_matmul.swiglu_amx(h, lw.w_gate_up)
+            # norm, gate|up matmul and SwiGLU in one native call (no LoRA on gate/up here)
+            act = cpu_matmul.swiglu_amx(x, lw.w_gate_up, norm=(lw.mlp_norm, eps))
         else:
+            h = rms_norm(x, lw.mlp_norm, eps)
             if lw.w_gate_up is not None:
                 g, u = fused(("gate_proj", "up_proj"), h, lw.w_gate_up, (None, None))
             else:
