@@ -75,7 +75,7 @@ ROW_RANGES = {
 # The tied LM head (49152 x 576) takes matmul_amx up to this many rows. Single calls, bf16,
 # 2-core Sapphire Rapids VM (median of 40, fourth session): 1.4-1.8 ms at M = 16 (XLA 2.1),
 # 1.7-1.9 at 32 (XLA 2.6-3.4), 2.4-2.6 at 64 (XLA 3.7-3.9); past 64 rows the kernel's times
-# scattered (96: 3.3-6.3 vs 4.7-5.8; 128: 4.1-9.7 vs 6.2-7.9) and decode batches stop at 64.
+# scattered (96: 3.3-6.3 vs 4.7-5.8; 128: 4.1-9.7 vs 6.2-7.9), so larger batches take XLA.
 AMX_HEAD_MAX_ROWS = 64
 
 
