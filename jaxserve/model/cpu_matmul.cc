@@ -437,12 +437,21 @@ struct AmxProblem {
   std::vector<uint16_t, AlignedAlloc<uint16_t>> xa;  // [Mt][Kb][16][32]
 };
 
-// float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN).
+// float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN). A select, not a branch,
+// so loops over it vectorize.
 inline uint16_t ToBf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : rounded);
+}
+
+// Row m of x (K bf16 values) into its A tiles: xa[m / 16][kb][m % 16][0..32) = x[32 kb ..].
+inline void RowIntoTiles(const uint16_t* src, uint16_t* xa, int64_t m, int64_t K) {
+  const int64_t Kb = (K + 31) / 32;
+  uint16_t* dst = xa + (m / 16) * Kb * 512 + (m % 16) * 32;
+  for (int64_t kb = 0; kb < Kb; ++kb)
+    std::memcpy(dst + kb * 512, src + kb * 32, std::min<int64_t>(32, K - kb * 32) * sizeof(uint16_t));
 }
 
 // act[m, 0..nc) = bf16(silu(g) * u) for the rows of two 32 x 32 float blocks (g: gate, u: up),
@@ -830,13 +839,12 @@ void AmxWork(AmxShared& sh) {
 }
 
 // A tiles of h = bf16(x * r * w), r = 1 / sqrt(mean(x^2) + eps) per row of x [M, K] (bf16
-// bits), in float32 (kLanes partial sums of squares; the bf16 rounding of ToBf16 without its
-// branch): written as separate loops over restrict pointers so that they vectorize (inline in
-// the handler they did not: ~45 us instead of ~6 for 32 x 576).
+// bits), in float32 (kLanes partial sums of squares): written as separate loops over restrict
+// pointers so that they vectorize (inline in the handler they did not: ~45 us instead of ~6 for
+// 32 x 576).
 __attribute__((noinline)) void RmsNormIntoTiles(const uint16_t* __restrict xb, const float* __restrict wf,
                       uint16_t* __restrict xa, int64_t M, int64_t K, float eps) {
   constexpr int kLanes = 16;
-  const int64_t Kb = (K + 31) / 32;
   std::vector<float> row_buf(K);
   std::vector<uint16_t> h_buf(K);
   float* __restrict row = row_buf.data();
@@ -851,16 +859,8 @@ __attribute__((noinline)) void RmsNormIntoTiles(const uint16_t* __restrict xb, c
     float ss = 0.0f;
     for (int j = 0; j < kLanes; ++j) ss += part[j];
     const float r = 1.0f / std::sqrt(ss / static_cast<float>(K) + eps);
-    for (k = 0; k < K; ++k) {
-      const float v = row[k] * r * wf[k];
-      uint32_t u;
-      std::memcpy(&u, &v, sizeof u);
-      const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-      h[k] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40 : rounded);
-    }
-    uint16_t* dst = xa + (m / 16) * Kb * 512 + (m % 16) * 32;
-    for (int64_t kb = 0; kb < Kb; ++kb)
-      std::memcpy(dst + kb * 512, h + kb * 32, std::min<int64_t>(32, K - kb * 32) * sizeof(uint16_t));
+    for (k = 0; k < K; ++k) h[k] = ToBf16(row[k] * r * wf[k]);
+    RowIntoTiles(h, xa, m, K);
   }
 }
 
@@ -927,13 +927,7 @@ ffi::Error MatmulAmxImpl(bool swiglu, ffi::ThreadPool pool, ffi::AnyBuffer x,
                                            : Bf16ToF32(static_cast<const uint16_t*>(nw->untyped_data())[k]);
     RmsNormIntoTiles(xb, wf.data(), pr.xa.data(), M, K, eps);
   } else {
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t kb = 0; kb < Kb; ++kb) {
-        const int64_t n = std::min<int64_t>(32, K - kb * 32);
-        std::memcpy(pr.xa.data() + ((m / 16) * Kb + kb) * 512 + (m % 16) * 32,
-                    xb + m * K + kb * 32, n * sizeof(uint16_t));
-      }
-    }
+    for (int64_t m = 0; m < M; ++m) RowIntoTiles(xb + m * K, pr.xa.data(), m, K);
   }
   // Items: kAmxItemsPerThread contiguous runs of strips per thread, so that each thread reads
   // long forward streams (short items interleaved between threads read slower, measured).
@@ -946,24 +940,17 @@ ffi::Error MatmulAmxImpl(bool swiglu, ffi::ThreadPool pool, ffi::AnyBuffer x,
   return ffi::Error::Success();
 }
 
-ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
-                     ffi::Result<ffi::AnyBuffer> out) {
-  return MatmulAmxImpl(false, pool, x, wp, out);
+// The handlers: x @ W (kSwiglu false) or SwiGLU, without and with the RMSNorm prologue.
+template <bool kSwiglu>
+ffi::Error AmxHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
+                      ffi::Result<ffi::AnyBuffer> out) {
+  return MatmulAmxImpl(kSwiglu, pool, x, wp, out);
 }
 
-ffi::Error SwigluAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer wp,
-                     ffi::Result<ffi::AnyBuffer> out) {
-  return MatmulAmxImpl(true, pool, x, wp, out);
-}
-
-ffi::Error MatmulAmxNorm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer nw,
-                         ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> out, float eps) {
-  return MatmulAmxImpl(false, pool, x, wp, out, &nw, eps);
-}
-
-ffi::Error SwigluAmxNorm(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer nw,
-                         ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> out, float eps) {
-  return MatmulAmxImpl(true, pool, x, wp, out, &nw, eps);
+template <bool kSwiglu>
+ffi::Error AmxNormHandler(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer nw,
+                          ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> out, float eps) {
+  return MatmulAmxImpl(kSwiglu, pool, x, wp, out, &nw, eps);
 }
 
 }  // namespace
@@ -985,21 +972,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulTBf16, MatmulTBf16,
                                   .Arg<ffi::AnyBuffer>()  // E [N, K]
                                   .Ret<ffi::AnyBuffer>());  // y [M, N]
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulAmx, MatmulAmx,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulAmx, AmxHandler<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x [M, K] bf16
                                   .Arg<ffi::AnyBuffer>()  // Wp [Ns, Kb, 2, 16, 32] bf16
                                   .Ret<ffi::AnyBuffer>());  // y [M, N] f32
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSwigluAmx, SwigluAmx,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSwigluAmx, AmxHandler<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x [M, K] bf16
                                   .Arg<ffi::AnyBuffer>()  // [Wg Wu] packed, Ns even
                                   .Ret<ffi::AnyBuffer>());  // act [M, I] bf16
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulAmxNorm, MatmulAmxNorm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulAmxNorm, AmxNormHandler<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x [M, K] bf16 (before the norm)
@@ -1008,7 +995,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveMatmulAmxNorm, MatmulAmxNorm,
                                   .Ret<ffi::AnyBuffer>()  // y [M, N] f32
                                   .Attr<float>("eps"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSwigluAmxNorm, SwigluAmxNorm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveSwigluAmxNorm, AmxNormHandler<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x [M, K] bf16 (before the norm)
