@@ -136,13 +136,12 @@ def resolve_layer_loop(layer_loop: str, tp: int) -> str:
 
 
 def _embed_fn(cfg: ModelConfig, weights: Weights, step: StepInput):
-    """Token embeddings, the step's RoPE tables (once, for all the layer calls) and its
-    metadata back as device arrays for the layer calls: the call's own transfer of its host
-    arguments replaces a device_put of the step (which took ~0.7 ms for a batch-32 decode step
-    between steps, measured, vs ~15 us more for this call)."""
+    """Token embeddings, the step's RoPE tables (once, for all the layer calls) and the step
+    (given without its LoRA batch) back as device arrays for the layer calls: the call's own
+    transfer of its host arguments replaces a device_put of the step (which took ~0.7 ms for a
+    batch-32 decode step between steps, measured, vs ~15 us more for this call)."""
     inv_freq = jnp.asarray(rope_inv_freq(cfg), jnp.float32)
-    meta = dataclasses.replace(step, lora=None)
-    return llama.embed(weights, step), llama.rope_tables(step.positions, inv_freq), meta
+    return llama.embed(weights, step), llama.rope_tables(step.positions, inv_freq), step
 
 
 def _layer_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, lora_impl: str, lw, x,
