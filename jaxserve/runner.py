@@ -194,8 +194,8 @@ class ModelRunner:
         self.lora = lora   # jaxserve.lora.runtime.LoraRuntime, or None
         # XLA:CPU runs a one-row bf16 matmul as a slow matrix-vector product (0.53 ms for
         # 1x576x3072, 0.23 ms with two rows): bf16 decode on CPU pads to at least two rows,
-        # unless the native small-M kernel (model/cpu_matmul.py) takes those rows.
-        from jaxserve.model import cpu_matmul
+        # unless the native small-M kernel (backends/cpu/cpu_matmul.py) takes those rows.
+        from jaxserve.backends.cpu import cpu_matmul
         self.min_decode_rows = 2 if (jnp.dtype(dtype) == jnp.bfloat16
                                      and jax.default_backend() == "cpu"
                                      and not (tp == 1 and cpu_matmul.available())) else 1

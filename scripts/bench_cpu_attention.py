@@ -1,4 +1,4 @@
-"""Decode attention on CPU: the native kernel (jaxserve.model.cpu_attention) vs the XLA path.
+"""Decode attention on CPU: the native kernel (jaxserve.backends.cpu.cpu_attention) vs the XLA path.
 
     python scripts/bench_cpu_attention.py [--iters N] [--json out.json]
 
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxserve.model import cpu_attention  # noqa: E402
+from jaxserve.backends.cpu import cpu_attention  # noqa: E402
 from jaxserve.model.attention import paged_attention_xla  # noqa: E402
 from jaxserve.model.kv_cache import encode, storage_dtype  # noqa: E402
 

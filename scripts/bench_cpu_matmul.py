@@ -1,4 +1,4 @@
-"""Small-M matmuls on CPU: the native kernel (jaxserve.model.cpu_matmul) vs XLA's dot.
+"""Small-M matmuls on CPU: the native kernel (jaxserve.backends.cpu.cpu_matmul) vs XLA's dot.
 
     python scripts/bench_cpu_matmul.py [--rows 1,2,4,8,16] [--copies 30] [--reps 7]
                                        [--weight-dtype bfloat16|float32] [--shapes a,b]
@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from jaxserve.model import cpu_matmul  # noqa: E402
+from jaxserve.backends.cpu import cpu_matmul  # noqa: E402
 
 SHAPES = [  # (name, layout, K, N): "nn" = x @ W [K, N], "nt" = x @ E^T with E [N, K]
     ("qkv", "nn", 576, 960),

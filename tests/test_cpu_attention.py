@@ -1,4 +1,4 @@
-"""The native CPU decode-attention kernel (jaxserve/model/cpu_attention.*) against the reference.
+"""The native CPU decode-attention kernel (jaxserve/backends/cpu/cpu_attention.*) against the reference.
 
 Cases come from test_kernels_attention.make_case: shuffled non-contiguous pages, ragged lengths,
 padding rows, and garbage (|x| up to 1e3) in unused pages, the null page 0 and past each
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.model import cpu_attention
+from jaxserve.backends.cpu import cpu_attention
 from jaxserve.model.attention import paged_attention, resolve_impl
 from pallas_kernels.paged_attention import paged_attention_ref
 from test_kernels_attention import fresh_seed, make_case
@@ -285,7 +285,7 @@ def test_build_into_cache_dir_and_failures(tmp_path):
     """A fresh cache dir gets one .so (no temporary left behind) that a second process reuses;
     a missing compiler makes available() False with a logged reason instead of raising."""
     code = ("import logging; logging.basicConfig();"
-            "from jaxserve.model import cpu_attention as c; print('AVAILABLE', c.available())")
+            "from jaxserve.backends.cpu import cpu_attention as c; print('AVAILABLE', c.available())")
     r = _fresh_process({"JAXSERVE_CACHE_DIR": str(tmp_path)}, code)
     assert "AVAILABLE True" in r.stdout, r.stderr
     files = sorted(os.listdir(tmp_path))

@@ -1,4 +1,4 @@
-"""The native small-M bf16 matmul kernels (jaxserve/model/cpu_matmul.*) and their use in llama.
+"""The native small-M bf16 matmul kernels (jaxserve/backends/cpu/cpu_matmul.*) and their use in llama.
 
 Seeds are fresh each run and printed on failure. The whole module skips when the kernel is
 unavailable (no compiler, JAXSERVE_CPU_KERNELS=0, not the CPU backend).
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.model import cpu_matmul, llama
+from jaxserve.backends.cpu import cpu_matmul
+from jaxserve.model import llama
 
 if not cpu_matmul.available():
     pytest.skip(f"native CPU matmul kernel unavailable: {cpu_matmul.unavailable_reason()}",
@@ -265,7 +266,7 @@ def test_builds_into_cache_dir(tmp_path):
     env = dict(os.environ, JAXSERVE_CACHE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")
     env.pop("JAXSERVE_CPU_KERNELS", None)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", "from jaxserve.model import cpu_matmul as c; "
+    r = subprocess.run([sys.executable, "-c", "from jaxserve.backends.cpu import cpu_matmul as c; "
                         "print('AVAILABLE', c.available())"], env=env, cwd=root,
                        capture_output=True, text=True, timeout=300)
     assert "AVAILABLE True" in r.stdout, r.stderr

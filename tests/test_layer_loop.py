@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from lora_helpers import make_adapter, make_base, prompts  # noqa: E402
 
 from jaxserve.engine import EngineConfig, LLMEngine  # noqa: E402
-from jaxserve.model import cpu_matmul  # noqa: E402
+from jaxserve.backends.cpu import cpu_matmul  # noqa: E402
 from jaxserve.runner import resolve_layer_loop  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 

@@ -107,7 +107,7 @@ def _cpu_kernel_reason(tp: int | None) -> str | None:
     if tp is None and jax.device_count() > 1:
         return (f"{jax.device_count()} devices (tensor parallel shards the KV pool; pass tp=1 to "
                 f"resolve_impl if this process does not)")
-    from jaxserve.model import cpu_attention
+    from jaxserve.backends.cpu import cpu_attention
     return None if cpu_attention.available() else (cpu_attention.unavailable_reason()
                                                    or "unavailable")
 
@@ -136,7 +136,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
                     layer=None):
     """Dispatch to the chosen implementation. `layer`: see paged_attention_xla."""
     if impl == "cpu" and q.shape[1] == 1:   # decode; prefill takes the XLA path
-        from jaxserve.model import cpu_attention
+        from jaxserve.backends.cpu import cpu_attention
         return cpu_attention.paged_decode_attention(
             q, k_pages, v_pages, block_tables, kv_lens, q_positions, scale=scale,
             sliding_window=sliding_window, layer=layer)

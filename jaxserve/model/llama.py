@@ -45,7 +45,7 @@ def apply_rope(x, positions, inv_freq, tables=None):
 
 
 def _proj(x, w, b=None):
-    from jaxserve.model import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
+    from jaxserve.backends.cpu import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
     if isinstance(w, cpu_matmul.AmxPacked):   # packed for AMX (weights.pack_for_amx)
         y = cpu_matmul.matmul_amx(x, w).astype(x.dtype)
     elif cpu_matmul.use_for(x, w):
@@ -85,7 +85,7 @@ def _layer(cfg: ModelConfig, attn_impl: str, interpret: bool, inv_freq, step: St
             outs.append(o if d is None else o + d)
         return outs
 
-    from jaxserve.model import cpu_matmul
+    from jaxserve.backends.cpu import cpu_matmul
     eps = cfg.rms_norm_eps
     with jax.named_scope("attention"):
         if isinstance(lw.wqkv, cpu_matmul.AmxPacked) and lora_proj is None:
@@ -183,7 +183,7 @@ def head(weights: Weights, cfg: ModelConfig, x, step: StepInput, all_logits: boo
 
 
 def lm_head(weights: Weights, h):
-    from jaxserve.model import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
+    from jaxserve.backends.cpu import cpu_matmul   # few rows on CPU: native kernel (see ROW_RANGES)
     if isinstance(weights.lm_head, cpu_matmul.AmxPacked):   # tied embed^T (pack_for_amx)
         if cpu_matmul.rows(h) <= cpu_matmul.AMX_HEAD_MAX_ROWS:
             return cpu_matmul.matmul_amx(h, weights.lm_head)

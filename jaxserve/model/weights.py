@@ -132,12 +132,12 @@ PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_ga
 
 
 def pack_for_amx(weights: Weights, layers: list[LayerWeights]) -> tuple[Weights, list[LayerWeights]]:
-    """For bf16 decode on a CPU with AMX (jaxserve.model.cpu_matmul.matmul_amx): each layer's
+    """For bf16 decode on a CPU with AMX (jaxserve.backends.cpu.cpu_matmul.matmul_amx): each layer's
     bfloat16 projection matrices repacked into the tile layout (cpu_matmul.AmxPacked, replacing
     them), and a tied LM head given a packed copy of embed^T as `lm_head` (embed stays for the
     token lookup and for heads over many rows, where XLA's dot is as fast). Per-layer weights
     (the runner's layer-by-layer mode); anything not bfloat16 is left as it is."""
-    from jaxserve.model import cpu_matmul
+    from jaxserve.backends.cpu import cpu_matmul
 
     def pack(lw: LayerWeights) -> LayerWeights:
         return dataclasses.replace(lw, **{

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.model import native_build
+from jaxserve.backends.cpu import native_build
 
 log = logging.getLogger("jaxserve.cpu_matmul")
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.model import native_build
-from jaxserve.model.native_build import cache_dir  # noqa: F401 -- part of this module's API
+from jaxserve.backends.cpu import native_build
+from jaxserve.backends.cpu.native_build import cache_dir  # noqa: F401 -- part of this module's API
 
 log = logging.getLogger("jaxserve.cpu_attention")
 
