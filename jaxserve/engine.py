@@ -29,7 +29,8 @@ from jaxserve.runner import ModelRunner
 from jaxserve.sharding import head_layout
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
-from scheduler import FinishReason, RequestRejected, Scheduler, SchedulerConfig, Sequence
+from scheduler import (FinishReason, RequestRejected, SamplingOptions, Scheduler,
+                       SchedulerConfig, Sequence)
 from scheduler.factory import make_policy
 
 log = logging.getLogger("jaxserve.engine")
@@ -166,8 +167,11 @@ class LLMEngine:
                 f"{params.max_tokens} for the completion)")
         seq = Sequence(seq_id=next(self._ids), prompt_token_ids=ids, max_tokens=params.max_tokens,
                        client_id=client_id, adapter=adapter, arrival_time=time.monotonic(),
-                       params=params)
-        seq.extra["seed"] = params.seed if params.seed is not None else self._rng.getrandbits(32)
+                       sampling=SamplingOptions(
+                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                           seed=(params.seed if params.seed is not None
+                                 else self._rng.getrandbits(32)) & 0xFFFFFFFF,
+                           logprobs=params.logprobs))
         self.scheduler.add(seq, time.monotonic())  # may raise RequestRejected
         self._requests[request_id] = _Request(request_id, seq, params,
                                               IncrementalDetokenizer(self.tokenizer, ids))

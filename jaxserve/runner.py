@@ -312,18 +312,17 @@ class ModelRunner:
             slot_pages[i, :k] = table[pos // S]
             slot_offsets[i, :k] = pos % S
             logits_index[i] = k - 1
-            p = seq.params
-            if p is not None:
-                temperature[i] = p.temperature
-                top_k[i] = p.top_k
-                top_p[i] = p.top_p
-            seeds[i] = seq.extra.get("seed", 0) & 0xFFFFFFFF
+            p = seq.sampling
+            temperature[i] = p.temperature
+            top_k[i] = p.top_k
+            top_p[i] = p.top_p
+            seeds[i] = p.seed
             counters[i] = seq.num_output_tokens
         step = StepInput(
             tokens=tokens, positions=positions, block_tables=block_tables, kv_lens=kv_lens,
             slot_pages=slot_pages.reshape(-1), slot_offsets=slot_offsets.reshape(-1),
             logits_index=logits_index)
-        want = any(seq.params is None or seq.params.logprobs for seq in plan.seqs)
+        want = any(seq.sampling.logprobs for seq in plan.seqs)
         samp = SamplingInput(temperature=temperature, top_k=top_k, top_p=top_p, seeds=seeds,
                              counters=counters, logprobs=np.bool_(want))
         if self.lora is not None and plan.adapter_pages:

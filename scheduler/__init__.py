@@ -6,11 +6,11 @@ The same scheduler code drives the fairness simulator.
 """
 from scheduler.adapter_cache import AdapterCache
 from scheduler.block_allocator import BlockAllocator, OutOfPages
-from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+from scheduler.sequence import FinishReason, SamplingOptions, Sequence, SequenceStatus
 from scheduler.policy import FCFSPolicy, Policy, RequestRejected
 from scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
 
 __all__ = [
-    "AdapterCache", "BlockAllocator", "OutOfPages", "FinishReason", "Sequence", "SequenceStatus",
+    "AdapterCache", "BlockAllocator", "OutOfPages", "FinishReason", "SamplingOptions", "Sequence", "SequenceStatus",
     "FCFSPolicy", "Policy", "RequestRejected", "Scheduler", "SchedulerConfig", "StepPlan",
 ]

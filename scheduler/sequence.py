@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class SequenceStatus(enum.Enum):
@@ -19,6 +18,16 @@ class FinishReason(str, enum.Enum):
     REJECTED = "rejected"    # never admitted (policy refused it)
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """What the device needs to sample a sequence's next token (the engine resolves the seed)."""
+    temperature: float = 0.0      # 0 means greedy
+    top_k: int = 0                # 0 disables
+    top_p: float = 1.0            # 1 disables
+    seed: int = 0                 # with the output position: the sampling key of each token
+    logprobs: bool = False        # return the chosen token's log-probability
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -27,7 +36,7 @@ class Sequence:
     client_id: str = "anonymous"
     adapter: str | None = None           # LoRA adapter name; None = base model
     arrival_time: float = 0.0
-    params: Any = None                   # sampling parameters; opaque to the scheduler
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None

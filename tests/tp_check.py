@@ -28,7 +28,7 @@ from jaxserve.model.kv_cache import StepInput, init_kv_pages  # noqa: E402
 from jaxserve.model.weights import init_random  # noqa: E402
 from jaxserve.runner import ModelRunner  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
-from scheduler import Scheduler, SchedulerConfig, Sequence  # noqa: E402
+from scheduler import SamplingOptions, Scheduler, SchedulerConfig, Sequence  # noqa: E402
 
 PAGE = 4
 TINY = {  # q heads / kv heads: 9/3 like the default model (pads), 8/2 (replicates KV at tp 4, 8)
@@ -63,8 +63,8 @@ def greedy(runner: ModelRunner, cfg, max_tokens: int):
                                       max_prefill_tokens=32, max_model_len=64))
     seqs = []
     for i, ids in enumerate(prompts(cfg)):
-        p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=True)
-        seqs.append(Sequence(seq_id=i, prompt_token_ids=ids, max_tokens=max_tokens, params=p))
+        seqs.append(Sequence(seq_id=i, prompt_token_ids=ids, max_tokens=max_tokens,
+                             sampling=SamplingOptions(logprobs=True)))
         sched.add(seqs[-1])
     lps = {s.seq_id: [] for s in seqs}
     while not all(s.is_finished for s in seqs):
