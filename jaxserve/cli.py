@@ -22,12 +22,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-prefill-tokens", type=int, default=512)
     g.add_argument("--max-model-len", type=int, default=2048)
-    g.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "cpu", "pallas"],
-                   help="auto: the native CPU decode kernel on CPU (XLA if it cannot be built), "
-                        "Pallas on GPU/TPU")
-    g.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "dispatch"],
-                   help="scan: one program per step; dispatch: one call per layer (auto: dispatch "
-                        "on CPU without --tp)")
+    g.add_argument("--backend", default="auto", choices=["auto", "xla", "pallas", "cpu"],
+                   help="device backend (jaxserve/backends): pallas = Pallas attention and LoRA "
+                        "kernels; cpu = native XLA:CPU kernels; xla = plain XLA anywhere "
+                        "(auto: pallas on GPU/TPU, cpu on CPU when its kernels build, else xla)")
+    g.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "per-layer"],
+                   help="scan: one program per step; per-layer: one device call per layer "
+                        "(auto: the backend's choice: per-layer for cpu without --tp)")
     g.add_argument("--scheduler", default="fcfs",
                    help="admission policy: fcfs, vtc, wvtc, vtc-oracle, vtc-predict, lcf, rpm")
     g.add_argument("--fair-weights", default=None, help="client=weight,... for weighted VTC")
@@ -61,7 +62,7 @@ def engine_config_from_args(args):
         model=args.model, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
         kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
         max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
-        attention_impl=args.attention_impl, layer_loop=args.layer_loop, scheduler=args.scheduler,
+        backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,
         fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed,
         **lora_engine_kwargs(args),
         tp=args.tp)

@@ -48,8 +48,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_prefill_tokens: int = 512
     max_model_len: int = 2048
-    attention_impl: str = "auto"      # auto | xla | cpu | pallas
-    layer_loop: str = "auto"          # auto | scan | dispatch (jaxserve.runner.resolve_layer_loop)
+    backend: str = "auto"             # auto | xla | pallas | cpu (jaxserve.backends.select)
+    layer_loop: str = "auto"          # auto | scan | per-layer (the backend's choice for auto)
     scheduler: str = "fcfs"
     fair_weights: tuple[tuple[str, float], ...] = ()
     seed: int = 0
@@ -60,7 +60,6 @@ class EngineConfig:
     max_loras: int | None = None
     max_lora_rank: int = 64           # largest adapter rank accepted (rows gathered per slot)
     lora_max_pages: int | None = None  # cap on pool pages adapters may hold; None = any free page
-    lora_impl: str = "xla"            # xla | pallas (gathered LoRA kernels)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -71,8 +70,6 @@ class EngineConfig:
                   "max_loras", "max_lora_rank"):
             if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
-        if self.lora_impl not in ("xla", "pallas"):
-            raise ValueError(f"lora_impl must be xla or pallas, got {self.lora_impl!r}")
 
 
 @dataclass
@@ -105,9 +102,9 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-            max_model_len=self.max_model_len, dtype=dtype, attention_impl=config.attention_impl,
+            max_model_len=self.max_model_len, dtype=dtype, backend=config.backend,
             tp=config.tp, layer_loop=config.layer_loop,
-            lora=(LoraRuntime(self.loras, config.lora_impl)
+            lora=(LoraRuntime(self.loras)
                   if self.loras is not None else None))
         self.scheduler = Scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,

@@ -112,7 +112,7 @@ def _step_fn(cfg: ModelConfig, attn_impl: str, interpret: bool, weights: Weights
     return tokens, logprobs, kv
 
 
-LAYER_LOOPS = ("auto", "scan", "dispatch")
+LAYER_LOOPS = ("auto", "scan", "per-layer")
 
 
 def resolve_layer_loop(layer_loop: str, tp: int) -> str:
@@ -129,9 +129,9 @@ def resolve_layer_loop(layer_loop: str, tp: int) -> str:
     if layer_loop not in LAYER_LOOPS:
         raise ValueError(f"unknown layer loop {layer_loop!r}; choose from {LAYER_LOOPS}")
     if layer_loop == "auto":
-        return "dispatch" if (jax.default_backend() == "cpu" and tp == 1) else "scan"
-    if layer_loop == "dispatch" and tp != 1:
-        raise ValueError("layer_loop='dispatch' runs unsharded; use 'scan' with tp > 1")
+        return "per-layer" if (jax.default_backend() == "cpu" and tp == 1) else "scan"
+    if layer_loop == "per-layer" and tp != 1:
+        raise ValueError("layer_loop='per-layer' runs unsharded; use 'scan' with tp > 1")
     return layer_loop
 
 
@@ -156,7 +156,7 @@ def _logits_fn(cfg: ModelConfig, weights: Weights, x, step: StepInput):
 
 class _LayerByLayer:
     """A compiled step run as separate device calls: embed, each layer, the head, sampling
-    (layer_loop="dispatch"). Same call signature and results as a compiled whole step.
+    (layer_loop="per-layer"). Same call signature and results as a compiled whole step.
 
     Head and sampling are two calls: in one program XLA:CPU ran the vocabulary matmul ~2x
     slower (8.3 vs 4.4 ms for 64 rows x 49k in bf16, measured), more than a call costs."""
@@ -179,7 +179,7 @@ class _LayerByLayer:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int, page_size: int,
                  max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
-                 dtype=jnp.float32, attention_impl: str = "auto", interpret: bool | None = None,
+                 dtype=jnp.float32, backend: str = "auto", interpret: bool | None = None,
                  tp: int = 1, lora=None, layer_loop: str = "auto"):
         self.cfg = cfg
         self.weights = weights
@@ -188,7 +188,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
-        self.attn_impl = resolve_impl(attention_impl, tp=tp)
+        self.attn_impl = resolve_impl(backend, tp=tp)
         # Pallas on CPU can only run in interpret mode.
         self.interpret = (jax.default_backend() == "cpu") if interpret is None else interpret
         self.lora = lora   # jaxserve.lora.runtime.LoraRuntime, or None
@@ -201,7 +201,7 @@ class ModelRunner:
                                      and not (tp == 1 and cpu_matmul.available())) else 1
         self.layer_loop = resolve_layer_loop(layer_loop, tp)
         self.amx = False   # projections packed for cpu_matmul.matmul_amx (dispatch, bf16)
-        lora_impl = lora.impl if lora is not None else "xla"
+        lora_impl = "pallas" if self.attn_impl == "pallas" else "xla"
         if tp == 1:
             self.mesh = None
             self.weights = fuse_projections(weights)
@@ -209,7 +209,7 @@ class ModelRunner:
             self._step = jax.jit(functools.partial(
                 _step_fn, cfg, self.attn_impl, self.interpret, lora_impl=lora_impl),
                 donate_argnums=(1,))
-            if self.layer_loop == "dispatch":   # per-layer arrays; the stacked ones are dropped
+            if self.layer_loop == "per-layer":   # per-layer arrays; the stacked ones are dropped
                 self.layer_weights = llama.unstack_layers(self.weights.layers)
                 self.weights = dataclasses.replace(self.weights, layers=None)
                 # bf16 on a CPU with AMX: projections (and the tied head) in the tile layout.

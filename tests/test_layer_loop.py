@@ -62,17 +62,17 @@ def _run(root, layer_loop, adapters, dtype="float32"):
 def test_scan_and_dispatch_agree_with_and_without_adapters(base_dir):
     mix = ["qv", None, "qv", None]
     tok_s, lp_s = _run(base_dir, "scan", mix)
-    tok_d, lp_d = _run(base_dir, "dispatch", mix)
+    tok_d, lp_d = _run(base_dir, "per-layer", mix)
     assert tok_s == tok_d
     for a, b in zip(lp_s, lp_d):
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
 def test_layer_loop_choices():
-    assert resolve_layer_loop("auto", 1) in ("scan", "dispatch")
+    assert resolve_layer_loop("auto", 1) in ("scan", "per-layer")
     assert resolve_layer_loop("auto", 2) == "scan"
-    with pytest.raises(ValueError, match="dispatch"):
-        resolve_layer_loop("dispatch", 2)
+    with pytest.raises(ValueError, match="per-layer"):
+        resolve_layer_loop("per-layer", 2)
     with pytest.raises(ValueError, match="unknown layer loop"):
         resolve_layer_loop("unrolled", 1)
 
@@ -91,7 +91,7 @@ def test_bf16_amx_dispatch_agrees_with_scan(base_dir, monkeypatch):
     mix = ["gu", None, "qv", "gu"]
     tok_s, lp_s = _run(base_dir, "scan", mix, dtype="bfloat16")
     assert not calls                      # scan keeps XLA's dot (no packed weights)
-    tok_d, lp_d = _run(base_dir, "dispatch", mix, dtype="bfloat16")
+    tok_d, lp_d = _run(base_dir, "per-layer", mix, dtype="bfloat16")
     assert calls                          # traced for the steps without gate/up adapters
     for ts, td, a, b in zip(tok_s, tok_d, lp_s, lp_d):
         # The tiny random model's next-token distribution is nearly flat, so bf16 noise can
@@ -100,5 +100,5 @@ def test_bf16_amx_dispatch_agrees_with_scan(base_dir, monkeypatch):
         n = next((i for i, (x, y) in enumerate(zip(ts, td)) if x != y), len(ts) - 1) + 1
         np.testing.assert_allclose(a[:n], b[:n], atol=0.05, rtol=0)
     calls.clear()
-    _run(base_dir, "dispatch", ["gu"], dtype="bfloat16")   # every step has gate/up LoRA
+    _run(base_dir, "per-layer", ["gu"], dtype="bfloat16")   # every step has gate/up LoRA
     assert not calls

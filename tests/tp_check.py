@@ -54,7 +54,7 @@ def prompts(cfg: ModelConfig, n: int = 3) -> list[list[int]]:
 
 def make_runner(cfg, weights, tp):
     return ModelRunner(cfg, weights, num_pages=32, page_size=PAGE, max_num_seqs=4,
-                       max_prefill_tokens=32, max_model_len=64, attention_impl="xla", tp=tp)
+                       max_prefill_tokens=32, max_model_len=64, backend="xla", tp=tp)
 
 
 def greedy(runner: ModelRunner, cfg, max_tokens: int):
@@ -146,7 +146,7 @@ def lora_setup(root: str, heads: tuple[int, int]):
 
 
 ENGINE_KW = dict(num_pages=512, page_size=8, max_num_seqs=4, max_prefill_tokens=64,
-                 max_model_len=64, max_loras=4, max_lora_rank=32, attention_impl="xla")
+                 max_model_len=64, max_loras=4, max_lora_rank=32, backend="xla")
 
 
 def lora_engine(base_path: str, root: str, tp: int):

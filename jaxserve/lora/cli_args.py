@@ -16,7 +16,6 @@ def add_lora_arguments(p: argparse.ArgumentParser, per_request: bool = True) -> 
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--lora-max-pages", type=int, default=None,
                    help="cap on KV-pool pages adapters may hold (default: any free page)")
-    g.add_argument("--lora-impl", default="xla", choices=["xla", "pallas"])
 
 
 def parse_lora_flags(items: list[str]) -> list[tuple[str, str]]:
@@ -31,7 +30,7 @@ def parse_lora_flags(items: list[str]) -> list[tuple[str, str]]:
 
 def lora_engine_kwargs(args) -> dict:
     """EngineConfig fields from the flags (absent flags keep EngineConfig's defaults)."""
-    names = ("max_loras", "max_lora_rank", "lora_max_pages", "lora_impl")
+    names = ("max_loras", "max_lora_rank", "lora_max_pages")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

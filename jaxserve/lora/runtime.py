@@ -25,10 +25,9 @@ def _pow2(n: int) -> int:
 
 
 class LoraRuntime:
-    def __init__(self, store: LoraStore, impl: str = "xla"):
+    def __init__(self, store: LoraStore):
         self.store = store
         self.layout = store.layout
-        self.impl = impl
         self.num_pages_written = 0
         self.mesh = None                    # set by a tensor-parallel runner
         self._generation: dict[str, int] = {}   # adapter -> how many times it was loaded
