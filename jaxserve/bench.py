@@ -158,12 +158,11 @@ def run_bench(args) -> int:
         "model": engine.model_name, "dtype": base_cfg.dtype, "input_len": args.input_len,
         "output_len": args.output_len, "matmul_peak_gflops": peak / 1e9,
         "matmul_peak_dtype": base_cfg.dtype, "matmul_peak_fp32_gflops": peak32 / 1e9,
-        "hf_dtype": hf_dtype if args.compare_hf else None, "layer_loop": engine.runner.layer_loop,
-        "attention_impl": engine.runner.attn_impl, "amx_matmuls": engine.runner.amx,
+        "hf_dtype": hf_dtype if args.compare_hf else None, "backend": engine.runner.backend.name,
+        "backend_detail": engine.runner.backend.describe(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
-    print(f"\nmodel {engine.model_name} ({base_cfg.dtype}, layers: {engine.runner.layer_loop}, "
-          f"attention: {engine.runner.attn_impl}"
-          f"{', AMX matmuls' if engine.runner.amx else ''}), input {args.input_len}, output "
+    print(f"\nmodel {engine.model_name} ({engine.runner.backend.describe()}), "
+          f"input {args.input_len}, output "
           f"{args.output_len}, {base_cfg.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s, fp32 peak "
           f"{peak32 / 1e9:.0f} GFLOP/s" + (f", HF in {hf_dtype}" if args.compare_hf else ""))
     print(_table(rows))

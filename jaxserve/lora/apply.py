@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from jaxserve.lora.adapter import module_dims
 from jaxserve.lora.pool import LoraBatch, gather_slots
+from jaxserve.model.kv_cache import KVPages, values
+from jaxserve.model.norms import rms_norm
 
 IMPLS = ("xla", "pallas")
 
@@ -54,10 +56,10 @@ def gathered_lora(x, a, b, idx, ranks, scales, *, impl: str = "xla", interpret: 
 def gather_all_layers(cfg, lora: LoraBatch, k_pool, v_pool) -> tuple:
     """Every layer's slot weights, per adapted module: ((a [L, S, R, in], b [L, S, R, out]), ...).
 
-    Done once before the layer scan: reading adapter pages from the pool inside the scan,
+    Done once before the layers: reading adapter pages from the pool inside a layer scan,
     after the layer has scattered its K/V into that pool, makes XLA copy the whole pool every
-    layer (measured ~15x slower steps on CPU). Adapter pages are never K/V-written, so the
-    pre-step pool holds exactly the weights the layers need.
+    layer. Adapter pages are never K/V-written, so the pre-step pool holds exactly the weights
+    the layers need.
     """
     layers = jnp.arange(cfg.num_layers)
     return tuple(
@@ -66,42 +68,67 @@ def gather_all_layers(cfg, lora: LoraBatch, k_pool, v_pool) -> tuple:
         for mi, m in enumerate(lora.modules))
 
 
-def make_layer_lora(cfg, lora: LoraBatch, lora_idx, k_pool, v_pool, layer, ranks, scales,
-                    slot_weights=None, *, impl: str, interpret: bool, base):
-    """A function lora_proj(module, x[B, T, in], w, b) -> base(x, w, b) + LoRA [B, T, out], for one
-    layer (`base`: the model's projection). Under tensor parallelism (`lora.mesh`), see
-    jaxserve/lora/tp.py: row-parallel projections then add LoRA before the base all-reduce.
+def stacked_inputs(cfg, lora: LoraBatch | None, kv: KVPages):
+    """The step's per-layer LoRA inputs on a leading layers axis, (ranks, scales[, slot
+    weights]), or None for a step without adapters. Single device: the slot weights, pre-gathered
+    (LoraRuntime.slot_weights, as the pool stores values) or gathered here; under tensor
+    parallelism each layer reads its pages itself (jaxserve/lora/tp.py)."""
+    if lora is None:
+        return None
+    xs = (lora.ranks, lora.scales)
+    if lora.mesh is None:
+        xs += (jax.tree.map(values, lora.weights) if lora.weights is not None
+               else gather_all_layers(cfg, lora, kv.k, kv.v),)
+    return xs
 
-    ranks/scales: this layer's [len(lora.modules), S]. Weights come from the pool pages as it is
-    at the time of the call (adapter pages are never written by the step's K/V writes).
-    """
+
+class NoLora:
+    """The LoRA of a step without adapters: projections are the backend's alone."""
+
+    def project(self, modules, x, p, norm, linear):
+        return linear(x, p, norm)
+
+    def adapts(self, modules) -> bool:
+        return False
+
+
+class LayerLora:
+    """One layer's multi-LoRA on one device: each adapted part of a projection gets
+    scale * (h A^T) B of its row's slot added, h being the projection's (normed) input.
+
+    `delta(x [B, T, in], a [B, R, in], b [B, R, out], idx [B*T], ranks [B], scales [B])` is the
+    backend's LoRA matmul pair (shrink, expand)."""
+
+    def __init__(self, cfg, lora: LoraBatch, idx, ranks, scales, slot_weights, delta):
+        self.cfg, self.lora, self.idx = cfg, lora, idx
+        self.ranks, self.scales = ranks, scales
+        self.weights = dict(zip(lora.modules, slot_weights))
+        self.delta = delta
+
+    def adapts(self, modules) -> bool:
+        return bool(set(modules) & set(self.lora.modules))
+
+    def project(self, modules, x, p, norm, linear):
+        ys = linear(x, p, norm)
+        if not self.adapts(modules):
+            return ys
+        h = x if norm is None else rms_norm(x, *norm)
+        out = []
+        for m, y in zip(modules, ys):
+            if m in self.lora.modules:
+                mi = self.lora.modules.index(m)
+                a, b = self.weights[m]                     # one slot per batch row: [B, R, in/out]
+                y = y + self.delta(h, a, b, self.idx, self.ranks[mi], self.scales[mi])
+            out.append(y)
+        return out
+
+
+def layer_lora(cfg, lora: LoraBatch | None, lora_idx, kv: KVPages, layer, xs, delta):
+    """The LoRA of one layer: NoLora without adapters, LayerLora on one device, the sharded
+    form under tensor parallelism. `xs`: this layer's slice of stacked_inputs."""
+    if lora is None:
+        return NoLora()
     if lora.mesh is not None:
-        from jaxserve.lora.tp import make_layer_lora_tp
-        return make_layer_lora_tp(cfg, lora, lora_idx, k_pool, v_pool, layer, ranks, scales,
-                                  base=base)
-
-    if slot_weights is None:   # not pre-gathered (see gather_all_layers): read the pool now
-        slot_weights = tuple(gather_slots(k_pool, v_pool, layer, lora.pages[mi],
-                                          *module_dims(cfg, m), lora.max_rank)
-                             for mi, m in enumerate(lora.modules))
-    slot_weights = dict(zip(lora.modules, slot_weights))
-
-    def delta(module: str, x):
-        if module not in lora.modules:
-            return None
-        mi = lora.modules.index(module)
-        din, dout = module_dims(cfg, module)
-        a, b = slot_weights[module]                 # one slot per batch row: [B, R, in/out]
-        B, T, _ = x.shape
-        if impl == "xla":
-            return lora_by_row_xla(x, a, b, ranks[mi], scales[mi])
-        y = gathered_lora(x.reshape(B * T, din), a.astype(x.dtype), b.astype(x.dtype), lora_idx,
-                          ranks[mi], scales[mi], impl=impl, interpret=interpret)
-        return y.reshape(B, T, dout)
-
-    def lora_proj(module: str, x, w, b=None):
-        y, d = base(x, w, b), delta(module, x)
-        return y if d is None else y + d
-    lora_proj.delta = delta   # for fused base projections (model/llama.py)
-    return lora_proj
-
+        from jaxserve.lora.tp import TpLayerLora
+        return TpLayerLora(cfg, lora, lora_idx, kv.k, kv.v, layer, *xs)
+    return LayerLora(cfg, lora, lora_idx, *xs, delta=delta)

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.lora.adapter import MODULES, LoraAdapter, module_dims
-from jaxserve.model.kv_cache import KVPages, decode, encode
+from jaxserve.model.kv_cache import KVPages, stored, values
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -106,7 +106,7 @@ class PageLayout:
 def write_pages(kv: KVPages, pages: jax.Array, data: jax.Array) -> KVPages:
     """Write `data` [L, n, page_elems] into pool pages `pages` [n] (padding entries: page 0)."""
     L, Hkv, _, S, D = kv.k.shape
-    data = encode(data, kv.k.dtype).reshape(L, -1, 2, Hkv, S, D)
+    data = stored(data, kv.k.dtype).reshape(L, -1, 2, Hkv, S, D)
     k = jnp.swapaxes(data[:, :, 0], 1, 2)       # [L, Hkv, n, S, D]
     v = jnp.swapaxes(data[:, :, 1], 1, 2)
     return KVPages(k=kv.k.at[:, :, pages].set(k), v=kv.v.at[:, :, pages].set(v))
@@ -115,8 +115,8 @@ def write_pages(kv: KVPages, pages: jax.Array, data: jax.Array) -> KVPages:
 def gather_slots(k_pool, v_pool, layer, pages, din: int, dout: int, max_rank: int):
     """Dense per-slot stacks for one layer: a [S, max_rank, din], b [S, max_rank, dout]."""
     S, P = pages.shape
-    kp = decode(k_pool[layer, :, pages])         # indexed dims first: [S, P, Hkv, page, D]
-    vp = decode(v_pool[layer, :, pages])
+    kp = values(k_pool[layer, :, pages])         # indexed dims first: [S, P, Hkv, page, D]
+    vp = values(v_pool[layer, :, pages])
     flat = jnp.stack([kp, vp], axis=2).reshape(S, -1)[:, :max_rank * (din + dout)]
     rows = flat.reshape(S, max_rank, din + dout)
     return rows[..., :din], rows[..., din:]

@@ -17,11 +17,9 @@ from jaxserve.lora.adapter import MODULES
 from jaxserve.lora.apply import gather_all_layers
 from jaxserve.lora.pool import LoraBatch, write_pages
 from jaxserve.lora.store import LoraStore
-from jaxserve.model.kv_cache import encode
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+from jaxserve.step_builder import pow2_at_least
+from jaxserve.lora.slots import build_slots
+from jaxserve.model.kv_cache import stored
 
 
 class LoraRuntime:
@@ -29,7 +27,6 @@ class LoraRuntime:
         self.store = store
         self.layout = store.layout
         self.num_pages_written = 0
-        self.mesh = None                    # set by a tensor-parallel runner
         self._generation: dict[str, int] = {}   # adapter -> how many times it was loaded
         cfg = store.layout.cfg
         self._gather = jax.jit(
@@ -45,7 +42,7 @@ class LoraRuntime:
     def stage(self, loads: list[tuple[str, list[int]]]):
         staged = []
         for name, pages in loads:
-            n = _pow2(len(pages))           # few write shapes; padding goes to the null page
+            n = pow2_at_least(len(pages))           # few write shapes; padding goes to the null page
             idx = np.zeros((n,), np.int32)
             idx[:len(pages)] = pages
             staged.append((name, jax.device_put(idx), jax.device_put(self.store.packed(name, n))))
@@ -59,52 +56,13 @@ class LoraRuntime:
         return kv
 
     # -- a step's slots ---------------------------------------------------------------------
-    def build(self, plan, B: int, T: int, rows: list[int]):
-        """(lora_idx [B*T] int32, LoraBatch) for the plan, or (None, None) with no adapter.
-
-        One slot per batch row (S = B; plan sequence j sits in row rows[j]): a row's slot
-        holds its sequence's adapter, or nothing
-        (rank 0) for a base-model row. The step's program therefore depends on the batch shape,
-        the adapted modules and the rank bucket only, never on how many distinct adapters the
-        batch mixes: 1 or 64 adapters in a batch of 64 run the same program at the same cost.
-        Rows sharing an adapter read its pages twice (a few MB per step at rank 8).
-        The rank bucket R is the smallest power of two >= the largest rank in the step (at most
-        max_lora_rank): only R rows per slot are gathered and multiplied.
-        """
-        names = list(plan.adapter_pages)
-        if not names:
-            return None, None
-        adapters = {n: self.store.get(n) for n in names}
-        modules = tuple(m for m in MODULES if any(m in a.weights.a for a in adapters.values()))
-        stored = max(w.shape[1] for a in adapters.values() for w in a.weights.a.values())
-        R = min(_pow2(stored), self.layout.max_rank)
-        L = self.layout.cfg.num_layers
-        pages = [np.zeros((B, self.layout.pages_for_rank(m, R)), np.int32) for m in modules]
-        ranks = np.zeros((L, len(modules), B), np.int32)
-        scales = np.zeros((L, len(modules), B), np.float32)
-        idx = np.full((B, T), -1, np.int32)
-        split = {n: self.layout.split_pages(a, plan.adapter_pages[n]) for n, a in adapters.items()}
-        keys: list = [None] * B
-        for j, seq in enumerate(plan.seqs):
-            i = rows[j]
-            if seq.adapter is None:
-                continue
-            keys[i] = (seq.adapter, self._generation.get(seq.adapter, 0))
-            ad = adapters[seq.adapter]
-            for mi, m in enumerate(modules):
-                if m in split[seq.adapter]:
-                    own = split[seq.adapter][m]
-                    pages[mi][i, :len(own)] = own
-                    ranks[:, mi, i] = ad.weights.ranks[:, MODULES.index(m)]
-                    scales[:, mi, i] = ad.weights.scales[:, MODULES.index(m)]
-            idx[i, :plan.num_new_tokens[j]] = i
-        batch = LoraBatch(pages=tuple(pages), ranks=ranks, scales=scales, modules=modules,
-                          max_rank=R, mesh=self.mesh)
-        self._row_keys = keys
-        return idx.reshape(-1), batch
+    def slots(self, plan, B: int, T: int, rows: list[int]):
+        """The plan's adapter slots (jaxserve/lora/slots.py), keyed by each adapter's current
+        load generation."""
+        return build_slots(self.store, self._generation, MODULES, plan, B, T, rows)
 
     # -- a step's slot weights (single device) ----------------------------------------------
-    def slot_weights(self, kv, batch: LoraBatch, cache: bool):
+    def slot_weights(self, kv, batch: LoraBatch, row_keys: list, cache: bool):
         """Every layer's weights of the batch's slots, gathered from the pool in a call of their
         own (inside the step, XLA may order a gather after a layer's in-place K/V write, and
         then copies the whole pool to keep its pre-write contents).
@@ -113,7 +71,7 @@ class LoraRuntime:
         changed are re-gathered and written in place: a row's weights are B rows x rank x
         (in + out) x layers of pool pages, 140 MB per step at batch 32 and rank 8 on the default
         model, which cost ~45 ms to gather on the 2-core VM; a row keeps its sequence across
-        steps (ModelRunner._decode_rows). A row's key is its adapter and how many times that
+        steps (StepBuilder._decode_rows). A row's key is its adapter and how many times that
         adapter was loaded, so a reload into other (or the same) pages is re-gathered.
 
         The weights are kept as the pool stores values (uint16 bits for bf16 on CPU; the layers
@@ -121,7 +79,7 @@ class LoraRuntime:
         weights (~55 ms per update at batch 32, rank 8, q/k/v/o on the 2-core VM), and into a
         uint16 one in place (~1 ms).
         """
-        keys = self._row_keys
+        keys = row_keys
         shape = (len(keys), batch.max_rank, batch.modules)
         if not cache:
             self.num_rows_gathered += len(keys)
@@ -133,7 +91,7 @@ class LoraRuntime:
             _, old_keys, weights = self._cached
             changed = [i for i, k in enumerate(keys) if k is not None and k != old_keys[i]]
             if changed:
-                sel = np.full((_pow2(len(changed)),), changed[0], np.int32)   # pad: repeat a row
+                sel = np.full((pow2_at_least(len(changed)),), changed[0], np.int32)   # pad: repeat a row
                 sel[:len(changed)] = changed
                 sub = dataclasses.replace(batch, pages=tuple(p[sel] for p in batch.pages))
                 weights = self._update(self.layout.cfg, weights, kv, sub, sel)
@@ -144,8 +102,8 @@ class LoraRuntime:
 
 
 def _as_stored(weights, pool_dtype):
-    """Slot weights in the pool's stored dtype (kv_cache.storage_dtype)."""
-    return jax.tree.map(lambda w: encode(w, pool_dtype), weights)
+    """Slot weights as the pool stores values (kv_cache.stored)."""
+    return jax.tree.map(lambda w: stored(w, pool_dtype), weights)
 
 
 def _update_rows(cfg, weights, kv, sub: LoraBatch, rows):

@@ -16,7 +16,6 @@ The split uses each layer's own rank, so masks need only the per-layer ranks the
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxserve.lora.adapter import MODULES, LoraAdapter, module_dims
 from jaxserve.lora.pool import PageLayout
-from jaxserve.model.kv_cache import KV_AXES, decode
+from jaxserve.model.kv_cache import KV_AXES, values
+from jaxserve.model.norms import rms_norm
 from jaxserve.sharding import TP, HeadLayout, relayout, spec
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -127,7 +127,7 @@ def sharded_layout(layout: PageLayout, heads: HeadLayout, tp: int) -> ShardedPag
 def _gather_rows(k_pool, v_pool, layer, pages, rows: int, width: int):
     """This device's row groups of every slot: [S, rows, width] (from its slice of the pages)."""
     S = pages.shape[0]
-    kp, vp = decode(k_pool[layer, :, pages]), decode(v_pool[layer, :, pages])   # [S, P, h, page, D]
+    kp, vp = values(k_pool[layer, :, pages]), values(v_pool[layer, :, pages])   # [S, P, h, page, D]
     flat = jnp.stack([kp, vp], axis=2).reshape(S, -1)[:, :rows * width]
     return flat.reshape(S, rows, width)
 
@@ -138,65 +138,90 @@ def _token_slots(idx, ranks, scales):
     return slot, jnp.where(live, ranks[slot], 0), jnp.where(live, scales[slot], 0.0)
 
 
-def make_layer_lora_tp(cfg, lora, lora_idx, k_pool, v_pool, layer, ranks, scales, *, base):
-    """Like jaxserve.lora.apply.make_layer_lora, for a step sharded over `lora.mesh`: returns
-    lora_proj(module, x [B, T, in], w, b) -> [B, T, out], the base projection plus LoRA."""
-    mesh = lora.mesh
+class TpLayerLora:
+    """jaxserve.lora.apply.LayerLora for a step sharded over `lora.mesh`: column-parallel parts
+    get their delta after the base projection; a row-parallel projection is computed here with
+    its LoRA added into the partial sum before the base all-reduce."""
+
+    def __init__(self, cfg, lora, lora_idx, k_pool, v_pool, layer, ranks, scales):
+        self.cfg, self.lora, self.idx = cfg, lora, lora_idx
+        self.k_pool, self.v_pool, self.layer = k_pool, v_pool, layer
+        self.ranks, self.scales = ranks, scales
+
+    def adapts(self, modules) -> bool:
+        return bool(set(modules) & set(self.lora.modules))
+
+    def _args(self, mi):
+        return (self.k_pool, self.v_pool, self.layer, self.lora.pages[mi], self.idx,
+                self.ranks[mi], self.scales[mi])
+
+    def project(self, modules, x, p, norm, linear):
+        if not self.adapts(modules):
+            return linear(x, p, norm)
+        mesh, lora = self.lora.mesh, self.lora
+        h = x if norm is None else rms_norm(x, *norm)
+        B, T, _ = x.shape
+        if len(modules) == 1 and modules[0] in ROW:      # o, down: one part, its own all-reduce
+            m = modules[0]
+            mi = lora.modules.index(m)
+            din, dout = module_dims(self.cfg, m)
+            y = _row(mesh, lora.max_rank, din, dout)(h.reshape(B * T, din), p.w, *self._args(mi))
+            y = y.reshape(B, T, dout)
+            return [y if p.b is None or p.b[0] is None else y + p.b[0].astype(y.dtype)]
+        out = []
+        for m, y in zip(modules, linear(x, p, norm)):
+            if m in lora.modules:
+                mi = lora.modules.index(m)
+                din, dout = module_dims(self.cfg, m)
+                d = _column(mesh, lora.max_rank, din, dout)(h.reshape(B * T, din), *self._args(mi))
+                y = y + d.reshape(B, T, dout)
+            out.append(y)
+        return out
+
+
+def _column(mesh, max_rank: int, din: int, dout: int):
     N = mesh.shape[TP]
+    RL = math.ceil(max_rank / N)
     kv_spec = spec(KV_AXES)   # adapter pages are KV pages: split on kv_heads
 
-    def column(mi, din, dout):
-        RL = math.ceil(lora.max_rank / N)
+    def f(x, kp, vp, layer, pages, idx, rk, sc):       # x [T, in] replicated
+        rows = _gather_rows(kp, vp, layer, pages, RL, din + dout)
+        a, bb = rows[..., :din], rows[..., din:].reshape(-1, RL, N, dout // N)
+        slot, rank, scale = _token_slots(idx, rk, sc)
+        v = jnp.einsum("th,tjh->tj", x, a[slot].astype(x.dtype),
+                       preferred_element_type=jnp.float32)          # [T, rl] shrink
+        rl = (rank + N - 1) // N
+        live = jnp.arange(RL)[None, :] < rl[:, None]                  # [T, rl]
+        v = jnp.where(live, v, 0.0) * scale[:, None]
+        v = lax.all_gather(v, TP, axis=1)                             # [T, N, rl]
+        # rows past the rank hold whatever the pages hold (0 * NaN = NaN): select, not scale
+        b_rows = jnp.where(live[:, :, None, None], bb[slot].astype(jnp.float32), 0.0)
+        y = jnp.einsum("tdj,tjdo->to", v, b_rows)
+        return y.astype(x.dtype)                                      # [T, out/N]
+    return jax.shard_map(f, mesh=mesh, out_specs=P(None, TP),
+                         in_specs=(P(), kv_spec, kv_spec, P(), P(), P(), P(), P()))
 
-        def f(x, kp, vp, layer, pages, idx, rk, sc):       # x [T, in] replicated
-            rows = _gather_rows(kp, vp, layer, pages, RL, din + dout)
-            a, bb = rows[..., :din], rows[..., din:].reshape(-1, RL, N, dout // N)
-            slot, rank, scale = _token_slots(idx, rk, sc)
-            v = jnp.einsum("th,tjh->tj", x, a[slot].astype(x.dtype),
-                           preferred_element_type=jnp.float32)          # [T, rl] shrink
-            rl = (rank + N - 1) // N
-            live = jnp.arange(RL)[None, :] < rl[:, None]                  # [T, rl]
-            v = jnp.where(live, v, 0.0) * scale[:, None]
-            v = lax.all_gather(v, TP, axis=1)                             # [T, N, rl]
-            # rows past the rank hold whatever the pages hold (0 * NaN = NaN): select, not scale
-            b_rows = jnp.where(live[:, :, None, None], bb[slot].astype(jnp.float32), 0.0)
-            y = jnp.einsum("tdj,tjdo->to", v, b_rows)
-            return y.astype(x.dtype)                                      # [T, out/N]
-        return jax.shard_map(f, mesh=mesh, out_specs=P(None, TP),
-                             in_specs=(P(), kv_spec, kv_spec, P(), P(), P(), P(), P()))
 
-    def row(mi, din, dout):
-        R = lora.max_rank
+def _row(mesh, max_rank: int, din: int, dout: int):
+    N = mesh.shape[TP]
+    R = max_rank
+    kv_spec = spec(KV_AXES)
 
-        def f(x, w, kp, vp, layer, pages, idx, rk, sc):    # x [T, in/N], w [in/N, H]
-            partial = jnp.einsum("ti,io->to", x, w, preferred_element_type=jnp.float32)
-            rows = _gather_rows(kp, vp, layer, pages, R, (din + dout) // N)
-            a, bb = rows[..., :din // N], rows[..., din // N:]
-            slot, rank, scale = _token_slots(idx, rk, sc)
-            v = jnp.einsum("ti,tji->tj", x, a[slot].astype(x.dtype),
-                           preferred_element_type=jnp.float32)          # [T, r] partial shrink
-            live = jnp.arange(R)[None, :] < rank[:, None]                 # [T, r]
-            v = lax.psum(jnp.where(live, v, 0.0) * scale[:, None], TP)   # all-reduce [T, r]
-            b_rows = jnp.where(live[:, :, None], bb[slot].astype(jnp.float32), 0.0)
-            y = jnp.einsum("tj,tjo->to", v, b_rows)                       # [T, H/N]
-            off = lax.axis_index(TP) * (dout // N)
-            mine = lax.dynamic_slice_in_dim(partial, off, dout // N, axis=1) + y
-            partial = lax.dynamic_update_slice_in_dim(partial, mine, off, axis=1)
-            return lax.psum(partial, TP).astype(x.dtype)                  # the base all-reduce
-        return jax.shard_map(f, mesh=mesh, out_specs=P(),
-                             in_specs=(P(None, TP), P(TP, None), kv_spec, kv_spec, P(), P(), P(),
-                                       P(), P()))
-
-    def lora_proj(module, x, w, b=None):
-        if module not in lora.modules:
-            return base(x, w, b)
-        mi = lora.modules.index(module)
-        din, dout = module_dims(cfg, module)
-        B, T, _ = x.shape
-        xf = x.reshape(B * T, din)
-        args = (k_pool, v_pool, layer, lora.pages[mi], lora_idx, ranks[mi], scales[mi])
-        if module in COLUMN:
-            return base(x, w, b) + column(mi, din, dout)(xf, *args).reshape(B, T, dout)
-        y = row(mi, din, dout)(xf, w, *args).reshape(B, T, dout)
-        return y if b is None else y + b.astype(y.dtype)
-    return lora_proj
+    def f(x, w, kp, vp, layer, pages, idx, rk, sc):    # x [T, in/N], w [in/N, H]
+        partial = jnp.einsum("ti,io->to", x, w, preferred_element_type=jnp.float32)
+        rows = _gather_rows(kp, vp, layer, pages, R, (din + dout) // N)
+        a, bb = rows[..., :din // N], rows[..., din // N:]
+        slot, rank, scale = _token_slots(idx, rk, sc)
+        v = jnp.einsum("ti,tji->tj", x, a[slot].astype(x.dtype),
+                       preferred_element_type=jnp.float32)          # [T, r] partial shrink
+        live = jnp.arange(R)[None, :] < rank[:, None]                 # [T, r]
+        v = lax.psum(jnp.where(live, v, 0.0) * scale[:, None], TP)   # all-reduce [T, r]
+        b_rows = jnp.where(live[:, :, None], bb[slot].astype(jnp.float32), 0.0)
+        y = jnp.einsum("tj,tjo->to", v, b_rows)                       # [T, H/N]
+        off = lax.axis_index(TP) * (dout // N)
+        mine = lax.dynamic_slice_in_dim(partial, off, dout // N, axis=1) + y
+        partial = lax.dynamic_update_slice_in_dim(partial, mine, off, axis=1)
+        return lax.psum(partial, TP).astype(x.dtype)                  # the base all-reduce
+    return jax.shard_map(f, mesh=mesh, out_specs=P(),
+                         in_specs=(P(None, TP), P(TP, None), kv_spec, kv_spec, P(), P(), P(),
+                                   P(), P()))

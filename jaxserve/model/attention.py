@@ -1,7 +1,9 @@
-"""Attention over the paged KV pool, and the one backend switch for it.
+"""Paged attention in plain XLA, and the K/V write into the pool: the reference every backend's
+attention agrees with (jaxserve/backends: `pallas` and `cpu` replace the read with kernels).
 
 Layout (shared by every implementation, and the same as jax's bundled paged-attention kernels):
-  k_pages, v_pages: [num_kv_heads, num_pages, page_size, head_dim]   (one layer)
+  k_pages, v_pages: [num_kv_heads, num_pages, page_size, head_dim]   (one layer), or with a
+                    leading layers axis and `layer` given
   block_tables:     [batch, max_pages_per_seq] int32; unused entries point at page 0 (null page)
   kv_lens:          [batch] int32; tokens of K/V valid for each sequence, including this step's
   q_positions:      [batch, q_len] int32; absolute position of each query token, -1 for padding
@@ -9,26 +11,12 @@ Layout (shared by every implementation, and the same as jax's bundled paged-atte
 
 Query token at position p of sequence b sees keys j with j <= p, j < kv_lens[b], and, with a
 sliding window w, p - j < w. Decode is q_len == 1; prefill (also chunked) is q_len > 1.
-
-Implementations (`impl`):
-  xla     plain XLA: gather each sequence's pages, then masked einsums (every backend).
-  pallas  the Pallas kernels of pallas_kernels/ (GPU, TPU; on CPU only in interpret mode).
-  cpu     decode (q_len == 1) through the native XLA:CPU kernel of cpu_attention.py (an FFI
-          custom call reading each visible K/V row of the pool once), prefill through `xla`.
-  auto    `pallas` on GPU/TPU; on CPU `cpu` when that kernel is available (a C++ compiler, not
-          disabled by JAXSERVE_CPU_KERNELS=0) and the process has one device, else `xla`.
 """
 from __future__ import annotations
 
-import logging
-
-import jax
 import jax.numpy as jnp
 
-from jaxserve.model.kv_cache import decode, encode
-
-IMPLS = ("auto", "xla", "pallas", "cpu")
-log = logging.getLogger("jaxserve.attention")
+from jaxserve.model.kv_cache import stored, values
 
 
 def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets, layer=None):
@@ -38,7 +26,7 @@ def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets, layer=None):
     (padding tokens target the null page 0, whose contents are never read unmasked).
     With `layer`, the pool has a leading layers axis and only that layer is written.
     """
-    k, v = encode(k, k_pages.dtype), encode(v, v_pages.dtype)
+    k, v = stored(k, k_pages.dtype), stored(v, v_pages.dtype)
     if layer is None:
         return (k_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(k, 0, 1)),
                 v_pages.at[:, slot_pages, slot_offsets].set(jnp.swapaxes(v, 0, 1)))
@@ -65,7 +53,7 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
         k = k_pages[layer, :, block_tables]
         v = v_pages[layer, :, block_tables]
     # Scores and softmax in float32 (XLA:CPU also has no bf16 x bf16 -> f32 dot).
-    k, v = decode(k).astype(jnp.float32), decode(v).astype(jnp.float32)
+    k, v = values(k).astype(jnp.float32), values(v).astype(jnp.float32)
     key_pos = jnp.arange(P * S, dtype=jnp.int32).reshape(P, S)
     qp = q_positions[:, :, None, None]                                        # [B, Tq, 1, 1]
     mask = (key_pos <= qp) & (key_pos < kv_lens[:, None, None, None])         # [B, Tq, P, S]
@@ -93,61 +81,3 @@ def _attend(q, k, v, mask, scale):
     # A row with no visible key (padding query) has den == 0 and e == 0: output 0, not NaN.
     out = out / jnp.maximum(den, 1e-30)[..., None]
     return jnp.moveaxis(out, 3, 1).reshape(B, Tq, Hq, D).astype(q.dtype)
-
-
-def _cpu_kernel_reason(tp: int | None) -> str | None:
-    """Why impl 'cpu' cannot be used here (None: it can)."""
-    if jax.default_backend() != "cpu":
-        return f"the backend is {jax.default_backend()!r}, not 'cpu'"
-    # Tensor parallel shards the pool over devices; the custom call has no partitioning rule
-    # (XLA would gather the whole pool onto every device). tp unknown (None): a process with
-    # several devices (--xla_force_host_platform_device_count, multi-process) is taken as tp.
-    if tp is not None and tp > 1:
-        return f"tensor parallel (tp={tp}) shards the KV pool"
-    if tp is None and jax.device_count() > 1:
-        return (f"{jax.device_count()} devices (tensor parallel shards the KV pool; pass tp=1 to "
-                f"resolve_impl if this process does not)")
-    from jaxserve.backends.cpu import cpu_attention
-    return None if cpu_attention.available() else (cpu_attention.unavailable_reason()
-                                                   or "unavailable")
-
-
-def resolve_impl(impl: str, tp: int | None = None) -> str:
-    """`auto` picks Pallas kernels on GPU/TPU, and on CPU the native decode kernel when it can be
-    used, else the XLA path. `cpu` falls back to `xla` (with a warning) where it cannot be used:
-    not the CPU backend, no kernel (see cpu_attention.available), or tensor parallel (`tp` > 1;
-    with tp=None, more than one device)."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose from {IMPLS}")
-    if impl == "auto":
-        if jax.default_backend() != "cpu":
-            return "pallas"
-        return "cpu" if _cpu_kernel_reason(tp) is None else "xla"
-    if impl == "cpu":
-        reason = _cpu_kernel_reason(tp)
-        if reason is not None:
-            log.warning("attention impl 'cpu' unavailable (%s): using 'xla'", reason)
-            return "xla"
-    return impl
-
-
-def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale: float,
-                    sliding_window: int | None = None, impl: str = "xla", interpret: bool = False,
-                    layer=None):
-    """Dispatch to the chosen implementation. `layer`: see paged_attention_xla."""
-    if impl == "cpu" and q.shape[1] == 1:   # decode; prefill takes the XLA path
-        from jaxserve.backends.cpu import cpu_attention
-        return cpu_attention.paged_decode_attention(
-            q, k_pages, v_pages, block_tables, kv_lens, q_positions, scale=scale,
-            sliding_window=sliding_window, layer=layer)
-    if impl in ("xla", "cpu"):
-        return paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
-                                   scale=scale, sliding_window=sliding_window, layer=layer)
-    if impl == "pallas":
-        from pallas_kernels import paged_attention as pk
-        if layer is not None:
-            k_pages, v_pages = k_pages[layer], v_pages[layer]
-        k_pages, v_pages = decode(k_pages), decode(v_pages)
-        return pk.paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
-                                  scale=scale, sliding_window=sliding_window, interpret=interpret)
-    raise ValueError(f"attention impl must be resolved to 'xla', 'pallas' or 'cpu', got {impl!r}")

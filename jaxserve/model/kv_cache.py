@@ -27,35 +27,25 @@ class KVPages:
         return self.k.shape[3]
 
 
-def storage_dtype(dtype):
-    """How the pool stores values of `dtype`.
-
-    On CPU a bfloat16 pool is kept as its uint16 bit pattern: XLA:CPU scatters into a bf16
-    array out of place (it copied the whole pool, ~100 ms per layer write on the default
-    model), and into a uint16 one in place (~0.03 ms). Readers view gathered pages with
-    `decode`, writers store through `encode`; elsewhere the pool holds `dtype` itself.
-    """
-    if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu":
-        return jnp.uint16
-    return dtype
-
-
-def encode(x, pool_dtype):
-    """Values -> the pool's stored form (see storage_dtype)."""
+def stored(x, pool_dtype):
+    """Values -> how a pool of `pool_dtype` holds them. A backend may store a bfloat16 pool as
+    its uint16 bit patterns (the CPU backend does: XLA:CPU scatters into uint16 in place, into
+    bfloat16 out of place); that is a bit cast, not a conversion."""
     if jnp.dtype(pool_dtype) == jnp.uint16:
         return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
     return x.astype(pool_dtype)
 
 
-def decode(x):
-    """Pool contents (or pages gathered from it) -> values."""
+def values(x):
+    """Pool contents (or pages gathered from it) -> values (uint16 bit patterns back to
+    bfloat16; anything else as it is)."""
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
-def init_kv_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVPages:
+def init_kv_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVPages:
+    """An empty pool holding `dtype` (a value dtype, or uint16 for bfloat16 bit patterns)."""
     shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-    dt = storage_dtype(dtype)
-    return KVPages(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
+    return KVPages(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
 def bytes_per_page(cfg: ModelConfig, page_size: int, dtype=jnp.float32) -> int:
@@ -80,5 +70,5 @@ class StepInput:
     lora_idx: jax.Array | None = None  # [B*T] int32: slot in `lora` of each token, -1 = base model
     lora: "LoraBatch | None" = None    # jaxserve.lora.pool.LoraBatch: this step's adapter slots
     # RoPE (cos, sin) [B, T, D/2] float32 of `positions`, computed once per step when the step
-    # runs layer by layer (llama.rope_tables); None: each layer computes them.
+    # runs layer by layer (llama.rope_tables); None: the step computes them itself.
     rope: tuple | None = None

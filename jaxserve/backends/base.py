@@ -1,0 +1,135 @@
+"""The backend boundary, and its plain-XLA implementation (runs on every JAX platform).
+
+A backend owns everything device-specific about a step:
+  storage    how the KV pool is held (`init_pool`)
+  weights    what the layer math reads, prepared from the canonical weights (`prepare`:
+             fused, per part, per layer, packed, sharded)
+  ops        `linear`, `gated_mlp`, `lm_head`, `write_kv`, `attention`, `lora_delta`
+  the step   one scanned program or one call per layer (`layer_loop`; jaxserve/backends/
+             programs.py compiles either)
+The model (jaxserve/model/llama.py) is one path of plain math over these ops.
+
+`linear` dispatches on the weight's type, as jax-llm-examples' einsum does on a quantized array
+and vLLM's linear layers do through their "quant method": a plain array is an einsum here; a
+backend's own weight type (the CPU backend's AMX tile layout) its own kernel. A quantized linear
+(int8/fp8 weights with scales) is one more weight type: `prepare` makes it from the canonical
+weights and `matmul` learns its case; the model does not change.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve import sharding
+from jaxserve.config import ModelConfig
+from jaxserve.lora.apply import lora_by_row_xla
+from jaxserve.model import params as params_lib
+from jaxserve.model.attention import paged_attention_xla, write_kv
+from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
+from jaxserve.model.norms import rms_norm
+from jaxserve.model.params import Linear, Params
+from jaxserve.model.weights import Weights
+
+LAYER_LOOPS = ("scan", "per-layer")
+
+
+class XlaBackend:
+    """Plain XLA ops; the reference the other backends agree with. Tensor parallel when given a
+    mesh: weights and pool sharded by jaxserve.sharding's table, projections kept one array per
+    part (each sharded on its own output axis)."""
+
+    name = "xla"
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, mesh=None,
+                 layer_loop: str = "scan"):
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"unknown layer loop {layer_loop!r}; choose from {LAYER_LOOPS}")
+        if layer_loop == "per-layer" and mesh is not None:
+            raise ValueError("layer_loop 'per-layer' runs unsharded; use 'scan' with tp > 1")
+        self.cfg, self.dtype, self.mesh, self.layer_loop = cfg, jnp.dtype(dtype), mesh, layer_loop
+        self.tp = 1 if mesh is None else mesh.shape[sharding.TP]
+        # the model as run on the mesh: heads padded or replicated to divide tp
+        self.run_config = cfg if mesh is None else sharding.head_layout(cfg, self.tp).config
+
+    # -- what is in use, for the start-up log ----------------------------------------------------
+    def describe(self) -> str:
+        tp = f", tp={self.tp}" if self.mesh is not None else ""
+        return (f"{self.name} backend on {jax.default_backend()} ({self.dtype.name}, "
+                f"layers: {self.layer_loop}{tp}): attention and LoRA in plain XLA")
+
+    # -- storage -------------------------------------------------------------------------------
+    def pool_dtype(self):
+        return self.dtype
+
+    def init_pool(self, num_pages: int, page_size: int) -> KVPages:
+        kv = init_kv_pages(self.run_config, num_pages, page_size, self.pool_dtype())
+        return kv if self.mesh is None else sharding.shard_kv(kv, self.mesh)
+
+    # -- weights -------------------------------------------------------------------------------
+    def prepare(self, weights: Weights) -> Params:
+        """Canonical weights -> what the layers read. One device: q|k|v and gate|up fused (fewer,
+        wider matmuls); per layer when the step runs one call per layer. Tensor parallel: the
+        canonical arrays sharded, one per part."""
+        if self.mesh is not None:
+            layout = sharding.head_layout(self.cfg, self.tp)
+            return params_lib.from_weights(
+                sharding.shard_weights(weights, self.cfg, self.mesh, layout), fuse=False)
+        params = params_lib.from_weights(weights, fuse=True)
+        return params_lib.unstack(params) if self.layer_loop == "per-layer" else params
+
+    # -- ops -----------------------------------------------------------------------------------
+    def matmul(self, x, w):
+        """x [..., in] @ w -> float32 [..., out], for one weight as `prepare` stored it."""
+        return jnp.einsum("...h,ho->...o", x, w, preferred_element_type=jnp.float32)
+
+    def linear(self, x, p: Linear, norm=None) -> list:
+        """Each part of x @ W (+ bias) in x's dtype. norm = (weight, eps): of rms_norm(x)."""
+        if norm is not None:
+            x = rms_norm(x, *norm)
+        y = [self.matmul(x, w) for w in p.w] if isinstance(p.w, tuple) else self.matmul(x, p.w)
+        return split_parts(y, p, x.dtype)
+
+    def gated_mlp(self, x, p: Linear, norm, lora, modules, act):
+        """act(gate) * up of the two parts of p (with their LoRA), in x's dtype."""
+        g, u = lora.project(modules, x, p, norm, self.linear)
+        return act(g) * u
+
+    def lm_head(self, h, params: Params):
+        """h [..., H] -> float32 logits [..., V] (tied: against the embedding, no transpose)."""
+        if params.lm_head is None:
+            return jnp.einsum("...h,vh->...v", h, params.embed, preferred_element_type=jnp.float32)
+        return self.matmul(h, params.lm_head)
+
+    def write_kv(self, kv: KVPages, layer, k, v, step: StepInput) -> KVPages:
+        kp, vp = write_kv(kv.k, kv.v, k, v, step.slot_pages, step.slot_offsets, layer=layer)
+        return KVPages(k=kp, v=vp)
+
+    def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window):
+        return paged_attention_xla(q, kv.k, kv.v, step.block_tables, step.kv_lens,
+                                   step.positions, scale=scale, sliding_window=sliding_window,
+                                   layer=layer)
+
+    def lora_delta(self, x, a, b, idx, ranks, scales):
+        """LoRA of each batch row's slot: x [B, T, in], a [B, R, in], b [B, R, out]."""
+        return lora_by_row_xla(x, a, b, ranks, scales)
+
+    # -- programs ------------------------------------------------------------------------------
+    def min_decode_rows(self) -> int:
+        """Fewest rows a decode step is padded to. XLA:CPU runs a one-row bfloat16 matmul as a
+        slow matrix-vector product: bfloat16 decode on CPU pads to two rows."""
+        return 2 if self.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else 1
+
+
+def split_parts(y, p: Linear, dtype) -> list:
+    """A projection's float32 product (one array over all parts, or a list of one per part) ->
+    each part in `dtype`, with its bias."""
+    if not isinstance(y, list):
+        y, start, parts = y, 0, []
+        for size in p.sizes:
+            parts.append(y[..., start:start + size])
+            start += size
+        y = parts
+    ys = [part.astype(dtype) for part in y]
+    if p.b is None:
+        return ys
+    return [part if b is None else part + b.astype(part.dtype) for part, b in zip(ys, p.b)]

@@ -1,0 +1,105 @@
+"""The weights as the layer math reads them, prepared by a backend from the canonical weights.
+
+The canonical tree (jaxserve/model/weights.py) holds one array per checkpoint tensor. The math
+reads projections grouped as it uses them: q|k|v, o, gate|up, down, each a `Linear` whose
+weight is whatever the backend made of the canonical arrays: the parts fused into one matrix,
+kept one per part (tensor parallelism shards each on its own), or a backend's weight type (the
+CPU backend's AMX tile layout; a quantized weight would be one more). `Backend.linear` decides
+from that type how to multiply; the model never looks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.model.weights import Weights
+
+QKV = ("q_proj", "k_proj", "v_proj")
+O = ("o_proj",)
+GATE_UP = ("gate_proj", "up_proj")
+DOWN = ("down_proj",)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "b"],
+                   meta_fields=["sizes"])
+@dataclass
+class Linear:
+    """x @ W for one or more output parts.
+
+    w: [in, sum(sizes)] (the parts fused), a tuple of [in, size_i] (one per part), or a
+       backend's weight type standing in for the fused matrix; stacked layers add a leading
+       [L] axis to every array.
+    b: per part, a bias [size_i] or None; None when no part has one.
+    sizes: static, each part's output size.
+    """
+    w: Any
+    b: tuple | None
+    sizes: tuple[int, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LayerParams:
+    attn_norm: jax.Array   # [H]
+    qkv: Linear            # parts q, k, v: [H -> Hq*D, Hkv*D, Hkv*D]
+    o: Linear              # [Hq*D -> H]
+    mlp_norm: jax.Array    # [H]
+    gate_up: Linear        # parts gate, up: [H -> I, I]
+    down: Linear           # [I -> H]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Params:
+    embed: jax.Array       # [V, H]
+    # stacked (a leading [L] axis, for a scan over layers), or a tuple of one LayerParams per
+    # layer (for one device call per layer)
+    layers: Any
+    final_norm: jax.Array  # [H]
+    lm_head: Any           # [H, V]; None when tied to `embed`; or a backend's weight type
+
+
+def _linear(ws, bs, fuse: bool) -> Linear:
+    sizes = tuple(int(w.shape[-1]) for w in ws)
+    b = None if all(x is None for x in bs) else tuple(bs)
+    w = jnp.concatenate(ws, axis=-1) if fuse and len(ws) > 1 else (ws[0] if len(ws) == 1
+                                                                    else tuple(ws))
+    return Linear(w=w, b=b, sizes=sizes)
+
+
+def from_weights(weights: Weights, fuse: bool) -> Params:
+    """Stacked Params over the canonical weights. `fuse`: one matrix for q|k|v and one for
+    gate|up (fewer, wider matmuls on one device); else one array per part (tensor parallelism,
+    where each part is sharded on its own output axis). Unfused, the arrays are the canonical
+    ones, not copies."""
+    lw = weights.layers
+    layers = LayerParams(
+        attn_norm=lw.attn_norm,
+        qkv=_linear((lw.wq, lw.wk, lw.wv), (lw.bq, lw.bk, lw.bv), fuse),
+        o=_linear((lw.wo,), (lw.bo,), fuse),
+        mlp_norm=lw.mlp_norm,
+        gate_up=_linear((lw.w_gate, lw.w_up), (None, None), fuse),
+        down=_linear((lw.w_down,), (None,), fuse))
+    return Params(embed=weights.embed, layers=layers, final_norm=weights.final_norm,
+                  lm_head=weights.lm_head)
+
+
+def unstack(params: Params) -> Params:
+    """Stacked layers -> a tuple of per-layer LayerParams (own buffers, no leading axis)."""
+    n = jax.tree.leaves(params.layers)[0].shape[0]
+    layers = tuple(jax.tree.map(lambda a, i=i: jnp.array(a[i], copy=True), params.layers)
+                   for i in range(n))
+    return dataclasses.replace(params, layers=layers)
+
+
+def stack(params: Params) -> Params:
+    """Per-layer layers -> stacked (for a scan over layers); stacked params as they are."""
+    if not isinstance(params.layers, tuple):
+        return params
+    return dataclasses.replace(params, layers=jax.tree.map(lambda *a: jnp.stack(a),
+                                                           *params.layers))
