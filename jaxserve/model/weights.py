@@ -1,8 +1,10 @@
-"""Weights as registered dataclass pytrees, described once.
+"""The canonical weights as registered dataclass pytrees: one array per checkpoint tensor.
 
-`describe(cfg)` lists every array (shape, logical axes); `init_random`, the loaders and the
-sharding rules all derive from it. Layer weights are stacked on a leading `layers` axis so the
-forward pass is one `lax.scan`. Projections are stored `[in, out]` (x @ W).
+Which arrays a model has comes from its family's spec (jaxserve/model/families): `describe(cfg)`
+turns it into shapes and logical axes, and `build`, `init_random`, the loaders and the sharding
+rules derive from that. Layer weights are stacked on a leading `layers` axis so the forward
+pass is one `lax.scan`. Projections are stored `[in, out]` (x @ W). A field here for every
+weight any family lists; a family's optional weights are None where it has none.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.model import families
 
 
 @jax.tree_util.register_dataclass
@@ -55,46 +58,25 @@ class ArraySpec:
 
 
 def describe(cfg: ModelConfig) -> dict:
-    """The single description of every weight: name -> ArraySpec (layer weights under 'layers')."""
-    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
-    Q, K = cfg.q_size, cfg.kv_size
-    layers = {
-        "attn_norm": ArraySpec((L, H), ("layers", "embed"), "ones"),
-        "wq": ArraySpec((L, H, Q), ("layers", "embed", "q_heads")),
-        "wk": ArraySpec((L, H, K), ("layers", "embed", "kv_heads")),
-        "wv": ArraySpec((L, H, K), ("layers", "embed", "kv_heads")),
-        "wo": ArraySpec((L, Q, H), ("layers", "q_heads", "embed")),
-        "mlp_norm": ArraySpec((L, H), ("layers", "embed"), "ones"),
-        "w_gate": ArraySpec((L, H, I), ("layers", "embed", "mlp")),
-        "w_up": ArraySpec((L, H, I), ("layers", "embed", "mlp")),
-        "w_down": ArraySpec((L, I, H), ("layers", "mlp", "embed")),
-    }
-    if cfg.qkv_bias:
-        layers["bq"] = ArraySpec((L, Q), ("layers", "q_heads"), "zeros")
-        layers["bk"] = ArraySpec((L, K), ("layers", "kv_heads"), "zeros")
-        layers["bv"] = ArraySpec((L, K), ("layers", "kv_heads"), "zeros")
-    if cfg.o_bias:
-        layers["bo"] = ArraySpec((L, H), ("layers", "embed"), "zeros")
-    top = {
-        "embed": ArraySpec((V, H), ("vocab", "embed")),
-        "final_norm": ArraySpec((H,), ("embed",), "ones"),
-        "layers": layers,
-    }
-    if not cfg.tie_word_embeddings:
-        top["lm_head"] = ArraySpec((H, V), ("embed", "vocab"))
-    return top
+    """Every weight the config's family lists and the config has: name -> ArraySpec (layer
+    weights under 'layers', with the leading `layers` axis)."""
+    family = families.for_config(cfg)
+    L = cfg.num_layers
+    layers = {w.name: ArraySpec((L, *w.shape(cfg)), ("layers", *w.axes), w.init)
+              for w in family.layer_weights if w.is_present(cfg)}
+    top = {w.name: ArraySpec(w.shape(cfg), w.axes, w.init)
+           for w in family.weights if w.is_present(cfg)}
+    return {**top, "layers": layers}
 
 
 def build(cfg: ModelConfig, make) -> Weights:
-    """Build a Weights tree by calling make(name, spec) for every described array."""
+    """Build a Weights tree by calling make(name, spec) for every described array (a weight
+    the config does not have is None)."""
     d = describe(cfg)
-    layers = LayerWeights(**{k: make(f"layers.{k}", s) for k, s in d["layers"].items()})
-    return Weights(
-        embed=make("embed", d["embed"]),
-        layers=layers,
-        final_norm=make("final_norm", d["final_norm"]),
-        lm_head=make("lm_head", d["lm_head"]) if "lm_head" in d else None,
-    )
+    layers = LayerWeights(**{k: make(f"layers.{k}", s) for k, s in d.pop("layers").items()})
+    top = {f.name: None for f in dataclasses.fields(Weights) if f.name != "layers"}
+    top.update((k, make(k, s)) for k, s in d.items())
+    return Weights(layers=layers, **top)
 
 
 def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Weights:
@@ -156,11 +138,3 @@ def cast(weights: Weights, dtype) -> Weights:
 def logical_axes(cfg: ModelConfig) -> Weights:
     """The same tree shape as Weights, holding each array's logical axes (for sharding)."""
     return build(cfg, lambda name, spec: spec.axes)
-
-
-def num_bytes(weights: Weights) -> int:
-    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(weights))
-
-
-def replace(weights: Weights, **kw) -> Weights:
-    return dataclasses.replace(weights, **kw)
