@@ -17,12 +17,11 @@ import jax
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.model import families
 
-# PEFT module name -> (our weight name, parent module in HF Llama)
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-_NON_LINEAR_TARGETS = ("model.embed_tokens", "lm_head")
+# The PEFT modules (projections) adapters may target, in the order of the per-module tables
+# (ranks, scales, the pool's pages); which weight each adapts is in the model family's spec.
+MODULES = families.LORA_MODULES
 _SUPPORTED_PEFT_TYPES = ("LORA",)
 
 
@@ -32,14 +31,24 @@ class AdapterError(ValueError):
 
 def module_dims(cfg: ModelConfig, module: str) -> tuple[int, int]:
     """(in, out) of a projection."""
-    H, I, Q, K = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
-    return {"q_proj": (H, Q), "k_proj": (H, K), "v_proj": (H, K), "o_proj": (Q, H),
-            "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}[module]
+    return families.for_config(cfg).lora_dims(cfg, module)
 
 
-def module_path(layer: int, module: str) -> str:
-    """The module's name inside HF's LlamaForCausalLM (what PEFT matches its patterns against)."""
-    return f"model.layers.{layer}.{_PARENT[module]}.{module}"
+def module_path(cfg: ModelConfig, layer: int, module: str) -> str:
+    """The module's name in the HF model (what PEFT matches its patterns against)."""
+    return families.for_config(cfg).lora_weight(module).module_path(layer)
+
+
+def _module_paths(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
+    """HF module path -> (layer, module), for every projection an adapter may target."""
+    family = families.for_config(cfg)
+    return {family.lora_weight(m).module_path(i): (i, m)
+            for i in range(cfg.num_layers) for m in family.lora_modules}
+
+
+def _vocab_paths(cfg: ModelConfig) -> list[str]:
+    """The embedding and LM head modules (over the vocabulary), which LoRA may not target."""
+    return [w.module_path() for w in families.for_config(cfg).weights if "vocab" in w.axes]
 
 
 @jax.tree_util.register_dataclass
@@ -120,7 +129,7 @@ def _targets(cfg: dict, model_cfg: ModelConfig, where: str) -> set[tuple[int, st
         raise AdapterError(f"{where}: target_modules is missing")
     all_linear = isinstance(target, str) and target.lower() == "all-linear"
     if not all_linear:
-        for path in _NON_LINEAR_TARGETS:
+        for path in _vocab_paths(model_cfg):
             if _matches(target, path):
                 raise AdapterError(f"{where}: LoRA on {path} (embedding / LM head) is not supported")
     layers = cfg.get("layers_to_transform")
@@ -132,34 +141,33 @@ def _targets(cfg: dict, model_cfg: ModelConfig, where: str) -> set[tuple[int, st
             raise AdapterError(f"{where}: layers_to_transform {bad} outside the base model's "
                                f"{model_cfg.num_layers} layers")
     out = set()
-    for i in range(model_cfg.num_layers):
+    for path, (i, m) in _module_paths(model_cfg).items():
         if layers is not None and i not in layers:
             continue
-        for m in MODULES:
-            path = module_path(i, m)
-            if (all_linear or _matches(target, path)) and not _matches(cfg.get("exclude_modules"), path):
-                out.add((i, m))
+        if (all_linear or _matches(target, path)) and not _matches(cfg.get("exclude_modules"), path):
+            out.add((i, m))
     return out
 
 
 # -- reading a PEFT directory ---------------------------------------------------------------------
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
-                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# PEFT's tensor names: base_model.model.<module path>.lora_{A,B}[.<adapter name>].weight
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
+_LAYER = re.compile(r"\.(\d+)\.")
 
 
-def _explain_key(key: str) -> str:
+def _explain_key(key: str, cfg: ModelConfig) -> str:
     if "lora_magnitude_vector" in key:
         return "a DoRA magnitude vector (DoRA is not supported)"
-    if "lora_embedding" in key or "embed_tokens" in key:
+    if "lora_embedding" in key:
         return "embedding LoRA (not supported)"
     if "modules_to_save" in key or "original_module" in key:
         return "a modules_to_save copy of a base module (not supported)"
     if key.endswith(".bias"):
         return "a LoRA bias (not supported)"
-    if "lm_head" in key:
-        return "LoRA on the LM head (not supported)"
-    return "not a LoRA A/B weight of a Llama projection"
+    if any(p in key for p in _vocab_paths(cfg)):
+        return "LoRA on the embedding or LM head (not supported)"
+    return f"not a LoRA A/B weight of a projection jaxserve adapts ({', '.join(MODULES)})"
 
 
 def read_peft_config(path: str) -> dict:
@@ -189,33 +197,35 @@ def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model
     """Validate a PEFT config + tensors against the base model and convert to our layout."""
     _refuse_config(cfg, where)
     expected = _targets(cfg, model_cfg, where)
+    paths = _module_paths(model_cfg)
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise AdapterError(f"{where}: tensor {key!r} is {_explain_key(key)}")
-        layer, parent, module, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
-        if module not in MODULES or _PARENT[module] != parent:
-            raise AdapterError(f"{where}: tensor {key!r} targets {parent}.{module}, which is not a "
-                               f"projection jaxserve adapts ({', '.join(MODULES)})")
-        if layer >= model_cfg.num_layers:
-            raise AdapterError(f"{where}: tensor {key!r} is for layer {layer}, the base model has "
-                               f"{model_cfg.num_layers} layers (adapter for a different model?)")
-        found.setdefault((layer, module), {})[ab] = arr
+            raise AdapterError(f"{where}: tensor {key!r} is {_explain_key(key, model_cfg)}")
+        path = m["path"]
+        if path not in paths:
+            layer = _LAYER.search(path)
+            if layer and int(layer[1]) >= model_cfg.num_layers:
+                raise AdapterError(f"{where}: tensor {key!r} is for layer {layer[1]}, the base "
+                                   f"model has {model_cfg.num_layers} layers (adapter for a "
+                                   "different model?)")
+            raise AdapterError(f"{where}: tensor {key!r} is {_explain_key(key, model_cfg)}")
+        found.setdefault(paths[path], {})[m["ab"]] = arr
     if not found:
         raise AdapterError(f"{where}: adapter_model.safetensors holds no LoRA weights")
     extra = sorted(set(found) - expected)
     missing = sorted(expected - set(found))
     if extra:
-        raise AdapterError(f"{where}: weights for {module_path(*extra[0])} which target_modules / "
-                           f"layers_to_transform do not select")
+        raise AdapterError(f"{where}: weights for {module_path(model_cfg, *extra[0])} which "
+                           "target_modules / layers_to_transform do not select")
     r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     rank_pat, alpha_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     L, M = model_cfg.num_layers, len(MODULES)
     ranks = np.zeros((L, M), np.int32)
     scales = np.zeros((L, M), np.float32)
     for (layer, module), ab in found.items():
-        path = module_path(layer, module)
+        path = module_path(model_cfg, layer, module)
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: {path} has lora_{'A' if 'B' in ab else 'B'} missing")
         rk = _pattern_key(rank_pat, path)
@@ -235,8 +245,9 @@ def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model
         ranks[layer, mi] = r
         scales[layer, mi] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     if missing:   # after the shape checks: a shape error is the clearer message for a wrong base
-        raise AdapterError(f"{where}: target_modules selects {module_path(*missing[0])} but the "
-                           "adapter has no weights for it")
+        raise AdapterError(f"{where}: target_modules selects "
+                           f"{module_path(model_cfg, *missing[0])} but the adapter has no weights "
+                           "for it")
     a, b = {}, {}
     for module in MODULES:
         mi = MODULES.index(module)
