@@ -136,12 +136,12 @@ class StepBuilder:
         group of similar lengths (prefill_groups)."""
         n = len(plan.seqs)
         if not plan.is_prefill:
-            return [self._build(plan, list(range(n)), self._decode_rows(plan))]
+            return [self.build_call(plan, list(range(n)), self._decode_rows(plan))]
         groups = prefill_groups(plan.num_new_tokens, self.prefill_tokens_bucket,
                                 lambda k: fine_bucket(k, self.max_num_seqs))
         if len(groups) <= 1:    # one call for the whole plan, in its own order
             groups = [list(range(n))]
-        return [self._build(plan, g, list(range(len(g)))) for g in groups]
+        return [self.build_call(plan, g, list(range(len(g)))) for g in groups]
 
     def prefill_tokens_bucket(self, n: int) -> int:
         return fine_bucket(n, pow2_at_least(self.max_prefill_tokens), lo=16)
@@ -169,7 +169,8 @@ class StepBuilder:
                 self._rows[seq.seq_id] = next(free)
         return [self._rows[seq.seq_id] for seq in plan.seqs]
 
-    def _build(self, plan: StepPlan, idx: list[int], rows: list[int]) -> BuiltStep:
+    def build_call(self, plan: StepPlan, idx: list[int], rows: list[int]) -> BuiltStep:
+        """One device call for the plan sequences `idx` in batch rows `rows`."""
         S = self.page_size
         seqs = [plan.seqs[i] for i in idx]
         chunks = [plan.num_new_tokens[i] for i in idx]

@@ -64,7 +64,7 @@ def test_dropped_programs_are_rebuilt_and_outputs_unchanged(default_model, defau
                                  max_prefill_tokens=64), model=default_model)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     batched = _staggered(eng, PROMPTS[:3], params, join_every=2)
-    assert eng.runner.num_programs_dropped > 0 and len(eng.runner._programs) == 1
+    assert eng.runner.num_programs_dropped > 0 and len(eng.runner._compiled) == 1
     assert batched == [_alone(default_engine, p, params) for p in PROMPTS[:3]]
 
 
@@ -80,47 +80,3 @@ def test_seeded_sampling_is_batch_invariant(default_engine):
     assert other_seed != alone  # 16 tokens at T=0.9: equal by chance has negligible probability
 
 
-def test_page_buckets_bound_padding_and_stay_few():
-    from jaxserve.runner import fine_bucket as page_bucket
-    buckets = {page_bucket(n, 128) for n in range(1, 129)}
-    assert sorted(buckets) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128]
-    for n in range(1, 129):
-        p = page_bucket(n, 128)
-        assert n <= p and (p == n or p < 1.5 * n)   # padding stays under a third of the bucket
-    assert page_bucket(200, 128) == 128
-
-
-def test_prefill_groups_split_by_chunk_bucket():
-    from jaxserve.runner import fine_bucket, prefill_groups
-    tb = lambda n: fine_bucket(n, 512, lo=16)   # noqa: E731
-    rb = lambda n: fine_bucket(n, 64)           # noqa: E731
-    # 133, 130 -> 192; 87 -> 96; 36 -> 48; 12, 10 -> 16. With no cost per call, every bucket
-    # gets its own call; at 48 token slots a call, 36 joins 87 (2 x 96 < 96 + 48 + 48) and the
-    # short pair stays apart (it would pad to 3 x 48 or 4 x 96).
-    assert prefill_groups([36, 87, 133, 130, 10, 12], tb, rb, call_cost=0) == [[2, 3], [1], [0], [5, 4]]
-    assert prefill_groups([36, 87, 133, 130, 10, 12], tb, rb, call_cost=48) == [[2, 3], [1, 0], [5, 4]]
-    assert prefill_groups([128] * 4, tb, rb) == [[0, 1, 2, 3]]
-    # a huge per-call cost: one call
-    assert prefill_groups([36, 87, 133, 10], tb, rb, call_cost=10**6) == [[2, 1, 0, 3]]
-
-
-def test_prefill_groups_is_the_cheapest_split():
-    """The DP's split costs exactly as little as the best of every split of the sorted
-    sequences into runs (brute force), and covers each sequence once."""
-    import itertools
-    import random
-    from jaxserve.runner import fine_bucket, prefill_groups
-    tb = lambda n: fine_bucket(n, 512, lo=16)   # noqa: E731
-    rb = lambda n: fine_bucket(n, 64)           # noqa: E731
-    rng = random.Random(0)
-    for _ in range(200):
-        chunks = [rng.randint(1, 300) for _ in range(rng.randint(1, 7))]
-        cc = rng.choice([0, 16, 48, 200])
-        cost = lambda gs: sum(cc + rb(len(g)) * tb(max(chunks[i] for i in g)) for g in gs)  # noqa: E731
-        groups = prefill_groups(chunks, tb, rb, call_cost=cc)
-        assert sorted(i for g in groups for i in g) == list(range(len(chunks)))
-        order = sorted(range(len(chunks)), key=lambda i: -chunks[i])
-        best = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))])
-                   for k in range(len(order))
-                   for cuts in itertools.combinations(range(1, len(order)), k))
-        assert cost(groups) == best

@@ -72,6 +72,7 @@ def test_mixed_prefill_full_logits_match_peft(setup):
     """Every position's full-vocabulary logits of one mixed prefill step."""
     _, base, peft_models, engine, ps, _ = setup
     from jaxserve.model import llama
+    from jaxserve.model import params as params_lib
     from jaxserve.sampling_params import SamplingParams
     for i, (p, a) in enumerate(zip(ps, MIX)):
         engine.add_request(f"full-{i}", p, SamplingParams(max_tokens=1), adapter=a)
@@ -79,9 +80,12 @@ def test_mixed_prefill_full_logits_match_peft(setup):
     assert len(plan.seqs) == len(MIX) and plan.is_prefill
     runner = engine.runner
     runner.kv = runner.lora.write(runner.kv, runner.lora.stage(plan.adapter_loads))
-    _, step, _, _ = runner._build(plan)
-    fwd = jax.jit(functools.partial(llama.forward, cfg=engine.model_config, all_logits=True))
-    logits, runner.kv = fwd(runner.stacked_weights(), step=step, kv=runner.kv)
+    n = len(plan.seqs)
+    built = runner.builder.build_call(plan, list(range(n)), list(range(n)))
+    step, _ = runner._inputs(built)
+    fwd = jax.jit(functools.partial(llama.forward, cfg=engine.model_config,
+                                    backend=runner.backend, all_logits=True))
+    logits, runner.kv = fwd(params_lib.stack(runner.params), step=step, kv=runner.kv)
     logits = np.asarray(logits)
     for i, (p, a) in enumerate(zip(ps, MIX)):
         with torch.no_grad():

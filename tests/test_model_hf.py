@@ -14,10 +14,11 @@ import torch
 
 from jaxserve.loader import load_hf_dir
 from jaxserve.model import llama
-from jaxserve.model.kv_cache import StepInput, init_kv_pages
+from jaxserve.backends.base import XlaBackend
+from jaxserve.model.kv_cache import StepInput
 from tests.tiny_models import make_hf_model
 
-_forward = jax.jit(llama.forward, static_argnames=("cfg", "all_logits", "attn_impl"))
+_forward = jax.jit(llama.forward, static_argnames=("cfg", "backend", "all_logits"))
 
 
 def paged_prefill_logits(model, ids_chunks, page_size=4, dtype=jnp.float32, seed=0):
@@ -28,8 +29,9 @@ def paged_prefill_logits(model, ids_chunks, page_size=4, dtype=jnp.float32, seed
     P = -(-T // page_size)
     rng = np.random.default_rng(seed)
     table = rng.permutation(np.arange(1, 2 * P + 1))[:P]     # non-contiguous pages
-    kv = init_kv_pages(cfg, 2 * P + 1, page_size, dtype)
-    weights = jax.tree.map(lambda a: a.astype(dtype), model.weights)
+    backend = XlaBackend(cfg, dtype)
+    kv = backend.init_pool(2 * P + 1, page_size)
+    params = backend.prepare(jax.tree.map(lambda a: a.astype(dtype), model.weights))
     out = []
     start = 0
     for chunk in ids_chunks:
@@ -41,7 +43,7 @@ def paged_prefill_logits(model, ids_chunks, page_size=4, dtype=jnp.float32, seed
                          slot_pages=jnp.array(table[pos // page_size], jnp.int32),
                          slot_offsets=jnp.array(pos % page_size, jnp.int32),
                          logits_index=jnp.array([n - 1], jnp.int32))
-        logits, kv = _forward(weights, cfg, step, kv, all_logits=True)
+        logits, kv = _forward(params, cfg, backend, step, kv, all_logits=True)
         out.append(np.asarray(logits[0], np.float32))
         start += n
     return np.concatenate(out)

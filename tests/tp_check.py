@@ -19,12 +19,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxserve import sharding  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.model import llama  # noqa: E402
-from jaxserve.model.kv_cache import StepInput, init_kv_pages  # noqa: E402
+from jaxserve.backends import select  # noqa: E402
+from jaxserve.model.kv_cache import StepInput  # noqa: E402
 from jaxserve.model.weights import init_random  # noqa: E402
 from jaxserve.runner import ModelRunner  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
@@ -57,6 +59,13 @@ def make_runner(cfg, weights, tp):
                        max_prefill_tokens=32, max_model_len=64, backend="xla", tp=tp)
 
 
+def max_steps(num_seqs: int, max_tokens: int) -> int:
+    """More engine steps than num_seqs requests of max_tokens need (a prefill chunk and a decode
+    step per token each, even one request at a time): a loop that runs past it is stuck, and
+    the check fails instead of running forever."""
+    return 4 * num_seqs * (max_tokens + 2)
+
+
 def greedy(runner: ModelRunner, cfg, max_tokens: int):
     """Scheduler + runner loop (the engine's step without text). Returns tokens and logprobs."""
     sched = Scheduler(SchedulerConfig(num_pages=32, page_size=PAGE, max_num_seqs=4,
@@ -67,13 +76,17 @@ def greedy(runner: ModelRunner, cfg, max_tokens: int):
                              sampling=SamplingOptions(logprobs=True)))
         sched.add(seqs[-1])
     lps = {s.seq_id: [] for s in seqs}
-    while not all(s.is_finished for s in seqs):
+    for _ in range(max_steps(len(seqs), max_tokens)):
+        if all(s.is_finished for s in seqs):
+            break
         plan = sched.schedule()
         toks, lp = runner.run(plan)
         for s, t, l in zip(plan.seqs, toks, lp):
             if t is not None:
                 lps[s.seq_id].append(l)
         sched.update(plan, toks)
+    else:
+        raise RuntimeError(f"unfinished after {max_steps(len(seqs), max_tokens)} steps")
     return [list(s.output_token_ids) for s in seqs], [lps[s.seq_id] for s in seqs]
 
 
@@ -95,14 +108,13 @@ def forward_logits(cfg, weights, tp: int):
     dec_pos = lens[:, None]
     dec = StepInput(tok[:, :1] + 1, dec_pos, table, lens + 1,
                     table[np.arange(B), lens // PAGE], lens % PAGE, np.zeros(B, np.int32))
-    layout = sharding.head_layout(cfg, tp)
-    vc = layout.config
-    mesh = sharding.make_mesh(tp)
-    w = sharding.shard_weights(weights, cfg, mesh, layout)
-    kv = sharding.shard_kv(init_kv_pages(vc, B * pages_per + 1, PAGE), mesh)
+    backend = select("xla", cfg, jnp.float32, tp=tp, layer_loop="scan")
+    vc, mesh = backend.run_config, backend.mesh
+    w = backend.prepare(weights)
+    kv = backend.init_pool(B * pages_per + 1, PAGE)
     kv_sh = sharding.kv_sharding(mesh, kv)
-    fn = jax.jit(lambda w, kv, s: llama.forward(w, vc, s, kv, all_logits=True),
-                 in_shardings=(sharding.weight_shardings(vc, mesh), kv_sh,
+    fn = jax.jit(lambda w, kv, s: llama.forward(w, vc, backend, s, kv, all_logits=True),
+                 in_shardings=(jax.tree.map(lambda a: a.sharding, w), kv_sh,
                                sharding.replicated(mesh)),
                  out_shardings=(sharding.replicated(mesh), kv_sh))
     out = []
@@ -122,13 +134,13 @@ def collectives(hlo: str) -> list[list[str]]:
 
 
 def decode_hlo(runner: ModelRunner, batch: int) -> str:
-    P = runner.max_pages_per_seq
+    P = runner.builder.max_pages_per_seq
     z = lambda *s: np.zeros(s, np.int32)  # noqa: E731
     step = StepInput(z(batch, 1), z(batch, 1), z(batch, P), z(batch), z(batch), z(batch), z(batch))
     from jaxserve.sampling import SamplingInput
     samp = SamplingInput(np.zeros(batch, np.float32), z(batch), np.ones(batch, np.float32),
                          np.zeros(batch, np.uint32), z(batch))
-    return runner._step.lower(runner.stacked_weights(), runner.kv, step, samp).compile().as_text()
+    return runner.programs.compile(runner.params, runner.kv, step, samp).as_text()
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -194,12 +206,13 @@ def lora_first_logits(eng, ps, adapters):
         eng.add_request(f"x{i}", p, SamplingParams(max_tokens=1, temperature=0.0), adapter=a)
     plan = eng.scheduler.schedule()
     assert len(plan.seqs) == len(ps) and set(plan.adapter_pages) == {a for a in adapters if a}
-    _, step, _, _ = runner._build(plan)
+    n = len(plan.seqs)
+    step, _ = runner._inputs(runner.builder.build_call(plan, list(range(n)), list(range(n))))
     runner.kv = runner.lora.write(runner.kv, runner.lora.stage(plan.adapter_loads))
 
-    cfg = sharding.head_layout(eng.model_config, runner.tp).config
-    fwd = jax.jit(lambda w, kv, s: llama.forward(w, cfg, s, kv)[0])
-    logits = np.asarray(fwd(runner.stacked_weights(), runner.kv, step))[:len(ps)]
+    backend = runner.backend
+    fwd = jax.jit(lambda w, kv, s: llama.forward(w, backend.run_config, backend, s, kv)[0])
+    logits = np.asarray(fwd(runner.params, runner.kv, step))[:len(ps)]
     for i in range(len(ps)):
         eng.abort(f"x{i}")
     return logits
@@ -229,11 +242,16 @@ def lora_check(args):
             for rid, p, a in zip(ids, ps, adapters):   # all adapters in one batch
                 eng.add_request(rid, p, params, adapter=a)
             final, lps = {}, {rid: [] for rid in ids}
-            while len(final) < len(ids):
+            for _ in range(max_steps(len(ids), args.max_tokens)):
+                if len(final) == len(ids):
+                    break
                 for o in eng.step():
                     lps[o.request_id] += o.new_logprobs or []
                     if o.finished:
                         final[o.request_id] = o
+            else:
+                raise RuntimeError(f"tp={tp}: unfinished after "
+                                   f"{max_steps(len(ids), args.max_tokens)} steps")
             runs[tp] = dict(tokens=[final[r].token_ids for r in ids], lps=[lps[r] for r in ids],
                             logits=logits)
         ref = runs[1]
@@ -267,9 +285,10 @@ def lora_hlo_check(args):
             eng.step()                                   # the prefill; the next plan decodes
             plan = eng.scheduler.schedule()
             assert not plan.is_prefill and len(plan.seqs) == len(ps)
-            _, step, samp, _ = eng.runner._build(plan)
-            hlo = eng.runner._step.lower(eng.runner.stacked_weights(), eng.runner.kv, step,
-                                         samp).compile().as_text()
+            (built,) = eng.runner.builder.build(plan)
+            step, samp = eng.runner._inputs(built)
+            hlo = eng.runner.programs.compile(eng.runner.params, eng.runner.kv, step,
+                                              samp).as_text()
             cfg = eng.model_config
             result[f"tp{tp}"] = {"collectives": collectives(hlo), "modules": list(step.lora.modules),
                                  "tokens": int(step.tokens.size), "max_rank": step.lora.max_rank,

@@ -23,21 +23,18 @@ from jaxserve.model import families
 @dataclass
 class LayerWeights:
     attn_norm: jax.Array       # [L, H]
-    wq: jax.Array | None       # [L, H, Hq*D]   (None once fused into wqkv)
-    wk: jax.Array | None       # [L, H, Hkv*D]
-    wv: jax.Array | None       # [L, H, Hkv*D]
+    wq: jax.Array              # [L, H, Hq*D]
+    wk: jax.Array              # [L, H, Hkv*D]
+    wv: jax.Array              # [L, H, Hkv*D]
     wo: jax.Array              # [L, Hq*D, H]
     mlp_norm: jax.Array        # [L, H]
-    w_gate: jax.Array | None   # [L, H, I]      (None once fused into w_gate_up)
-    w_up: jax.Array | None     # [L, H, I]
+    w_gate: jax.Array          # [L, H, I]
+    w_up: jax.Array            # [L, H, I]
     w_down: jax.Array          # [L, I, H]
     bq: jax.Array | None = None  # [L, Hq*D]  (Qwen2, attention_bias)
     bk: jax.Array | None = None  # [L, Hkv*D]
     bv: jax.Array | None = None  # [L, Hkv*D]
     bo: jax.Array | None = None  # [L, H]     (Llama attention_bias)
-    # Derived by fuse_projections (single device): one matmul instead of three / two.
-    wqkv: jax.Array | None = None       # [L, H, Hq*D + 2*Hkv*D]
-    w_gate_up: jax.Array | None = None  # [L, H, 2*I]
 
 
 @jax.tree_util.register_dataclass
@@ -46,8 +43,7 @@ class Weights:
     embed: jax.Array           # [V, H]
     layers: LayerWeights
     final_norm: jax.Array      # [H]
-    lm_head: jax.Array | None  # [H, V]; None when tied to `embed` (or, on CPU with AMX, the
-    #                            tied embed^T packed for the tile unit: see pack_for_amx)
+    lm_head: jax.Array | None  # [H, V]; None when tied to `embed`
 
 
 @dataclass(frozen=True)
@@ -92,43 +88,6 @@ def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float =
         return jnp.asarray(a, dtype)
 
     return build(cfg, make)
-
-
-def fuse_projections(weights: Weights) -> Weights:
-    """Concatenate q|k|v and gate|up along their outputs (and drop the parts).
-
-    Fewer, wider matmuls: on a 2-core CPU at batch 64 the layer matmuls run ~1.6x faster.
-    Only for an unsharded model; tensor parallelism shards the separate projections.
-    """
-    lw = weights.layers
-    if lw.wqkv is not None:
-        return weights
-    fused = dataclasses.replace(
-        lw, wqkv=jnp.concatenate([lw.wq, lw.wk, lw.wv], axis=-1),
-        w_gate_up=jnp.concatenate([lw.w_gate, lw.w_up], axis=-1),
-        wq=None, wk=None, wv=None, w_gate=None, w_up=None)
-    return dataclasses.replace(weights, layers=fused)
-
-
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
-
-
-def pack_for_amx(weights: Weights, layers: list[LayerWeights]) -> tuple[Weights, list[LayerWeights]]:
-    """For bf16 decode on a CPU with AMX (jaxserve.backends.cpu.cpu_matmul.matmul_amx): each layer's
-    bfloat16 projection matrices repacked into the tile layout (cpu_matmul.AmxPacked, replacing
-    them), and a tied LM head given a packed copy of embed^T as `lm_head` (embed stays for the
-    token lookup and for heads over many rows, where XLA's dot is as fast). Per-layer weights
-    (the runner's layer-by-layer mode); anything not bfloat16 is left as it is."""
-    from jaxserve.backends.cpu import cpu_matmul
-
-    def pack(lw: LayerWeights) -> LayerWeights:
-        return dataclasses.replace(lw, **{
-            f: cpu_matmul.pack_amx(getattr(lw, f)) for f in PROJECTIONS
-            if getattr(lw, f) is not None and getattr(lw, f).dtype == jnp.bfloat16})
-
-    if weights.lm_head is None and weights.embed.dtype == jnp.bfloat16:
-        weights = dataclasses.replace(weights, lm_head=cpu_matmul.pack_amx(weights.embed.T))
-    return weights, [pack(lw) for lw in layers]
 
 
 def cast(weights: Weights, dtype) -> Weights:

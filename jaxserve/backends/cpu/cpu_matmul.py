@@ -140,7 +140,7 @@ def _on_tiles(x) -> bool:
 
 def _normed(x, norm):
     """llama.rms_norm(x, *norm) (norm = (weight, eps)), for the paths without the fused norm."""
-    from jaxserve.model.llama import rms_norm
+    from jaxserve.model.norms import rms_norm
     return rms_norm(x, *norm)
 
 
@@ -186,7 +186,7 @@ def swiglu_fits(w: AmxPacked) -> bool:
 
 def swiglu_amx(x, w: AmxPacked, norm=None):
     """silu(x @ Wg) * (x @ Wu) as bfloat16 [..., N/2], for w the packed fused [Wg Wu] [K, N]
-    (weights.fuse_projections' w_gate_up). On the tile unit for bfloat16 x where amx_available()
+    (the fused gate|up of model/params.py). On the tile unit for bfloat16 x where amx_available()
     and swiglu_fits(w): the activation computed in float32 from the float32 products and
     rounded once to bfloat16 (the XLA path rounds g and u to bfloat16 first, then silu(g) and the
     product: a few bfloat16 ulp apart). Otherwise matmul_amx, then the same in XLA. `norm`: as
