@@ -1,13 +1,14 @@
 """AsyncEngine: the bridge between asyncio handlers and the engine's own thread.
 
 A request's life through this module:
-  1. A handler calls `await submit(...)` on the event loop. Over `max_waiting` requests that have
-     no token yet -> `QueueFull` at once. Otherwise a RequestStream (an asyncio.Queue plus
-     timestamps) is registered and an "add" command goes into a thread-safe command queue.
+  1. A handler calls `await submit(...)` on the event loop with token ids (the server
+     tokenized them). Over `max_waiting` requests that have no token yet -> an AdmissionError
+     of kind OVERLOAD at once. Otherwise a RequestStream (an asyncio.Queue plus timestamps) is
+     registered and an "add" command goes into a thread-safe command queue.
   2. The engine thread sleeps in a blocking `get()` on that queue whenever the engine has no
      unfinished work, so an idle server burns no CPU. It wakes, calls `engine.add_request`, and
      answers the handler's admission future through `loop.call_soon_threadsafe`: either accepted
-     or the engine's ValueError / RequestRejected, which the server turns into a 4xx.
+     or the engine's AdmissionError, which the server turns into a 4xx.
   3. While work remains the thread loops: drain commands (add, abort, calls), `engine.step()`,
      then one `loop.call_soon_threadsafe(self._dispatch, outputs, t)` per step hands every
      RequestOutput of that step to the event loop, where each goes into its stream's queue with
@@ -27,7 +28,6 @@ Engine methods are only ever called on the engine thread: stats and LoRA managem
 from __future__ import annotations
 
 import asyncio
-import copy
 import itertools
 import logging
 import queue
@@ -36,16 +36,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Protocol
 
+from jaxserve.admission import OVERLOAD, AdmissionError
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
 log = logging.getLogger("jaxserve.async_engine")
 
 MAX_STEP_FAILURES = 3  # consecutive failed steps before the engine thread gives up
-
-
-class QueueFull(Exception):
-    """Too many requests are waiting for their first token; the client should retry later."""
 
 
 class EngineStopped(Exception):
@@ -57,7 +54,7 @@ class EngineError(Exception):
 
 
 class EngineLike(Protocol):
-    def add_request(self, request_id: str, prompt: Any, params: SamplingParams, *,
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                     client_id: str = ..., adapter: str | None = ...) -> None: ...
     def abort(self, request_id: str) -> None: ...
     def step(self) -> list[RequestOutput]: ...
@@ -74,7 +71,7 @@ class Observer(Protocol):
 
 @dataclass(frozen=True)
 class AsyncEngineConfig:
-    max_waiting: int = 512          # requests admitted but without a first token; more -> QueueFull
+    max_waiting: int = 512          # requests admitted but without a first token; more -> 429
     shutdown_grace_s: float = 10.0  # in-flight requests may finish for this long on shutdown
 
     def __post_init__(self):
@@ -140,9 +137,7 @@ class AsyncEngine:
         self.model_name: str = getattr(engine, "model_name", "model")
         self.max_model_len: int = int(getattr(engine, "max_model_len", 2048))
         # The handlers' own tokenizer: HF tokenizers are not safe to share with a busy thread.
-        tok = getattr(engine, "tokenizer", None)
-        self.tokenizer = copy.deepcopy(tok) if tok is not None else None
-        self.supports_lora = all(hasattr(engine, m) for m in ("add_lora", "remove_lora", "list_loras"))
+        self.tokenizer = engine.tokenizer.copy()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._num_waiting = 0            # streams without a first output (event-loop side count)
@@ -197,24 +192,25 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 30.0)
 
     # ---------------------------------------------------------------- requests (event loop)
-    async def submit(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
+    async def submit(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams,
                      client_id: str = "anonymous", adapter: str | None = None) -> RequestStream:
-        """Admit a request; raises QueueFull, EngineStopped, or the engine's ValueError /
-        RequestRejected. The returned stream yields RequestOutputs until one is finished."""
+        """Admit a request; raises EngineStopped or AdmissionError (the queue bound here, the
+        engine's checks). The returned stream yields RequestOutputs until one is finished."""
         if not self._accepting or not self.is_running:
             raise EngineStopped("the engine is not running" if self._dead is None
                                 else f"the engine thread died: {self._dead!r}")
         if self._num_waiting >= self.config.max_waiting:
-            raise QueueFull(f"{self._num_waiting} requests are already waiting "
-                            f"(max_waiting={self.config.max_waiting}); retry later")
+            raise AdmissionError(f"{self._num_waiting} requests are already waiting "
+                                 f"(max_waiting={self.config.max_waiting}); retry later",
+                                 kind=OVERLOAD, code="queue_full")
         rid = request_id or f"req-{next(self._ids)}"
-        if rid in self._streams:
+        if rid in self._streams:  # this bridge's own table (the server makes unique ids)
             raise ValueError(f"request id {rid!r} is already in flight")
         stream = RequestStream(self, rid)
         self._streams[rid] = stream
         self._num_waiting += 1
         admitted = self._loop.create_future()
-        self._commands.put(("add", rid, prompt, params, client_id, adapter, admitted))
+        self._commands.put(("add", rid, prompt_ids, params, client_id, adapter, admitted))
         try:
             await admitted
         except BaseException:
@@ -222,11 +218,11 @@ class AsyncEngine:
             raise
         return stream
 
-    async def generate(self, request_id: str | None, prompt: str | list[int], params: SamplingParams,
+    async def generate(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams,
                        client_id: str = "anonymous", adapter: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Async iterator of RequestOutput; errors of admission surface on the first item."""
-        stream = await self.submit(request_id, prompt, params, client_id, adapter)
+        stream = await self.submit(request_id, prompt_ids, params, client_id, adapter)
         try:
             async for out in stream:
                 yield out
@@ -260,11 +256,6 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # aborted by its handler; the engine already got the abort
-            if out.error is not None:
-                stream._queue.put_nowait(EngineError(out.error))
-                stream.engine_done = True
-                self._observe_end(stream, out, t_emit)
-                continue
             n_new = len(out.new_token_ids)
             if stream.first_token_at is None and (n_new or out.finished):
                 stream.first_token_at = t_emit
@@ -316,10 +307,11 @@ class AsyncEngine:
         """Run one command on the engine thread; False means stop."""
         kind = cmd[0]
         if kind == "add":
-            _, rid, prompt, params, client_id, adapter, fut = cmd
+            _, rid, prompt_ids, params, client_id, adapter, fut = cmd
             try:
-                self.engine.add_request(rid, prompt, params, client_id=client_id, adapter=adapter)
-            except Exception as e:  # ValueError / RequestRejected: the request's fault
+                self.engine.add_request(rid, prompt_ids, params, client_id=client_id,
+                                        adapter=adapter)
+            except Exception as e:  # AdmissionError: the request's fault
                 self._reply(fut, exc=e)
             else:
                 self._engine_ids.add(rid)

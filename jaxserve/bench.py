@@ -141,7 +141,7 @@ def run_bench(args) -> int:
         if args.compare_hf:
             if hf is None:
                 hf = _load_hf(engine, hf_dtype)
-            h = _run_hf(hf, prompts, args.output_len, engine.tokenizer.eos_token_id or 0)
+            h = _run_hf(hf, prompts, args.output_len, engine.tokenizer.hf.eos_token_id or 0)
             row["hf_e2e_tok_s"] = h["e2e_tok_s"]
             row["ratio_e2e"] = ours["e2e_tok_s"] / h["e2e_tok_s"]
             row["hf_decode_tok_s"] = h["decode_tok_s"]

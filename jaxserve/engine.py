@@ -1,36 +1,39 @@
-"""The engine: owns the model runner, the scheduler and per-request text state.
+"""The engine: owns the runner, the scheduler, the adapter registry and the request table.
 
 A request's life:
-  1. add_request: tokenize, validate against the context and the pool, wrap in a scheduler
-     Sequence (client id, adapter, sampling params, a seed), hand it to the scheduler.
-  2. step: plan = scheduler.schedule(); tokens = runner.run(plan); scheduler.update(plan, tokens).
-  3. postprocess: detokenize each new token incrementally, check EOS / stop tokens / stop
-     strings, finish sequences that stopped, and return RequestOutput deltas.
-Single-threaded by design; `jaxserve.async_engine` runs it in its own thread.
+  1. add_request(request_id, prompt_ids, params): `admission.admit` checks it, builds its
+     scheduler Sequence (resolved max_tokens and seed, client id, adapter) and adds it to the
+     scheduler; the output processor starts its text state.
+  2. step: plan = scheduler.schedule(); tokens = runner.run(plan); scheduler.update(plan,
+     tokens) records them; the output processor detokenizes, decides every finish (length,
+     EOS, stop tokens, stop strings) and returns RequestOutput deltas; the engine hands each
+     finished sequence to `scheduler.finish`, which frees its pages.
+Single-threaded by design; `jaxserve.async_engine` runs it in its own thread. Built on a given
+runner and tokenizer (tests/fake_runner.py) it loads and compiles nothing.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from jaxserve.admission import AdmissionError, UNKNOWN, admit
+from jaxserve.config import ModelConfig
 from jaxserve.loader import LoadedModel, load_model
 from jaxserve.lora.runtime import LoraRuntime, make_lora_store
 from jaxserve.model.kv_cache import bytes_per_page
 from jaxserve.model.weights import cast
+from jaxserve.output_processor import OutputProcessor
 from jaxserve.outputs import RequestOutput
 from jaxserve.runner import ModelRunner
-from jaxserve.sharding import head_layout
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
-from scheduler import (FinishReason, RequestRejected, SamplingOptions, Scheduler,
-                       SchedulerConfig, Sequence)
+from jaxserve.sharding import head_layout
+from jaxserve.tokenizer import Tokenizer
+from scheduler import Scheduler, SchedulerConfig
 from scheduler.factory import make_policy
 
 log = logging.getLogger("jaxserve.engine")
@@ -72,194 +75,133 @@ class EngineConfig:
                 raise ValueError(f"{f} must be positive")
 
 
-@dataclass
-class _Request:
-    request_id: str
-    seq: Sequence
-    params: SamplingParams
-    detok: IncrementalDetokenizer
-    text: str = ""
-    emitted_chars: int = 0     # chars of `text` already returned (stop-string hold-back)
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig = EngineConfig(), model: LoadedModel | None = None):
+    def __init__(self, config: EngineConfig = EngineConfig(), model: LoadedModel | None = None,
+                 *, runner=None, tokenizer: Tokenizer | None = None,
+                 model_config: ModelConfig | None = None, model_name: str = "model"):
+        """Load `model` (default: config.model) and build its ModelRunner; or, given a `runner`
+        (`run(plan) -> (tokens, logprobs)`), its `tokenizer` and `model_config`, load nothing."""
         self.config = config
-        dtype = DTYPES[config.dtype]
         t0 = time.perf_counter()
-        self.model = model or load_model(config.model, dtype)
-        weights = cast(self.model.weights, dtype)
-        self.model_config = self.model.config
-        self.model_name = self.model.name
-        self.tokenizer = load_tokenizer(self.model)
-        self.eos_ids = eos_token_ids(self.tokenizer, None if self.model.gguf_file else self.model.tokenizer_dir)
-        self.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        self.model = None
+        if runner is None:
+            self.model = model or load_model(config.model, DTYPES[config.dtype])
+            model_config, model_name = self.model.config, self.model.name
+            tokenizer = Tokenizer.from_model(self.model)
+        elif tokenizer is None or model_config is None:
+            raise ValueError("an engine on a given runner needs its tokenizer and model_config")
+        self.model_config, self.model_name, self.tokenizer = model_config, model_name, tokenizer
+        self.max_model_len = min(config.max_model_len, model_config.max_position_embeddings)
         # With tp > 1, kv_cache_gb is per device: each holds 1/tp of the (head-padded) pool.
-        page_bytes = (bytes_per_page(head_layout(self.model_config, config.tp).config,
-                                     config.page_size, dtype) // config.tp)
+        page_bytes = (bytes_per_page(head_layout(model_config, config.tp).config,
+                                     config.page_size, DTYPES[config.dtype]) // config.tp)
         num_pages = config.num_pages or max(2, int(config.kv_cache_gb * 2**30 // page_bytes))
-        self.loras = make_lora_store(self.model_config, config, num_pages)
-        self.runner = ModelRunner(
-            self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
-            max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-            max_model_len=self.max_model_len, dtype=dtype, backend=config.backend,
-            tp=config.tp, layer_loop=config.layer_loop,
-            lora=(LoraRuntime(self.loras)
-                  if self.loras is not None else None))
+        self.loras = make_lora_store(model_config, config, num_pages)
+        self._lora_sources: dict[str, str | None] = {}   # adapter -> the path it came from
+        self.runner = runner or self._make_runner(
+            cast(self.model.weights, DTYPES[config.dtype]), num_pages)
         self.scheduler = Scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,
                             max_num_seqs=config.max_num_seqs,
                             max_prefill_tokens=config.max_prefill_tokens,
                             max_model_len=self.max_model_len),
             policy=make_policy(config.scheduler, fair_weights=dict(config.fair_weights) or None),
-            adapter_pages=self.loras.pages_needed if self.loras is not None else None,
+            adapter_pages=self.loras.pages_needed,
             max_adapter_pages=config.lora_max_pages, max_adapters_per_batch=config.max_loras)
-        self._requests: dict[str, _Request] = {}
+        self.output = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.num_preemptions_total = 0
-        log.info("engine ready: %s, %d KV pages of %d tokens, attention=%s, layers=%s (%.1fs)",
-                 self.model_name, num_pages, config.page_size, self.runner.attn_impl,
-                 self.runner.layer_loop, time.perf_counter() - t0)
+        log.info("engine ready: %s, %d KV pages of %d tokens (%.1fs)",
+                 self.model_name, num_pages, config.page_size, time.perf_counter() - t0)
+
+    def _make_runner(self, weights, num_pages: int) -> ModelRunner:
+        config = self.config
+        runner = ModelRunner(
+            self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
+            max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=config.backend,
+            tp=config.tp, layer_loop=config.layer_loop,
+            lora=LoraRuntime(self.loras))
+        log.info("runner: %s backend", runner.backend.name)
+        return runner
 
     # -- requests ------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.model_name} has no chat template")
-        try:
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:
-            raise ValueError(f"cannot apply the chat template: {e}") from None
-        if hasattr(out, "keys"):  # transformers may return a BatchEncoding
-            out = out["input_ids"]
-        return list(out)
-
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer(prompt)["input_ids"])
-        if not isinstance(prompt, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError("prompt must be a string or a list of token ids")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
-        return list(prompt)
-
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
+    def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams, *,
                     client_id: str = "anonymous", adapter: str | None = None) -> None:
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already running")
-        if adapter is not None and (self.loras is None or adapter not in self.loras):
-            raise ValueError(f"unknown adapter {adapter!r} (loaded: {self.list_loras() or 'none'})")
-        ids = self.encode(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but "
-                f"{len(ids) + params.max_tokens} were requested ({len(ids)} in the prompt, "
-                f"{params.max_tokens} for the completion)")
-        seq = Sequence(seq_id=next(self._ids), prompt_token_ids=ids, max_tokens=params.max_tokens,
-                       client_id=client_id, adapter=adapter, arrival_time=time.monotonic(),
-                       sampling=SamplingOptions(
-                           temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                           seed=(params.seed if params.seed is not None
-                                 else self._rng.getrandbits(32)) & 0xFFFFFFFF,
-                           logprobs=params.logprobs))
-        self.scheduler.add(seq, time.monotonic())  # may raise RequestRejected
-        self._requests[request_id] = _Request(request_id, seq, params,
-                                              IncrementalDetokenizer(self.tokenizer, ids))
-        self.num_prompt_tokens_total += len(ids)
+        """Admit a request (token ids; text is encoded here, for offline use); raises
+        AdmissionError (a ValueError) when it is refused."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        seq = admit(self.scheduler, ids, params, request_id=request_id, running=self.output,
+                    seq_id=next(self._ids), client_id=client_id, adapter=adapter,
+                    adapters=self.loras, vocab_size=self.model_config.vocab_size,
+                    max_model_len=self.max_model_len, rng=self._rng, now=time.monotonic())
+        self.output.add(request_id, seq, params)
+        self.num_prompt_tokens_total += seq.num_prompt_tokens
 
-    # -- adapters ------------------------------------------------------------------------------
-    def add_lora(self, name: str, path) -> None:
-        """Register an adapter (PEFT or Orbax directory, or a LoraAdapter); validated against the
-        base model. Safe while requests run: it only enters the host store."""
-        if self.loras is None:
-            raise ValueError("LoRA adapters are not supported with tensor parallelism (tp > 1) yet")
-        self.loras.add(name, path)
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """For offline callers (the CLI); the template is applied by `Tokenizer.chat`."""
+        return self.tokenizer.chat(messages)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.output.pop(request_id)
+        if seq is not None:
+            self.scheduler.abort(seq.seq_id)
+
+    def has_unfinished(self) -> bool:
+        return len(self.output) > 0
+
+    # -- adapters: the one registry (the server asks it) ---------------------------------------
+    def add_lora(self, name: str, source) -> None:
+        """Register an adapter (PEFT or Orbax directory, or a LoraAdapter), validated against the
+        base model; refusals are AdmissionErrors. Safe while requests run: it only enters the
+        host store."""
+        if name in self.loras:
+            raise AdmissionError(f"an adapter named {name!r} is already loaded",
+                                 param="lora_name", code="adapter_exists")
+        try:
+            self.loras.add(name, source)
+        except (ValueError, OSError) as e:
+            raise AdmissionError(f"cannot load adapter {name!r}: {e}", param="lora_path",
+                                 code="adapter_invalid") from None
+        self._lora_sources[name] = source if isinstance(source, str) else None
 
     def remove_lora(self, name: str) -> None:
         """Unregister an adapter. Refused while any unfinished request uses it."""
-        if self.loras is None or name not in self.loras:
-            raise KeyError(f"unknown adapter {name!r}")
-        users = sum(1 for r in self._requests.values() if r.seq.adapter == name)
+        if name not in self.loras:
+            raise AdmissionError(f"unknown adapter {name!r}", kind=UNKNOWN, param="lora_name",
+                                 code="adapter_not_found")
+        users = sum(1 for s in self.output.sequences() if s.adapter == name)
         if users:
-            raise ValueError(f"adapter {name!r} is in use by {users} unfinished request(s); "
-                             "remove it after they finish or abort them")
+            raise AdmissionError(f"adapter {name!r} is in use by {users} unfinished request(s); "
+                                 "remove it after they finish or abort them", param="lora_name")
         self.scheduler.adapters.evict(name)
         self.loras.remove(name)
+        del self._lora_sources[name]
 
     def list_loras(self) -> list[str]:
-        return self.loras.names() if self.loras is not None else []
+        return self.loras.names()
 
-    def abort(self, request_id: str) -> None:
-        req = self._requests.pop(request_id, None)
-        if req is not None and not req.seq.is_finished:
-            self.scheduler.abort(req.seq.seq_id)
-
-    def has_unfinished(self) -> bool:
-        return bool(self._requests)
+    def lora_sources(self) -> dict[str, str | None]:
+        """Adapter name -> the path it was loaded from (None: given as a LoraAdapter)."""
+        return {name: self._lora_sources.get(name) for name in self.loras.names()}
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        now = time.monotonic()
-        plan = self.scheduler.schedule(now)
+        plan = self.scheduler.schedule(time.monotonic())
         self.num_preemptions_total += len(plan.preempted)
         if plan.is_empty:
             return []
         tokens, logprobs = self.runner.run(plan)
         produced = self.scheduler.update(plan, tokens, time.monotonic())
-        lp = {plan.seqs[i].seq_id: logprobs[i] for i in range(len(plan.seqs)) if tokens[i] is not None}
         self.num_generation_tokens_total += len(produced)
-        by_seq = {r.seq.seq_id: r for r in self._requests.values()}
-        return [self._postprocess(by_seq[s.seq_id], lp[s.seq_id]) for s in produced
-                if s.seq_id in by_seq]
-
-    def _postprocess(self, req: _Request, logprob: float) -> RequestOutput:
-        seq, p = req.seq, req.params
-        tok = seq.output_token_ids[-1]
-        stopped_by_token = (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
-        if not stopped_by_token or seq.is_finished:
-            req.text += req.detok.step(seq.token_ids)
-        hit = self._find_stop(req) if p.stop else None
-        if hit is not None:
-            req.text = req.text[:hit]
-            self.scheduler.finish(seq, FinishReason.STOP)
-        elif stopped_by_token and not seq.is_finished:
-            self.scheduler.finish(seq, FinishReason.STOP)
-        if seq.is_finished and hit is None:
-            req.text += req.detok.flush(seq.token_ids) if not stopped_by_token else ""
-        # Hold back a tail that might still become a stop string.
-        hold = 0 if seq.is_finished else max((len(s) for s in p.stop), default=1) - 1
-        upto = max(req.emitted_chars, len(req.text) - hold)
-        new_text = req.text[req.emitted_chars:upto]
-        req.emitted_chars = upto
-        out = RequestOutput(
-            request_id=req.request_id, new_token_ids=[tok], new_text=new_text, text=req.text[:upto],
-            token_ids=list(seq.output_token_ids), num_prompt_tokens=seq.num_prompt_tokens,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason.value if seq.is_finished else None,
-            new_logprobs=[logprob] if p.logprobs else None)
-        if seq.is_finished:
-            del self._requests[req.request_id]
-        return out
-
-    @staticmethod
-    def _find_stop(req: _Request) -> int | None:
-        """Index where the output text must be cut, if a stop string appeared."""
-        p = req.params
-        start = max(0, req.emitted_chars - max(len(s) for s in p.stop))
-        best = None
-        for s in p.stop:
-            i = req.text.find(s, start)
-            if i >= 0:
-                cut = i + len(s) if p.include_stop_str_in_output else i
-                best = cut if best is None else min(best, cut)
-        return best
+        lp = {s.seq_id: logprobs[i] for i, s in enumerate(plan.seqs) if tokens[i] is not None}
+        outputs, finished = self.output.process(produced, lp)
+        for seq, reason in finished:
+            self.scheduler.finish(seq, reason)
+        return outputs
 
     # -- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
@@ -304,5 +246,7 @@ class LLMEngine:
             "num_preemptions_total": self.num_preemptions_total,
             "running_adapters": per_adapter_running,
             "waiting_adapters": per_adapter_waiting,
+            "max_loras": self.config.max_loras if self.config.max_loras is not None
+            else len(self.loras),
             "scheduler": self.scheduler.policy.stats(),
         }

@@ -1,7 +1,7 @@
 """What the engine hands back per request per step."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -15,7 +15,6 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None   # "stop" | "length" | "abort" (None while running)
     new_logprobs: list[float] | None = None  # log p of each new token, when requested
-    error: str | None = None
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,12 +1,21 @@
-"""Per-request generation parameters (validated once, never mutated)."""
+"""Per-request generation parameters (validated once, here, never mutated)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from jaxserve.admission import AdmissionError
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16       # None: the rest of the context (resolved at admission)
     temperature: float = 1.0          # 0 means greedy
     top_k: int = 0                    # 0 disables
     top_p: float = 1.0                # 1 disables
@@ -18,23 +27,27 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= float(self.temperature) <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not 0.0 < float(self.top_p) <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        def bad(msg: str, param: str):
+            raise AdmissionError(msg, param=param)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or any(
+                not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS for s in stop):
+            bad(f"stop strings must have 1 to {MAX_STOP_CHARS} characters", "stop")
+        if len(stop) > MAX_STOP_STRINGS:
+            bad(f"at most {MAX_STOP_STRINGS} stop strings", "stop")
+        object.__setattr__(self, "stop", tuple(stop))
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids must be non-negative integers", "stop_token_ids")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+        for name, lo, hi, lo_open in (("temperature", 0.0, 100.0, False),
+                                      ("top_p", 0.0, 1.0, True)):
+            v = getattr(self, name)
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi
+                    or (lo_open and v == lo)):
+                bad(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v!r}", name)
+        if not _is_int(self.top_k) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0 (or -1 in the API), got {self.top_k!r}", "top_k")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}", "seed")

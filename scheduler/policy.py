@@ -24,12 +24,14 @@ class RequestRejected(Exception):
     """Raised by `Policy.add` or the scheduler when a request can never or may not be served.
 
     `retryable` tells callers whether the same request may succeed later (a rate limit: HTTP
-    429) or never will (too large for the pool or context: HTTP 400).
+    429) or never will (too large for the pool or context: HTTP 400); `code` names the reason
+    for API errors.
     """
 
-    def __init__(self, message: str, *, retryable: bool = False):
+    def __init__(self, message: str, *, retryable: bool = False, code: str | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.code = code
 
 
 class Policy(abc.ABC):

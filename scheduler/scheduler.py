@@ -7,8 +7,12 @@ Each engine step:
      chunked to `max_prefill_tokens` per step.
   2. The runner executes the plan and samples one token for every sequence whose chunk
      reaches its last token.
-  3. `update(plan, token_ids)` records computed tokens and appended outputs, charges the
-     policy, and finishes sequences that hit `max_tokens` or the context limit.
+  3. `update(plan, token_ids)` records computed tokens and appended outputs and charges the
+     policy. It decides no finish: whoever reads the tokens (the engine's output processor,
+     the simulator) calls `finish(seq, reason)`, which frees the sequence's pages.
+
+Admission (`add`) refuses what can never run: more than `max_model_len` tokens of context or
+more pages than the pool holds; the policy may refuse more (rate limits).
 
 Pages: a request gets pages for its prompt at admission and one more page whenever decode
 crosses a page boundary. When none is free, the most recently admitted running request is
@@ -91,12 +95,11 @@ class Scheduler:
         cfg = self.config
         if seq.seq_id in self._seqs:
             raise ValueError(f"duplicate sequence id {seq.seq_id}")
-        if seq.num_prompt_tokens == 0:
-            raise RequestRejected("the prompt is empty")
         if seq.max_total_tokens > cfg.max_model_len:
             raise RequestRejected(
-                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.max_tokens}) = "
-                f"{seq.max_total_tokens} exceeds the context length {cfg.max_model_len}")
+                f"this model's maximum context length is {cfg.max_model_len} tokens, but "
+                f"{seq.max_total_tokens} were requested ({seq.num_prompt_tokens} in the prompt, "
+                f"{seq.max_tokens} for the completion)", code="context_length_exceeded")
         if self.pages_for(seq.max_total_tokens) > self.allocator.num_usable:
             raise RequestRejected(
                 f"request needs {self.pages_for(seq.max_total_tokens)} KV pages, the pool has "
@@ -113,9 +116,6 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self._seqs[seq.seq_id] = seq
 
-    def get(self, seq_id: int) -> Sequence | None:
-        return self._seqs.get(seq_id)
-
     def abort(self, seq_id: int) -> Sequence | None:
         seq = self._seqs.get(seq_id)
         if seq is None:
@@ -128,6 +128,7 @@ class Scheduler:
         return seq
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """A running sequence is done (decided by the caller): free its pages and adapter."""
         if seq.status is SequenceStatus.FINISHED:
             return
         self.running.remove(seq)
@@ -287,7 +288,6 @@ class Scheduler:
     def update(self, plan: StepPlan, token_ids: list[int | None], now: float = 0.0) -> list[Sequence]:
         """Record a finished step. `token_ids[i]` is the token sampled for plan.seqs[i], or None
         when its chunk did not reach the end. Returns the sequences that got a new token."""
-        cfg = self.config
         produced = []
         for i, seq in enumerate(plan.seqs):
             if seq.status is not SequenceStatus.RUNNING:
@@ -301,7 +301,4 @@ class Scheduler:
                 seq.first_token_time = now
             produced.append(seq)
         self.policy.on_tokens(produced)
-        for seq in produced:
-            if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= cfg.max_model_len:
-                self.finish(seq, FinishReason.LENGTH)
         return produced

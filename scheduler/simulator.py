@@ -19,7 +19,7 @@ from scheduler.policy import Policy, RequestRejected
 from scheduler.predict import TRUE_OUTPUT_LEN
 from scheduler.reserve import OutputReservation
 from scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
-from scheduler.sequence import Sequence
+from scheduler.sequence import FinishReason, Sequence
 from scheduler.workload import Request
 
 
@@ -147,7 +147,8 @@ def simulate(requests: list[Request], policy: Policy, config: SimConfig = SimCon
             tokens.append(1 if plan.samples(j) else None)
         for seq in sched.update(plan, tokens, now):
             service[seq.client_id][b] += config.w_q
-            if seq.is_finished:
+            if seq.num_output_tokens >= seq.max_tokens:  # no text here: length is the only stop
+                sched.finish(seq, FinishReason.LENGTH)
                 res.finish_time[seq.seq_id] = now
         if on_step is not None:
             on_step(now, plan, sched)

@@ -6,12 +6,13 @@ import logging
 
 from aiohttp import web
 
-from jaxserve.async_engine import AsyncEngine
+from jaxserve.admission import AdmissionError
+from jaxserve.async_engine import AsyncEngine, EngineStopped
 from server import lora, native_api, openai_api
 from server.config import ServerConfig
 from server.context import CTX_KEY, ServerContext, ctx_of
 from server.metrics import ServingMetrics
-from server.protocol import ApiError
+from server.protocol import ApiError, admission_error
 
 log = logging.getLogger("jaxserve.server")
 
@@ -27,8 +28,10 @@ async def errors_and_auth(request: web.Request, handler):
         if request.path.startswith(AUTH_PREFIXES):
             ctx.authenticate(request)
         resp = await handler(request)
-    except ApiError as e:
-        resp = web.json_response(e.body(), status=e.status)
+    except (ApiError, AdmissionError, EngineStopped) as e:
+        err = (admission_error(e) if isinstance(e, AdmissionError) else
+               ApiError(503, str(e), code="unavailable") if isinstance(e, EngineStopped) else e)
+        resp = web.json_response(err.body(), status=err.status)
     except web.HTTPException as e:  # 404 / 405 / 413 raised by aiohttp itself
         if e.status < 400:
             raise
@@ -58,7 +61,7 @@ async def metrics(request: web.Request) -> web.Response:
     except Exception as e:  # engine down or busy for long: still expose the histograms
         log.warning("engine stats unavailable: %r", e)
         stats = {}
-    text = ctx.metrics.render(ctx.model_name, stats, ctx.adapters, ctx.engine.num_waiting)
+    text = ctx.metrics.render(ctx.model_name, stats, ctx.engine.num_waiting)
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

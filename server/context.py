@@ -1,4 +1,4 @@
-"""ServerContext: what every handler needs (engine bridge, config, tokenizer, adapters, metrics)."""
+"""ServerContext: what every handler needs (engine bridge, config, tokenizer, metrics, identity)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,7 @@ from aiohttp import web
 from jaxserve.async_engine import AsyncEngine
 from server.config import ServerConfig
 from server.metrics import ServingMetrics
-from server.protocol import ApiError, bad
+from server.protocol import ApiError
 
 CTX_KEY = web.AppKey("jaxserve_ctx", object)
 
@@ -23,44 +23,26 @@ class ServerContext:
         self.model_root = config.model_path or engine.model_name
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer          # the server's own copy (event-loop thread only)
-        self.vocab_size = len(self.tokenizer)
         self.created = int(time.time())
-        self.adapters: dict[str, str] = {}          # adapter name -> its directory
         self.api_keys = dict(config.api_keys)       # key -> client name
 
-    # ---------------------------------------------------------------- tokens
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])  # exactly as LLMEngine.encode does
-
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=True)
-        except Exception as e:  # the template raises on shapes it does not accept
-            raise bad(f"the chat template rejected these messages: {e}", "messages") from None
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # ---------------------------------------------------------------- routing and identity
-    def resolve_model(self, model: str | None) -> str | None:
-        """The adapter a `model` field names (None: the base model); 404 when unknown."""
-        if model is None or model == self.model_name or model == self.engine.model_name:
+    def adapter_of(self, model: str | None) -> str | None:
+        """The adapter a `model` field names (None: the base model). Whether it is loaded is
+        the engine's to say (admission answers 404 for an unknown one)."""
+        if model is None or model in (self.model_name, self.engine.model_name):
             return None
-        if model in self.adapters:
-            return model
         base, sep, adapter = model.partition(":")
         if sep and base in (self.model_name, self.engine.model_name):
-            if adapter in self.adapters:
-                return adapter
-            if not adapter:
-                return None
-        raise ApiError(404, f"the model {model!r} does not exist; GET /v1/models lists "
-                            f"{[self.model_name, *sorted(self.adapters)]}", param="model",
-                       code="model_not_found")
+            return adapter or None
+        return model
+
+    async def adapters(self) -> dict[str, str | None]:
+        """The engine's adapter registry: name -> the path it was loaded from."""
+        return await self.engine.call(lambda e: e.lora_sources())
 
     def bearer(self, request: web.Request) -> str | None:
         auth = request.headers.get("Authorization", "")

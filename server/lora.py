@@ -1,5 +1,8 @@
 """Adapters as models: start-up modules, runtime load/unload, and the --lora-root path rule.
 
+The registry is the engine's (`LLMEngine.lora_sources`); this module only asks it and sends it
+load / unload calls.
+
 A request can only ever make the server read a directory below the operator's --lora-root:
 absolute paths outside it, `..` components and symlinks that resolve outside are refused.
 """
@@ -44,36 +47,23 @@ def check_name(ctx: ServerContext, name) -> str:
     return name
 
 
-def require_lora(ctx: ServerContext) -> None:
-    if not ctx.engine.supports_lora:
-        raise ApiError(501, "LoRA adapters are not available in this engine build yet",
-                       code="lora_not_available")
-
-
 async def load_adapter(ctx: ServerContext, name: str, path: str) -> None:
-    """Load on the engine thread; engine refusals (bad format, DoRA, wrong base) become 400."""
-    require_lora(ctx)
-    if name in ctx.adapters:
-        raise bad(f"an adapter named {name!r} is already loaded", "lora_name",
-                  code="adapter_exists")
-    try:
-        await ctx.engine.call(lambda e: e.add_lora(name, path))
-    except (ValueError, OSError, KeyError) as e:
-        raise bad(f"cannot load adapter {name!r}: {e}", "lora_path", code="adapter_invalid") from None
-    ctx.adapters[name] = path
+    """Load on the engine thread; its refusals (name taken, bad format, DoRA, wrong base) are
+    AdmissionErrors (400)."""
+    await ctx.engine.call(lambda e: e.add_lora(name, path))
 
 
 async def adapter_for_dir(ctx: ServerContext, lora_dir: str) -> str:
     """S-LoRA's `lora_dir`: the adapter already loaded from that directory, else load it (only
     below --lora-root) under its path relative to the root."""
-    require_lora(ctx)
+    loaded = await ctx.adapters()
     real = os.path.realpath(lora_dir) if os.path.isabs(lora_dir) else None
-    for name, path in ctx.adapters.items():
-        if os.path.realpath(path) == real or name == lora_dir:
+    for name, path in loaded.items():
+        if (path is not None and os.path.realpath(path) == real) or name == lora_dir:
             return name
     real = resolve_under_root(ctx.config.lora_root, lora_dir)
-    for name, path in ctx.adapters.items():
-        if os.path.realpath(path) == real:
+    for name, path in loaded.items():
+        if path is not None and os.path.realpath(path) == real:
             return name
     name = os.path.relpath(real, ctx.config.lora_root)
     await load_adapter(ctx, name, real)
@@ -84,7 +74,6 @@ async def load_lora_handler(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     ctx.authenticate(request)
     body = parse_json_object(await request.read())
-    require_lora(ctx)
     name = check_name(ctx, body.get("lora_name"))
     path = get_str(body, "lora_path")
     if path is None:
@@ -98,16 +87,9 @@ async def unload_lora_handler(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     ctx.authenticate(request)
     body = parse_json_object(await request.read())
-    require_lora(ctx)
     name = body.get("lora_name")
     if not isinstance(name, str) or not name:
         raise bad("'lora_name' is required", "lora_name")
-    if name not in ctx.adapters:
-        raise ApiError(404, f"no adapter named {name!r} is loaded", param="lora_name",
-                       code="adapter_not_found")
-    try:
-        await ctx.engine.call(lambda e: e.remove_lora(name))
-    except (ValueError, KeyError) as e:
-        raise bad(f"cannot unload {name!r}: {e}", "lora_name") from None
-    del ctx.adapters[name]
+    # Unknown (404) or in use (400): the engine's AdmissionError.
+    await ctx.engine.call(lambda e: e.remove_lora(name))
     return web.json_response({"status": "unloaded", "lora_name": name})

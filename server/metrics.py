@@ -87,8 +87,7 @@ class ServingMetrics:
         self.http[(route, status)] += 1
 
     # exposition
-    def render(self, model: str, stats: dict, adapters: dict[str, str], num_waiting_server: int,
-               max_lora: int | None = None) -> str:
+    def render(self, model: str, stats: dict, num_waiting_server: int) -> str:
         m = f'model_name="{esc(model)}"'
         lines: list[str] = []
 
@@ -125,7 +124,7 @@ class ServingMetrics:
         per_adapter = _per_adapter(stats)
         running = sorted(a for a, s in per_adapter.items() if s.get("running"))
         waiting = sorted(a for a, s in per_adapter.items() if s.get("waiting"))
-        max_lora = max_lora if max_lora is not None else stats.get("max_loras", len(adapters))
+        max_lora = stats.get("max_loras", 0)
         metric("vllm:lora_requests_info", "gauge", "Adapters with running / waiting requests.",
                [(f'running_lora_adapters="{esc(",".join(running))}",'
                  f'waiting_lora_adapters="{esc(",".join(waiting))}",max_lora="{esc(max_lora)}"',

@@ -16,50 +16,42 @@ from aiohttp import web
 from jaxserve.async_engine import EngineError, EngineStopped
 from server.context import ctx_of
 from server.lora import adapter_for_dir
-from server.protocol import (ApiError, GenRequest, bad, get_bool, get_float, get_int, get_str,
-                             get_stop, make_params, parse_json_object, resolve_max_tokens)
+from jaxserve.sampling_params import SamplingParams
+from server.protocol import (ApiError, GenRequest, bad, get_bool, get_int, get_stop, get_str,
+                             parse_json_object, sampling_fields)
 from server.streaming import DISCONNECTED, SSE_HEADERS, admit
 
 
-async def _parse(request: web.Request) -> tuple[GenRequest, str | None]:
+async def _parse(request: web.Request) -> GenRequest:
     ctx = ctx_of(request)
     body = parse_json_object(await request.read())
     inputs = body.get("inputs")
-    if not isinstance(inputs, str) or not inputs:
-        raise bad("'inputs' must be a non-empty string", "inputs")
+    if not isinstance(inputs, str):
+        raise bad("'inputs' must be a string", "inputs")
     p = body.get("parameters", {})
     if p is None:
         p = {}
     if not isinstance(p, dict):
         raise bad("'parameters' must be an object", "parameters")
-    do_sample = get_bool(p, "do_sample", False)
-    temperature = get_float(p, "temperature", 1.0, 0.0, 2.0) if do_sample else 0.0
-    fields = dict(temperature=temperature, top_p=get_float(p, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-                  top_k=max(0, get_int(p, "top_k", 0, lo=-1, hi=1_000_000)),
-                  seed=get_int(p, "seed", None, lo=0, hi=2**63 - 1),
-                  stop=get_stop(p, "stop_sequences") or get_stop(p, "stop"),
-                  ignore_eos=get_bool(p, "ignore_eos", False))
-    ids = ctx.tokenize(inputs)
-    if not ids:
-        raise bad("'inputs' tokenizes to nothing", "inputs")
-    max_new = resolve_max_tokens(get_int(p, "max_new_tokens", None, lo=1), 16, len(ids),
-                                 ctx.max_model_len, "max_new_tokens")
-    model = None
+    fields = sampling_fields(p, "stop_sequences")
+    fields["stop"] = fields["stop"] or get_stop(p, "stop")
+    if not get_bool(p, "do_sample", False):
+        fields["temperature"] = 0.0
+    params = SamplingParams(max_tokens=get_int(p, "max_new_tokens", 16),
+                            logprobs=get_bool(p, "details", False), **fields)
     lora_dir = get_str(body, "lora_dir")
     if lora_dir:
         model = await adapter_for_dir(ctx, lora_dir)
     else:
         model = get_str(body, "adapter") or get_str(body, "model")
-    req = GenRequest(prompt=inputs, prompt_ids=tuple(ids),
-                     params=make_params(max_new, fields, get_bool(p, "details", False)),
-                     model=model, stream=False, include_usage=False,
-                     logprobs=False, user=get_str(body, "user"))
-    return req, model
+    return GenRequest(prompt_ids=ctx.tokenizer.encode(inputs), params=params, model=model,
+                      stream=False, include_usage=False, logprobs=False,
+                      user=get_str(body, "user"))
 
 
 async def generate(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
-    req, _ = await _parse(request)
+    req = await _parse(request)
     stream = await admit(request, ctx, req, f"gen-{uuid.uuid4().hex}")
     try:
         last = None
@@ -78,7 +70,7 @@ async def generate(request: web.Request) -> web.Response:
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     ctx = ctx_of(request)
-    req, _ = await _parse(request)
+    req = await _parse(request)
     stream = await admit(request, ctx, req, f"gen-{uuid.uuid4().hex}")
     resp = web.StreamResponse(headers=SSE_HEADERS)
     try:

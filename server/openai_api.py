@@ -8,9 +8,9 @@ import uuid
 from aiohttp import web
 
 from server.context import ServerContext, ctx_of
-from server.protocol import (ApiError, GenRequest, bad, get_bool, get_int, get_str,
-                             make_params, parse_json_object, refuse_unsupported,
-                             resolve_max_tokens, sampling_fields, stream_fields)
+from jaxserve.sampling_params import SamplingParams
+from server.protocol import (GenRequest, bad, get_bool, get_int, get_str, parse_json_object,
+                             refuse_unsupported, sampling_fields, stream_fields)
 from server.streaming import run_request
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -37,25 +37,17 @@ def parse_completion(ctx: ServerContext, body: dict) -> GenRequest:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        if not prompt:
-            raise bad("'prompt' must not be empty", "prompt")
-        ids = ctx.tokenize(prompt)
-        if not ids:
-            raise bad("'prompt' tokenizes to nothing", "prompt")
-    elif isinstance(prompt, list) and prompt and all(
+        ids = ctx.tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = ctx.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise bad(f"token ids in 'prompt' must be in [0, {vocab})", "prompt")
-        ids = list(prompt)
+        ids = prompt        # admission checks the ids
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise bad("batched prompts are not supported; send one prompt per request", "prompt")
     else:
-        raise bad("'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
-    max_tokens = resolve_max_tokens(get_int(body, "max_tokens", None, lo=1), 16, len(ids),
-                                    ctx.max_model_len)
-    return GenRequest(prompt=prompt, prompt_ids=tuple(ids),
-                      params=make_params(max_tokens, c["fields"], logprobs is not None),
+        raise bad("'prompt' must be a string or a list of token ids", "prompt")
+    params = SamplingParams(max_tokens=get_int(body, "max_tokens", 16),
+                            logprobs=logprobs is not None, **c["fields"])
+    return GenRequest(prompt_ids=ids, params=params,
                       model=c["model"], stream=c["stream"], include_usage=c["include_usage"],
                       logprobs=logprobs is not None, user=c["user"])
 
@@ -96,13 +88,11 @@ def parse_chat(ctx: ServerContext, body: dict) -> GenRequest:
     if top:
         raise bad("'top_logprobs' > 0 is not supported (the chosen token's logprob is returned "
                   "with logprobs=true)", "top_logprobs")
-    ids = ctx.chat_prompt(clean)
-    requested = get_int(body, "max_completion_tokens", None, lo=1)
-    if requested is None:
-        requested = get_int(body, "max_tokens", None, lo=1)
-    max_tokens = resolve_max_tokens(requested, None, len(ids), ctx.max_model_len)
-    return GenRequest(prompt=ids, prompt_ids=tuple(ids),
-                      params=make_params(max_tokens, c["fields"], logprobs),
+    max_tokens = get_int(body, "max_completion_tokens", None)
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_tokens", None)   # None: the rest of the context
+    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **c["fields"])
+    return GenRequest(prompt_ids=ctx.tokenizer.chat(clean), params=params,
                       model=c["model"], stream=c["stream"], include_usage=c["include_usage"],
                       logprobs=logprobs, user=c["user"])
 
@@ -216,7 +206,7 @@ async def list_models(request: web.Request) -> web.Response:
     base = ctx.model_name
     data = [{"id": base, "object": "model", "created": ctx.created, "owned_by": "jaxserve",
              "root": ctx.model_root, "parent": None, "max_model_len": ctx.max_model_len}]
-    for name, path in sorted(ctx.adapters.items()):
+    for name, path in sorted((await ctx.adapters()).items()):
         data.append({"id": name, "object": "model", "created": ctx.created,
                      "owned_by": "jaxserve", "root": path, "parent": base})
     return web.json_response({"object": "list", "data": data})

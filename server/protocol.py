@@ -1,6 +1,10 @@
-"""Request parsing and validation: JSON bodies -> typed requests, or an ApiError (always 4xx).
+"""Request parsing: JSON bodies -> typed requests, or an ApiError (always 4xx).
 
-Every field is checked for type and range here, so the handlers only see well-formed requests.
+Here every field is checked for its JSON type, and the API's own fields (n, best_of, echo,
+penalties, logit_bias, logprobs counts) for their values. What a value means to the engine is
+checked once, elsewhere: sampling fields by `SamplingParams`, the prompt, the adapter and the
+context length by `jaxserve.admission`; their AdmissionError becomes an ApiError through
+`admission_error` (400, 404 for an unknown model, 429 for overload).
 Unknown fields are ignored (clients send many optional extras); fields we cannot honour with a
 non-default value (echo, suffix, best_of > 1, penalties, logit_bias, top alternatives in logprobs)
 are refused with a message rather than silently dropped.
@@ -12,11 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from jaxserve.admission import INVALID, OVERLOAD, UNKNOWN, AdmissionError
 from jaxserve.sampling_params import SamplingParams
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_SEED = 2**63
+ADMISSION_STATUS = {INVALID: 400, UNKNOWN: 404, OVERLOAD: 429}
 
 
 class ApiError(Exception):
@@ -39,6 +42,10 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def admission_error(e: AdmissionError) -> ApiError:
+    return ApiError(ADMISSION_STATUS[e.kind], str(e), param=e.param, code=e.code)
 
 
 def _reject_constant(name: str):
@@ -83,8 +90,8 @@ def get_int(body: dict, name: str, default: int | None, lo: int | None = None,
     return v
 
 
-def get_float(body: dict, name: str, default: float, lo: float, hi: float,
-              lo_open: bool = False) -> float:
+def get_float(body: dict, name: str, default: float | None, lo: float = -math.inf,
+              hi: float = math.inf, lo_open: bool = False) -> float | None:
     v = body.get(name)
     if v is None:
         return default
@@ -112,10 +119,6 @@ def get_stop(body: dict, name: str = "stop") -> tuple[str, ...]:
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad(f"'{name}' must be a string or a list of strings", name)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise bad(f"'{name}' may hold at most {MAX_STOP_STRINGS} strings", name)
-    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-        raise bad(f"each '{name}' string must have 1 to {MAX_STOP_CHARS} characters", name)
     return tuple(stops)
 
 
@@ -142,9 +145,8 @@ def refuse_unsupported(body: dict) -> None:
 # ------------------------------------------------------------------ common request shape
 @dataclass(frozen=True)
 class GenRequest:
-    """A validated generation request, independent of the endpoint it came from."""
-    prompt: str | list[int]            # what the engine receives
-    prompt_ids: tuple[int, ...]        # the server's own tokenization (for length checks, usage)
+    """A parsed generation request, independent of the endpoint it came from."""
+    prompt_ids: list[int]              # what the engine receives (tokenized once, here)
     params: SamplingParams
     model: str | None                  # as the client wrote it (None: the base model)
     stream: bool
@@ -153,14 +155,15 @@ class GenRequest:
     user: str | None
 
 
-def sampling_fields(body: dict) -> dict:
-    """The sampling fields shared by completions and chat (max_tokens handled by the caller)."""
-    temperature = get_float(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = get_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = get_int(body, "top_k", 0, lo=-1, hi=1_000_000)
-    seed = get_int(body, "seed", None, lo=0, hi=MAX_SEED - 1)
-    return dict(temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=seed,
-                stop=get_stop(body), ignore_eos=get_bool(body, "ignore_eos", False))
+def sampling_fields(body: dict, stop_name: str = "stop") -> dict:
+    """SamplingParams keywords from the fields completions, chat and /generate share (their
+    values are checked by SamplingParams; max_tokens is read by the caller)."""
+    top_k = get_int(body, "top_k", 0)
+    return dict(temperature=get_float(body, "temperature", 1.0),
+                top_p=get_float(body, "top_p", 1.0),
+                top_k=0 if top_k == -1 else top_k,   # -1 disables, as in vLLM
+                seed=get_int(body, "seed", None), stop=get_stop(body, stop_name),
+                ignore_eos=get_bool(body, "ignore_eos", False))
 
 
 def stream_fields(body: dict) -> tuple[bool, bool]:
@@ -173,25 +176,3 @@ def stream_fields(body: dict) -> tuple[bool, bool]:
     if not stream:
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
     return stream, get_bool(opts, "include_usage", False)
-
-
-def resolve_max_tokens(requested: int | None, default: int | None, num_prompt: int,
-                       max_model_len: int, param: str = "max_tokens") -> int:
-    if num_prompt >= max_model_len:
-        raise bad(f"the prompt has {num_prompt} tokens but the model's context is "
-                  f"{max_model_len} tokens; shorten the prompt", "prompt",
-                  code="context_length_exceeded")
-    room = max_model_len - num_prompt
-    max_tokens = requested if requested is not None else min(default or room, room)
-    if max_tokens > room:
-        raise bad(f"max_tokens={max_tokens} plus the prompt's {num_prompt} tokens exceeds the "
-                  f"model's context of {max_model_len} tokens (at most {room} here)", param,
-                  code="context_length_exceeded")
-    return max_tokens
-
-
-def make_params(max_tokens: int, fields: dict, logprobs: bool) -> SamplingParams:
-    try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
-    except (ValueError, TypeError) as e:
-        raise bad(str(e)) from None

@@ -1,4 +1,4 @@
-"""Running one generation request for a handler: admission errors -> 4xx, then SSE or one JSON."""
+"""Running one generation request for a handler: submit it, then answer with SSE or one JSON."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from jaxserve.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
-from scheduler.policy import RequestRejected
+from jaxserve.async_engine import EngineError, EngineStopped, RequestStream
 from server.context import ServerContext
 from server.protocol import ApiError, GenRequest
 
@@ -31,19 +30,11 @@ def sse(obj) -> bytes:
 
 
 async def admit(request: web.Request, ctx: ServerContext, req: GenRequest, rid: str) -> RequestStream:
-    adapter = ctx.resolve_model(req.model)
-    client = ctx.client_id(request, req.user)
-    try:
-        return await ctx.engine.submit(rid, req.prompt, req.params, client_id=client,
-                                       adapter=adapter)
-    except QueueFull as e:
-        raise ApiError(429, str(e), code="queue_full") from None
-    except EngineStopped as e:
-        raise ApiError(503, str(e), code="unavailable") from None
-    except RequestRejected as e:
-        raise ApiError(429 if e.retryable else 400, str(e), code="request_rejected") from None
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
+    """Submit to the engine; its AdmissionError (400/404/429) and EngineStopped (503) reach
+    the error middleware (server/app.py)."""
+    return await ctx.engine.submit(rid, req.prompt_ids, req.params,
+                                   client_id=ctx.client_id(request, req.user),
+                                   adapter=ctx.adapter_of(req.model))
 
 
 async def run_request(request: web.Request, ctx: ServerContext, req: GenRequest, rid: str, *,

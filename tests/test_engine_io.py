@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from jaxserve.admission import AdmissionError
 from jaxserve.config import ConfigError
 from jaxserve.loader import CheckpointError, load_model
 from jaxserve.sampling_params import SamplingParams
-from scheduler import RequestRejected
 
 
 def test_stop_string_cuts_text_and_stop_token_stops(default_engine):
@@ -30,9 +30,9 @@ def test_stop_string_cuts_text_and_stop_token_stops(default_engine):
 
 
 def test_eos_stops_unless_ignored(default_engine):
-    prompt = default_engine.apply_chat_template([{"role": "user", "content": "Say hi."}])
+    prompt = default_engine.tokenizer.chat([{"role": "user", "content": "Say hi."}])
     out = default_engine.generate([prompt], SamplingParams(max_tokens=100, temperature=0.0))[0]
-    assert out.finish_reason == "stop" and out.token_ids[-1] in default_engine.eos_ids
+    assert out.finish_reason == "stop" and out.token_ids[-1] in default_engine.tokenizer.eos_ids
     assert "<|im_end|>" not in out.text
     ign = default_engine.generate([prompt], SamplingParams(max_tokens=len(out.token_ids) + 3,
                                                            temperature=0.0, ignore_eos=True))[0]
@@ -61,19 +61,20 @@ def test_streamed_deltas_concatenate_to_text(default_engine):
 
 def test_bad_requests_are_rejected_with_clear_errors(default_engine):
     e = default_engine
-    with pytest.raises(ValueError, match="maximum context length"):
+    with pytest.raises(AdmissionError, match="maximum context length") as long:
         e.add_request("long", "word " * 600, SamplingParams(max_tokens=10))
-    with pytest.raises(ValueError, match="maximum context length"):
+    assert long.value.code == "context_length_exceeded"
+    with pytest.raises(AdmissionError, match="maximum context length"):
         e.add_request("long2", "hi", SamplingParams(max_tokens=10_000))
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(AdmissionError, match=r"must be in \[0, "):
         e.add_request("ids", [1, 2, 10**9], SamplingParams(max_tokens=2))
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(AdmissionError, match="empty"):
         e.add_request("empty", [], SamplingParams(max_tokens=2))
-    with pytest.raises(ValueError, match="unknown adapter"):
+    with pytest.raises(AdmissionError, match="unknown adapter"):
         e.add_request("ad", "hi", SamplingParams(max_tokens=2), adapter="nope")
-    with pytest.raises(ValueError):
+    with pytest.raises(AdmissionError):
         SamplingParams(max_tokens=-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(AdmissionError):
         SamplingParams(top_p=0.0)
     assert not e.has_unfinished()
     assert e.stats()["num_free_pages"] == e.stats()["num_total_pages"]

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from scheduler import BlockAllocator, Scheduler, SchedulerConfig, Sequence
+from scheduler import BlockAllocator, FinishReason, Scheduler, SchedulerConfig, Sequence
 from scheduler.adapter_cache import AdapterCache
 
 SIZES = {"a": 4, "b": 4, "c": 6}
@@ -56,7 +56,7 @@ def test_admission_counts_adapter_pages_and_plan_lists_loads():
     assert set(plan.adapter_pages) == {"a", "b"} and len(plan.adapter_pages["a"]) == 4
     assert sched.allocator.num_free == 0
     for s in list(sched.running):
-        sched.finish(s, __import__("scheduler").FinishReason.LENGTH)
+        sched.finish(s, FinishReason.LENGTH)
     assert sched.adapters.num_refs("a") == 0 and sched.allocator.num_free == 6   # a, b cached
     plan = sched.schedule()                          # c evicts LRU adapters to fit
     assert [s.seq_id for s in plan.seqs] == [3, 4] and sched.adapters.is_resident("c")
@@ -74,7 +74,9 @@ def test_decode_growth_reclaims_cached_adapters_before_preempting():
     while sched.has_work:                            # growth needs pages held by "a"
         plan = sched.schedule()
         assert not plan.preempted
-        sched.update(plan, [1] * len(plan.seqs))
+        for s in sched.update(plan, [1] * len(plan.seqs)):
+            if s.num_output_tokens >= s.max_tokens:
+                sched.finish(s, FinishReason.LENGTH)
     assert not sched.adapters.is_resident("a") and sched.adapters.num_evictions == 1
 
 

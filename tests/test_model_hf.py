@@ -95,7 +95,7 @@ def test_default_model_logits_match_hf(default_model, hf_default_model, default_
     words = ["river", "quantum", "bread", "seven", "mountain", "violin", "orbit", "garden"]
     rng = np.random.default_rng()
     text = "The " + " ".join(rng.choice(words, size=12)) + " is"
-    ids = tok(text)["input_ids"]
+    ids = tok.encode(text)
     ref = hf_logits(hf_default_model, ids)
     ours = paged_prefill_logits(default_model, [ids[:5], ids[5:]], page_size=16)
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
@@ -106,11 +106,11 @@ def test_default_model_greedy_64_tokens_match_hf(default_engine, hf_default_mode
     tok = default_engine.tokenizer
     prompts = ["The capital of France is",
                "def fibonacci(n):",
-               default_engine.apply_chat_template([{"role": "user", "content": "Name three colors."}])]
+               tok.chat([{"role": "user", "content": "Name three colors."}])]
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     outs = default_engine.generate(prompts, params)
     for prompt, out in zip(prompts, outs):
-        ids = tok(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+        ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
         ref = hf_greedy(hf_default_model, ids, 64)
         assert out.token_ids == ref, (prompt, out.text)
 

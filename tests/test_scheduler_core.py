@@ -51,7 +51,8 @@ def test_double_free_is_an_error():
 
 
 def _drive(sched: Scheduler, seqs, rng_tokens=7, max_steps=10000):
-    """Run the scheduler with a fake runner that samples token `rng_tokens` every time."""
+    """Run the scheduler with a fake runner that samples token `rng_tokens` every time, and
+    finish each sequence at its max_tokens."""
     pending = list(seqs)
     step = 0
     while (pending or sched.has_work) and step < max_steps:
@@ -66,7 +67,9 @@ def _drive(sched: Scheduler, seqs, rng_tokens=7, max_steps=10000):
         tables = [p for s in sched.running for p in s.block_table]
         assert len(tables) == len(set(tables))
         assert sched.allocator.num_used == len(tables)
-        sched.update(plan, toks)
+        for s in sched.update(plan, toks):
+            if s.num_output_tokens >= s.max_tokens:  # the engine's output processor decides this
+                sched.finish(s, FinishReason.LENGTH)
         step += 1
     return step
 

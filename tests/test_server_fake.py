@@ -1,4 +1,6 @@
-"""The HTTP layer over the fake engine (hand-computable text): shapes, adapters, auth, errors.
+"""The HTTP layer over the real engine on a fake runner (hand-computable text): shapes,
+adapters, auth, errors, load shedding. Admission, the scheduler, the output processor (stop
+strings, lengths) and the detokenizer are the real ones; only the device step is fake.
 
 The same suites run against the real model in test_server_real.py; here they are exact and fast.
 """
@@ -7,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fake_engine import FakeEngine, FakeEngineNoLora, expected_text
+from fake_runner import LOGPROB, Spy, expected_text, fake_engine, write_adapter
 from jaxserve.async_engine import AsyncEngineConfig
 from server.cli import read_api_keys
 from server.config import ServerConfig
@@ -39,8 +40,8 @@ def http(url: str, path: str, body=None, *, raw: bytes | None = None, method: st
 @pytest.fixture(scope="module")
 def lora_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    for name in ("alpha", "beta", "nested/gamma"):
-        os.makedirs(root / name)
+    for i, name in enumerate(("alpha", "beta", "nested/gamma")):
+        write_adapter(root / name, seed=i)
     outside = tmp_path_factory.mktemp("outside")
     os.symlink(outside, root / "escape")
     return str(root), str(outside)
@@ -49,7 +50,7 @@ def lora_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def srv(lora_root):
     root, _ = lora_root
-    eng = FakeEngine(max_num_seqs=4, num_pages=512, max_model_len=256)
+    eng = fake_engine(max_num_seqs=4, num_pages=512, max_model_len=256)
     cfg = ServerConfig(lora_root=root, lora_modules=(("sql", os.path.join(root, "alpha")),))
     with ServerThread(eng, cfg) as s:
         s.engine = eng
@@ -113,11 +114,11 @@ def test_stop_string_and_logprobs(srv):
     _, body = completion(srv, prompt="hello", max_tokens=10, stop=[stop], logprobs=1)
     choice = body["choices"][0]
     assert choice["text"] == text[:4] and choice["finish_reason"] == "stop"
-    assert choice["logprobs"]["token_logprobs"] == [-0.5] * 6
+    assert choice["logprobs"]["token_logprobs"] == [LOGPROB] * 6
     assert choice["logprobs"]["tokens"][:4] == list(text[:4])
     _, chat = http(srv.url, "/v1/chat/completions",
                    {"messages": [{"role": "user", "content": "q"}], "max_tokens": 2, "logprobs": True})
-    assert [c["logprob"] for c in chat["choices"][0]["logprobs"]["content"]] == [-0.5, -0.5]
+    assert [c["logprob"] for c in chat["choices"][0]["logprobs"]["content"]] == [LOGPROB] * 2
 
 
 def test_openai_client_against_fake(srv):
@@ -195,16 +196,8 @@ def test_native_generate_and_lora_dir(srv, lora_root):
     assert s == 403
 
 
-def test_lora_endpoints_without_engine_support():
-    with ServerThread(FakeEngineNoLora(), ServerConfig()) as s:
-        st, b = http(s.url, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "x"})
-        assert st == 501 and "not available" in b["error"]["message"]
-        st, b = http(s.url, "/v1/completions", {"model": "a", "prompt": "x"})
-        assert st == 404
-
-
 def test_runtime_loading_needs_lora_root():
-    with ServerThread(FakeEngine(), ServerConfig()) as s:
+    with ServerThread(fake_engine(), ServerConfig()) as s:
         st, b = http(s.url, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/tmp"})
         assert st == 403 and b["error"]["code"] == "lora_root_not_set"
 
@@ -215,7 +208,7 @@ def test_api_keys_file_and_client_ids(tmp_path):
     keys.write_text("# tenants\nsk-a alice 2\nsk-b bob\n")
     parsed, weights = read_api_keys(str(keys))
     assert parsed == (("sk-a", "alice"), ("sk-b", "bob")) and weights == {"alice": 2.0}
-    eng = FakeEngine()
+    eng = fake_engine()
     with ServerThread(eng, ServerConfig(api_keys=parsed)) as s:
         body = {"prompt": "x", "max_tokens": 1}
         assert http(s.url, "/v1/completions", body)[0] == 401
@@ -227,16 +220,17 @@ def test_api_keys_file_and_client_ids(tmp_path):
             st, _ = http(s.url, "/v1/completions", {**body, "user": "ignored"},
                          headers={"Authorization": f"Bearer {key}"})
             assert st == 200
-    assert dict(eng.clients_seen) == {"alice": 2, "bob": 1}
+    assert dict(eng.runner.clients_seen) == {"alice": 2, "bob": 1}
 
 
 def test_client_id_without_keys_file(srv):
-    before = dict(srv.engine.clients_seen)
+    before = dict(srv.engine.runner.clients_seen)
     completion(srv, prompt="x", max_tokens=1, user="carol")
     completion(srv, prompt="x", max_tokens=1)
     http(srv.url, "/v1/completions", {"prompt": "x", "max_tokens": 1},
          headers={"Authorization": "Bearer secret-key"})
-    new = {k: v - before.get(k, 0) for k, v in srv.engine.clients_seen.items() if v != before.get(k, 0)}
+    new = {k: v - before.get(k, 0) for k, v in srv.engine.runner.clients_seen.items()
+           if v != before.get(k, 0)}
     assert new.pop("carol") == 1 and new.pop("anonymous") == 1
     (hashed, n), = new.items()
     assert n == 1 and hashed.startswith("key-") and "secret" not in hashed
@@ -244,7 +238,8 @@ def test_client_id_without_keys_file(srv):
 
 # ------------------------------------------------------------------ load shedding, disconnects
 def test_queue_full_answers_429():
-    eng = FakeEngine(max_num_seqs=1, step_delay_s=0.05)
+    eng = fake_engine(max_num_seqs=1)
+    eng.runner.gate.limit(0)   # no step runs: no request gets a first token
     with ServerThread(eng, async_config=AsyncEngineConfig(max_waiting=2)) as s:
         async def main():
             async with aiohttp.ClientSession() as sess:
@@ -252,16 +247,24 @@ def test_queue_full_answers_429():
                     async with sess.post(s.url + "/v1/completions",
                                          json={"prompt": "x", "max_tokens": 3}) as r:
                         return r.status, await r.json()
-                return await asyncio.gather(*(one() for _ in range(8)))
+                tasks = [asyncio.create_task(one()) for _ in range(8)]
+                refused = 0
+                for done in asyncio.as_completed(tasks):  # the 6 over the bound answer at once
+                    refused += (await done)[0] == 429
+                    if refused == 6:
+                        break
+                eng.runner.gate.open()
+                return await asyncio.gather(*tasks)
         results = asyncio.run(main())
-    statuses = sorted(st for st, _ in results)
-    assert statuses.count(429) >= 1 and statuses.count(200) >= 2, statuses
+    assert sorted(st for st, _ in results) == [200] * 2 + [429] * 6
     body = next(b for st, b in results if st == 429)
-    assert body["error"]["type"] == "rate_limit_error"
+    assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_pages():
-    eng = FakeEngine(max_num_seqs=4, step_delay_s=0.01)
+    eng = fake_engine(max_num_seqs=4)
+    spy = Spy(eng, "abort")
+    eng.runner.gate.limit(5)   # the request cannot finish before the server sees the hang-up
     with ServerThread(eng) as s:
         async def main():
             async with aiohttp.ClientSession() as sess:
@@ -273,13 +276,14 @@ def test_client_disconnect_mid_stream_aborts_and_frees_pages():
                     if n >= 6:
                         break
                 r.close()  # drop the connection
-            for _ in range(200):
-                await asyncio.sleep(0.02)
-                if eng.num_aborted:
-                    break
         asyncio.run(main())
-        stats = s.stats()
-    assert eng.num_aborted == 1
+        for _ in range(3000):   # bounded wait for the server to see the disconnect
+            if s.async_engine.num_in_flight == 0:
+                break
+            s.on_loop(asyncio.sleep(0.01))
+        eng.runner.gate.open()
+        stats = s.stats()  # commands run in order: the abort ran before this call
+    assert spy.calls["abort"] == 1
     assert stats["num_free_pages"] == stats["num_total_pages"] and stats["num_running"] == 0
 
 
@@ -292,10 +296,10 @@ def test_metrics_exposition(srv):
                  "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_count",
                  "vllm:e2e_request_latency_seconds_sum", "vllm:request_queue_time_seconds_count",
                  "vllm:lora_requests_info", "jaxserve:token_delivery_seconds_count",
-                 "jaxserve:scheduler_client_num_requests"):
+                 "jaxserve:scheduler_client_counter"):
         assert name in text, name
     gen = [l for l in text.splitlines() if l.startswith("vllm:generation_tokens_total{")][0]
-    assert float(gen.split()[-1]) == srv.engine.generation_tokens_total
+    assert float(gen.split()[-1]) == srv.engine.num_generation_tokens_total
     for line in text.splitlines():  # every sample line is `name{labels} number`
         if not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])

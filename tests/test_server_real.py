@@ -63,7 +63,7 @@ def test_chat_stream_equals_non_stream_equals_generate(srv, client):
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
-    ids = srv.on_loop(srv.async_engine.call(lambda e: e.apply_chat_template(msgs)))
+    ids = srv.on_loop(srv.async_engine.call(lambda e: e.tokenizer.chat(msgs)))
     ref = engine_generate(srv, ids, SamplingParams(max_tokens=8, temperature=0.0))
     assert full.choices[0].message.content == text == ref.text and text.strip()
 
@@ -97,12 +97,9 @@ def test_models_and_unknown_adapter(srv, client):
         client.completions.create(model=f"{srv.model}:nope", prompt="x", max_tokens=2)
 
 
-def test_lora_endpoints_follow_engine_support(srv):
+def test_runtime_adapter_loading_needs_lora_root(srv):
     st_, body = http(srv.url, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "x"})
-    if srv.async_engine.supports_lora:
-        assert st_ == 403  # this server has no --lora-root
-    else:
-        assert st_ == 501 and body["error"]["code"] == "lora_not_available"
+    assert st_ == 403 and body["error"]["code"] == "lora_root_not_set"
 
 
 def test_real_bad_inputs(srv, client):

@@ -116,7 +116,9 @@ def test_preempted_request_requeued_in_front_without_lift_or_second_prefill_char
         plan = sched.schedule()
         if plan.preempted:
             lifts.append({c: st.lifted for c, st in pol.clients.items()})
-        sched.update(plan, [7 if plan.samples(i) else None for i in range(len(plan.seqs))])
+        for s in sched.update(plan, [7 if plan.samples(i) else None for i in range(len(plan.seqs))]):
+            if s.num_output_tokens >= s.max_tokens:
+                sched.finish(s, FinishReason.LENGTH)
     assert sum(s.num_preemptions for s in seqs) > 0
     # Each prompt charged once, each output token once: 3 * (6 + 2 * 20), whatever was recomputed.
     assert sum(st.charged for st in pol.clients.values()) == 3 * (6 + 40)

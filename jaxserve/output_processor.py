@@ -1,0 +1,117 @@
+"""The output processor: each step's new tokens -> RequestOutputs, and every finish decision.
+
+For each sequence that got a token this step:
+  1. max_tokens reached -> LENGTH (admission made prompt + max_tokens fit the context, so this
+     is also the context limit); else EOS (unless ignore_eos) or a stop token -> STOP, and that
+     token's text is not shown;
+  2. the token is detokenized incrementally; a stop string in the text -> STOP, the text is cut
+     there (after the string with include_stop_str_in_output);
+  3. a tail that may still grow into a stop string is held back; the rest is the text delta.
+The engine then calls `Scheduler.finish(seq, reason)` for each finished sequence (the scheduler
+decides no finish itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler import FinishReason, Sequence
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seq: Sequence
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    text: str = ""
+    emitted_chars: int = 0     # chars of `text` already returned (stop-string hold-back)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._by_id: dict[str, _Request] = {}
+        self._by_seq: dict[int, _Request] = {}
+
+    def add(self, request_id: str, seq: Sequence, params: SamplingParams) -> None:
+        req = _Request(request_id, seq, params, self.tokenizer.detokenizer(seq.prompt_token_ids))
+        self._by_id[request_id] = req
+        self._by_seq[seq.seq_id] = req
+
+    def pop(self, request_id: str) -> Sequence | None:
+        """Forget a request (finished or aborted); its sequence, if it was known."""
+        req = self._by_id.pop(request_id, None)
+        if req is None:
+            return None
+        del self._by_seq[req.seq.seq_id]
+        return req.seq
+
+    def __contains__(self, request_id) -> bool:
+        return request_id in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def sequences(self) -> list[Sequence]:
+        return [r.seq for r in self._by_id.values()]
+
+    def process(self, produced: list[Sequence], logprobs: dict[int, float | None]
+                ) -> tuple[list[RequestOutput], list[tuple[Sequence, FinishReason]]]:
+        """Outputs for the sequences that got a token (logprobs by seq_id), and the sequences
+        that finished with their reasons."""
+        outputs, finished = [], []
+        for seq in produced:
+            req = self._by_seq.get(seq.seq_id)
+            if req is None:
+                continue
+            out, reason = self._step(req, logprobs.get(seq.seq_id))
+            outputs.append(out)
+            if reason is not None:
+                finished.append((seq, reason))
+                self.pop(req.request_id)
+        return outputs, finished
+
+    def _step(self, req: _Request, logprob: float | None
+              ) -> tuple[RequestOutput, FinishReason | None]:
+        seq, p = req.seq, req.params
+        tok = seq.output_token_ids[-1]
+        reason, shown = None, True
+        if seq.num_output_tokens >= seq.max_tokens:
+            reason = FinishReason.LENGTH
+        elif (tok in self.tokenizer.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason, shown = FinishReason.STOP, False
+        if shown:
+            req.text += req.detok.step(seq.token_ids)
+        cut = self._find_stop(req) if p.stop else None
+        if cut is not None:
+            req.text, reason = req.text[:cut], FinishReason.STOP
+        elif reason is not None and shown:
+            req.text += req.detok.flush(seq.token_ids)
+        # Hold back a tail that might still become a stop string.
+        hold = 0 if reason is not None else max((len(s) for s in p.stop), default=1) - 1
+        upto = max(req.emitted_chars, len(req.text) - hold)
+        new_text = req.text[req.emitted_chars:upto]
+        req.emitted_chars = upto
+        out = RequestOutput(
+            request_id=req.request_id, new_token_ids=[tok], new_text=new_text,
+            text=req.text[:upto], token_ids=list(seq.output_token_ids),
+            num_prompt_tokens=seq.num_prompt_tokens, finished=reason is not None,
+            finish_reason=reason.value if reason is not None else None,
+            new_logprobs=[logprob] if p.logprobs else None)
+        return out, reason
+
+    @staticmethod
+    def _find_stop(req: _Request) -> int | None:
+        """Index where the output text must be cut, if a stop string appeared."""
+        p = req.params
+        start = max(0, req.emitted_chars - max(len(s) for s in p.stop))
+        best = None
+        for s in p.stop:
+            i = req.text.find(s, start)
+            if i >= 0:
+                cut = i + len(s) if p.include_stop_str_in_output else i
+                best = cut if best is None else min(best, cut)
+        return best
