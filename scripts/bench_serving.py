@@ -2,14 +2,15 @@
 uniform input/output lengths, streaming completions; prints throughput, TTFT / ITL / E2E
 percentiles and the server's overhead per streamed token, and writes JSON.
 
-  python scripts/bench_serving.py --launch fake             # zero-cost engine: pure server cost
+  python scripts/bench_serving.py --launch fake             # zero-cost device: the stack's cost
   python scripts/bench_serving.py --launch real --rate 2    # the default model, spawned here
   python scripts/bench_serving.py --url http://127.0.0.1:8000 --adapters a,b,c
 
 Overhead per token is reported two ways: the server's own histogram
 (jaxserve:token_delivery_seconds: engine thread hands a step's output off -> SSE bytes written),
-and, with --launch fake, the client-side inter-token time of an engine whose step costs nothing
-(everything that time contains is server + loopback + client parsing).
+and, with --launch fake, the client-side inter-token time of the real engine on a device step
+that costs nothing (everything that time contains is engine host work + server + loopback +
+client parsing).
 """
 from __future__ import annotations
 
@@ -28,84 +29,37 @@ import aiohttp
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-# ------------------------------------------------------------------ a zero-cost engine
-class _Tok:
-    def __len__(self):
-        return 256
-
-    def __call__(self, text):
-        return {"input_ids": [ord(c) % 256 for c in text]}
-
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return self("".join(m["content"] for m in messages))["input_ids"]
-
-
-class ZeroCostEngine:
-    """Implements the LLMEngine surface the server uses; each step emits one token per request
-    at no compute cost, so whatever latency a client sees is the serving stack's."""
-
-    def __init__(self, max_num_seqs=256, step_s=0.0):
-        self.step_s = step_s
-        self.tokenizer, self.model_name, self.max_model_len = _Tok(), "zero-cost", 4096
-        self.max_num_seqs = max_num_seqs
-        self.reqs: dict = {}
-        self.loras: dict = {}
-        self.gen_total = self.prompt_total = 0
-
-    def add_request(self, rid, prompt, params, *, client_id="anonymous", adapter=None):
-        if adapter is not None and adapter not in self.loras:
-            raise ValueError(f"unknown adapter {adapter!r}")
-        n = len(self.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else len(prompt)
-        self.reqs[rid] = [n, params.max_tokens, 0]
-        self.prompt_total += n
-
-    def abort(self, rid):
-        self.reqs.pop(rid, None)
-
-    def has_unfinished(self):
-        return bool(self.reqs)
-
-    def step(self):
-        from jaxserve.outputs import RequestOutput
-        outs = []
-        for rid, r in list(self.reqs.items())[:self.max_num_seqs]:
-            r[2] += 1
-            done = r[2] >= r[1]
-            outs.append(RequestOutput(rid, [r[2] % 26], "a", "a" * r[2], [0] * r[2], r[0], done,
-                                      "length" if done else None))
-            if done:
-                del self.reqs[rid]
-        self.gen_total += len(outs)
-        time.sleep(self.step_s)  # a device step releases the GIL while it waits; so does this
-        return outs
-
-    def stats(self):
-        return {"num_running": len(self.reqs), "num_waiting": 0, "num_free_pages": 1,
-                "num_total_pages": 1, "kv_usage": 0.0, "prompt_tokens_total": self.prompt_total,
-                "generation_tokens_total": self.gen_total}
-
-    def add_lora(self, name, path):
-        self.loras[name] = path
-
-    def remove_lora(self, name):
-        self.loras.pop(name)
-
-    def list_loras(self):
-        return dict(self.loras)
-
-
+# ------------------------------------------------------------------ a zero-cost device
 def serve_fake(port: int, num_adapters: int, step_s: float) -> None:
+    """The real engine and server on tests/fake_runner.py's FakeRunner: each step costs
+    `step_s` of sleep (a device step releases the GIL while it waits; so does this) and no
+    compute, so whatever latency a client sees is the serving stack's (server, engine host
+    work: scheduler, output processor, detokenizer)."""
+    import tempfile
+    from pathlib import Path
+
     from aiohttp import web
 
     from jaxserve.async_engine import AsyncEngine, AsyncEngineConfig
     from server.app import create_app
     from server.config import ServerConfig
-    mods = tuple((f"adapter{i}", f"/zero/adapter{i}") for i in range(num_adapters))
-    app = create_app(AsyncEngine(ZeroCostEngine(step_s=step_s), AsyncEngineConfig(max_waiting=100_000)),
-                     ServerConfig(port=port, lora_modules=mods))
+    from tests.fake_runner import fake_engine, write_adapter
+    engine = fake_engine(max_num_seqs=256, num_pages=1 << 17, page_size=16, max_model_len=4096,
+                         scheduler="fcfs")
+    fake_run = engine.runner.run
+
+    def run(plan):
+        out = fake_run(plan)
+        time.sleep(step_s)
+        return out
+    engine.runner.run = run
+    root = Path(tempfile.mkdtemp(prefix="zero-adapters-"))
+    mods = []
+    for i in range(num_adapters):
+        write_adapter(root / f"adapter{i}", seed=i)
+        mods.append((f"adapter{i}", str(root / f"adapter{i}")))
+    app = create_app(AsyncEngine(engine, AsyncEngineConfig(max_waiting=100_000)),
+                     ServerConfig(port=port, lora_modules=tuple(mods)))
     web.run_app(app, host="127.0.0.1", port=port, print=None, handler_cancellation=True)
 
 
