@@ -25,12 +25,14 @@ import numpy as np  # noqa: E402
 from jaxserve import sharding  # noqa: E402
 from jaxserve.config import ModelConfig  # noqa: E402
 from jaxserve.model import llama  # noqa: E402
-from jaxserve.backends import select  # noqa: E402
+from jaxserve.backends.base import XlaBackend  # noqa: E402
+from jaxserve.model import params as params_lib  # noqa: E402
 from jaxserve.model.kv_cache import StepInput  # noqa: E402
 from jaxserve.model.weights import init_random  # noqa: E402
 from jaxserve.runner import ModelRunner  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
-from scheduler import SamplingOptions, Scheduler, SchedulerConfig, Sequence  # noqa: E402
+from scheduler import (FinishReason, SamplingOptions, Scheduler, SchedulerConfig,  # noqa: E402
+                       Sequence)
 
 PAGE = 4
 TINY = {  # q heads / kv heads: 9/3 like the default model (pads), 8/2 (replicates KV at tp 4, 8)
@@ -84,7 +86,9 @@ def greedy(runner: ModelRunner, cfg, max_tokens: int):
         for s, t, l in zip(plan.seqs, toks, lp):
             if t is not None:
                 lps[s.seq_id].append(l)
-        sched.update(plan, toks)
+        for s in sched.update(plan, toks):   # the engine's output processor decides this
+            if s.num_output_tokens >= s.max_tokens:
+                sched.finish(s, FinishReason.LENGTH)
     else:
         raise RuntimeError(f"unfinished after {max_steps(len(seqs), max_tokens)} steps")
     return [list(s.output_token_ids) for s in seqs], [lps[s.seq_id] for s in seqs]
@@ -108,7 +112,7 @@ def forward_logits(cfg, weights, tp: int):
     dec_pos = lens[:, None]
     dec = StepInput(tok[:, :1] + 1, dec_pos, table, lens + 1,
                     table[np.arange(B), lens // PAGE], lens % PAGE, np.zeros(B, np.int32))
-    backend = select("xla", cfg, jnp.float32, tp=tp, layer_loop="scan")
+    backend = XlaBackend(cfg, jnp.float32, mesh=sharding.make_mesh(tp))   # tp=1: a 1-device mesh
     vc, mesh = backend.run_config, backend.mesh
     w = backend.prepare(weights)
     kv = backend.init_pool(B * pages_per + 1, PAGE)
@@ -212,7 +216,7 @@ def lora_first_logits(eng, ps, adapters):
 
     backend = runner.backend
     fwd = jax.jit(lambda w, kv, s: llama.forward(w, backend.run_config, backend, s, kv)[0])
-    logits = np.asarray(fwd(runner.params, runner.kv, step))[:len(ps)]
+    logits = np.asarray(fwd(params_lib.stack(runner.params), runner.kv, step))[:len(ps)]
     for i in range(len(ps)):
         eng.abort(f"x{i}")
     return logits
