@@ -21,14 +21,19 @@ import functools
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve import backends, sharding
+from jaxserve.backends.base import XlaBackend
 from jaxserve.backends.cpu import cpu_attention
-from jaxserve.model.attention import paged_attention, resolve_impl
+from jaxserve.backends.cpu.backend import CpuBackend
+from jaxserve.config import ModelConfig
+from jaxserve.model.kv_cache import KVPages, StepInput, stored
 from pallas_kernels.paged_attention import paged_attention_ref
 from test_kernels_attention import fresh_seed, make_case
 
@@ -40,8 +45,9 @@ TOL_F32 = 1e-4
 
 
 def bits(x):
-    """A bf16 pool as the engine stores it on CPU (kv_cache.storage_dtype): its uint16 bits."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    """A bf16 pool as the CPU backend stores it (its pool_dtype() for bfloat16): its uint16
+    bits."""
+    return stored(x, jnp.uint16)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window"))
@@ -222,54 +228,85 @@ def test_empty_window_gives_zeros():
     assert (np.asarray(out) == 0).all()
 
 
-# --------------------------------------------------------------------------- engine dispatch
+# --------------------------------------------------------------------------- the backend op
+
+def _cfg(num_kv_heads, group, head_dim, num_layers=2):
+    return ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=num_layers,
+                       num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim)
+
+
+def _attention_step(bt, lens, pos):
+    """A StepInput carrying what attention reads (the write fields are unused here)."""
+    B, T = pos.shape
+    zeros = jnp.zeros((B * T,), jnp.int32)
+    return StepInput(tokens=jnp.zeros((B, T), jnp.int32), positions=pos, block_tables=bt,
+                     kv_lens=lens, slot_pages=zeros, slot_offsets=zeros,
+                     logits_index=jnp.zeros((B,), jnp.int32))
+
 
 @pytest.mark.parametrize("q_len", [1, 5])
-def test_engine_dispatch_matches_xla(q_len):
-    """paged_attention(impl='cpu') = impl='xla': the kernel for decode, XLA for prefill."""
+def test_backend_attention_matches_xla(q_len):
+    """CpuBackend.attention = XlaBackend.attention, each over the pool as it stores it (the CPU
+    backend's bf16 pool: uint16 bits): the kernel for decode, XLA for prefill; the layer index
+    traced, each layer of the stacked pool holding different K/V."""
     seed = fresh_seed()
     for dtype, window in ((jnp.float32, None), (jnp.bfloat16, 6)):
         q, k, v, bt, lens, pos = make_case(seed, batch=3, q_len=q_len, num_kv_heads=2, group=3,
                                            head_dim=64, page_size=8, max_pages=4, dtype=dtype)
-        if dtype == jnp.bfloat16:
-            k, v = bits(k), bits(v)
-        kl, vl = jnp.stack([k, k]), jnp.stack([v, v])
-        f = jax.jit(functools.partial(paged_attention, scale=0.125, sliding_window=window),
-                    static_argnames="impl")
-        for layer in (None, jnp.int32(1)):
-            pk, pv = (k, v) if layer is None else (kl, vl)
-            out = f(q, pk, pv, bt, lens, pos, impl="cpu", layer=layer)
-            ref = f(q, pk, pv, bt, lens, pos, impl="xla", layer=layer)
+        cfg = _cfg(2, 3, 64)
+        cpu, xla = CpuBackend(cfg, dtype), XlaBackend(cfg, dtype)
+        assert cpu.pool_dtype() == (jnp.uint16 if dtype == jnp.bfloat16 else dtype)
+        assert xla.pool_dtype() == dtype
+        kl, vl = jnp.stack([k, (-v).astype(dtype)]), jnp.stack([(k * 0.5).astype(dtype), v])
+        pools = {b.name: KVPages(k=stored(kl, b.pool_dtype()), v=stored(vl, b.pool_dtype()))
+                 for b in (cpu, xla)}
+        step = _attention_step(bt, lens, pos)
+
+        def attend(backend):
+            return jax.jit(lambda q, kv, layer, step: backend.attention(
+                q, kv, layer, step, scale=0.125, sliding_window=window))
+
+        for layer in (jnp.int32(0), jnp.int32(1)):
+            out = attend(cpu)(q, pools["cpu"], layer, step)
+            ref = attend(xla)(q, pools["xla"], layer, step)
             assert out.dtype == ref.dtype == q.dtype
             tol = TOL_F32 if dtype == jnp.float32 else 2.0 ** -7 * 4 + TOL_F32  # both rounded
             np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                        atol=tol, rtol=0, err_msg=f"seed={seed}")
-    if q_len > 1:   # prefill must not have gone through the custom call
-        text = jax.jit(functools.partial(paged_attention, scale=0.125, impl="cpu")).lower(
-            q, k, v, bt, lens, pos).as_text()
-        assert cpu_attention.TARGET not in text
-    else:
-        text = jax.jit(functools.partial(paged_attention, scale=0.125, impl="cpu")).lower(
-            q, k, v, bt, lens, pos).as_text()
-        assert cpu_attention.TARGET in text
+        text = attend(cpu).lower(q, pools["cpu"], jnp.int32(1), step).as_text()
+        if q_len > 1:   # prefill must not have gone through the custom call
+            assert cpu_attention.TARGET not in text
+        else:
+            assert cpu_attention.TARGET in text
 
 
-def test_resolve_impl(monkeypatch, caplog):
-    assert resolve_impl("xla") == "xla"
+def test_select_backend(monkeypatch, caplog):
+    """backends.select: auto on CPU is the cpu backend when its kernels load and the step is
+    unsharded, else xla; an explicit cpu that cannot run falls back to xla with a warning."""
+    cfg = _cfg(2, 3, 64)
+    select = functools.partial(backends.select, cfg=cfg, dtype=jnp.float32)
+    assert select("xla").name == "xla"
     if jax.device_count() == 1:
-        assert resolve_impl("auto") == "cpu"
-        assert resolve_impl("cpu") == "cpu"
-    assert resolve_impl("auto", tp=1) == "cpu"
-    assert resolve_impl("auto", tp=2) == "xla"       # tp shards the pool: no custom call
+        assert select("auto").name == "cpu"
+        assert select("cpu").name == "cpu"
+    assert select("auto", tp=1).name == "cpu"
+    # tp > 1 in this one-device process: select's mesh stood in for (only its size is read)
+    monkeypatch.setattr(sharding, "make_mesh", lambda tp: types.SimpleNamespace(
+        shape={sharding.TP: tp}))
+    assert select("auto", tp=2).name == "xla"       # tp shards the pool: no custom call
     with caplog.at_level("WARNING"):
-        assert resolve_impl("cpu", tp=2) == "xla"
+        assert select("cpu", tp=2).name == "xla"
     assert "tensor parallel" in caplog.text
     monkeypatch.setenv("JAXSERVE_CPU_KERNELS", "0")
     assert not cpu_attention.available()
-    assert resolve_impl("auto", tp=1) == "xla"
-    assert resolve_impl("cpu", tp=1) == "xla"
-    with pytest.raises(ValueError, match="unknown attention"):
-        resolve_impl("onehot")
+    assert select("auto", tp=1).name == "xla"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert select("cpu", tp=1).name == "xla"
+    assert "JAXSERVE_CPU_KERNELS=0" in caplog.text
+    with pytest.raises(ValueError, match="unknown backend"):
+        select("onehot")
 
 
 def _fresh_process(env_extra, code):
@@ -301,8 +338,9 @@ def test_build_into_cache_dir_and_failures(tmp_path):
 
 @pytest.mark.parametrize("head_dim", [8, 64])
 def test_engine_greedy_matches_xla(tmp_path, head_dim):
-    """End to end (tiny GQA Llama, chunked prefill, decode across pages): the engine on impl
-    'cpu' gives the XLA path's greedy tokens, and log-probs within 1e-4."""
+    """End to end (tiny GQA Llama, chunked prefill, decode across pages): the engine on backend
+    'cpu' (native decode attention and matmuls) gives the XLA backend's greedy tokens, and
+    log-probs within 1e-4."""
     from jaxserve.engine import EngineConfig, LLMEngine
     from jaxserve.sampling_params import SamplingParams
     from lora_helpers import make_base, prompts
@@ -314,7 +352,7 @@ def test_engine_greedy_matches_xla(tmp_path, head_dim):
         engine = LLMEngine(EngineConfig(model=str(tmp_path), backend=impl, page_size=4,
                                         num_pages=40, max_num_seqs=4, max_prefill_tokens=16,
                                         max_model_len=64))
-        assert engine.runner.attn_impl == impl
+        assert engine.runner.backend.name == impl
         outs[impl] = engine.generate(batch, params)
     for a, b in zip(outs["cpu"], outs["xla"]):
         assert a.token_ids == b.token_ids

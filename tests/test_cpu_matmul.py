@@ -1,4 +1,5 @@
-"""The native small-M bf16 matmul kernels (jaxserve/backends/cpu/cpu_matmul.*) and their use in llama.
+"""The native small-M bf16 matmul kernels (jaxserve/backends/cpu/cpu_matmul.*) and their use by
+the CPU backend (CpuBackend.linear / gated_mlp / lm_head, and the model's steps through it).
 
 Seeds are fresh each run and printed on failure. The whole module skips when the kernel is
 unavailable (no compiler, JAXSERVE_CPU_KERNELS=0, not the CPU backend).
@@ -16,9 +17,9 @@ that. This worst-case bound is loose (typical errors are ~sqrt(K) * u * S), so t
 adds a check that catches any wrong or missing term exactly: small integer inputs, for which
 every partial sum is an integer below 2^24 and every order of summation gives the exact result.
 
-llama._proj casts the float32 result to x.dtype (bf16) and adds the bias in bf16: comparing the
-kernel path with the XLA path there adds one bf16 rounding per side per step (at most half an
-ulp, 2^-8 relative, each): 2^-7 * (|y| + |y + b|) on top of the float32 bound.
+Backend.linear casts the float32 result to x.dtype (bf16) and adds the bias in bf16: comparing
+the kernel path with the XLA path there adds one bf16 rounding per side per step (at most half
+an ulp, 2^-8 relative, each): 2^-7 * (|y| + |y + b|) on top of the float32 bound.
 """
 from __future__ import annotations
 
@@ -26,15 +27,22 @@ import dataclasses
 import os
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.backends.base import XlaBackend
 from jaxserve.backends.cpu import cpu_matmul
+from jaxserve.backends.cpu.backend import CpuBackend
+from jaxserve.config import ModelConfig
+from jaxserve.lora.apply import NoLora
 from jaxserve.model import llama
+from jaxserve.model.kv_cache import StepInput
+from jaxserve.model.norms import rms_norm
+from jaxserve.model.params import GATE_UP, Linear, Params
+from jaxserve.model.weights import cast
 
 if not cpu_matmul.available():
     pytest.skip(f"native CPU matmul kernel unavailable: {cpu_matmul.unavailable_reason()}",
@@ -171,7 +179,7 @@ def test_disabled(monkeypatch):
         cpu_matmul.matmul(x, w)
 
 
-# --------------------------------------------------------------------------- llama dispatch
+# --------------------------------------------------------------------------- the backend's ops
 
 def _uses_kernel(fn, *args):
     text = jax.jit(fn).lower(*args).as_text()
@@ -186,10 +194,29 @@ def _bf16_close(out, ref_f32_y, extra, K, S, seed, what):
     assert (err <= 0).all(), f"seed={seed} {what}: off by {err.max():.3e} over the tolerance"
 
 
+# The ops read no model shapes from the config; the backends want one.
+CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=1,
+                  num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def _linear(w, *biases):
+    """A Linear of one part per bias given (default: one part, no bias) over w [K, sum]."""
+    biases = biases or (None,)
+    n = w.shape[1] // len(biases)
+    return Linear(w=w, b=None if all(b is None for b in biases) else tuple(biases),
+                  sizes=(n,) * len(biases))
+
+
+def _xla_path(x, w, b):
+    y = jnp.einsum("bth,ho->bto", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    return y if b is None else y + b.astype(y.dtype)
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_proj_two_rows_matches_xla_path(monkeypatch, bias):
-    """llama._proj on bf16 weights with 2 rows (batch-2 decode) takes the kernel under jit and
-    gives the XLA path's result; with the kernel disabled it is the XLA path."""
+def test_linear_two_rows_matches_xla_path(monkeypatch, bias):
+    """CpuBackend.linear on bf16 weights with 2 rows (batch-2 decode) takes the kernel under jit
+    and gives the XLA path's (XlaBackend.linear's) result; with the kernels disabled it is the
+    XLA path."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     K, N = 576, 960
@@ -197,19 +224,20 @@ def test_proj_two_rows_matches_xla_path(monkeypatch, bias):
     w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05, jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal((N,), np.float32), jnp.bfloat16) if bias else None
 
-    def xla_path(x, w, b):
-        y = jnp.einsum("bth,ho->bto", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-        return y if b is None else y + b.astype(y.dtype)
-
-    proj = lambda x, w, b: llama._proj(x, w, b)
+    cpu = CpuBackend(CFG, jnp.bfloat16)
+    assert cpu.matmul_kernels
+    proj = lambda x, w, b: cpu.linear(x, _linear(w, b))[0]
     assert _uses_kernel(proj, x, w, b)
     out = jax.jit(proj)(x, w, b)
-    ref = jax.jit(xla_path)(x, w, b)
+    ref = jax.jit(_xla_path)(x, w, b)
+    xla = jax.jit(lambda x, w, b: XlaBackend(CFG, jnp.bfloat16).linear(x, _linear(w, b))[0])
+    assert not _uses_kernel(xla, x, w, b)
+    np.testing.assert_array_equal(f32(xla(x, w, b)), f32(ref))
     assert out.dtype == ref.dtype == jnp.bfloat16 and out.shape == ref.shape == (2, 1, N)
     y = f32(x) @ f32(w)
     S = np.abs(f32(x)) @ np.abs(f32(w))
     extra = np.abs(y) + (np.abs(y + f32(b)) if bias else 0.0)
-    _bf16_close(out, ref, extra, K, S, seed, "_proj kernel vs XLA")
+    _bf16_close(out, ref, extra, K, S, seed, "linear kernel vs XLA")
 
     # Outside ROW_RANGES: the XLA path (bf16: more than MAX_ROWS rows; f32: one row, or more
     # than its maximum); other weight dtypes too.
@@ -223,9 +251,36 @@ def test_proj_two_rows_matches_xla_path(monkeypatch, bias):
     assert not _uses_kernel(proj, x.astype(jnp.float16), w.astype(jnp.float16), b)
 
     monkeypatch.setenv("JAXSERVE_CPU_KERNELS", "0")
-    proj_off = lambda x, w, b: llama._proj(x, w, b)      # a fresh function: traced again
+    off = CpuBackend(CFG, jnp.bfloat16)
+    assert not off.matmul_kernels
+    proj_off = lambda x, w, b: off.linear(x, _linear(w, b))[0]
     assert not _uses_kernel(proj_off, x, w, b)
     np.testing.assert_array_equal(f32(jax.jit(proj_off)(x, w, b)), f32(ref))
+    # A backend made while the kernels loaded decides again at trace time.
+    assert not _uses_kernel(lambda x, w, b: cpu.linear(x, _linear(w, b))[0], x, w, b)
+
+
+def test_linear_splits_parts_with_their_biases():
+    """A fused weight's parts come back split, each with its own bias (None: no bias), the
+    kernel path as the XLA path (the same bound as above, per part)."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    K, n = 64, 48
+    x = jnp.asarray(rng.standard_normal((3, 1, K), np.float32), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((K, 3 * n), np.float32) * 0.1, jnp.bfloat16)
+    bq = jnp.asarray(rng.standard_normal((n,), np.float32), jnp.bfloat16)
+    bv = jnp.asarray(rng.standard_normal((n,), np.float32), jnp.bfloat16)
+    p = _linear(w, bq, None, bv)
+    cpu = CpuBackend(CFG, jnp.bfloat16)
+    assert _uses_kernel(lambda x: cpu.linear(x, p), x)
+    parts = jax.jit(lambda x: cpu.linear(x, p))(x)
+    assert [a.shape for a in parts] == [(3, 1, n)] * 3
+    for i, (part, b) in enumerate(zip(parts, (bq, None, bv))):
+        wi = w[:, i * n:(i + 1) * n]
+        ref = _xla_path(x, wi, b)
+        y = f32(x) @ f32(wi)
+        extra = np.abs(y) + (np.abs(y + f32(b)) if b is not None else 0.0)
+        _bf16_close(part, ref, extra, K, np.abs(f32(x)) @ np.abs(f32(wi)), seed, f"part {i}")
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -237,7 +292,8 @@ def test_lm_head_two_rows_matches_xla_path(monkeypatch, tied):
     emb = jnp.asarray(rng.standard_normal((V, H), np.float32) * 0.05, jnp.bfloat16)
     head_w = None if tied else jnp.asarray(rng.standard_normal((H, V), np.float32) * 0.05,
                                            jnp.bfloat16)
-    weights = types.SimpleNamespace(embed=emb, lm_head=head_w)
+    params = Params(embed=emb, layers=(), final_norm=jnp.ones((H,), jnp.bfloat16),
+                    lm_head=head_w)
     wk = f32(emb).T if tied else f32(head_w)             # [H, V]
 
     def xla_path(h):
@@ -245,10 +301,14 @@ def test_lm_head_two_rows_matches_xla_path(monkeypatch, tied):
             return jnp.einsum("...h,vh->...v", h, emb, preferred_element_type=jnp.float32)
         return jnp.einsum("...h,hv->...v", h, head_w, preferred_element_type=jnp.float32)
 
-    head = lambda h: llama.lm_head(weights, h)
+    cpu = CpuBackend(CFG, jnp.bfloat16)
+    head = lambda h: cpu.lm_head(h, params)
     assert _uses_kernel(head, h)
     out = jax.jit(head)(h)
     ref = jax.jit(xla_path)(h)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda h: XlaBackend(CFG, jnp.bfloat16).lm_head(h, params))(h)),
+        np.asarray(ref))
     assert out.dtype == ref.dtype == jnp.float32 and out.shape == ref.shape == (2, V)
     S = np.abs(f32(h)) @ np.abs(wk)
     err = np.abs(np.asarray(out) - np.asarray(ref)) - 2 * H * U * S
@@ -256,7 +316,8 @@ def test_lm_head_two_rows_matches_xla_path(monkeypatch, tied):
     check(out, h, emb if tied else head_w, tied, seed, "lm_head")
 
     monkeypatch.setenv("JAXSERVE_CPU_KERNELS", "0")
-    head_off = lambda h: llama.lm_head(weights, h)
+    off = CpuBackend(CFG, jnp.bfloat16)
+    head_off = lambda h: off.lm_head(h, params)
     assert not _uses_kernel(head_off, h)
     np.testing.assert_array_equal(np.asarray(jax.jit(head_off)(h)), np.asarray(ref))
 
@@ -290,33 +351,80 @@ def _tiny_llama_case(tmp_path, tied):
     return seed, model, chunks, hf_test.hf_logits(hf, ids)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
-    """End to end: a tiny bf16 Llama run as a 9-token prefill then one token per step (1 row:
-    every projection and the LM head of those steps take the kernel, inside the layer scan) stays
-    as close to HF's float32 logits as test_model_hf's bf16 check demands, and as close as the
-    same run on the XLA path."""
-    import tests.test_model_hf as hf_test
+def backend_logits(cfg, backend, params, ids_chunks, page_size=4, seed=0):
+    """test_model_hf.paged_prefill_logits through `backend`: the prompt in chunks over shuffled
+    pages of the backend's pool, each chunk a step as the backend runs it (stacked params: one
+    scan, llama.forward; per-layer params: embed, llama.decoder_layer per layer, llama.head).
+    All logits [T, V] as float32. Fresh jits: traced with the current dispatch."""
+    T = sum(len(c) for c in ids_chunks)
+    P = -(-T // page_size)
+    table = np.random.default_rng(seed).permutation(np.arange(1, 2 * P + 1))[:P]
+    kv = backend.init_pool(2 * P + 1, page_size)
+    per_layer = isinstance(params.layers, tuple)
+    if per_layer:
+        layer_fn = jax.jit(llama.decoder_layer, static_argnums=(0, 1))
+        head_fn = jax.jit(llama.head, static_argnums=(1, 2), static_argnames="all_logits")
+    else:
+        forward = jax.jit(llama.forward, static_argnums=(1, 2), static_argnames="all_logits")
+    out, start = [], 0
+    for chunk in ids_chunks:
+        n = len(chunk)
+        pos = np.arange(start, start + n)
+        step = StepInput(tokens=jnp.array([chunk], jnp.int32),
+                         positions=jnp.array([pos], jnp.int32),
+                         block_tables=jnp.array([table], jnp.int32),
+                         kv_lens=jnp.array([start + n], jnp.int32),
+                         slot_pages=jnp.array(table[pos // page_size], jnp.int32),
+                         slot_offsets=jnp.array(pos % page_size, jnp.int32),
+                         logits_index=jnp.array([n - 1], jnp.int32))
+        if per_layer:
+            step = dataclasses.replace(step, rope=llama.step_rope(cfg, step))
+            x = llama.embed(params, step)
+            for i, lp in enumerate(params.layers):
+                x, kv = layer_fn(cfg, backend, lp, x, kv, jnp.int32(i), step)
+            logits = head_fn(params, cfg, backend, x, step, all_logits=True)
+        else:
+            logits, kv = forward(params, cfg, backend, step, kv, all_logits=True)
+        out.append(np.asarray(logits[0], np.float32))
+        start += n
+    return np.concatenate(out)
 
+
+@pytest.mark.parametrize("layer_loop", ["scan", "per-layer"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied, layer_loop):
+    """End to end: a tiny bf16 Llama on the CPU backend run as a 9-token prefill then one token
+    per step (1 row: every projection and the LM head of those steps take the kernel, inside the
+    layer scan or in each layer's call) stays as close to HF's float32 logits as
+    test_model_hf's bf16 check demands, as close as the same run on the XLA path (the CPU
+    backend with no ROW_RANGES), and as close as the XLA backend."""
     seed, model, chunks, ref = _tiny_llama_case(tmp_path, tied)
+    cfg = model.config
+    w16 = cast(model.weights, jnp.bfloat16)
 
     calls = []
     real = (cpu_matmul.matmul, cpu_matmul.matmul_t)
     monkeypatch.setattr(cpu_matmul, "matmul", lambda *a: calls.append("nn") or real[0](*a))
     monkeypatch.setattr(cpu_matmul, "matmul_t", lambda *a: calls.append("nt") or real[1](*a))
 
-    def run():   # a fresh jit each time: traced again with the current dispatch
-        monkeypatch.setattr(hf_test, "_forward", jax.jit(
-            llama.forward, static_argnames=("cfg", "all_logits", "attn_impl")))
-        return hf_test.paged_prefill_logits(model, chunks, dtype=jnp.bfloat16)
+    def run(backend):
+        params = backend.prepare(w16)
+        assert isinstance(params.layers, tuple) == (layer_loop == "per-layer")
+        return backend_logits(cfg, backend, params, chunks)
 
-    ours = run()
+    cpu = CpuBackend(cfg, jnp.bfloat16, layer_loop=layer_loop)
+    assert cpu.pool_dtype() == jnp.uint16
+    ours = run(cpu)
     assert ("nt" if tied else "nn") in calls and calls.count("nn") >= 4, calls
     bound = 0.15 * max(1.0, np.abs(ref).max() / 5)      # test_model_hf's bf16 bound
     assert np.abs(ours - ref).max() < bound, f"seed={seed}"
-    monkeypatch.setattr(cpu_matmul, "ROW_RANGES", {})   # everything on the XLA path
     calls.clear()
-    xla = run()
+    xla_backend = run(XlaBackend(cfg, jnp.bfloat16, layer_loop=layer_loop))
+    assert not calls
+    assert np.abs(xla_backend - ref).max() < bound, f"seed={seed}"
+    assert np.abs(ours - xla_backend).max() < bound, f"seed={seed}"
+    monkeypatch.setattr(cpu_matmul, "ROW_RANGES", {})   # every matmul on the XLA path
+    xla = run(cpu)
     assert not calls
     assert np.abs(xla - ref).max() < bound, f"seed={seed}"
     # The two paths differ by float32 summation order before bf16 rounding: far below the
@@ -332,9 +440,10 @@ def test_f32_proj_matches_xla_path():
     K, N = 576, 960
     w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05)
     lo, hi = cpu_matmul.ROW_RANGES["float32", "nn"]
+    cpu = CpuBackend(CFG, jnp.float32)
     for rows in (lo, hi):
         x = jnp.asarray(rng.standard_normal((rows, 1, K), np.float32))
-        proj = lambda x, w: llama._proj(x, w)
+        proj = lambda x, w: cpu.linear(x, _linear(w))[0]
         assert _uses_kernel(proj, x, w)
         out = jax.jit(proj)(x, w)
         ref = jnp.einsum("bth,ho->bto", x, w, preferred_element_type=jnp.float32)
@@ -425,28 +534,39 @@ def test_amx_kernel_validates_operands():
         jax.block_until_ready(call(x.astype(jnp.float32), w.data, 40))
 
 
-@amx
+@pytest.mark.parametrize("tiles", [pytest.param(True, marks=amx, id="tiles"),
+                                   pytest.param(False, id="emulated")])
 @pytest.mark.parametrize("tied", [False, True])
-def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
-    """End to end: a tiny bf16 Llama with its projections fused and packed by
-    weights.pack_for_amx (and the tied head; gate|up through swiglu_amx), run as a 9-token prefill then one token per step, stays within
-    test_model_hf's bf16 bound of HF's float32 logits, and within that bound of the unpacked
-    XLA path. The two differ by float32 summation order before the bf16 roundings, and the AMX
-    path's RMSNorm (inside the matmul call) can round an element of h one bf16 ulp away from
-    XLA's, so they drift apart about as far as each drifts from HF (seen: 0.24-0.51 of the bound,
-    each from HF 0.25-0.66)."""
-    import types
-
-    import tests.test_model_hf as hf_test
-    from jaxserve.model.weights import cast, fuse_projections, pack_for_amx
-
+def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied, tiles):
+    """End to end: a tiny bf16 Llama whose projections CpuBackend.prepare fused and packed
+    (and the tied head; gate|up through swiglu_amx), run layer by layer as a 9-token prefill
+    then one token per step, stays within test_model_hf's bf16 bound of HF's float32 logits, and
+    within that bound of the same backend on the unpacked weights. The two differ by float32
+    summation order before the bf16 roundings, and the AMX path's RMSNorm (inside the matmul
+    call) can round an element of h one bf16 ulp away from XLA's, so they drift apart about as
+    far as each drifts from HF (seen: 0.24-0.51 of the bound, each from HF 0.25-0.66).
+    tiles: on the tile unit (CPUs with AMX). emulated: AMX switched off (JAXSERVE_CPU_AMX=0) and
+    the backend told to pack anyway, so the packed weights go through matmul_amx's XLA einsum
+    over the packed layout (the same packing and dispatch, on any CPU)."""
     seed, model, chunks, ref = _tiny_llama_case(tmp_path, tied)
-
-    w16 = fuse_projections(cast(model.weights, jnp.bfloat16))   # as the runner holds them
-    head, layers = pack_for_amx(w16, llama.unstack_layers(w16.layers))
-    assert isinstance(layers[0].wqkv, cpu_matmul.AmxPacked)
-    assert isinstance(head.lm_head, cpu_matmul.AmxPacked) == tied
-    packed = dataclasses.replace(head, layers=jax.tree.map(lambda *a: jnp.stack(a), *layers))
+    cfg = model.config
+    w16 = cast(model.weights, jnp.bfloat16)
+    if not tiles:
+        monkeypatch.setenv("JAXSERVE_CPU_AMX", "0")
+    backend = CpuBackend(cfg, jnp.bfloat16)              # per-layer, as select makes it on CPU
+    assert backend.layer_loop == "per-layer" and backend.amx == tiles
+    backend.amx = True
+    packed = backend.prepare(w16)
+    lp = packed.layers[0]
+    assert all(isinstance(p.w, cpu_matmul.AmxPacked) for p in (lp.qkv, lp.o, lp.gate_up, lp.down))
+    assert lp.qkv.sizes == (cfg.q_size, cfg.num_kv_heads * cfg.head_dim,
+                            cfg.num_kv_heads * cfg.head_dim)
+    assert isinstance(packed.lm_head, cpu_matmul.AmxPacked) == tied
+    plain_backend = CpuBackend(cfg, jnp.bfloat16)
+    plain_backend.amx = False
+    plain = plain_backend.prepare(w16)
+    assert not any(isinstance(leaf, cpu_matmul.AmxPacked) for leaf in jax.tree.leaves(
+        plain, is_leaf=lambda a: isinstance(a, cpu_matmul.AmxPacked)))
 
     calls = []
     real, real_swiglu = cpu_matmul.matmul_amx, cpu_matmul.swiglu_amx
@@ -455,20 +575,73 @@ def test_amx_decode_steps_close_to_hf(monkeypatch, tmp_path, tied):
     monkeypatch.setattr(cpu_matmul, "swiglu_amx",
                         lambda *a, **kw: calls.append("swiglu") or real_swiglu(*a, **kw))
 
-    def run(weights):   # a fresh jit each time
-        monkeypatch.setattr(hf_test, "_forward", jax.jit(
-            llama.forward, static_argnames=("cfg", "all_logits", "attn_impl")))
-        return hf_test.paged_prefill_logits(types.SimpleNamespace(config=model.config,
-                                                                  weights=weights),
-                                            chunks, dtype=jnp.bfloat16)
-
-    ours = run(packed)
+    ours = backend_logits(cfg, backend, packed, chunks)
     # qkv, o, down (+ the head) on matmul_amx, gate|up with SwiGLU on swiglu_amx
     assert calls.count("mm") >= 3 + tied and "swiglu" in calls, calls
-    xla = run(w16)
+    calls.clear()
+    xla = backend_logits(cfg, plain_backend, plain, chunks)
+    assert not calls
     bound = 0.15 * max(1.0, np.abs(ref).max() / 5)      # test_model_hf's bf16 bound
     assert np.abs(ours - ref).max() < bound, f"seed={seed}"
     assert np.abs(ours - xla).max() < bound, f"seed={seed}"
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_linear_packed_matches_plain(monkeypatch, norm):
+    """CpuBackend.linear on a fused q|k|v Linear whose weight is AMX-packed gives each part (with
+    its bias) as on the plain weight: within the float32 bound and both bf16 roundings; with the
+    RMSNorm fused, also the norm's one-ulp h differences (see the fused RMSNorm section below).
+    On the tile unit where AMX is, else matmul_amx's XLA einsum over the packed layout."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    K, n = 576, 192
+    x, nw, w, h = _norm_case(seed, 5, K, 3 * n)
+    x = x.reshape(5, 1, K)
+    b = jnp.asarray(rng.standard_normal((n,), np.float32), jnp.bfloat16)
+    cpu = CpuBackend(CFG, jnp.bfloat16)
+    packed, plain = _linear(cpu_matmul.pack_amx(w), b, None, b), _linear(w, b, None, b)
+    nrm = (nw, 1e-5) if norm else None
+    out = jax.jit(lambda x: cpu.linear(x, packed, nrm))(x)
+    ref = jax.jit(lambda x: cpu.linear(x, plain, nrm))(x)
+    hx = h.reshape(5, 1, K) if norm else f32(x)
+    for i, (o, r) in enumerate(zip(out, ref)):
+        assert o.dtype == r.dtype == jnp.bfloat16 and o.shape == r.shape == (5, 1, n)
+        wi = f32(w)[:, i * n:(i + 1) * n]
+        y, S = hx @ wi, np.abs(hx) @ np.abs(wi)
+        extra = np.abs(y) + (np.abs(y + f32(b)) if i != 1 else 0.0)
+        if norm:   # one flipped h element moves its row's outputs by up to 2^-7 |h_k w_k|
+            extra = extra + S
+        _bf16_close(o, r, extra, K, S, seed, f"packed part {i} norm={norm}")
+
+
+def test_gated_mlp_packed(monkeypatch):
+    """CpuBackend.gated_mlp on a packed gate|up: norm, matmul and SwiGLU through swiglu_amx
+    (the _swiglu_check bound against the normed h); a step whose LoRA adapts gate/up instead
+    goes through linear (the deltas join g and u before the activation), as the XLA backend."""
+    seed = fresh_seed()
+    x, nw, w, h = _norm_case(seed, 3, 576, 3072)
+    x = x.reshape(3, 1, 576)
+    p = _linear(cpu_matmul.pack_amx(w), None, None)
+    cpu = CpuBackend(CFG, jnp.bfloat16)
+    calls = []
+    real = cpu_matmul.swiglu_amx
+    monkeypatch.setattr(cpu_matmul, "swiglu_amx", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    y = jax.jit(lambda x: cpu.gated_mlp(x, p, (nw, 1e-5), NoLora(), GATE_UP, jax.nn.silu))(x)
+    assert calls and y.dtype == jnp.bfloat16 and y.shape == (3, 1, 1536)
+    _swiglu_check(y.reshape(3, 1536), jnp.asarray(h, jnp.bfloat16), w, seed, "gated_mlp")
+
+    class AdaptsGateUp(NoLora):   # a LoRA touching gate/up whose deltas are zero
+        def adapts(self, modules):
+            return True
+    calls.clear()
+    y2 = jax.jit(lambda x: cpu.gated_mlp(x, p, (nw, 1e-5), AdaptsGateUp(), GATE_UP,
+                                         jax.nn.silu))(x)
+    assert not calls
+    ref = jax.jit(lambda x: XlaBackend(CFG, jnp.bfloat16).gated_mlp(
+        x, _linear(w, None, None), (nw, 1e-5), NoLora(), GATE_UP, jax.nn.silu))(x)
+    # g and u from packed vs plain weights: each within a few bf16 ulp, then the same bf16 ops
+    np.testing.assert_allclose(f32(y2), f32(ref), atol=2e-2 * np.abs(f32(ref)).max(), rtol=0,
+                               err_msg=f"seed={seed}")
 
 
 def _swiglu_check(a, x, w, seed, what):
@@ -531,7 +704,7 @@ def test_swiglu_kernel_validates_operands():
 
 # ----------------------------------------------------------------------------- fused RMSNorm
 #
-# matmul_amx / swiglu_amx with norm=(weight, eps) multiply h = llama.rms_norm(x, weight, eps),
+# matmul_amx / swiglu_amx with norm=(weight, eps) multiply h = norms.rms_norm(x, weight, eps),
 # made while x is packed. h is rounded to bf16 like the XLA norm's, but r = 1/sqrt(mean(x^2)+eps)
 # comes from another summation order, so an element of h can be one bf16 ulp (2^-7 relative)
 # away: |y - y_ref| <= 2^-7 sum_k |h_k w_k| (+ the float32 product bound, far smaller). (One
@@ -544,7 +717,7 @@ def _norm_case(seed, M, K, N):
     x = jnp.asarray(rng.standard_normal((M, K), np.float32) * 3, jnp.bfloat16)
     nw = jnp.asarray(1 + 0.3 * rng.standard_normal(K, np.float32), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.05, jnp.bfloat16)
-    return x, nw, w, np.asarray(llama.rms_norm(x, nw, 1e-5), np.float32)
+    return x, nw, w, np.asarray(rms_norm(x, nw, 1e-5), np.float32)
 
 
 @amx

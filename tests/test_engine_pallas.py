@@ -15,7 +15,7 @@ def test_pallas_attention_engine_matches_xla_and_hf(tmp_path):
         engine = LLMEngine(EngineConfig(model=str(tmp_path), backend=impl, page_size=4,
                                         num_pages=40, max_num_seqs=4, max_prefill_tokens=16,
                                         max_model_len=64))
-        assert engine.runner.attn_impl == impl
+        assert engine.runner.backend.name == impl
         tokens[impl] = [o.token_ids for o in engine.generate(batch, params)]
         assert engine.stats()["num_free_pages"] == engine.stats()["num_total_pages"]
     assert tokens["pallas"] == tokens["xla"]

@@ -7,6 +7,7 @@ and greedy tokens exactly; a wrong layer index, weight or KV layer moves them by
 """
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -14,9 +15,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from lora_helpers import make_adapter, make_base, prompts  # noqa: E402
 
-from jaxserve.engine import EngineConfig, LLMEngine  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxserve import backends, sharding  # noqa: E402
 from jaxserve.backends.cpu import cpu_matmul  # noqa: E402
-from jaxserve.runner import resolve_layer_loop  # noqa: E402
+from jaxserve.config import ModelConfig  # noqa: E402
+from jaxserve.engine import EngineConfig, LLMEngine  # noqa: E402
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
 ATOL = 1e-4
@@ -37,7 +42,7 @@ def _run(root, layer_loop, adapters, dtype="float32"):
     engine = LLMEngine(EngineConfig(model=str(root / "base"), page_size=8, num_pages=200,
                                     max_num_seqs=4, max_prefill_tokens=64, max_model_len=96,
                                     max_lora_rank=16, layer_loop=layer_loop, dtype=dtype))
-    assert engine.runner.layer_loop == layer_loop
+    assert engine.runner.backend.layer_loop == layer_loop
     engine.add_lora("qv", str(root / "qv"))
     engine.add_lora("gu", str(root / "gu"))
     ps = prompts(len(adapters), seed=5)
@@ -68,13 +73,24 @@ def test_scan_and_dispatch_agree_with_and_without_adapters(base_dir):
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
-def test_layer_loop_choices():
-    assert resolve_layer_loop("auto", 1) in ("scan", "per-layer")
-    assert resolve_layer_loop("auto", 2) == "scan"
+def test_layer_loop_choices(monkeypatch):
+    """backends.select resolves layer_loop 'auto': per-layer on CPU without tensor parallelism,
+    else scan; per-layer with tp > 1 and unknown loops are errors."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
+    on_cpu = jax.default_backend() == "cpu"
+    assert backends.select("xla", cfg, jnp.float32).layer_loop == ("per-layer" if on_cpu
+                                                                   else "scan")
+    assert backends.select("xla", cfg, jnp.float32, layer_loop="scan").layer_loop == "scan"
+    # tp > 1 on this one-device process: the mesh select makes is stood in for (only its size
+    # is read when nothing is sharded).
+    monkeypatch.setattr(sharding, "make_mesh", lambda tp: types.SimpleNamespace(
+        shape={sharding.TP: tp}))
+    assert backends.select("xla", cfg, jnp.float32, tp=2).layer_loop == "scan"
     with pytest.raises(ValueError, match="per-layer"):
-        resolve_layer_loop("per-layer", 2)
+        backends.select("xla", cfg, jnp.float32, tp=2, layer_loop="per-layer")
     with pytest.raises(ValueError, match="unknown layer loop"):
-        resolve_layer_loop("unrolled", 1)
+        backends.select("xla", cfg, jnp.float32, layer_loop="unrolled")
 
 
 @pytest.mark.skipif(not cpu_matmul.amx_available(), reason="no AMX on this CPU")
