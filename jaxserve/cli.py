@@ -1,5 +1,5 @@
-"""The `jaxserve` command: generate, bench, serve, simulate. Argument parsing lives only here
-(and in the sub-packages' `add_arguments`); everything else takes frozen configs."""
+"""The `jaxserve` command: generate, bench, serve, simulate, build-kernels. Argument parsing lives
+only here (and in the sub-packages' `add_arguments`); everything else takes frozen configs."""
 from __future__ import annotations
 
 import argparse
@@ -92,6 +92,11 @@ def _cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def _cmd_build_kernels(args) -> int:
+    from jaxserve.backends.cpu import native_build
+    return native_build.build_all()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxserve", description="JAX LLM serving engine")
     p.add_argument("--log-level", default="WARNING")
@@ -126,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=run_server)
     except ImportError as e:  # the server package is optional until it lands
         s.set_defaults(func=lambda a, e=e: (print(f"jaxserve: serve unavailable: {e}", file=sys.stderr), 2)[1])
+
+    k = sub.add_parser("build-kernels", help="build the native CPU kernels into the cache "
+                       "(make install does this); prints what it built or why not")
+    k.set_defaults(func=_cmd_build_kernels)
 
     m = sub.add_parser("simulate", help="fairness simulator (VTC and baselines) over a cost model")
     from scheduler.simulate_cli import add_arguments as add_sim_arguments, run as run_sim

@@ -5,13 +5,9 @@ then runs small batched einsums. The kernel here reads each visible K/V row of t
 does all query heads of a GQA group against it, and keeps an online softmax in float32; rows
 (batch row, kv head) are spread over XLA's intra-op thread pool. Decode only (q_len == 1).
 
-The shared library is built on first use with the system C++ compiler (see native_build:
-`g++ -O3 -march=native -std=c++17 -shared -fPIC`, `$CXX` overrides g++) into
-`$JAXSERVE_CACHE_DIR`, default `~/.cache/jaxserve/kernels/`, as `cpu_attention-<key>.so`, the key
-hashing the source, the compiler version, the jaxlib version, the build flags and the CPU's
-feature flags (the code is built for this CPU). The build goes to a temporary file that is then
-renamed into place, so processes building at the same time do not see each other's partial
-output.
+The shared library is built at install time by native_build (`jaxserve build-kernels`; g++
+-O3 -march=native into `$JAXSERVE_CACHE_DIR`, default `~/.cache/jaxserve/kernels/`, as
+`cpu_attention-<key>.so`) and loaded when the CPU backend is constructed.
 
 `available()` says whether the kernel can be used (never raises; logs the reason once when not):
 it is False with JAXSERVE_CPU_KERNELS=0 (or false/no/off), off the CPU backend, without a

@@ -16,8 +16,8 @@ float32 first); the weights are bfloat16, or float32 (the same kernels without t
 XLA's float32 dot also falls below bandwidth at M = 2-16). They work under jit; the custom call
 has no partitioning rule, so keep it out of sharded (tensor-parallel) programs.
 
-Built on first use like cpu_attention (see native_build: g++ -O3 -march=native into
-`$JAXSERVE_CACHE_DIR`, `cpu_matmul-<key>.so`). `available()` never raises; it is False with
+Built at install time like cpu_attention (native_build: `jaxserve build-kernels`, into
+`$JAXSERVE_CACHE_DIR` as `cpu_matmul-<key>.so`). `available()` never raises; it is False with
 JAXSERVE_CPU_KERNELS=0, off the CPU backend, without a compiler, or if the build fails.
 llama._proj / llama.lm_head use these when `use_for` says so (see ROW_RANGES).
 """
