@@ -1,5 +1,6 @@
 """The `jaxserve` command: generate, bench, serve, simulate, build-kernels. Argument parsing lives
-only here (and in the sub-packages' `add_arguments`); everything else takes frozen configs."""
+only here (and in the sub-packages' `add_arguments`); everything else takes frozen configs, whose
+defaults are the flags' defaults."""
 from __future__ import annotations
 
 import argparse
@@ -12,28 +13,30 @@ from jaxserve.lora.cli_args import add_lora_arguments, lora_engine_kwargs, regis
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    from jaxserve.engine import DTYPES, EngineConfig as C   # defaults: the config's
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
+    g.add_argument("--model", default=C.model,
                    help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--page-size", type=int, default=16)
-    g.add_argument("--num-pages", type=int, default=None, help="KV pool pages (default: from --kv-cache-gb)")
-    g.add_argument("--kv-cache-gb", type=float, default=1.0)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-prefill-tokens", type=int, default=512)
-    g.add_argument("--max-model-len", type=int, default=2048)
-    g.add_argument("--backend", default="auto", choices=["auto", "xla", "pallas", "cpu"],
+    g.add_argument("--dtype", default=C.dtype, choices=list(DTYPES))
+    g.add_argument("--page-size", type=int, default=C.page_size)
+    g.add_argument("--num-pages", type=int, default=C.num_pages,
+                   help="KV pool pages (default: from --kv-cache-gb)")
+    g.add_argument("--kv-cache-gb", type=float, default=C.kv_cache_gb)
+    g.add_argument("--max-num-seqs", type=int, default=C.max_num_seqs)
+    g.add_argument("--max-prefill-tokens", type=int, default=C.max_prefill_tokens)
+    g.add_argument("--max-model-len", type=int, default=C.max_model_len)
+    g.add_argument("--backend", default=C.backend, choices=["auto", "xla", "pallas", "cpu"],
                    help="device backend (jaxserve/backends): pallas = Pallas attention and LoRA "
                         "kernels; cpu = native XLA:CPU kernels; xla = plain XLA anywhere "
                         "(auto: pallas on GPU/TPU, cpu on CPU when its kernels build, else xla)")
-    g.add_argument("--layer-loop", default="auto", choices=["auto", "scan", "per-layer"],
+    g.add_argument("--layer-loop", default=C.layer_loop, choices=["auto", "scan", "per-layer"],
                    help="scan: one program per step; per-layer: one device call per layer "
                         "(auto: the backend's choice: per-layer for cpu without --tp)")
-    g.add_argument("--scheduler", default="fcfs",
+    g.add_argument("--scheduler", default=C.scheduler,
                    help="admission policy: fcfs, vtc, wvtc, vtc-oracle, vtc-predict, lcf, rpm")
     g.add_argument("--fair-weights", default=None, help="client=weight,... for weighted VTC")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices in the mesh)")
+    g.add_argument("--seed", type=int, default=C.seed)
+    g.add_argument("--tp", type=int, default=C.tp, help="tensor-parallel degree (devices in the mesh)")
     g.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() from JAX_COORDINATOR_ADDRESS, "
                         "JAX_NUM_PROCESSES, JAX_PROCESS_ID (or TPU/SLURM auto-detection)")
@@ -102,14 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="WARNING")
     sub = p.add_subparsers(dest="command", required=True)
 
+    from jaxserve.sampling_params import SamplingParams
     g = sub.add_parser("generate", help="generate text for one prompt")
     add_engine_arguments(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=64)        # longer than the API's default
+    g.add_argument("--temperature", type=float, default=0.0)    # greedy, unlike the API's default
+    g.add_argument("--top-k", type=int, default=SamplingParams.top_k)
+    g.add_argument("--top-p", type=float, default=SamplingParams.top_p)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--logprobs", action="store_true")

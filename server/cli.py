@@ -14,22 +14,24 @@ log = logging.getLogger("jaxserve.server")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from jaxserve.async_engine import AsyncEngineConfig   # defaults: the configs'
+    from server.config import ServerConfig
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--served-model-name", default=None,
+    g.add_argument("--host", default=ServerConfig.host)
+    g.add_argument("--port", type=int, default=ServerConfig.port)
+    g.add_argument("--served-model-name", default=ServerConfig.served_model_name,
                    help="the base model's id in the API (default: the checkpoint's name)")
     g.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                    help="adapters loaded at start-up (operator-chosen paths)")
-    g.add_argument("--lora-root", default=None, metavar="DIR",
+    g.add_argument("--lora-root", default=ServerConfig.lora_root, metavar="DIR",
                    help="allow runtime adapter loading (/v1/load_lora_adapter, lora_dir) only "
                         "from directories below DIR; without it runtime loading by path is off")
     g.add_argument("--api-keys", default=None, metavar="FILE",
                    help="one 'KEY [CLIENT [WEIGHT]]' per line; unknown keys get 401; CLIENT is "
                         "the fairness identity, WEIGHT its VTC weight")
-    g.add_argument("--max-waiting", type=int, default=512,
+    g.add_argument("--max-waiting", type=int, default=AsyncEngineConfig.max_waiting,
                    help="requests admitted but without a first token; beyond it: 429")
-    g.add_argument("--shutdown-grace", type=float, default=10.0,
+    g.add_argument("--shutdown-grace", type=float, default=AsyncEngineConfig.shutdown_grace_s,
                    help="seconds in-flight requests may finish on shutdown before being aborted")
 
 

@@ -5,16 +5,17 @@ import argparse
 
 
 def add_lora_arguments(p: argparse.ArgumentParser, per_request: bool = True) -> None:
+    from jaxserve.engine import EngineConfig as C   # defaults: the config's
     g = p.add_argument_group("LoRA adapters")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="register an adapter (PEFT or Orbax directory); repeatable")
     if per_request:
         g.add_argument("--adapter", default=None, metavar="NAME",
                        help="adapter to generate with (one registered with --lora)")
-    g.add_argument("--max-loras", type=int, default=None,
+    g.add_argument("--max-loras", type=int, default=C.max_loras,
                    help="cap on distinct adapters in one batch (default: none)")
-    g.add_argument("--max-lora-rank", type=int, default=64)
-    g.add_argument("--lora-max-pages", type=int, default=None,
+    g.add_argument("--max-lora-rank", type=int, default=C.max_lora_rank)
+    g.add_argument("--lora-max-pages", type=int, default=C.lora_max_pages,
                    help="cap on KV-pool pages adapters may hold (default: any free page)")
 
 
