@@ -39,6 +39,7 @@ from typing import Any, AsyncIterator, Callable, Protocol
 from jaxserve.admission import OVERLOAD, AdmissionError
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import Tokenizer
 
 log = logging.getLogger("jaxserve.async_engine")
 
@@ -54,6 +55,8 @@ class EngineError(Exception):
 
 
 class EngineLike(Protocol):
+    tokenizer: Tokenizer        # copied for the handlers (the engine thread keeps its own)
+
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                     client_id: str = ..., adapter: str | None = ...) -> None: ...
     def abort(self, request_id: str) -> None: ...

@@ -56,6 +56,8 @@ async def load_adapter(ctx: ServerContext, name: str, path: str) -> None:
 async def adapter_for_dir(ctx: ServerContext, lora_dir: str) -> str:
     """S-LoRA's `lora_dir`: the adapter already loaded from that directory, else load it (only
     below --lora-root) under its path relative to the root."""
+    if "\x00" in lora_dir:
+        raise bad("'lora_dir' must not contain NUL", "lora_dir")
     loaded = await ctx.adapters()
     real = os.path.realpath(lora_dir) if os.path.isabs(lora_dir) else None
     for name, path in loaded.items():

@@ -356,6 +356,10 @@ BAD = [
     ("/generate", {"inputs": "x", "parameters": []}, 400),
     ("/generate", {"inputs": "x", "parameters": {"max_new_tokens": -2}}, 400),
     ("/generate_stream", {"inputs": "x", "parameters": {"temperature": "x", "do_sample": True}}, 400),
+    ("/generate", {"inputs": "x", "lora_dir": "/a\x00b"}, 400),
+    ("/generate", {"inputs": "", "parameters": {"max_new_tokens": 2}}, 400),
+    ("/v1/completions", {"prompt": "x", "stop": ["s"] * 17}, 400),
+    ("/v1/completions", {"prompt": "x", "model": "fake-model:nope"}, 404),
 ]
 
 
