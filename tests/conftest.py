@@ -9,6 +9,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# No wall-clock limits in tests: a busy machine makes them slower, never failing. Hypothesis's
+# per-example deadline and its too-slow health check are both time limits.
+settings.register_profile("jaxserve", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("jaxserve")
 
 
 @pytest.fixture(scope="session")

@@ -66,9 +66,9 @@ class ServerThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def on_loop(self, coro, timeout: float = 120):
+    def on_loop(self, coro):
         """Run a coroutine on the server's loop (e.g. async_engine.stats()) and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def stats(self) -> dict:
         return self.on_loop(self.async_engine.stats())

@@ -315,7 +315,7 @@ def _fresh_process(env_extra, code):
     env.setdefault("JAX_PLATFORMS", "cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
-                          text=True, timeout=300)
+                          text=True)
 
 
 def test_build_into_cache_dir_and_failures(tmp_path):

@@ -135,7 +135,7 @@ def test_wrong_shape_in_checkpoint_is_named(tmp_path):
 def test_cli_errors_name_the_problem(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-m", "jaxserve.cli", "generate", "--model", str(tmp_path / "nope"),
-                        "--prompt", "hi"], capture_output=True, text=True, env=env, timeout=120)
+                        "--prompt", "hi"], capture_output=True, text=True, env=env)
     assert r.returncode == 2
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
 
@@ -147,7 +147,7 @@ def test_cli_generate_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jaxserve.cli", "generate", "--prompt", "Hello",
                         "--max-tokens", "4", "--json", "--max-model-len", "128", "--num-pages", "16",
                         "--max-num-seqs", "1"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(obj["token_ids"]) == 4 and isinstance(obj["text"], str)

@@ -1,6 +1,4 @@
 """VTC, LCF, RPM and make_policy: hand-computed unit tests of each rule in vtc.md."""
-import time
-
 import pytest
 
 from scheduler import FinishReason, RequestRejected, Scheduler, SchedulerConfig, Sequence
@@ -249,13 +247,38 @@ def test_factory_names_and_errors():
         make_policy("vtc", fair_weights={"a": 0.0})
 
 
-def test_admission_round_is_fast_with_many_clients():
-    # 1,000 clients and 10,000 waiting requests; the full benchmark is scripts/bench_scheduler.py.
+def test_admission_round_is_a_few_heap_operations_with_many_clients(monkeypatch):
+    # 1,000 clients and 10,000 waiting requests: an admission is a few O(log n) heap operations,
+    # never a pass over every client. Counted, not timed, so a busy machine cannot fail it; the
+    # timing benchmark is scripts/bench_scheduler.py.
+    import heapq
+    import types
+
+    from scheduler import counter_heap
     pol = VTCPolicy()
     for i in range(10_000):
         pol.add(seq(f"c{i % 1000}", n_p=1 + i % 97), 0.0)
-    t0 = time.perf_counter()
+    ops = {"heappush": 0, "heappop": 0, "heapify": 0}
+
+    def counted(name):
+        def op(*args):
+            ops[name] += 1
+            return getattr(heapq, name)(*args)
+        return op
+    monkeypatch.setattr(counter_heap, "heapq", types.SimpleNamespace(**{n: counted(n) for n in ops}))
+
+    class Clients(dict):   # counts passes over every client
+        def __iter__(self):
+            ops["scans"] = ops.get("scans", 0) + 1
+            return super().__iter__()
+
+        def values(self):
+            return [self[k] for k in self]
+
+        def items(self):
+            return [(k, self[k]) for k in self]
+    pol.clients = Clients(pol.clients)
     for _ in range(64):
         admit(pol)
-    per_admission = (time.perf_counter() - t0) / 64
-    assert per_admission < 1e-3, f"{per_admission * 1e6:.0f} us per admission"
+    assert ops["heapify"] == 0 and "scans" not in ops, ops
+    assert ops["heappush"] + ops["heappop"] <= 64 * 3, ops

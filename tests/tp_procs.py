@@ -1,7 +1,8 @@
 """Start tests/tp_check.py subprocesses (simulated 8-device CPU) and read their JSON results.
 
 A test module starts all its checks at once (`start_all`), so compiles overlap on the cores,
-then each test waits for its own (`result`)."""
+then each test waits for its own (`result`). No time limit: a check does a bounded amount of work
+(tp_check bounds its step loops), so a busy machine makes it slower, never failing."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ def result(*args: str) -> dict:
     key = tuple(args)
     start_all([key])
     if key not in _done:
-        out, err = _procs[key].communicate(timeout=600)
+        out, err = _procs[key].communicate()
         _done[key] = (_procs[key].returncode, out, err)
     rc, out, err = _done[key]
     assert rc == 0, err[-3000:]
