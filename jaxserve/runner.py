@@ -103,10 +103,8 @@ class ModelRunner:
                          slot_pages=built.slot_pages, slot_offsets=built.slot_offsets,
                          logits_index=built.logits_index)
         if built.lora is not None:
-            s = built.lora
-            step.lora_idx = s.idx
-            step.lora = LoraBatch(pages=s.pages, ranks=s.ranks, scales=s.scales,
-                                  modules=s.modules, max_rank=s.max_rank, mesh=self.backend.mesh)
+            step.lora_idx = built.lora.idx
+            step.lora = LoraBatch.from_slots(built.lora, self.backend.mesh)
         samp = SamplingInput(temperature=built.temperature, top_k=built.top_k, top_p=built.top_p,
                              seeds=built.seeds, counters=built.counters,
                              logprobs=np.bool_(built.want_logprobs))

@@ -28,6 +28,7 @@ def setup(tmp_path_factory):
     return root, base, models, engine
 
 
+@pytest.mark.slow
 def test_swap_under_pressure_all_correct_and_nothing_leaks(setup):
     _, base, models, engine = setup
     from jaxserve.sampling_params import SamplingParams
@@ -106,8 +107,10 @@ def test_step_shape_does_not_depend_on_distinct_adapters(setup):
         return SimpleNamespace(adapter_pages=pages, seqs=[SimpleNamespace(adapter=a) for a in names],
                                num_new_tokens=[1] * len(names))
 
-    idx1, one = engine.runner.lora.build(plan(["a0"] * 4), 4, 1, [0, 1, 2, 3])
-    idx2, mixed = engine.runner.lora.build(plan(["a0", "a1", "a2", None]), 4, 1, [0, 1, 2, 3])
+    from jaxserve.lora.pool import LoraBatch
+    s1 = engine.runner.lora.slots(plan(["a0"] * 4), 4, 1, [0, 1, 2, 3])
+    s2 = engine.runner.lora.slots(plan(["a0", "a1", "a2", None]), 4, 1, [0, 1, 2, 3])
+    (idx1, one), (idx2, mixed) = [(s.idx, LoraBatch.from_slots(s)) for s in (s1, s2)]
     shapes = lambda b: jax.tree.map(lambda x: x.shape, b)  # noqa: E731
     assert shapes(one) == shapes(mixed)
     assert (one.modules, one.max_rank) == (mixed.modules, mixed.max_rank) == (one.modules, 8)
@@ -156,6 +159,7 @@ def test_bf16_cached_slot_weights_update_changed_rows_exactly(setup):
     import numpy as np
     from types import SimpleNamespace
     from jaxserve.engine import EngineConfig, LLMEngine
+    from jaxserve.lora.pool import LoraBatch
     root, _, _, _ = setup
     engine = LLMEngine(EngineConfig(model=str(root / "base"), dtype="bfloat16", page_size=8,
                                     num_pages=120, max_num_seqs=4, max_prefill_tokens=32,
@@ -171,12 +175,13 @@ def test_bf16_cached_slot_weights_update_changed_rows_exactly(setup):
         plan = SimpleNamespace(adapter_pages={a: pages[a] for a in set(row_adapters) if a},
                                seqs=[SimpleNamespace(adapter=a) for a in row_adapters],
                                num_new_tokens=[1] * len(row_adapters))
-        return rt.build(plan, 4, 1, [0, 1, 2, 3])[1]
+        slots = rt.slots(plan, 4, 1, [0, 1, 2, 3])
+        return LoraBatch.from_slots(slots), slots.row_keys
 
-    rt.slot_weights(kv, batch(["a0", "a1", "a0", None]), cache=True)
+    rt.slot_weights(kv, *batch(["a0", "a1", "a0", None]), cache=True)
     before = rt.num_rows_gathered
-    new = batch(["a2", "a1", "a0", "a1"])            # rows 0 and 3 change
-    cached = rt.slot_weights(kv, new, cache=True)
+    new, keys = batch(["a2", "a1", "a0", "a1"])      # rows 0 and 3 change
+    cached = rt.slot_weights(kv, new, keys, cache=True)
     assert rt.num_rows_gathered - before == 2
     fresh = rt._gather(kv, new)
     stored = engine.runner.kv.k.dtype

@@ -51,6 +51,12 @@ class LoraBatch:
     # llama.lora_layer_inputs); None: the step gathers them itself
     weights: tuple | None = None
 
+    @classmethod
+    def from_slots(cls, slots, mesh=None) -> "LoraBatch":
+        """A step's host-built slots (jaxserve.step_builder.LoraSlots) as the step's input."""
+        return cls(pages=slots.pages, ranks=slots.ranks, scales=slots.scales,
+                   modules=slots.modules, max_rank=slots.max_rank, mesh=mesh)
+
 
 @dataclass(frozen=True)
 class PageLayout:
