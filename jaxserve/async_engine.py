@@ -10,7 +10,7 @@ A request's life through this module:
      answers the handler's admission future through `loop.call_soon_threadsafe`: either accepted
      or the engine's AdmissionError, which the server turns into a 4xx.
   3. While work remains the thread loops: drain commands (add, abort, calls), `engine.step()`,
-     then one `loop.call_soon_threadsafe(self._dispatch, outputs, t)` per step hands every
+     then one `loop.call_soon_threadsafe(self._deliver, outputs, t)` per step hands every
      RequestOutput of that step to the event loop, where each goes into its stream's queue with
      `put_nowait`. Nothing on either side polls.
   4. The handler iterates the stream (`async for out in stream`) until an output is finished.
@@ -253,7 +253,7 @@ class AsyncEngine:
             if not stream.engine_done:
                 self._commands.put(("abort", stream.request_id))
 
-    def _dispatch(self, outputs: list[RequestOutput], t_step: float, t_emit: float) -> None:
+    def _deliver(self, outputs: list[RequestOutput], t_step: float, t_emit: float) -> None:
         """On the event loop: route one step's outputs to their streams."""
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -376,7 +376,7 @@ class AsyncEngine:
                     if out.finished:
                         self._engine_ids.discard(out.request_id)
                 if outputs:
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs, t_step,
+                    self._loop.call_soon_threadsafe(self._deliver, outputs, t_step,
                                                     time.perf_counter())
         except BaseException as e:  # a bug in the engine: fail loudly, never hang clients
             log.exception("engine thread died")

@@ -3,7 +3,7 @@
 A load's life: the scheduler's `AdapterCache` picks pages and lists (name, pages) in the plan;
 `stage` packs the adapter on the host and starts the host-to-device copy (`jax.device_put` is
 asynchronous); `write` scatters it into the donated pool. Loads the step needs are written before
-the step is dispatched; prefetches (adapters of requests still waiting) after it, so their copy
+the step is launched; prefetches (adapters of requests still waiting) after it, so their copy
 overlaps the step and their scatter queues behind it instead of delaying it.
 """
 from __future__ import annotations
