@@ -9,6 +9,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from lora_helpers import make_base  # noqa: E402
 
+pytestmark = pytest.mark.slow   # the engine and HF transformers, each compiled/run twice
+
 
 def test_bench_compare_hf_writes_rates_and_ratios(tmp_path):
     from jaxserve.cli import main

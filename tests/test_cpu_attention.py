@@ -318,6 +318,7 @@ def _fresh_process(env_extra, code):
                           text=True)
 
 
+@pytest.mark.slow   # compiles the kernel
 def test_build_into_cache_dir_and_failures(tmp_path):
     """A fresh cache dir gets one .so (no temporary left behind) that a second process reuses;
     a missing compiler makes available() False with a logged reason instead of raising."""

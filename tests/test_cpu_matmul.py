@@ -322,6 +322,7 @@ def test_lm_head_two_rows_matches_xla_path(monkeypatch, tied):
     np.testing.assert_array_equal(np.asarray(jax.jit(head_off)(h)), np.asarray(ref))
 
 
+@pytest.mark.slow   # compiles the kernel
 def test_builds_into_cache_dir(tmp_path):
     """A fresh cache dir gets cpu_matmul-<key>.so (no temporary left behind)."""
     env = dict(os.environ, JAXSERVE_CACHE_DIR=str(tmp_path), JAX_PLATFORMS="cpu")

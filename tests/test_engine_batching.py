@@ -1,9 +1,12 @@
 """Continuous batching on the real default model: a prompt's greedy tokens do not depend on
 what else is in the batch, when it joins, or whether it was preempted and recomputed."""
 import numpy as np
+import pytest
 
 from jaxserve.engine import EngineConfig, LLMEngine
 from jaxserve.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow   # the real default model
 
 PROMPTS = [
     "The capital of France is",

@@ -13,6 +13,7 @@ from jaxserve.loader import CheckpointError, load_model
 from jaxserve.sampling_params import SamplingParams
 
 
+@pytest.mark.slow
 def test_stop_string_cuts_text_and_stop_token_stops(default_engine):
     greedy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     full = default_engine.generate(["Once upon a time"], greedy)[0]
@@ -29,6 +30,7 @@ def test_stop_string_cuts_text_and_stop_token_stops(default_engine):
     assert by_tok.token_ids == full.token_ids[:full.token_ids.index(tok) + 1]
 
 
+@pytest.mark.slow
 def test_eos_stops_unless_ignored(default_engine):
     prompt = default_engine.tokenizer.chat([{"role": "user", "content": "Say hi."}])
     out = default_engine.generate([prompt], SamplingParams(max_tokens=100, temperature=0.0))[0]
@@ -39,6 +41,7 @@ def test_eos_stops_unless_ignored(default_engine):
     assert ign.finish_reason == "length" and ign.token_ids[:len(out.token_ids)] == out.token_ids
 
 
+@pytest.mark.slow
 def test_logprobs_are_log_probabilities_of_greedy_choice(default_engine):
     out = default_engine.generate(["The sky is"], SamplingParams(max_tokens=5, temperature=0.0,
                                                                 logprobs=True))[0]
@@ -47,6 +50,7 @@ def test_logprobs_are_log_probabilities_of_greedy_choice(default_engine):
     assert np.all(lps <= 0) and np.all(lps > -20)
 
 
+@pytest.mark.slow
 def test_streamed_deltas_concatenate_to_text(default_engine):
     params = SamplingParams(max_tokens=20, temperature=0.0)
     default_engine.add_request("delta", "Translate to Japanese: good morning ->", params)
@@ -59,6 +63,7 @@ def test_streamed_deltas_concatenate_to_text(default_engine):
     assert final.text == default_engine.tokenizer.decode(final.token_ids, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_bad_requests_are_rejected_with_clear_errors(default_engine):
     e = default_engine
     with pytest.raises(AdmissionError, match="maximum context length") as long:
@@ -80,6 +85,7 @@ def test_bad_requests_are_rejected_with_clear_errors(default_engine):
     assert e.stats()["num_free_pages"] == e.stats()["num_total_pages"]
 
 
+@pytest.mark.slow
 def test_abort_frees_pages(default_engine):
     e = default_engine
     e.add_request("a1", "Tell me a long story about dragons.", SamplingParams(max_tokens=50))
@@ -140,6 +146,7 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_generate_json(tmp_path):
     from tests.tiny_models import make_hf_model
     make_hf_model("llama", tmp_path)

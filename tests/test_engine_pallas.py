@@ -1,11 +1,14 @@
 """The engine end to end on the Pallas attention path (interpret mode on CPU, tiny model):
 the same greedy tokens as the XLA path and as HF, for a batch that prefills in chunks and
 decodes across several pages."""
+import pytest
+
 from jaxserve.engine import EngineConfig, LLMEngine
 from jaxserve.sampling_params import SamplingParams
 from tests.lora_helpers import make_base, prompts, torch_greedy
 
 
+@pytest.mark.slow   # the Pallas kernels in interpret mode
 def test_pallas_attention_engine_matches_xla_and_hf(tmp_path):
     hf = make_base(tmp_path)
     batch = prompts(3, seed=7, lo=6, hi=20)

@@ -11,6 +11,8 @@ import pytest
 
 from jaxserve.engine import EngineConfig, LLMEngine
 
+pytestmark = pytest.mark.slow   # the real default model
+
 _spec = importlib.util.spec_from_file_location(
     "bench_fairness_engine", os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_fairness_engine.py"))
 bench = importlib.util.module_from_spec(_spec)

@@ -133,6 +133,7 @@ def test_last_page_edges(last_page, q_len):
        head_dim=st.sampled_from([64, 128]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
        window=st.one_of(st.none(), st.integers(1, 40)), pages_per_block=st.sampled_from([1, 2, 4]),
        num_splits=st.sampled_from([1, 3]))
+@pytest.mark.slow
 def test_random_shapes(seed, q_len, page_size, group, head_dim, dtype, window, pages_per_block,
                        num_splits):
     kw = dict(pages_per_block=pages_per_block)

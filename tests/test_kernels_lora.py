@@ -85,6 +85,7 @@ def test_kernel_mixed_ranks(kernel, dtype):
        out_dim=st.sampled_from([32, 64, 160]), num_slots=st.integers(1, 5),
        max_rank=st.sampled_from([16, 64, 128]), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
        tile=st.sampled_from([4, 8, 16]))
+@pytest.mark.slow
 def test_random_shapes(seed, kernel, tokens, in_dim, out_dim, num_slots, max_rank, dtype, tile):
     case = make_case(seed, tokens=tokens, in_dim=in_dim, out_dim=out_dim, num_slots=num_slots,
                      max_rank=max_rank, dtype=dtype)

@@ -60,6 +60,7 @@ def _check(refs, toks, lps):
         np.testing.assert_allclose(lp, ref_rows[np.arange(NUM_TOKENS), ref_toks], atol=ATOL)
 
 
+@pytest.mark.slow
 def test_mixed_batch_greedy_and_logprobs_match_peft(setup):
     _, _, _, engine, ps, refs = setup
     toks, lps = _run_mixed(engine, ps, MIX)

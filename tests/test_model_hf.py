@@ -90,6 +90,7 @@ def test_tiny_model_bfloat16_close_to_hf(tmp_path):
     assert np.abs(ours - ref).max() < 0.15 * max(1.0, np.abs(ref).max() / 5)
 
 
+@pytest.mark.slow
 def test_default_model_logits_match_hf(default_model, hf_default_model, default_engine):
     tok = default_engine.tokenizer
     words = ["river", "quantum", "bread", "seven", "mountain", "violin", "orbit", "garden"]
@@ -101,6 +102,7 @@ def test_default_model_logits_match_hf(default_model, hf_default_model, default_
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_default_model_greedy_64_tokens_match_hf(default_engine, hf_default_model):
     from jaxserve.sampling_params import SamplingParams
     tok = default_engine.tokenizer

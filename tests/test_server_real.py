@@ -19,6 +19,8 @@ from jaxserve.sampling_params import SamplingParams
 from server_harness import ServerThread, parse_sse, shared_real_engine
 from test_server_fake import http
 
+pytestmark = pytest.mark.slow   # the real default model behind the server
+
 PROMPT = "The capital of France is"
 
 

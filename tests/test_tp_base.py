@@ -18,7 +18,7 @@ CHECKS = [("greedy", "--model", "tiny9", "--tp", "2", "4", "8"),
           ("hlo", "--model", "tiny9", "--tp", "2", "8", "--batch", "4")]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def _checks():
     start_all(CHECKS)
     yield
@@ -58,6 +58,8 @@ def test_head_layout_pads_and_replicates():
         assert lay.is_identity == (got == (hq, hkv))
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("_checks")   # starts all CHECKS at the first
 def test_tiny_greedy_matches_tp1_padded_heads():
     """9 q / 3 KV heads (the default model's): padded to 12/4 at tp 2 and 4, 16/8 at tp 8."""
     res = result(*CHECKS[0])
@@ -66,6 +68,8 @@ def test_tiny_greedy_matches_tp1_padded_heads():
         (12, 4), (12, 4), (16, 8)]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("_checks")
 def test_tiny_greedy_matches_tp1_replicated_kv_heads():
     """8 q / 2 KV heads: KV heads replicated 2x (tp 4) and 4x (tp 8), no padding."""
     res = result(*CHECKS[1])
@@ -74,6 +78,8 @@ def test_tiny_greedy_matches_tp1_replicated_kv_heads():
         (8, 4), (8, 8)]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("_checks")
 def test_decode_step_collectives():
     """One decode step: the embedding's all-reduce, then per layer (the scan body appears once in
     HLO) one all-reduce after o and one after down, all [batch, 1, hidden]; one all-gather of the

@@ -6,6 +6,8 @@ import pytest
 from test_tp_base import assert_matches_tp1
 from tp_procs import result, start_all, stop_all
 
+pytestmark = pytest.mark.slow   # 8-device subprocesses, one on the real default model
+
 CHECKS = [("lora", "--heads", "9", "3", "--tp", "2", "4", "8"),   # padded heads
           ("lora", "--heads", "8", "2", "--tp", "8"),             # KV heads replicated 4x
           ("lora", "--model", "default", "--tp", "8", "--max-tokens", "4"),
