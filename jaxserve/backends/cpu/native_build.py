@@ -194,11 +194,11 @@ def status() -> dict[str, str | None]:
     return {name: lib.unavailable_reason() for name, lib in libraries().items()}
 
 
-def build_all(out=sys.stdout) -> int:
+def build_all(out=None) -> int:
     """Build every library into cache_dir() and print one line each: built, cached, or why not.
     0 when each is built or cleanly unavailable (switched off, no compiler); 1 if a build
     failed."""
-    failed = False
+    out, failed = out or sys.stdout, False
     for name, lib in libraries().items():
         if (reason := _switched_off()) is not None:
             print(f"{name}: not built ({reason})", file=out)
