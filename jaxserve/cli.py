@@ -79,7 +79,7 @@ def _cmd_generate(args) -> int:
                             ignore_eos=args.ignore_eos, logprobs=args.logprobs)
     engine = LLMEngine(engine_config_from_args(args))
     adapter = register_loras(engine, args)
-    prompt = engine.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    prompt = engine.tokenizer.chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     out = engine.generate([prompt], params, adapter=adapter)[0]
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,

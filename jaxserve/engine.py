@@ -141,10 +141,6 @@ class LLMEngine:
         self.output.add(request_id, seq, params)
         self.num_prompt_tokens_total += seq.num_prompt_tokens
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """For offline callers (the CLI); the template is applied by `Tokenizer.chat`."""
-        return self.tokenizer.chat(messages)
-
     def abort(self, request_id: str) -> None:
         seq = self.output.pop(request_id)
         if seq is not None:

@@ -35,7 +35,7 @@ def srv():
 
 @pytest.fixture(scope="module")
 def client(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="test-key", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="test-key", max_retries=0, timeout=None)
 
 
 def engine_generate(srv, prompt, params: SamplingParams):
@@ -150,7 +150,7 @@ def test_load_64_streams_with_disconnects(srv):
 
     async def main():
         stop = asyncio.Event()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as sess:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as sess:
             poller = asyncio.create_task(poll_health(sess, stop))
             t0 = time.perf_counter()
             results = await asyncio.gather(*(one(sess, i) for i in range(num_clients)))
@@ -174,10 +174,11 @@ def test_load_64_streams_with_disconnects(srv):
         completed += 1
     assert completed == num_clients - num_clients // dropped_every   # no request lost
     assert health and set(health) == {200}
-    deadline = time.time() + 30
-    while True:  # aborts are asynchronous: give the engine thread a moment
+    # Aborts are asynchronous; a dropped request the server has not noticed yet still ends by
+    # itself within its max_tokens, so this loop ends after bounded engine work.
+    while True:
         stats = srv.stats()
-        if stats["num_free_pages"] == stats["num_total_pages"] or time.time() > deadline:
+        if stats["num_free_pages"] == stats["num_total_pages"]:
             break
         time.sleep(0.1)
     assert stats["num_free_pages"] == stats["num_total_pages"], stats
@@ -214,7 +215,7 @@ def test_fuzz_real_tokenizer_and_template_no_5xx(srv, kind, text, role, extra):
                                               "max_tokens": 1, **extra}
     else:
         path, body = "/generate", {"inputs": text, "parameters": {"max_new_tokens": 1, **extra}}
-    st_, b = http(srv.url, path, body, timeout=120)
+    st_, b = http(srv.url, path, body)
     assert st_ < 500, (body, b)
 
 

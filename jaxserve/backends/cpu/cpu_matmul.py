@@ -19,7 +19,7 @@ has no partitioning rule, so keep it out of sharded (tensor-parallel) programs.
 Built at install time like cpu_attention (native_build: `jaxserve build-kernels`, into
 `$JAXSERVE_CACHE_DIR` as `cpu_matmul-<key>.so`). `available()` never raises; it is False with
 JAXSERVE_CPU_KERNELS=0, off the CPU backend, without a compiler, or if the build fails.
-llama._proj / llama.lm_head use these when `use_for` says so (see ROW_RANGES).
+The CPU backend (backend.py) uses these when `use_for` says so (see ROW_RANGES).
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class AmxPacked:
     """A bfloat16 weight W [K, N] stored for the AMX kernel (see cpu_matmul.cc):
     data [ceil(N/32), ceil(K/32), 2, 16, 32], data[s, kb, t, p, 2n + e] = W[32kb + 2p + e,
     32s + 16t + n] (zero-padded). A pytree (data is the leaf; K and N are static), so it can
-    stand in for W in a weights tree passed through jit. llama._proj and lm_head take it."""
+    stand in for W in a params tree passed through jit; the CPU backend's matmul takes it."""
 
     def __init__(self, data, k: int, n: int):
         self.data, self.k, self.n = data, int(k), int(n)
