@@ -96,8 +96,8 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_build_kernels(args) -> int:
-    from jaxserve.backends.cpu import native_build
-    return native_build.build_all()
+    from jaxserve.backends.cpu import build_kernels
+    return build_kernels()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,7 +55,11 @@ class XlaBackend:
     def describe(self) -> str:
         tp = f", tp={self.tp}" if self.mesh is not None else ""
         return (f"{self.name} backend on {jax.default_backend()} ({self.dtype.name}, "
-                f"layers: {self.layer_loop}{tp}): attention and LoRA in plain XLA")
+                f"layers: {self.layer_loop}{tp}): {self.kernels()}")
+
+    def kernels(self) -> str:
+        """What computes attention, LoRA and the matmuls, in words."""
+        return "attention and LoRA in plain XLA"
 
     # -- storage -------------------------------------------------------------------------------
     def pool_dtype(self):

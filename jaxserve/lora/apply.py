@@ -43,14 +43,15 @@ def lora_by_row_xla(x, a, b, ranks, scales):
     return y.astype(x.dtype)
 
 
-def gathered_lora(x, a, b, idx, ranks, scales, *, impl: str = "xla", interpret: bool = False):
+def gathered_lora(x, a, b, idx, ranks, scales, *, impl: str = "xla", interpret: bool = False,
+                  backend: str | None = None):
     """Per-token gathered LoRA on flat tokens x [T, in] (the Pallas kernels' interface; impl
     "xla" is pallas_kernels.lora's plain per-token gather)."""
     if impl not in IMPLS:
         raise ValueError(f"LoRA impl must be one of {IMPLS}, got {impl!r}")
     from pallas_kernels.lora import gathered_lora as kernel
     a, b = _mask_rows(a, b, ranks)
-    return kernel(x, a, b, idx, ranks, scales, impl=impl, interpret=interpret)
+    return kernel(x, a, b, idx, ranks, scales, impl=impl, interpret=interpret, backend=backend)
 
 
 def gather_all_layers(cfg, lora: LoraBatch, k_pool, v_pool) -> tuple:

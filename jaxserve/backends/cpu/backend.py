@@ -15,6 +15,8 @@ Unsharded only: the custom calls have no partitioning rule.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -43,15 +45,16 @@ class CpuBackend(XlaBackend):
         self.amx = (self.dtype == jnp.bfloat16 and layer_loop == "per-layer"
                     and cpu_matmul.amx_available())
 
-    def describe(self) -> str:
+    def kernels(self) -> str:
         mm = ("AMX tile matmuls (bf16), small-M native matmuls" if self.amx else
               "small-M native matmuls" if self.matmul_kernels else
               f"XLA matmuls (native: {cpu_matmul.unavailable_reason()})")
-        amx_note = "" if self.amx or self.dtype != jnp.bfloat16 else (
-            "; AMX unused: " + ("no AMX on this CPU" if self.matmul_kernels else "no kernels")
-            if self.layer_loop == "per-layer" else "; AMX needs --layer-loop per-layer")
-        return (f"cpu backend ({self.dtype.name}, layers: {self.layer_loop}): native decode "
-                f"attention, {mm}{amx_note}")
+        amx_note = "" if self.amx or self.dtype != jnp.bfloat16 else "; AMX unused: " + (
+            "needs --layer-loop per-layer" if self.layer_loop != "per-layer" else
+            "no native kernels" if not self.matmul_kernels else
+            "JAXSERVE_CPU_AMX=0" if os.environ.get("JAXSERVE_CPU_AMX", "1") == "0" else
+            "this CPU has no AMX")
+        return f"native decode attention, {mm}{amx_note}"
 
     def pool_dtype(self):
         return jnp.uint16 if self.dtype == jnp.bfloat16 else self.dtype
