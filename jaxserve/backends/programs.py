@@ -40,6 +40,12 @@ def _embed(cfg, params: Params, step: StepInput):
     return llama.embed(params, step), llama.step_rope(cfg, step), step
 
 
+def _top(params: Params) -> Params:
+    """The params the embedding and head calls read: without the layers (a call's host cost
+    grows with the arrays it is passed)."""
+    return dataclasses.replace(params, layers=None)
+
+
 def _head(cfg, backend, params: Params, x, step: StepInput):
     return llama.head(params, cfg, backend, x, step)
 
@@ -54,13 +60,14 @@ class _LayerByLayer:
         self.layer_ids = layer_ids
 
     def __call__(self, params: Params, kv, step, samp):
-        x, rope, meta = self.embed(params, dataclasses.replace(step, lora=None))
+        top = _top(params)
+        x, rope, meta = self.embed(top, dataclasses.replace(step, lora=None))
         # On device once, not once per layer call.
         lora = None if step.lora is None else jax.device_put(step.lora)
         step = dataclasses.replace(meta, rope=rope, lora=lora)
         for lp, i in zip(params.layers, self.layer_ids):
             x, kv = self.layer(lp, x, kv, i, step)
-        tokens, logprobs = self.sample(self.logits(params, x, step), samp)
+        tokens, logprobs = self.sample(self.logits(top, x, step), samp)
         return tokens, logprobs, kv
 
 
@@ -96,13 +103,13 @@ class StepPrograms:
     def compile(self, params: Params, kv: KVPages, step: StepInput, samp: SamplingInput):
         if self.backend.layer_loop == "scan":
             return self._step.lower(params, kv, step, samp).compile()
-        bare = dataclasses.replace(step, lora=None)
-        x, rope, _ = jax.eval_shape(self._embed, params, bare)
+        bare, top = dataclasses.replace(step, lora=None), _top(params)
+        x, rope, _ = jax.eval_shape(self._embed, top, bare)
         lstep = dataclasses.replace(step, rope=rope)   # as _LayerByLayer passes it on
-        logits = jax.eval_shape(self._logits, params, x, lstep)
+        logits = jax.eval_shape(self._logits, top, x, lstep)
         return _LayerByLayer(
-            self._embed.lower(params, bare).compile(),
+            self._embed.lower(top, bare).compile(),
             self._layer.lower(params.layers[0], x, kv, self._layer_ids[0], lstep).compile(),
-            self._logits.lower(params, x, lstep).compile(),
+            self._logits.lower(top, x, lstep).compile(),
             self._sample.lower(logits, samp).compile(),
             self._layer_ids)
