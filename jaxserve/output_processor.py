@@ -1,9 +1,9 @@
 """The output processor: each step's new tokens -> RequestOutputs, and every finish decision.
 
 For each sequence that got a token this step:
-  1. max_tokens reached -> LENGTH (admission made prompt + max_tokens fit the context, so this
-     is also the context limit); else EOS (unless ignore_eos) or a stop token -> STOP, and that
-     token's text is not shown;
+  1. EOS (unless ignore_eos) or a stop token -> STOP, and that token's text is not shown; else
+     max_tokens reached -> LENGTH (admission made prompt + max_tokens fit the context, so this
+     is also the context limit);
   2. the token is detokenized incrementally; a stop string in the text -> STOP, the text is cut
      there (after the string with include_stop_str_in_output);
   3. a tail that may still grow into a stop string is held back; the rest is the text delta.
@@ -79,10 +79,11 @@ class OutputProcessor:
         seq, p = req.seq, req.params
         tok = seq.output_token_ids[-1]
         reason, shown = None, True
-        if seq.num_output_tokens >= seq.max_tokens:
-            reason = FinishReason.LENGTH
-        elif (tok in self.tokenizer.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        # As vLLM: an EOS or stop token wins over the length limit it also reaches.
+        if (tok in self.tokenizer.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             reason, shown = FinishReason.STOP, False
+        elif seq.num_output_tokens >= seq.max_tokens:
+            reason = FinishReason.LENGTH
         if shown:
             req.text += req.detok.step(seq.token_ids)
         cut = self._find_stop(req) if p.stop else None

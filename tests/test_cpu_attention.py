@@ -34,6 +34,7 @@ from jaxserve.backends.cpu import cpu_attention
 from jaxserve.backends.cpu.backend import CpuBackend
 from jaxserve.config import ModelConfig
 from jaxserve.model.kv_cache import KVPages, StepInput, stored
+from marks import fast_subset
 from pallas_kernels.paged_attention import paged_attention_ref
 from test_kernels_attention import fresh_seed, make_case
 
@@ -105,7 +106,7 @@ GRID = [
 ]
 
 
-@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", GRID)
+@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", fast_subset(GRID, 3))
 def test_decode_grid(page_size, hkv, group, head_dim, dtype, window):
     run_case(fresh_seed(), dtype=dtype, window=window, num_kv_heads=hkv, group=group,
              head_dim=head_dim, page_size=page_size, max_pages=6)
@@ -337,7 +338,7 @@ def test_build_into_cache_dir_and_failures(tmp_path):
     assert "no C++ compiler" in r.stderr
 
 
-@pytest.mark.parametrize("head_dim", [8, 64])
+@pytest.mark.parametrize("head_dim", fast_subset([8, 64], 1))
 def test_engine_greedy_matches_xla(tmp_path, head_dim):
     """End to end (tiny GQA Llama, chunked prefill, decode across pages): the engine on backend
     'cpu' (native decode attention and matmuls) gives the XLA backend's greedy tokens, and

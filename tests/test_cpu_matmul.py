@@ -41,6 +41,7 @@ from jaxserve.lora.apply import NoLora
 from jaxserve.model import llama
 from jaxserve.model.kv_cache import StepInput
 from jaxserve.model.norms import rms_norm
+from marks import fast_subset
 from jaxserve.model.params import GATE_UP, Linear, Params
 from jaxserve.model.weights import cast
 
@@ -81,7 +82,7 @@ ROWS = [1, 2, 3, 5, 8, 17]
 SHAPES = [(576, 960), (100, 37), (1536, 576), (7, 3), (64, 200)]   # (K, N)
 
 
-@pytest.mark.parametrize("K,N", SHAPES)
+@pytest.mark.parametrize("K,N", fast_subset(SHAPES, 2))
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("w_dtype", [jnp.bfloat16, jnp.float32])
 def test_matches_reference(K, N, x_dtype, w_dtype):
@@ -392,7 +393,7 @@ def backend_logits(cfg, backend, params, ids_chunks, page_size=4, seed=0):
 
 
 @pytest.mark.parametrize("layer_loop", ["scan", "per-layer"])
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", fast_subset([False, True], 1))
 def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied, layer_loop):
     """End to end: a tiny bf16 Llama on the CPU backend run as a 9-token prefill then one token
     per step (1 row: every projection and the LM head of those steps take the kernel, inside the

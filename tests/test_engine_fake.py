@@ -59,6 +59,10 @@ def test_stop_token_and_eos_stop_without_their_text():
     assert outs[-1].finish_reason == "stop" and outs[-1].token_ids[-1] == 0
     outs = run(e, "ign", "hello", SamplingParams(max_tokens=4, ignore_eos=True))
     assert outs[-1].finish_reason == "length" and 0 in outs[-1].token_ids
+    # EOS as the last allowed token: "stop", as vLLM reports it, and its text is not shown
+    outs = run(e, "last", "hello", SamplingParams(max_tokens=3))
+    assert outs[-1].finish_reason == "stop" and outs[-1].token_ids[-1] == 0
+    assert len(outs[-1].token_ids) == 3 and outs[-1].text == expected_text("hello", 2)
 
 
 def _emit_at(run_fn, k: int, token: int):

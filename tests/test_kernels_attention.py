@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from marks import fast_subset
 from pallas_kernels import paged_attention as pa
 
 GARBAGE = 1e3
@@ -105,14 +106,14 @@ GRID = [
 ]
 
 
-@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", GRID)
+@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", fast_subset(GRID, 2))
 def test_decode_grid(page_size, hkv, group, head_dim, dtype, window):
     check(fresh_seed(), dtype=dtype, sliding_window=window, batch=4, q_len=1, num_kv_heads=hkv,
           group=group, head_dim=head_dim, page_size=page_size, max_pages=6,
           kernel_kw=dict(pages_per_block=2, num_splits=2))
 
 
-@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", GRID)
+@pytest.mark.parametrize("page_size,hkv,group,head_dim,dtype,window", fast_subset(GRID, 2))
 def test_prefill_grid(page_size, hkv, group, head_dim, dtype, window):
     check(fresh_seed(), dtype=dtype, sliding_window=window, batch=3, q_len=9, num_kv_heads=hkv,
           group=group, head_dim=head_dim, page_size=page_size, max_pages=5,
@@ -120,7 +121,7 @@ def test_prefill_grid(page_size, hkv, group, head_dim, dtype, window):
 
 
 @pytest.mark.parametrize("last_page", ["full", "empty", "one"])
-@pytest.mark.parametrize("q_len", [1, 6])
+@pytest.mark.parametrize("q_len", fast_subset([1, 6], 1))
 def test_last_page_edges(last_page, q_len):
     check(fresh_seed(), dtype=jnp.float32, batch=3, q_len=q_len, num_kv_heads=2, group=2,
           head_dim=64, page_size=8, max_pages=4, last_page=last_page,
@@ -230,10 +231,10 @@ def test_tpu_kernel_lowers_for_mosaic(q_len, head_dim, dtype):
 # --------------------------------------------------------------------------- TPU kernel, simulated
 # TPU interpret mode runs the Mosaic kernel's DMAs, semaphores and SMEM/VMEM on CPU.
 
-@pytest.mark.parametrize("q_len,page_size,group,dtype,window", [
+@pytest.mark.parametrize("q_len,page_size,group,dtype,window", fast_subset([
     (1, 8, 4, jnp.float32, None),
     (7, 16, 2, jnp.bfloat16, 11),
-])
+], 1))
 def test_tpu_kernel_interpret(q_len, page_size, group, dtype, window):
     from jax.experimental.pallas import tpu as pltpu
     from pallas_kernels.paged_attention_tpu import paged_attention_tpu
