@@ -23,6 +23,8 @@ CASES = {
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
     "mistral": ("mistral", {"sliding_window": 7}),
     "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-bias": ("qwen3", {"attention_bias": True}),
 }
 
 
@@ -87,7 +89,7 @@ def test_config_fields(tiny):
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
         c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim)
     assert cfg.qkv_bias == (c.model_type == "qwen2" or getattr(c, "attention_bias", False))
-    assert cfg.o_bias == (c.model_type == "llama" and c.attention_bias)
+    assert cfg.o_bias == (c.model_type in ("llama", "qwen3") and c.attention_bias)
     window = c.sliding_window if c.model_type == "mistral" else None
     assert cfg.layer_windows in ((), (window,) * cfg.num_layers)
     assert cfg.sliding_window == window

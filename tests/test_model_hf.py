@@ -62,6 +62,8 @@ CASES = {
     "llama-tied": {"tie_word_embeddings": True},
     "mistral-window": {"sliding_window": 7},
     "qwen2": {},
+    "qwen3": {},                  # per-head q/k RMSNorm before RoPE
+    "qwen3-bias": {"attention_bias": True},
 }
 
 

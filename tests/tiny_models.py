@@ -5,12 +5,12 @@ import torch
 
 
 def make_hf_model(kind: str, path, seed: int = 0, **overrides):
-    """Create a tiny random {llama, mistral, qwen2} model with GQA, save it to `path` as
+    """Create a tiny random {llama, mistral, qwen2, qwen3} model with GQA, save it to `path` as
     safetensors, and return the torch model (fp32, eval mode)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
     cfg_cls, model_cls = classes[kind]
     kw = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,

@@ -56,8 +56,10 @@ def _layer(cfg: ModelConfig, backend, step: StepInput, x, kv: KVPages, lp: Layer
     lora = layer_lora(cfg, step.lora, step.lora_idx, kv, layer, lora_xs, backend.lora_delta)
     with jax.named_scope("attention"):
         q, k, v = lora.project(QKV, x, lp.qkv, (lp.attn_norm, eps), backend.linear)
-        q = apply_rope(q.reshape(B, T, cfg.num_heads, D), step.rope)
-        k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, D), step.rope)
+        q, k = q.reshape(B, T, cfg.num_heads, D), k.reshape(B, T, cfg.num_kv_heads, D)
+        if lp.q_norm is not None:    # the family has per-head q/k norms (a static fact)
+            q, k = rms_norm(q, lp.q_norm, eps), rms_norm(k, lp.k_norm, eps)
+        q, k = apply_rope(q, step.rope), apply_rope(k, step.rope)
         kv = backend.write_kv(kv, layer, k.reshape(B * T, cfg.num_kv_heads, D),
                               v.reshape(B * T, cfg.num_kv_heads, D), step)
         attn = backend.attention(q, kv, layer, step, scale=D ** -0.5,

@@ -51,6 +51,8 @@ class LayerParams:
     mlp_norm: jax.Array    # [H]
     gate_up: Linear        # parts gate, up: [H -> I, I]
     down: Linear           # [I -> H]
+    q_norm: jax.Array | None = None   # [D] per-head RMSNorm of q, k before RoPE (None: none)
+    k_norm: jax.Array | None = None   # [D]
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +86,8 @@ def from_weights(weights: Weights, fuse: bool) -> Params:
         o=_linear((lw.wo,), (lw.bo,), fuse),
         mlp_norm=lw.mlp_norm,
         gate_up=_linear((lw.w_gate, lw.w_up), (None, None), fuse),
-        down=_linear((lw.w_down,), (None,), fuse))
+        down=_linear((lw.w_down,), (None,), fuse),
+        q_norm=lw.q_norm, k_norm=lw.k_norm)
     return Params(embed=weights.embed, layers=layers, final_norm=weights.final_norm,
                   lm_head=weights.lm_head)
 

@@ -35,6 +35,8 @@ class LayerWeights:
     bk: jax.Array | None = None  # [L, Hkv*D]
     bv: jax.Array | None = None  # [L, Hkv*D]
     bo: jax.Array | None = None  # [L, H]     (Llama attention_bias)
+    q_norm: jax.Array | None = None  # [L, D]  RMSNorm of each query head before RoPE (Qwen3)
+    k_norm: jax.Array | None = None  # [L, D]  the same for each key head
 
 
 @jax.tree_util.register_dataclass

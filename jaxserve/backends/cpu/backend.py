@@ -15,6 +15,7 @@ Unsharded only: the custom calls have no partitioning rule.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -69,10 +70,9 @@ class CpuBackend(XlaBackend):
                 return p
             return Linear(w=cpu_matmul.pack_amx(p.w), b=p.b, sizes=p.sizes)
 
-        layers = tuple(
-            type(lp)(attn_norm=lp.attn_norm, qkv=pack(lp.qkv), o=pack(lp.o),
-                     mlp_norm=lp.mlp_norm, gate_up=pack(lp.gate_up), down=pack(lp.down))
-            for lp in params.layers)
+        layers = tuple(dataclasses.replace(lp, qkv=pack(lp.qkv), o=pack(lp.o),
+                                           gate_up=pack(lp.gate_up), down=pack(lp.down))
+                       for lp in params.layers)
         lm_head = params.lm_head
         if lm_head is None and params.embed.dtype == jnp.bfloat16:
             # The tied head gets a packed embed^T (embed stays for the token lookup and for

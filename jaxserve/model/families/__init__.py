@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 
 from jaxserve.model.families.base import AXIS_SIZES, Family, WeightSpec, hf_common_fields
 from jaxserve.model.families.llama import LLAMA
+from jaxserve.model.families.qwen3 import QWEN3
 
 if TYPE_CHECKING:
     from jaxserve.config import ModelConfig
 
-FAMILIES: tuple[Family, ...] = (LLAMA,)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN3)
 
 # Every PEFT module any family adapts, in one order: the engine's per-module tables
 # (adapter ranks and scales, the LoRA pool's pages) are indexed by it.
