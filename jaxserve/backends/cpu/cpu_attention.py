@@ -11,7 +11,7 @@ The shared library is built at install time by native_build (`jaxserve build-ker
 
 `available()` says whether the kernel can be used (never raises; logs the reason once when not):
 it is False with JAXSERVE_CPU_KERNELS=0 (or false/no/off), off the CPU backend, without a
-compiler, or if the build or load fails. attention.resolve_impl("auto") uses it on CPU.
+compiler, or if the build or load fails. `jaxserve.backends.select("auto")` uses it on CPU.
 """
 from __future__ import annotations
 
