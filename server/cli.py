@@ -108,6 +108,8 @@ def run(args) -> int:
     log.warning("loading %s ...", engine_cfg.model or "the embedded default model")
     engine = LLMEngine(engine_cfg)
     app = create_app(AsyncEngine(engine, async_cfg), server_cfg)
+    backend = engine.runner.backend
+    print(f"jaxserve: {backend.describe()} [{backend.why}]", file=sys.stderr, flush=True)
     print(f"jaxserve: serving {engine.model_name} on http://{server_cfg.host}:{server_cfg.port} "
           f"(OpenAI API under /v1)", file=sys.stderr, flush=True)
     # SIGINT/SIGTERM -> aiohttp's graceful shutdown, which runs AsyncEngine.shutdown.

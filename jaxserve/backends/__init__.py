@@ -56,5 +56,6 @@ def select(name: str, cfg, dtype, *, tp: int = 1, layer_loop: str = "auto",
         backend = PallasBackend(cfg, dtype, mesh=mesh, layer_loop=layer_loop, interpret=interpret)
     else:
         backend = XlaBackend(cfg, dtype, mesh=mesh, layer_loop=layer_loop)
+    backend.why = why
     log.info("%s [%s]", backend.describe(), why)
     return backend

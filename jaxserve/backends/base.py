@@ -47,6 +47,7 @@ class XlaBackend:
         if layer_loop == "per-layer" and mesh is not None:
             raise ValueError("layer_loop 'per-layer' runs unsharded; use 'scan' with tp > 1")
         self.cfg, self.dtype, self.mesh, self.layer_loop = cfg, jnp.dtype(dtype), mesh, layer_loop
+        self.why = "constructed directly"    # why this backend runs (set by select)
         self.tp = 1 if mesh is None else mesh.shape[sharding.TP]
         # the model as run on the mesh: heads padded or replicated to divide tp
         self.run_config = cfg if mesh is None else sharding.head_layout(cfg, self.tp).config
