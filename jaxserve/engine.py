@@ -119,14 +119,12 @@ class LLMEngine:
 
     def _make_runner(self, weights, num_pages: int) -> ModelRunner:
         config = self.config
-        runner = ModelRunner(
+        return ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
             max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=config.backend,
             tp=config.tp, layer_loop=config.layer_loop,
             lora=LoraRuntime(self.loras))
-        log.info("runner: %s backend", runner.backend.name)
-        return runner
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams, *,

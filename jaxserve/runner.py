@@ -158,15 +158,6 @@ class ModelRunner:
         shapes = ([(False, b.decode_rows_bucket(n), 1) for n in decode_batches]
                   + [(True, 1, b.prefill_tokens_bucket(t)) for t in prefill_tokens])
         for is_prefill, B, T in shapes:
-            built = BuiltStep(
-                is_prefill=is_prefill, seqs=[], rows=[], samples=[],
-                tokens=np.zeros((B, T), np.int32), positions=np.full((B, T), -1, np.int32),
-                block_tables=np.zeros((B, P), np.int32), kv_lens=np.zeros((B,), np.int32),
-                slot_pages=np.zeros((B * T,), np.int32), slot_offsets=np.zeros((B * T,), np.int32),
-                logits_index=np.zeros((B,), np.int32), temperature=np.zeros((B,), np.float32),
-                top_k=np.zeros((B,), np.int32), top_p=np.ones((B,), np.float32),
-                seeds=np.zeros((B,), np.uint32), counters=np.zeros((B,), np.int32),
-                want_logprobs=False)
-            self._launch(built)
+            self._launch(BuiltStep.empty(is_prefill, B, T, P))
         jax.block_until_ready(self.kv.k)
         return time.perf_counter() - t0

@@ -107,6 +107,20 @@ class BuiltStep:
     want_logprobs: bool
     lora: LoraSlots | None = None
 
+    @classmethod
+    def empty(cls, is_prefill: bool, B: int, T: int, P: int) -> "BuiltStep":
+        """A call of shape (B, T, P) holding only padding: every row greedy, every token written
+        to the null page; build_call fills in its sequences (warm-up runs it as it is)."""
+        return cls(
+            is_prefill=is_prefill, seqs=[], rows=[], samples=[],
+            tokens=np.zeros((B, T), np.int32), positions=np.full((B, T), -1, np.int32),
+            block_tables=np.zeros((B, P), np.int32), kv_lens=np.zeros((B,), np.int32),
+            slot_pages=np.zeros((B * T,), np.int32), slot_offsets=np.zeros((B * T,), np.int32),
+            logits_index=np.zeros((B,), np.int32), temperature=np.zeros((B,), np.float32),
+            top_k=np.zeros((B,), np.int32), top_p=np.ones((B,), np.float32),
+            seeds=np.zeros((B,), np.uint32), counters=np.zeros((B,), np.int32),
+            want_logprobs=False)
+
     @property
     def shape(self) -> tuple:
         """The bucket: (kind, B, T, P[, LoRA rank bucket, modules])."""
@@ -183,16 +197,10 @@ class StepBuilder:
         # The block table covers the whole request (pages are allocated for the full prompt at
         # admission), which can be longer than this step's chunk.
         P = self.pages_bucket(max(len(seq.block_table) for seq in seqs))
-        out = BuiltStep(
-            is_prefill=plan.is_prefill, seqs=idx, rows=rows,
-            samples=[plan.samples(i) for i in idx],
-            tokens=np.zeros((B, T), np.int32), positions=np.full((B, T), -1, np.int32),
-            block_tables=np.zeros((B, P), np.int32), kv_lens=np.zeros((B,), np.int32),
-            slot_pages=np.zeros((B, T), np.int32), slot_offsets=np.zeros((B, T), np.int32),
-            logits_index=np.zeros((B,), np.int32), temperature=np.zeros((B,), np.float32),
-            top_k=np.zeros((B,), np.int32), top_p=np.ones((B,), np.float32),
-            seeds=np.zeros((B,), np.uint32), counters=np.zeros((B,), np.int32),
-            want_logprobs=any(seq.sampling.logprobs for seq in seqs))
+        out = BuiltStep.empty(plan.is_prefill, B, T, P)
+        out.seqs, out.rows, out.samples = idx, rows, [plan.samples(i) for i in idx]
+        out.want_logprobs = any(seq.sampling.logprobs for seq in seqs)
+        slot_pages, slot_offsets = out.slot_pages.reshape(B, T), out.slot_offsets.reshape(B, T)
         for seq, i, st, k in zip(seqs, rows, starts, chunks):
             pos = np.arange(st, st + k)
             table = np.asarray(seq.block_table, np.int32)
@@ -200,14 +208,13 @@ class StepBuilder:
             out.positions[i, :k] = pos
             out.block_tables[i, :len(table)] = table
             out.kv_lens[i] = st + k
-            out.slot_pages[i, :k] = table[pos // S]
-            out.slot_offsets[i, :k] = pos % S
+            slot_pages[i, :k] = table[pos // S]      # views of the flat [B*T] arrays
+            slot_offsets[i, :k] = pos % S
             out.logits_index[i] = k - 1
             p = seq.sampling
             out.temperature[i], out.top_k[i], out.top_p[i] = p.temperature, p.top_k, p.top_p
             out.seeds[i] = p.seed
             out.counters[i] = seq.num_output_tokens
-        out.slot_pages, out.slot_offsets = out.slot_pages.reshape(-1), out.slot_offsets.reshape(-1)
         if self.lora is not None and plan.adapter_pages:
             sub = plan if len(idx) == len(plan.seqs) else StepPlan(
                 is_prefill=plan.is_prefill, seqs=seqs, num_new_tokens=chunks,
