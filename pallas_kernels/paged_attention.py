@@ -2,31 +2,43 @@
 
 Layout (see jaxserve/model/attention.py):
   q:            [batch, q_len, num_q_heads, head_dim]
-  k/v_pages:    [num_kv_heads, num_pages, page_size, head_dim]
+  k/v_pages:    [layers, num_kv_heads, num_pages, page_size, head_dim] with `layer` (an int32
+                scalar, may be traced): the stacked pool of every layer, read in place; or one
+                layer's [num_kv_heads, num_pages, page_size, head_dim]
   block_tables: [batch, max_pages] int32 (unused entries -> page 0)
   kv_lens:      [batch] int32
   q_positions:  [batch, q_len] int32, -1 = padding query (its output is zeros)
 
 How the kernels see the problem. The wrapper turns positions, lengths and the sliding window into
 one half-open key interval per query row, [lo, hi): hi = min(pos + 1, kv_len), lo = pos - window + 1
-(or 0). A padding row gets the empty interval [BIG, 0). The GQA group of query heads that share one
-KV head becomes the rows of one tile, so one K/V page load serves all of them:
-  q tile: [rows, head_dim] with rows = tokens_per_tile * group (token-major).
+(or 0). A padding row gets the empty interval [BIG, 0). Query heads of one GQA group share a KV
+head, so they are folded into the rows of one tile and one K/V page load serves all of them:
+  q tile: [rows, head_dim] with rows = tokens_per_tile * heads_per_tile (token-major).
+A group larger than a tile's head slots is split into `head_splits` sub-groups, each its own
+"virtual head" of the grid (kv head = virtual head // head_splits). Decode tiles hold the whole
+group (one token); prefill tiles hold >= 64 tokens of as many heads as fit in the chip's row
+budget (`_gpu_tiling`), so a 512-token chunk reads each head's K/V 8 x head_splits times.
+
+The pool is never sliced outside the kernel: the kernels receive the whole stacked pool and the
+layer index and address pages as pool[layer, kv_head, page] themselves. A slice outside would
+be materialized as an operand copy of a layer's pool on every layer of every step.
 A kernel instance walks page blocks from min(lo) to max(hi) through the block table, gathering
 `pages_per_block` pages at a time, with an online softmax (running max m, sum l, accumulator acc,
 all f32). Rows with no visible key finish with l == 0 and are written as zeros.
 
 Variants:
-  * portable kernels (`_decode_call`, `_prefill_call`): pages gathered by indexing the per-head
-    page pool with a vector of page ids. Runs in interpret mode on any backend and lowers through
+  * portable kernels (`_decode_call`, `_prefill_call`): pages gathered by indexing the pool
+    with (layer, kv head, vector of page ids). Runs in interpret mode on any backend and lowers through
     Pallas' Triton backend on GPU. Decode splits the key range over `num_splits` programs
     (flash-decoding) and merges the partial softmaxes in jnp.
-  * TPU kernel (`_tpu_call`): page ids and block ranges scalar-prefetched into SMEM, pages DMA'd
-    from HBM into double-buffered VMEM scratch, one page per softmax step. Runs on TPU (Mosaic)
-    and under TPU interpret mode on CPU.
+  * TPU kernel (pallas_kernels/paged_attention_tpu.py): layer, page ids and block ranges
+    scalar-prefetched into SMEM, pages DMA'd from the HBM pool into double-buffered VMEM
+    scratch, one page per softmax step. Runs on TPU (Mosaic) and under TPU interpret mode on
+    CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -81,26 +93,33 @@ def _row_bounds(q_positions, kv_lens, sliding_window):
     return lo, hi
 
 
-def _group_rows(q, q_positions, kv_lens, sliding_window, num_kv_heads, group_pad, tokens_pad):
-    """q -> [B, Hkv, Tp*Gp, D] (token-major rows) and lo/hi -> [B, Tp*Gp]."""
+def _group_rows(q, q_positions, kv_lens, sliding_window, num_kv_heads, head_slots, tokens_pad,
+                head_splits=1):
+    """q -> [B, Hkv * head_splits, Tp * head_slots, D] (token-major rows; virtual head
+    h * head_splits + s holds query heads s * head_slots ... of KV head h) and lo/hi ->
+    [B, head_splits, Tp * head_slots]."""
     B, Tq, Hq, D = q.shape
     G = Hq // num_kv_heads
+    Gpad, hs, gt = head_splits * head_slots, head_splits, head_slots
     lo, hi = _row_bounds(q_positions, kv_lens, sliding_window)
     qg = q.reshape(B, Tq, num_kv_heads, G, D)
-    qg = jnp.pad(qg, ((0, 0), (0, tokens_pad - Tq), (0, 0), (0, group_pad - G), (0, 0)))
-    qg = jnp.transpose(qg, (0, 2, 1, 3, 4)).reshape(B, num_kv_heads, tokens_pad * group_pad, D)
+    qg = jnp.pad(qg, ((0, 0), (0, tokens_pad - Tq), (0, 0), (0, Gpad - G), (0, 0)))
+    qg = qg.reshape(B, tokens_pad, num_kv_heads, hs, gt, D)
+    qg = jnp.transpose(qg, (0, 2, 3, 1, 4, 5)).reshape(B, num_kv_heads * hs, tokens_pad * gt, D)
     lo = jnp.pad(lo, ((0, 0), (0, tokens_pad - Tq)), constant_values=_EMPTY_LO)
     hi = jnp.pad(hi, ((0, 0), (0, tokens_pad - Tq)))
-    head_ok = jnp.arange(group_pad) < G                             # padded heads see nothing
-    lo = jnp.where(head_ok[None, None, :], lo[:, :, None], _EMPTY_LO).reshape(B, -1)
-    hi = jnp.where(head_ok[None, None, :], hi[:, :, None], 0).reshape(B, -1)
+    head_ok = (jnp.arange(Gpad) < G).reshape(hs, 1, gt)          # padded heads see nothing
+    lo = jnp.where(head_ok[None], lo[:, None, :, None], _EMPTY_LO).reshape(B, hs, -1)
+    hi = jnp.where(head_ok[None], hi[:, None, :, None], 0).reshape(B, hs, -1)
     return qg, lo, hi
 
 
-def _ungroup_rows(out, B, Tq, Hkv, G, tokens_pad, group_pad):
+def _ungroup_rows(out, B, Tq, Hkv, G, tokens_pad, head_slots, head_splits=1):
     D = out.shape[-1]
-    out = out.reshape(B, Hkv, tokens_pad, group_pad, D)[:, :, :Tq, :G]
-    return jnp.transpose(out, (0, 2, 1, 3, 4)).reshape(B, Tq, Hkv * G, D)
+    hs, gt = head_splits, head_slots
+    out = out.reshape(B, Hkv, hs, tokens_pad, gt, D)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4, 5)).reshape(B, tokens_pad, Hkv, hs * gt, D)
+    return out[:, :Tq, :, :G].reshape(B, Tq, Hkv * G, D)
 
 
 def _pad_block_tables(block_tables, multiple):
@@ -124,16 +143,18 @@ def _softmax_step(q, k, v, key0, lo, hi, carry, scale):
     return corr[:, None] * acc + pv, m_new, l
 
 
-def _walk_pages(q, k_ref, v_ref, bt_ref, lo, hi, blk_begin, blk_end, pages_per_block, scale):
-    """Online softmax over page blocks [blk_begin, blk_end) gathered through the block table."""
+def _walk_pages(q, k_ref, v_ref, layer, head, bt_ref, lo, hi, blk_begin, blk_end,
+                pages_per_block, scale):
+    """Online softmax over page blocks [blk_begin, blk_end) of pool[layer, head], the pages
+    gathered through the block table."""
     R, D = q.shape
-    S = k_ref.shape[1]
+    S = k_ref.shape[3]
     bk = pages_per_block * S
 
     def body(j, carry):
         pages = bt_ref[pl.ds(j * pages_per_block, pages_per_block)]
-        k = k_ref[pages].reshape(bk, D)
-        v = v_ref[pages].reshape(bk, D)
+        k = k_ref[layer, head, pages].reshape(bk, D)
+        v = v_ref[layer, head, pages].reshape(bk, D)
         return _softmax_step(q, k, v, j * bk, lo, hi, carry, scale)
 
     init = (jnp.zeros((R, D), jnp.float32), jnp.full((R,), _NEG, jnp.float32),
@@ -141,11 +162,16 @@ def _walk_pages(q, k_ref, v_ref, bt_ref, lo, hi, blk_begin, blk_end, pages_per_b
     return lax.fori_loop(blk_begin, blk_end, body, init)
 
 
-def _compiler_params(interpret):
+def _whole(shape):
+    """A block that is the whole array (the pool: the kernel indexes it itself)."""
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def _compiler_params(interpret, num_warps, num_stages):
     if interpret:
         return None
     from jax.experimental.pallas import triton as plgpu
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _poisoned(shape, dtype):
@@ -154,80 +180,83 @@ def _poisoned(shape, dtype):
 
 # ----------------------------------------------------------------------------- prefill kernel
 
-def _prefill_kernel(bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale, pages_per_block):
+def _prefill_kernel(layer_ref, bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale,
+                    pages_per_block, head_splits):
     o_ref = rest[-1]                       # rest = (poisoned_out_alias?, o_ref)
     lo, hi = lo_ref[...], hi_ref[...]
-    bk = pages_per_block * k_ref.shape[1]
+    bk = pages_per_block * k_ref.shape[3]
     blk_begin = jnp.min(lo) // bk
     blk_end = (jnp.max(hi) + bk - 1) // bk
-    acc, _, l = _walk_pages(q_ref[...], k_ref, v_ref, bt_ref, lo, hi, blk_begin, blk_end,
-                            pages_per_block, scale)
+    head = pl.program_id(1) // head_splits
+    acc, _, l = _walk_pages(q_ref[...], k_ref, v_ref, layer_ref[0], head, bt_ref, lo, hi,
+                            blk_begin, blk_end, pages_per_block, scale)
     out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _prefill_call(qg, k_pages, v_pages, bt, lo, hi, *, scale, rows_per_tile, pages_per_block,
-                  interpret, poison=False):
-    B, Hkv, N, D = qg.shape
-    _, num_pages, S, _ = k_pages.shape
+def _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, rows_per_tile,
+                  pages_per_block, head_splits, interpret, num_warps=4, num_stages=2,
+                  poison=False):
+    B, VH, N, D = qg.shape
+    hs = head_splits
     Pp = bt.shape[1]
-    grid = (B, Hkv, N // rows_per_tile)
-    pool = pl.BlockSpec((None, num_pages, S, D), lambda b, h, i: (h, 0, 0, 0))
-    rows = pl.BlockSpec((None, rows_per_tile), lambda b, h, i: (b, i))
+    grid = (B, VH, N // rows_per_tile)
+    rows = pl.BlockSpec((None, None, rows_per_tile), lambda b, h, i: (b, h % hs, i))
     tile = pl.BlockSpec((None, None, rows_per_tile, D), lambda b, h, i: (b, h, i, 0))
-    in_specs = [pl.BlockSpec((None, Pp), lambda b, h, i: (b, 0)), rows, rows, tile, pool, pool]
-    args = [bt, lo, hi, qg, k_pages, v_pages]
+    in_specs = [_whole((1,)), pl.BlockSpec((None, Pp), lambda b, h, i: (b, 0)), rows, rows, tile,
+                _whole(k_pages.shape), _whole(v_pages.shape)]
+    args = [layer, bt, lo, hi, qg, k_pages, v_pages]
     aliases = {}
     if poison:      # tests: start from a NaN-filled output so any element never written fails
         in_specs.append(tile)
         args.append(_poisoned(qg.shape, qg.dtype))
         aliases = {len(args) - 1: 0}
     return pl.pallas_call(
-        functools.partial(_prefill_kernel, scale=scale, pages_per_block=pages_per_block),
+        functools.partial(_prefill_kernel, scale=scale, pages_per_block=pages_per_block,
+                          head_splits=hs),
         grid=grid, in_specs=in_specs, out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(qg.shape, qg.dtype),
         input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, num_warps, num_stages),
         name="paged_attention_prefill",
     )(*args)
 
 
 # ----------------------------------------------------------------------------- decode kernel
 
-def _decode_kernel(bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale, pages_per_block,
-                   blocks_per_split):
+def _decode_kernel(layer_ref, bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale,
+                   pages_per_block, blocks_per_split):
     o_ref, m_ref, l_ref = rest[-3:]
     split = pl.program_id(2)
     lo, hi = lo_ref[...], hi_ref[...]
-    bk = pages_per_block * k_ref.shape[1]
+    bk = pages_per_block * k_ref.shape[3]
     blk_begin = jnp.maximum(jnp.min(lo) // bk, split * blocks_per_split)
     blk_end = jnp.minimum((jnp.max(hi) + bk - 1) // bk, (split + 1) * blocks_per_split)
-    acc, m, l = _walk_pages(q_ref[...], k_ref, v_ref, bt_ref, lo, hi, blk_begin, blk_end,
-                            pages_per_block, scale)
+    acc, m, l = _walk_pages(q_ref[...], k_ref, v_ref, layer_ref[0], pl.program_id(1), bt_ref,
+                            lo, hi, blk_begin, blk_end, pages_per_block, scale)
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
 
 
-def _decode_call(qg, k_pages, v_pages, bt, lo, hi, *, scale, pages_per_block, num_splits,
-                 interpret, poison=False):
+def _decode_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, pages_per_block, num_splits,
+                 interpret, num_warps=4, num_stages=2, poison=False):
     """Partial softmax per split: acc [B, Hkv, splits, Gp, D], m and l [B, Hkv, splits, Gp]."""
     B, Hkv, Gp, D = qg.shape
-    _, num_pages, S, _ = k_pages.shape
     Pp = bt.shape[1]
     blocks_per_split = pl.cdiv(Pp // pages_per_block, num_splits)
     grid = (B, Hkv, num_splits)
-    pool = pl.BlockSpec((None, num_pages, S, D), lambda b, h, s: (h, 0, 0, 0))
-    rows = pl.BlockSpec((None, Gp), lambda b, h, s: (b, 0))
-    in_specs = [pl.BlockSpec((None, Pp), lambda b, h, s: (b, 0)), rows, rows,
-                pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)), pool, pool]
+    rows = pl.BlockSpec((None, None, Gp), lambda b, h, s: (b, 0, 0))
+    in_specs = [_whole((1,)), pl.BlockSpec((None, Pp), lambda b, h, s: (b, 0)), rows, rows,
+                pl.BlockSpec((None, None, Gp, D), lambda b, h, s: (b, h, 0, 0)),
+                _whole(k_pages.shape), _whole(v_pages.shape)]
     out_specs = [pl.BlockSpec((None, None, None, Gp, D), lambda b, h, s: (b, h, s, 0, 0)),
                  pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0)),
                  pl.BlockSpec((None, None, None, Gp), lambda b, h, s: (b, h, s, 0))]
     out_shape = [jax.ShapeDtypeStruct((B, Hkv, num_splits, Gp, D), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, num_splits, Gp), jnp.float32),
                  jax.ShapeDtypeStruct((B, Hkv, num_splits, Gp), jnp.float32)]
-    args = [bt, lo, hi, qg, k_pages, v_pages]
+    args = [layer, bt, lo, hi, qg, k_pages, v_pages]
     aliases = {}
     if poison:
         for i, (spec, shp) in enumerate(zip(out_specs, out_shape)):
@@ -239,7 +268,7 @@ def _decode_call(qg, k_pages, v_pages, bt, lo, hi, *, scale, pages_per_block, nu
                           blocks_per_split=blocks_per_split),
         grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases, interpret=interpret,
-        compiler_params=_compiler_params(interpret),
+        compiler_params=_compiler_params(interpret, num_warps, num_stages),
         name="paged_attention_decode",
     )(*args)
 
@@ -253,7 +282,7 @@ def _merge_splits(acc, m, l):
     return jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
 
 
-# ----------------------------------------------------------------------------- wrapper
+# ----------------------------------------------------------------------------- tiling
 
 def _pow2_at_least(n, floor=1):
     p = floor
@@ -268,17 +297,57 @@ def default_num_splits(batch, num_kv_heads, num_page_blocks, target_programs=256
     return int(max(1, min(want, num_page_blocks)))
 
 
+@dataclasses.dataclass(frozen=True)
+class GpuTiling:
+    """How one kernel call is cut on a GPU (Triton). rows: query rows per tile (tokens x head
+    slots); keys: keys per softmax step; warps/stages: Triton's num_warps / num_stages."""
+    rows: int
+    keys: int
+    num_warps: int
+    num_stages: int
+
+
+def gpu_device_kind() -> str:
+    """The first GPU's name ("NVIDIA H200"), or "" where there is none (lowering from a CPU)."""
+    try:
+        return jax.devices("gpu")[0].device_kind
+    except RuntimeError:
+        return ""
+
+
+def _gpu_tiling(kind: str, decode: bool, head_dim: int) -> GpuTiling:
+    """Per chip and shape. Decode is bandwidth-bound: a tile is one token's whole GQA group
+    (padded to Triton's 16-row dot minimum), 128 keys per step, warps for the head dim.
+    Prefill is compute-bound: 128 rows (>= 64 tokens x up to 2 heads of a group) against 64
+    keys, FlashAttention-2's shape for head_dim <= 128; Hopper's larger shared memory takes
+    one more pipeline stage. Unknown chips (and lowering without one) get the Hopper choice."""
+    ampere = any(n in kind for n in ("A100", "A10", "A30", "A40", "L4", "L40", "RTX"))
+    big_d = head_dim > 128
+    if decode:
+        return GpuTiling(rows=16, keys=128, num_warps=8 if big_d else 4,
+                         num_stages=2 if ampere or big_d else 3)
+    return GpuTiling(rows=64 if big_d else 128, keys=32 if big_d else 64, num_warps=8,
+                     num_stages=2 if ampere else 3)
+
+
+# ----------------------------------------------------------------------------- wrapper
+
 def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale,
-                    sliding_window=None, interpret=False, pages_per_block=None, num_splits=None,
-                    tokens_per_tile=None, backend=None, poison=False):
+                    sliding_window=None, layer=None, interpret=False, pages_per_block=None,
+                    num_splits=None, tokens_per_tile=None, backend=None, poison=False):
     """Dispatch: decode kernel for q_len == 1, prefill kernel otherwise.
 
-    interpret=True (or a CPU backend) runs the portable kernels in Pallas interpret mode; GPU runs
-    them through Triton; TPU runs the Mosaic kernel (interpret=True there runs the portable kernel).
-    `poison` (tests only) makes every kernel output start as NaN.
+    k_pages/v_pages: the stacked pool [L, Hkv, N, S, D] with `layer`, or one layer's
+    [Hkv, N, S, D]. interpret=True (or a CPU backend) runs the portable kernels in Pallas
+    interpret mode (cut into GPU tiles when backend="gpu"); GPU runs them through Triton; TPU
+    runs the Mosaic kernel (interpret=True there runs the portable kernel). `poison` (tests only) makes every kernel output start as
+    NaN.
     """
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     B, Tq, Hq, D = q.shape
-    Hkv, _, S, _ = k_pages.shape
+    _, Hkv, _, S, _ = k_pages.shape
     if Hq % Hkv:
         raise ValueError(f"num_q_heads {Hq} is not a multiple of num_kv_heads {Hkv}")
     G = Hq // Hkv
@@ -289,28 +358,43 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
         from pallas_kernels import paged_attention_tpu
         return paged_attention_tpu.paged_attention_tpu(
             q, k_pages, v_pages, block_tables, kv_lens, q_positions, scale=scale,
-            sliding_window=sliding_window, pages_per_block=pages_per_block)
-    on_gpu = not interpret
+            sliding_window=sliding_window, pages_per_block=pages_per_block, layer=layer)
+    # GPU tiles (also in interpret mode with backend="gpu": tests check the GPU cut on CPU);
+    # elsewhere interpret mode takes few, large steps.
+    on_gpu = backend == "gpu"
     P = block_tables.shape[1]
-    if pages_per_block is None:            # ~64-128 keys per step
-        pages_per_block = max(1, min(_pow2_at_least(P), 128 // S if S < 128 else 1))
-    # Triton's dot wants >= 16 rows and power-of-two tile sides.
-    Gp = _pow2_at_least(G, 16 if on_gpu else 1)
+    Gp = _pow2_at_least(G)
+    if on_gpu:
+        tiling = _gpu_tiling(gpu_device_kind() if not interpret else "", Tq == 1, D)
+        keys = tiling.keys
+    else:
+        tiling, keys = None, 128
+    warps = dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages) if tiling else {}
+    if pages_per_block is None:
+        pages_per_block = max(1, min(_pow2_at_least(P), keys // S if S < keys else 1))
+    bt = _pad_block_tables(block_tables, pages_per_block)
     if Tq == 1:
-        bt = _pad_block_tables(block_tables, pages_per_block)
+        rows = max(Gp, tiling.rows) if on_gpu else Gp  # Triton's dot wants >= 16 rows
         num_blocks = bt.shape[1] // pages_per_block
         splits = num_splits or (default_num_splits(B, Hkv, num_blocks) if on_gpu else 1)
         bt = _pad_block_tables(bt, pages_per_block * splits)
-        qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, Gp, 1)
-        acc, m, l = _decode_call(qg, k_pages, v_pages, bt, lo, hi, scale=scale,
+        qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, rows, 1)
+        acc, m, l = _decode_call(qg, k_pages, v_pages, layer, bt, lo, hi, scale=scale,
                                  pages_per_block=pages_per_block, num_splits=splits,
-                                 interpret=interpret, poison=poison)
-        out = _merge_splits(acc, m, l).astype(q.dtype)            # [B, Hkv, Gp, D]
-        return _ungroup_rows(out, B, 1, Hkv, G, 1, Gp)
-    bq = tokens_per_tile or max(1, 64 // Gp)
+                                 interpret=interpret, poison=poison, **warps)
+        out = _merge_splits(acc, m, l).astype(q.dtype)            # [B, Hkv, rows, D]
+        return _ungroup_rows(out, B, 1, Hkv, G, 1, rows)
+    if on_gpu:   # >= 64 tokens per tile, as many of the group's heads as the row budget holds
+        slots = max(1, min(Gp, tiling.rows // 64))
+        bq = tokens_per_tile or min(tiling.rows // slots, _pow2_at_least(Tq))
+        slots = max(slots, pl.cdiv(16, bq))                        # Triton's 16-row minimum
+    else:
+        slots = Gp
+        bq = tokens_per_tile or max(1, 64 // Gp)
+    splits = pl.cdiv(G, slots)
     Tp = pl.cdiv(Tq, bq) * bq
-    bt = _pad_block_tables(block_tables, pages_per_block)
-    qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, Gp, Tp)
-    out = _prefill_call(qg, k_pages, v_pages, bt, lo, hi, scale=scale, rows_per_tile=bq * Gp,
-                        pages_per_block=pages_per_block, interpret=interpret, poison=poison)
-    return _ungroup_rows(out, B, Tq, Hkv, G, Tp, Gp)
+    qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, slots, Tp, splits)
+    out = _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, scale=scale,
+                        rows_per_tile=bq * slots, pages_per_block=pages_per_block,
+                        head_splits=splits, interpret=interpret, poison=poison, **warps)
+    return _ungroup_rows(out, B, Tq, Hkv, G, Tp, slots, splits)

@@ -2,9 +2,11 @@
 
 Same math and row layout as pallas_kernels.paged_attention (one [rows, head_dim] query tile per
 (sequence, kv head, token tile); key interval [lo, hi) per row). What changes on TPU:
-  * block_tables and each tile's page-block range [blk_lo, blk_hi) live in SMEM
-    (PrefetchScalarGridSpec), so the kernel can address pages before touching vector memory;
-  * K/V pools stay in HBM (memory_space ANY); each page block is `pages_per_block` page DMAs
+  * the layer index, block_tables and each tile's page-block range [blk_lo, blk_hi) live in
+    SMEM (PrefetchScalarGridSpec), so the kernel can address pages before touching vector memory;
+  * the stacked K/V pools stay in HBM (memory_space ANY), whole: the kernel DMAs
+    pool[layer, head, page] itself, nothing is sliced outside it; each page block is
+    `pages_per_block` page DMAs
     into one half of a double-buffered VMEM scratch, the next block's DMAs are started before the
     current block is computed;
   * the online softmax keeps m and l as [rows, 1] columns (2-D, the shape Mosaic likes) and goes
@@ -26,12 +28,13 @@ from pallas_kernels.paged_attention import (_NEG, _group_rows, _pad_block_tables
                                             _ungroup_rows)
 
 
-def _tpu_kernel(bt_ref, blk_lo_ref, blk_hi_ref,                      # SMEM (scalar prefetch)
+def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (scalar prefetch)
                 lo_ref, hi_ref, q_ref, k_hbm, v_hbm,                 # VMEM blocks / HBM pools
                 *rest, scale, pages_per_block, max_pages, num_tiles):
     o_ref, k_buf, v_buf, sems = rest[-4:]
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_buf.shape[2]
+    layer = layer_ref[0]
     tile = b * num_tiles + i
     blk_lo, blk_hi = blk_lo_ref[tile], blk_hi_ref[tile]
 
@@ -39,8 +42,8 @@ def _tpu_kernel(bt_ref, blk_lo_ref, blk_hi_ref,                      # SMEM (sca
         out = []
         for p in range(pages_per_block):
             page = bt_ref[b * max_pages + j * pages_per_block + p]
-            out.append(pltpu.make_async_copy(k_hbm.at[h, page], k_buf.at[slot, p], sems.at[0, slot]))
-            out.append(pltpu.make_async_copy(v_hbm.at[h, page], v_buf.at[slot, p], sems.at[1, slot]))
+            out.append(pltpu.make_async_copy(k_hbm.at[layer, h, page], k_buf.at[slot, p], sems.at[0, slot]))
+            out.append(pltpu.make_async_copy(v_hbm.at[layer, h, page], v_buf.at[slot, p], sems.at[1, slot]))
         return out
 
     @pl.when(blk_lo < blk_hi)
@@ -86,10 +89,15 @@ def _tpu_kernel(bt_ref, blk_lo_ref, blk_hi_ref,                      # SMEM (sca
 
 
 def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale,
-                        sliding_window=None, pages_per_block=None, tokens_per_tile=None,
-                        interpret=False, poison=False):
+                        sliding_window=None, layer=None, pages_per_block=None,
+                        tokens_per_tile=None, interpret=False, poison=False):
+    """k_pages/v_pages: the stacked pool [L, Hkv, N, S, D] with `layer`, or one layer's
+    [Hkv, N, S, D]."""
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     B, Tq, Hq, D = q.shape
-    Hkv, num_pages, S, _ = k_pages.shape
+    _, Hkv, num_pages, S, _ = k_pages.shape
     G = Hq // Hkv
     P = block_tables.shape[1]
     ppb = pages_per_block or max(1, min(P, 128 // S if S < 128 else 1))
@@ -98,7 +106,8 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     if Tq == 1:
         bq, Gp = 1, max(Gp, sublanes)
     else:                                                   # powers of two: R % sublanes == 0
-        bq = _pow2_at_least(tokens_per_tile or max(1, 128 // Gp))
+        # >= 64 tokens per tile (fewer only for a shorter chunk): K/V read once per 64 tokens
+        bq = _pow2_at_least(tokens_per_tile or min(max(64, 128 // Gp), _pow2_at_least(Tq)))
         bq = max(bq, sublanes // Gp)
     R = bq * Gp
     Tp = pl.cdiv(Tq, bq) * bq
@@ -107,6 +116,7 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     Pp = bt.shape[1]
     qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, Gp, Tp)
     bk = ppb * S
+    lo, hi = lo[:, 0], hi[:, 0]                             # one head split: [B, Tp * Gp]
     lo_t, hi_t = lo.reshape(B, nq, R), hi.reshape(B, nq, R)
     blk_lo = (jnp.min(lo_t, axis=-1) // bk).reshape(-1)
     blk_hi = ((jnp.max(hi_t, axis=-1) + bk - 1) // bk).reshape(-1)
@@ -121,13 +131,13 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     if poison:
         in_specs.append(tile)
         args.append(jnp.full(qg.shape, jnp.nan, qg.dtype))
-        aliases = {3 + len(args) - 1: 0}                    # index counts the 3 prefetch args
+        aliases = {4 + len(args) - 1: 0}                    # index counts the 4 prefetch args
     kernel = functools.partial(_tpu_kernel, scale=scale, pages_per_block=ppb, max_pages=Pp,
                                num_tiles=nq)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(B, Hkv, nq), in_specs=in_specs, out_specs=tile,
+            num_scalar_prefetch=4, grid=(B, Hkv, nq), in_specs=in_specs, out_specs=tile,
             scratch_shapes=[pltpu.VMEM((2, ppb, S, D), k_pages.dtype),
                             pltpu.VMEM((2, ppb, S, D), v_pages.dtype),
                             pltpu.SemaphoreType.DMA((2, 2))]),
@@ -137,5 +147,5 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
             dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="paged_attention_tpu",
-    )(bt.reshape(-1), blk_lo, blk_hi, *args)
+    )(layer, bt.reshape(-1), blk_lo, blk_hi, *args)
     return _ungroup_rows(out, B, Tq, Hkv, G, Tp, Gp)

@@ -228,6 +228,65 @@ def test_tpu_kernel_lowers_for_mosaic(q_len, head_dim, dtype):
     assert "tpu_custom_call" in text
 
 
+# --------------------------------------------------------------------------- the stacked pool
+
+def _stacked(args, layer, num_layers=3, seed=0):
+    """The case's pool as layer `layer` of a [L, Hkv, N, S, D] pool whose other layers hold
+    garbage: reading any other layer (or a copy of the wrong one) fails the comparison."""
+    q, k, v = args[:3]
+    rng = np.random.default_rng(seed)
+    junk = lambda: jnp.asarray(rng.uniform(-GARBAGE, GARBAGE, (num_layers,) + k.shape), k.dtype)  # noqa: E731
+    ks, vs = junk().at[layer].set(k), junk().at[layer].set(v)
+    return (q, ks, vs) + tuple(args[3:])
+
+
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_stacked_pool_read_in_place(q_len):
+    """Given the whole stacked pool and a (traced) layer index, the kernel reads that layer."""
+    seed = fresh_seed()
+    args = make_case(seed, batch=3, q_len=q_len, num_kv_heads=2, group=2, head_dim=64,
+                     page_size=8, max_pages=4, dtype=jnp.float32)
+    ref = pa.paged_attention_ref(*args, scale=0.125)
+    stacked = _stacked(args, layer=1, seed=seed)
+    f = jax.jit(lambda layer, *a: pa.paged_attention(*a, scale=0.125, layer=layer,
+                                                     interpret=True, poison=True))
+    out = f(jnp.int32(1), *stacked)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=TOL[jnp.float32], rtol=0,
+                               err_msg=f"seed={seed}")
+
+
+# GPU tiles, run in interpret mode: decode's 16-row group tiles and split key ranges, prefill's
+# >= 64-token tiles with the GQA group split over head_splits "virtual heads".
+@pytest.mark.parametrize("q_len,group,head_dim", fast_subset([
+    (1, 4, 128),      # Llama-3: group of 4 in a 16-row decode tile
+    (100, 4, 128),    # two 64-token tiles x 2 head splits of 2 heads
+    (70, 3, 64),      # SmolLM2's group of 3: the second split has one padded head slot
+    (5, 1, 64),       # a short chunk: fewer tokens per tile, rows padded to 16
+    (130, 8, 256),    # head_dim 256: 64-row tiles, a group of 8 in 8 splits
+], 2))
+def test_gpu_tiling_interpreted(q_len, group, head_dim):
+    seed = fresh_seed()
+    args = make_case(seed, batch=2, q_len=q_len, num_kv_heads=2, group=group, head_dim=head_dim,
+                     page_size=16, max_pages=10, dtype=jnp.float32)
+    out = pa.paged_attention(*_stacked(args, layer=2, seed=seed), scale=0.1, layer=2,
+                             sliding_window=37 if q_len > 1 else None, interpret=True,
+                             backend="gpu", poison=True)
+    ref = pa.paged_attention_ref(*args, scale=0.1, sliding_window=37 if q_len > 1 else None)
+    out32 = np.asarray(out)
+    assert np.isfinite(out32).all(), f"seed={seed}"
+    np.testing.assert_allclose(out32, np.asarray(ref), atol=TOL[jnp.float32], rtol=0,
+                               err_msg=f"seed={seed}")
+
+
+def test_gpu_tiling_choices():
+    """Prefill tiles hold >= 64 tokens (fewer only for a shorter chunk); decode tiles the whole
+    group; Hopper pipelines one stage deeper than Ampere."""
+    t = pa._gpu_tiling("NVIDIA H200", decode=False, head_dim=128)
+    assert t.rows >= 128 and t.num_stages == 3
+    assert pa._gpu_tiling("NVIDIA A100-SXM4-80GB", decode=False, head_dim=128).num_stages == 2
+    assert pa._gpu_tiling("NVIDIA H100 80GB HBM3", decode=True, head_dim=128).rows == 16
+
+
 # --------------------------------------------------------------------------- TPU kernel, simulated
 # TPU interpret mode runs the Mosaic kernel's DMAs, semaphores and SMEM/VMEM on CPU.
 
@@ -241,8 +300,9 @@ def test_tpu_kernel_interpret(q_len, page_size, group, dtype, window):
     seed = fresh_seed()
     args = make_case(seed, batch=2, q_len=q_len, num_kv_heads=2, group=group, head_dim=64,
                      page_size=page_size, max_pages=5, dtype=dtype)
-    try:
-        out = paged_attention_tpu(*args, scale=0.125, sliding_window=window, interpret=True,
+    try:   # the stacked pool, read in place at layer 1
+        out = paged_attention_tpu(*_stacked(args, layer=1, seed=seed), scale=0.125,
+                                  sliding_window=window, layer=jnp.int32(1), interpret=True,
                                   poison=True, pages_per_block=2, tokens_per_tile=2)
     finally:
         pltpu.reset_tpu_interpret_mode_state()
