@@ -4,10 +4,13 @@ Mosaic LoRA kernel yet); CPU: interpret mode, for tests. Everything else as the 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from jaxserve import sharding
 from jaxserve.backends.base import XlaBackend
 from jaxserve.lora.apply import gathered_lora
-from jaxserve.model.kv_cache import KVPages, StepInput
+from jaxserve.model.kv_cache import KV_AXES, KVPages, StepInput
 
 
 class PallasBackend(XlaBackend):
@@ -28,10 +31,26 @@ class PallasBackend(XlaBackend):
                 else "Pallas attention kernel, LoRA in XLA") + mode
 
     def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window):
+        """The kernel gets the whole stacked pool and the layer index and reads the layer's
+        pages in place (a slice kv.k[layer] would be copied into a kernel operand: a layer's
+        pool per layer per step). Under tensor parallelism each device runs the kernel on its
+        own KV heads (shard_map): a kernel has no partitioning rule, so without it the pool
+        would be gathered onto every device."""
         from pallas_kernels import paged_attention as pk
-        return pk.paged_attention(q, kv.k[layer], kv.v[layer], step.block_tables, step.kv_lens,
-                                  step.positions, scale=scale, sliding_window=sliding_window,
-                                  interpret=self.interpret, backend=self.platform)
+
+        def attend(q, k, v, block_tables, kv_lens, positions, layer):
+            return pk.paged_attention(q, k, v, block_tables, kv_lens, positions, scale=scale,
+                                      sliding_window=sliding_window, layer=layer,
+                                      interpret=self.interpret, backend=self.platform)
+        args = (q, kv.k, kv.v, step.block_tables, step.kv_lens, step.positions,
+                jnp.asarray(layer, jnp.int32))
+        if self.mesh is None:
+            return attend(*args)
+        heads = P(None, None, sharding.TP, None)                  # q [B, T, Hq, D]
+        pool = sharding.spec(KV_AXES, kv.k.shape, self.mesh)
+        return jax.shard_map(attend, mesh=self.mesh, check_vma=False,
+                             in_specs=(heads, pool, pool, P(), P(), P(), P()),
+                             out_specs=heads)(*args)
 
     def lora_delta(self, x, a, b, idx, ranks, scales):
         if not self.lora_kernels:

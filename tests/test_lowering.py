@@ -1,0 +1,63 @@
+"""The real engine step, lowered for GPU and TPU from this CPU, never copies the KV pool to
+feed a kernel (tests/lowering_check.py says exactly what it looks for): decode and prefill, with
+and without adapters, tp 1 and tp 8 (simulated devices), the Pallas and the XLA backends.
+
+A kernel (a custom call) needs a materialized operand, so a pool slice pool[layer] passed to it
+is a copy of that layer's pool on every layer of every step: 2x the pool's bytes per step
+whatever the batch (~25 ms per step for a 60 GB pool on an H200)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowering_check import analyse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def cases():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "lowering_check.py")],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["cases"]
+
+
+def test_every_step_reads_the_pool_in_place(cases):
+    assert len(cases) == 2 * 2 * 2 * 2 * 2            # backends x platforms x tp x kinds x lora
+    bad = [c for c in cases if c["problems"]]
+    assert not bad, json.dumps(bad, indent=1)
+    for c in cases:
+        assert c["donated"], c
+        if c["backend"] == "pallas":                  # k and v pools, whole, into the kernel
+            assert c["kernel_pool_operands"] >= 2, c
+
+
+POOL = (3, 8, 96, 8, 16)
+
+
+def test_analyse_flags_a_layer_slice_feeding_a_kernel():
+    """The checker itself: a module shaped like the one today's fix removed is caught."""
+    text = "\n".join([
+        "%5 = stablehlo.dynamic_slice %arg9, %1, %c, %c, %c, %c, sizes = [1, 8, 96, 8, 16] : "
+        "(tensor<3x8x96x8x16xbf16>, tensor<i32>, tensor<i32>, tensor<i32>, tensor<i32>, "
+        "tensor<i32>) -> tensor<1x8x96x8x16xbf16>",
+        "%7 = stablehlo.custom_call @__gpu$xla.gpu.triton(%2, %6) {backend_config = \"\"} : "
+        "(tensor<16x4xi32>, tensor<8x96x8x16xbf16>) -> tensor<16x1x32x16xbf16>",
+    ])
+    problems, in_place = analyse(text, POOL, tp=1)
+    assert in_place == 0
+    assert any("layer-sized slice" in p for p in problems)
+    assert any("reads a layer's pool" in p for p in problems)
+
+
+def test_analyse_accepts_page_gathers_and_flags_a_global_pool_under_tp():
+    gather = ('%3 = "stablehlo.gather"(%arg9, %2) <{...}> : (tensor<3x8x96x8x16xbf16>, '
+              'tensor<16x4x2xi32>) -> tensor<16x4x8x8x16xbf16>')
+    assert analyse(gather, POOL, tp=1) == ([], 0)
+    kernel = ("%9 = stablehlo.custom_call @tpu_custom_call(%1, %arg9) {x} : "
+              "(tensor<1xi32>, tensor<3x8x96x8x16xbf16>) -> tensor<2x64x32x16xbf16>")
+    assert analyse(kernel, POOL, tp=1) == ([], 1)
+    problems, _ = analyse(kernel, POOL, tp=8)
+    assert problems and "not in shard_map" in problems[0]
