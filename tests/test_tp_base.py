@@ -15,7 +15,8 @@ from tp_procs import result, start_all, stop_all
 REL_TOL = 3e-5
 CHECKS = [("greedy", "--model", "tiny9", "--tp", "2", "4", "8"),
           ("greedy", "--model", "tiny8", "--tp", "4", "8"),
-          ("hlo", "--model", "tiny9", "--tp", "2", "8", "--batch", "4")]
+          ("hlo", "--model", "tiny9", "--tp", "2", "8", "--batch", "4"),
+          ("greedy", "--model", "tiny8", "--tp", "2", "--backend", "pallas")]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,14 @@ def test_tiny_greedy_matches_tp1_replicated_kv_heads():
     assert_matches_tp1(res, (4, 8))
     assert [(res[f"tp{t}"]["num_heads"], res[f"tp{t}"]["num_kv_heads"]) for t in (4, 8)] == [
         (8, 4), (8, 8)]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_checks")
+def test_pallas_attention_in_shard_map_matches_tp1():
+    """The Pallas backend under tp (interpret mode here): each device's kernel reads its own KV
+    heads of the pool (shard_map); tokens and logits as the unsharded XLA run."""
+    assert_matches_tp1(result(*CHECKS[3]), (2,))
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 The device count must be fixed before JAX starts, and pytest's process has already started it,
 so tests/test_tp_*.py run this file as a subprocess and read one JSON object from its last line:
-    python tests/tp_check.py greedy --model tiny9 --tp 2 4 8 [--lora]
+    python tests/tp_check.py greedy --model tiny9 --tp 2 4 8 [--lora] [--backend pallas]
     python tests/tp_check.py lora --heads 9 3 --tp 2 4 8
     python tests/tp_check.py hlo --model tiny9 --tp 4 [--lora]
 """
@@ -56,9 +56,9 @@ def prompts(cfg: ModelConfig, n: int = 3) -> list[list[int]]:
     return [rng.integers(1, cfg.vocab_size, 5 + 3 * i).tolist() for i in range(n)]
 
 
-def make_runner(cfg, weights, tp):
+def make_runner(cfg, weights, tp, backend="xla"):
     return ModelRunner(cfg, weights, num_pages=32, page_size=PAGE, max_num_seqs=4,
-                       max_prefill_tokens=32, max_model_len=64, backend="xla", tp=tp)
+                       max_prefill_tokens=32, max_model_len=64, backend=backend, tp=tp)
 
 
 def max_steps(num_seqs: int, max_tokens: int) -> int:
@@ -309,6 +309,7 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--max-tokens", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--backend", default="xla", help="the sharded runs' backend (tp=1: xla)")
     args = ap.parse_args(argv)
     if args.check in ("lora", "lora-hlo"):
         print(json.dumps((lora_check if args.check == "lora" else lora_hlo_check)(args)))
@@ -320,7 +321,8 @@ def main(argv=None):
         ref_logits = forward_logits(cfg, weights, 1)
         result["tp1"] = {"tokens": ref_tokens}
         for tp in args.tp:
-            tokens, lps = greedy(make_runner(cfg, weights, tp), cfg, args.max_tokens)
+            tokens, lps = greedy(make_runner(cfg, weights, tp, args.backend), cfg,
+                                 args.max_tokens)
             logits = forward_logits(cfg, weights, tp)
             result[f"tp{tp}"] = {
                 "tokens": tokens,
