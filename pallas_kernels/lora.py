@@ -18,6 +18,8 @@ Paths:
     [tile, in] x [in, R] then [tile, R] x [R, out] as real matmuls, then tokens are unsorted.
     (Sorting inside the wrapper keeps one interface for the engine; the extra cost is one gather of
     x and one of y, O(T * (in + out)), small next to the matmuls.)
+  * TPU (`grouped_lora`): the same sort as MBGMM, then `lax.ragged_dot` twice, which XLA:TPU
+    runs as its grouped-matmul (megablox gmm) kernel.
 References: `gathered_lora_ref` (plain jnp, per-slot dense then select, f32) and
 `gathered_lora_ragged_ref` (sorted tokens through `jax.lax.ragged_dot`).
 """
@@ -266,6 +268,29 @@ def mbgmm(x, a, b, idx, ranks, scales, *, interpret=False, tile=16, poison=False
     return jnp.zeros((T, out_dim), jnp.float32).at[order].set(yp[dest])
 
 
+# ----------------------------------------------------------------------------- TPU: grouped matmul
+
+def grouped_lora(x, a, b, idx, ranks, scales):
+    """The TPU path: tokens sorted by slot, shrink and expand as two grouped matmuls
+    (`lax.ragged_dot`, which XLA:TPU runs as a Mosaic grouped-matmul kernel, megablox's gmm), in
+    x's dtype with f32 accumulation, then unsorted. A slot's rows past its rank are zeroed in B
+    (and the rank mask on v) so that garbage rows never contribute; no-adapter tokens sort last,
+    past sum(group_sizes), where ragged_dot yields zeros."""
+    S, R, _ = a.shape
+    key = jnp.where(idx >= 0, idx, S)
+    order = jnp.argsort(key, stable=True)
+    sizes = jnp.bincount(key, length=S + 1)[:S].astype(jnp.int32)
+    slot = jnp.minimum(key[order], S - 1)
+    live = key[order] < S
+    v = lax.ragged_dot(x[order], jnp.swapaxes(a, 1, 2).astype(x.dtype), sizes,
+                       preferred_element_type=jnp.float32)                     # [T, R]
+    rank_ok = (jnp.arange(R)[None, :] < ranks[slot][:, None]) & live[:, None]
+    v = jnp.where(rank_ok, v, 0.0) * jnp.where(live, scales[slot], 0.0)[:, None]
+    b_ok = jnp.where(jnp.arange(R)[None, :, None] < ranks[:, None, None], b.astype(x.dtype), 0)
+    ys = lax.ragged_dot(v.astype(x.dtype), b_ok, sizes, preferred_element_type=jnp.float32)
+    return jnp.zeros_like(ys).at[order].set(ys).astype(x.dtype)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def gathered_lora(x, a, b, idx, ranks, scales, *, impl="xla", interpret=False, kernel="auto",
@@ -279,7 +304,7 @@ def gathered_lora(x, a, b, idx, ranks, scales, *, impl="xla", interpret=False, k
     if backend == "cpu":
         interpret = True
     if backend == "tpu" and not interpret:
-        raise NotImplementedError("no Mosaic TPU LoRA kernel yet; use impl='xla' on TPU")
+        return grouped_lora(x, a, b, idx, ranks, scales)
     if not interpret and a.shape[1] < 16:     # Triton dots need >= 16 on every side
         pad = ((0, 0), (0, 16 - a.shape[1]), (0, 0))
         a, b = jnp.pad(a, pad), jnp.pad(b, pad)

@@ -1,6 +1,9 @@
 """The Pallas backend: attention and LoRA through the kernels of pallas_kernels/. GPU: both
-through Pallas' Triton lowering; TPU: the Mosaic attention kernel, LoRA in XLA (there is no
-Mosaic LoRA kernel yet); CPU: interpret mode, for tests. Everything else as the XLA backend."""
+through Pallas' Triton lowering; TPU: the Mosaic attention kernel, and LoRA as one batched
+matmul per projection in XLA (each batch row has its own adapter slot, so the grouped matmul of
+a step is a batched one, which the MXU runs as it is; token-indexed callers get
+pallas_kernels.lora.grouped_lora, XLA's ragged_dot); CPU: interpret mode, for tests.
+Everything else as the XLA backend."""
 from __future__ import annotations
 
 import jax
@@ -28,7 +31,7 @@ class PallasBackend(XlaBackend):
     def kernels(self) -> str:
         mode = " (interpret mode)" if self.interpret else ""
         return ("Pallas attention and LoRA kernels" if self.lora_kernels
-                else "Pallas attention kernel, LoRA in XLA") + mode
+                else "Pallas attention kernel, LoRA as row-batched matmuls in XLA") + mode
 
     def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window):
         """The kernel gets the whole stacked pool and the layer index and reads the layer's
