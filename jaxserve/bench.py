@@ -3,7 +3,10 @@
 Each batch size runs twice: once to compile every bucket it touches, then measured. Decode
 throughput counts only decode steps (tokens / seconds spent in decode steps); end-to-end
 throughput counts prefill too and is what is compared with HF `generate` (which has no
-separate decode timer). MFU = achieved model FLOP/s in decode / measured matmul peak in the serving dtype.
+separate decode timer). MFU = achieved model FLOP/s in decode / measured matmul peak in the
+serving dtype. HBM roofline = decode tok/s / the tok/s at which the step's least bytes (every
+weight once, each row's K/V) move at the device's memory bandwidth (nominal for known GPUs and
+TPUs, else a measured copy).
 HF runs in the same dtype as the engine.
 """
 from __future__ import annotations
@@ -44,6 +47,55 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 30, dtype: str = "float32"
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+# Nominal memory bandwidth (bytes/s) by device kind: the HBM roofline's denominator. Devices
+# not listed use the copy bandwidth measured here (`measure_bandwidth`), named as such.
+HBM_BYTES_PER_S = {
+    "H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
+    "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.04e12, "A100 80GB PCIe": 1.94e12,
+    "A100-SXM4-40GB": 1.56e12, "L40S": 0.864e12, "L4": 0.3e12,
+    "TPU v4": 1.2e12, "TPU v5 lite": 0.819e12, "TPU v5e": 0.819e12, "TPU v5p": 2.765e12,
+    "TPU v6 lite": 1.64e12, "TPU v6e": 1.64e12,
+}
+
+
+def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+    """Copy bandwidth (bytes read + written per second) of one device, best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.nbytes / best
+
+
+def memory_bandwidth() -> tuple[float, str]:
+    """(bytes/s, where the number comes from) for the first device."""
+    import jax
+    kind = jax.devices()[0].device_kind
+    for name, bw in HBM_BYTES_PER_S.items():
+        if name in kind:
+            return bw, f"{kind} nominal"
+    big = jax.default_backend() != "cpu"
+    return measure_bandwidth((2 << 30) if big else (256 << 20)), f"{kind} measured copy"
+
+
+def decode_step_bytes(engine, batch: int, context: int) -> int:
+    """Bytes one decode step must read at least, per device: every weight once, and each
+    row's K/V for `context` tokens (the HBM roofline's numerator)."""
+    import jax
+    cfg, runner = engine.model_config, engine.runner
+    tp = getattr(runner.backend, "tp", 1)
+    weights = sum(a.nbytes for a in jax.tree.leaves(runner.params)) // tp
+    kv_token = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+                * runner.kv.k.dtype.itemsize) // tp
+    return weights + batch * context * kv_token
 
 
 def _prompts(vocab: int, num: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -112,7 +164,7 @@ def _load_hf(engine, dtype_name: str):
 
 def run_bench(args) -> int:
     from jaxserve.cli import engine_config_from_args
-    from jaxserve.engine import LLMEngine
+    from jaxserve.engine import EngineConfig, LLMEngine
     import dataclasses
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     base_cfg = engine_config_from_args(args)
@@ -121,13 +173,19 @@ def run_bench(args) -> int:
     peak = measure_matmul_peak(dtype=base_cfg.dtype)
     # The fp32 peak too: MFU against it is the issue's yardstick whatever dtype serves.
     peak32 = peak if base_cfg.dtype == "float32" else measure_matmul_peak(dtype="float32")
+    bandwidth, bandwidth_source = memory_bandwidth()
+    # The pool: sized to the batch unless --num-pages / --kv-cache-gb ask for one (a step
+    # must not get slower with a larger pool; scripts/device_check.sh compares two sizes).
+    pool_given = args.num_pages is not None or args.kv_cache_gb not in (
+        None, EngineConfig.kv_cache_gb)
     rows = []
     engine = None
     hf = None
     for B in batch_sizes:
+        pool = {} if pool_given else dict(num_pages=B * (-(-max_len // base_cfg.page_size)) + 2)
         cfg = dataclasses.replace(base_cfg, max_num_seqs=B, max_model_len=max(max_len, 64),
                                   max_prefill_tokens=max(base_cfg.max_prefill_tokens, args.input_len),
-                                  num_pages=B * (-(-max_len // base_cfg.page_size)) + 2)
+                                  **pool)
         engine = LLMEngine(cfg, model=engine.model if engine else None)
         n = args.num_prompts or B
         prompts = _prompts(engine.model_config.vocab_size, n, args.input_len)
@@ -135,9 +193,15 @@ def run_bench(args) -> int:
         ours = _run_ours(engine, prompts, args.output_len)
         ctx = args.input_len + args.output_len / 2
         flops = engine.model_config.flops_per_token(int(ctx))
+        step_bytes = decode_step_bytes(engine, min(B, n), int(ctx))
+        roofline_tok_s = min(B, n) * bandwidth / step_bytes
         row = {"batch": B, "prompts": n, "ours_decode_tok_s": ours["decode_tok_s"],
                "ours_e2e_tok_s": ours["e2e_tok_s"],
-               "mfu_decode": ours["decode_tok_s"] * flops / peak, "_flops_per_token": flops}
+               "mfu_decode": ours["decode_tok_s"] * flops / peak, "_flops_per_token": flops,
+               "num_pages": engine.runner.kv.num_pages,
+               "decode_step_ms": 1e3 * min(B, n) / ours["decode_tok_s"] if ours["decode_tok_s"] else None,
+               "roofline_decode_tok_s": roofline_tok_s,
+               "hbm_roofline_pct": 100 * ours["decode_tok_s"] / roofline_tok_s}
         if args.compare_hf:
             if hf is None:
                 hf = _load_hf(engine, hf_dtype)
@@ -158,13 +222,15 @@ def run_bench(args) -> int:
         "model": engine.model_name, "dtype": base_cfg.dtype, "input_len": args.input_len,
         "output_len": args.output_len, "matmul_peak_gflops": peak / 1e9,
         "matmul_peak_dtype": base_cfg.dtype, "matmul_peak_fp32_gflops": peak32 / 1e9,
+        "memory_bandwidth_gb_s": bandwidth / 1e9, "memory_bandwidth_source": bandwidth_source,
         "hf_dtype": hf_dtype if args.compare_hf else None, "backend": engine.runner.backend.name,
         "backend_detail": engine.runner.backend.describe(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "rows": rows}
     print(f"\nmodel {engine.model_name} ({engine.runner.backend.describe()}), "
           f"input {args.input_len}, output "
           f"{args.output_len}, {base_cfg.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s, fp32 peak "
-          f"{peak32 / 1e9:.0f} GFLOP/s" + (f", HF in {hf_dtype}" if args.compare_hf else ""))
+          f"{peak32 / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.0f} GB/s ({bandwidth_source})"
+          + (f", HF in {hf_dtype}" if args.compare_hf else ""))
     print(_table(rows))
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as f:
@@ -174,7 +240,9 @@ def run_bench(args) -> int:
 
 
 def _fmt_row(r):
-    s = f"batch {r['batch']:>3}: decode {r['ours_decode_tok_s']:8.1f} tok/s, e2e {r['ours_e2e_tok_s']:8.1f} tok/s, MFU {100 * r['mfu_decode']:5.1f}%"
+    s = (f"batch {r['batch']:>3}: decode {r['ours_decode_tok_s']:8.1f} tok/s, e2e "
+         f"{r['ours_e2e_tok_s']:8.1f} tok/s, MFU {100 * r['mfu_decode']:5.1f}%, HBM roofline "
+         f"{r['hbm_roofline_pct']:5.1f}%")
     if "hf_e2e_tok_s" in r:
         s += (f", HF decode {r['hf_decode_tok_s']:8.1f} e2e {r['hf_e2e_tok_s']:8.1f} tok/s, "
               f"ratio decode {r['ratio_decode']:.2f}x e2e {r['ratio_e2e']:.2f}x")
@@ -183,13 +251,14 @@ def _fmt_row(r):
 
 def _table(rows) -> str:
     hdr = ("| batch | jaxserve decode tok/s | HF decode tok/s | ratio (decode) | jaxserve e2e tok/s "
-           "| HF e2e tok/s | ratio (e2e) | decode MFU | MFU of fp32 peak |")
-    lines = [hdr, "|---|---|---|---|---|---|---|---|---|"]
+           "| HF e2e tok/s | ratio (e2e) | decode MFU | MFU of fp32 peak | HBM roofline |")
+    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = "hf_e2e_tok_s" in r
         cell = lambda k, f="{:.1f}": f.format(r[k]) if hf else "-"  # noqa: E731
         lines.append(f"| {r['batch']} | {r['ours_decode_tok_s']:.1f} | {cell('hf_decode_tok_s')} | "
                      f"{cell('ratio_decode', '{:.2f}x')} | {r['ours_e2e_tok_s']:.1f} | "
                      f"{cell('hf_e2e_tok_s')} | {cell('ratio_e2e', '{:.2f}x')} | "
-                     f"{100 * r['mfu_decode']:.1f}% | {100 * r['mfu_decode_fp32_peak']:.1f}% |")
+                     f"{100 * r['mfu_decode']:.1f}% | {100 * r['mfu_decode_fp32_peak']:.1f}% | "
+                     f"{r['hbm_roofline_pct']:.1f}% |")
     return "\n".join(lines)

@@ -27,3 +27,7 @@ def test_bench_compare_hf_writes_rates_and_ratios(tmp_path):
         assert abs(r["ratio_decode"] - r["ours_decode_tok_s"] / r["hf_decode_tok_s"]) < 1e-9
         assert abs(r["ratio_e2e"] - r["ours_e2e_tok_s"] / r["hf_e2e_tok_s"]) < 1e-9
         assert 0 < r["mfu_decode"] < 1 and r["mfu_decode_fp32_peak"] == pytest.approx(r["mfu_decode"])
+        # HBM roofline: the step's least bytes over the measured bandwidth; a real step is slower
+        assert 0 < r["hbm_roofline_pct"] < 100 and r["roofline_decode_tok_s"] > r["ours_decode_tok_s"]
+        assert r["num_pages"] == r["batch"] * 1 + 2   # sized to the batch (14 tokens: 1 page)
+    assert res["memory_bandwidth_gb_s"] > 0 and "measured" in res["memory_bandwidth_source"]
