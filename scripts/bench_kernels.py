@@ -124,6 +124,15 @@ def bench_attention(table, rng, quick):
     base = table.add(case, "xla gather", functools.partial(paged_attention_xla, scale=scale),
                      (q, k, v, bt, lens, pos), moved)
     table.add(case, "pallas (ours)", ours, (q, k, v, bt, lens, pos), moved, baseline=base)
+    # The engine's call: the whole stacked pool of every layer and a layer index (read in
+    # place). Same bytes moved as one layer's pool: the time must match the row above.
+    L = 8
+    ks, vs = jnp.stack([k] * L), jnp.stack([v] * L)
+    table.add(f"{case} pool of {L} layers", "pallas (ours), layer 5",
+              lambda q, ks, vs, bt, lens, pos: pa.paged_attention(
+                  q, ks, vs, bt, lens, pos, scale=scale, layer=jnp.int32(5),
+                  interpret=INTERPRET), (q, ks, vs, bt, lens, pos), moved, baseline=base)
+    del ks, vs
     q3 = q[:, 0]
     if BACKEND == "gpu" or quick:
         from jax.experimental.pallas.ops.gpu import paged_attention as gpu_pa
@@ -196,6 +205,8 @@ def bench_lora(table, rng, quick):
     table.add(case, "pallas MBGMM (ours)", ours_m, args, moved, baseline=base)
     table.add(case, "sorted lax.ragged_dot", lora.gathered_lora_ragged_ref, args, moved,
               note="f32 HIGHEST reference", baseline=base)
+    table.add(case, "grouped_lora (ours, TPU path)", lora.grouped_lora, args, moved,
+              baseline=base)
 
     def megablox(x, a, b, idx, ranks, scales):
         from jax.experimental.pallas.ops.tpu.megablox import gmm
