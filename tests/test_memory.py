@@ -1,0 +1,101 @@
+"""Memory planning (jaxserve/memory.py): the arithmetic, its errors, and the engine's planned pool."""
+from __future__ import annotations
+
+import pytest
+
+from jaxserve.memory import (GiB, MiB, DeviceMemory, MemoryPlanError, device_memory, plan_pool,
+                             reserve_bytes)
+
+
+class StatsDevice:
+    """A device as the planner sees it: a platform and a memory_stats() dict."""
+
+    def __init__(self, platform: str, limit: int, in_use: int):
+        self.platform, self.limit, self.in_use = platform, limit, in_use
+
+    def memory_stats(self):
+        return {"bytes_limit": self.limit, "bytes_in_use": self.in_use, "peak_bytes_in_use": 0}
+
+
+class NoStatsDevice:
+    platform = "cpu"
+
+    def memory_stats(self):
+        return None
+
+
+def test_plan_arithmetic():
+    mem = DeviceMemory("tpu", total_bytes=100 * GiB, limit_bytes=100 * GiB, in_use_bytes=16 * GiB)
+    plan = plan_pool(mem, utilization=0.9, step_bytes=3 * GiB, page_bytes=2 * MiB, page_size=16,
+                     max_model_len=8192)
+    budget = int(0.9 * 100 * GiB)
+    assert plan.budget_bytes == budget
+    assert plan.reserve_bytes == reserve_bytes(budget) == int(0.02 * budget)
+    free = budget - 16 * GiB - 3 * GiB - plan.reserve_bytes
+    assert plan.num_pages == free // (2 * MiB)
+    assert plan.pool_bytes <= free < plan.pool_bytes + 2 * MiB
+    assert plan.tokens == (plan.num_pages - 1) * 16
+    assert plan.sequences == (plan.num_pages - 1) // 512
+    line = plan.describe()
+    for s in (f"{plan.num_pages:,} pages", f"{plan.tokens:,} tokens",
+              f"{plan.sequences:,} sequences of max_model_len 8,192", "0.9 x 100.00 GiB"):
+        assert s in line
+
+
+def test_budget_is_capped_by_the_allocator_limit():
+    mem = DeviceMemory("gpu", total_bytes=100 * GiB, limit_bytes=75 * GiB, in_use_bytes=0)
+    plan = plan_pool(mem, utilization=0.9, step_bytes=0, page_bytes=MiB, page_size=16,
+                     max_model_len=16, reserve=0)
+    assert plan.budget_bytes == 75 * GiB and plan.num_pages == 75 * 1024
+
+
+def test_gpu_total_from_the_allocator_fraction():
+    dev = StatsDevice("gpu", limit=int(0.9 * 140 * GiB), in_use=GiB)
+    mem = device_memory([dev], environ={"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"})
+    assert abs(mem.total_bytes - 140 * GiB) < 16 and mem.limit_bytes == dev.limit
+    # Without the variable JAX limits itself to 0.75 of the device.
+    mem = device_memory([StatsDevice("gpu", limit=75 * GiB, in_use=0)], environ={})
+    assert mem.total_bytes == 100 * GiB
+    # TPU: bytes_limit is the device's memory.
+    mem = device_memory([StatsDevice("tpu", limit=32 * GiB, in_use=0)], environ={})
+    assert mem.total_bytes == mem.limit_bytes == 32 * GiB
+
+
+def test_tightest_device_of_a_mesh():
+    devs = [StatsDevice("tpu", 32 * GiB, 2 * GiB), StatsDevice("tpu", 30 * GiB, 5 * GiB)]
+    mem = device_memory(devs)
+    assert (mem.total_bytes, mem.limit_bytes, mem.in_use_bytes) == (30 * GiB, 30 * GiB, 5 * GiB)
+
+
+def test_no_stats_means_no_plan():
+    assert device_memory([NoStatsDevice()]) is None
+    assert device_memory([StatsDevice("tpu", 1, 0), NoStatsDevice()]) is None
+
+
+def test_weights_over_the_budget_say_what_is_missing():
+    mem = DeviceMemory("tpu", total_bytes=80 * GiB, limit_bytes=80 * GiB, in_use_bytes=75 * GiB)
+    with pytest.raises(MemoryPlanError) as e:
+        plan_pool(mem, utilization=0.9, step_bytes=0, page_bytes=MiB, page_size=16,
+                  max_model_len=2048, reserve=0)
+    msg = str(e.value)
+    assert "3.00 GiB missing" in msg and "--gpu-memory-utilization" in msg and "--tp" in msg
+
+
+def test_pool_smaller_than_one_sequence_is_refused():
+    mem = DeviceMemory("tpu", total_bytes=10 * GiB, limit_bytes=10 * GiB, in_use_bytes=8 * GiB)
+    # 1 GiB left after the weights, the step takes 900 MiB: 124 MiB for the pool, a sequence of
+    # 2048 tokens needs 129 pages of 1 MiB.
+    with pytest.raises(MemoryPlanError) as e:
+        plan_pool(mem, utilization=0.9, step_bytes=900 * MiB, page_bytes=MiB, page_size=16,
+                  max_model_len=2048, reserve=0)
+    msg = str(e.value)
+    assert "less than one sequence of max_model_len 2048" in msg and "--max-model-len" in msg
+    assert "missing" in msg
+
+
+def test_utilization_out_of_range():
+    mem = DeviceMemory("tpu", GiB, GiB, 0)
+    for u in (0, 1.5):
+        with pytest.raises(MemoryPlanError, match="gpu-memory-utilization"):
+            plan_pool(mem, utilization=u, step_bytes=0, page_bytes=MiB, page_size=16,
+                      max_model_len=16)
