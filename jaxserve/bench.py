@@ -168,6 +168,9 @@ def run_bench(args) -> int:
     import dataclasses
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     base_cfg = engine_config_from_args(args)
+    if args.compare_hf and base_cfg.load_format == "dummy":
+        raise ValueError("--compare-hf runs HF on the checkpoint's weights: not with "
+                         "--load-format dummy (random weights)")
     max_len = args.input_len + args.output_len
     hf_dtype = base_cfg.dtype if args.hf_dtype == "same" else args.hf_dtype
     peak = measure_matmul_peak(dtype=base_cfg.dtype)
@@ -186,7 +189,10 @@ def run_bench(args) -> int:
         cfg = dataclasses.replace(base_cfg, max_num_seqs=B, max_model_len=max(max_len, 64),
                                   max_prefill_tokens=max(base_cfg.max_prefill_tokens, args.input_len),
                                   **pool)
-        engine = LLMEngine(cfg, model=engine.model if engine else None)
+        # Each batch size loads the model again (the engine gives its weights to its runner):
+        # the previous engine's weights and pool are released first.
+        engine = None
+        engine = LLMEngine(cfg)
         n = args.num_prompts or B
         prompts = _prompts(engine.model_config.vocab_size, n, args.input_len)
         _run_ours(engine, prompts, args.output_len)            # compile every bucket

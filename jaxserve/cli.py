@@ -14,10 +14,14 @@ from jaxserve.lora.cli_args import add_lora_arguments, lora_engine_kwargs, regis
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from jaxserve.engine import DTYPES, EngineConfig as C   # defaults: the config's
+    from jaxserve.loader import LOAD_FORMATS
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=C.model,
                    help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default=C.dtype, choices=list(DTYPES))
+    g.add_argument("--load-format", default=C.load_format, choices=list(LOAD_FORMATS),
+                   help="auto: the checkpoint's weights; dummy: random weights made on the "
+                        "devices, --model needs only config.json and a tokenizer (benchmarks)")
     g.add_argument("--page-size", type=int, default=C.page_size)
     g.add_argument("--num-pages", type=int, default=C.num_pages,
                    help="KV pool pages (default: from --kv-cache-gb)")
@@ -62,7 +66,8 @@ def parse_fair_weights(text: str | None) -> dict[str, float]:
 def engine_config_from_args(args):
     from jaxserve.engine import EngineConfig
     return EngineConfig(
-        model=args.model, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
+        model=args.model, dtype=args.dtype, load_format=args.load_format,
+        page_size=args.page_size, num_pages=args.num_pages,
         kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
         max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
         backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,

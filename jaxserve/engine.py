@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from jaxserve.admission import AdmissionError, UNKNOWN, admit
 from jaxserve.config import ModelConfig
-from jaxserve.loader import LoadedModel, load_model
+from jaxserve import backends
+from jaxserve.loader import LOAD_FORMATS, LoadedModel, load_config, load_model
 from jaxserve.lora.runtime import LoraRuntime, make_lora_store
 from jaxserve.model.kv_cache import bytes_per_page
 from jaxserve.model.weights import cast
@@ -45,6 +46,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class EngineConfig:
     model: str | None = None          # HF checkpoint dir or .gguf; None = embedded SmolLM2-135M
     dtype: str = "float32"            # weights, activations and KV pool
+    load_format: str = "auto"         # auto: the checkpoint's weights; dummy: random weights made
+    #                                   on the devices (only config.json and a tokenizer needed)
     page_size: int = 16
     num_pages: int | None = None      # KV pool pages; None = from kv_cache_gb
     kv_cache_gb: float = 1.0
@@ -67,12 +70,26 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if isinstance(self.fair_weights, dict):
             object.__setattr__(self, "fair_weights", tuple(sorted(self.fair_weights.items())))
         for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp",
                   "max_loras", "max_lora_rank"):
             if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
+
+
+def load_for_backend(config: EngineConfig):
+    """(LoadedModel, backend): the backend that will run config.model, and the model's weights
+    loaded straight into that backend's placement (sharded under tp, nothing staged whole on
+    one device; random on the devices for load_format "dummy")."""
+    dtype = DTYPES[config.dtype]
+    backend = backends.select(config.backend, load_config(config.model), dtype, tp=config.tp,
+                              layer_loop=config.layer_loop)
+    model = load_model(config.model, dtype, placement=backend.placement(),
+                       load_format=config.load_format, seed=config.seed)
+    return model, backend
 
 
 class LLMEngine:
@@ -83,11 +100,21 @@ class LLMEngine:
         (`run(plan) -> (tokens, logprobs)`), its `tokenizer` and `model_config`, load nothing."""
         self.config = config
         t0 = time.perf_counter()
-        self.model = None
+        self.model = None     # the LoadedModel without its weights (they go to the runner)
+        weights, backend = None, config.backend
         if runner is None:
-            self.model = model or load_model(config.model, DTYPES[config.dtype])
-            model_config, model_name = self.model.config, self.model.name
-            tokenizer = Tokenizer.from_model(self.model)
+            if model is None:
+                model, backend = load_for_backend(config)
+            elif model.weights is None:
+                raise ValueError(f"model {model.name!r} holds no weights (an engine took them); "
+                                 "pass model=None to load config.model")
+            model_config, model_name = model.config, model.name
+            tokenizer = Tokenizer.from_model(model)
+            # a tree of our own (the caller's arrays stay theirs): the runner's backend empties
+            # it as it prepares, so the canonical weights are not held beside the prepared ones
+            weights = cast(model.weights, DTYPES[config.dtype])
+            self.model = model.without_weights()
+            del model
         elif tokenizer is None or model_config is None:
             raise ValueError("an engine on a given runner needs its tokenizer and model_config")
         self.model_config, self.model_name, self.tokenizer = model_config, model_name, tokenizer
@@ -98,8 +125,8 @@ class LLMEngine:
         num_pages = config.num_pages or max(2, int(config.kv_cache_gb * 2**30 // page_bytes))
         self.loras = make_lora_store(model_config, config, num_pages)
         self._lora_sources: dict[str, str | None] = {}   # adapter -> the path it came from
-        self.runner = runner or self._make_runner(
-            cast(self.model.weights, DTYPES[config.dtype]), num_pages)
+        self.runner = runner or self._make_runner(weights, num_pages, backend)
+        del weights
         self.scheduler = Scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,
                             max_num_seqs=config.max_num_seqs,
@@ -117,14 +144,14 @@ class LLMEngine:
         log.info("engine ready: %s, %d KV pages of %d tokens (%.1fs)",
                  self.model_name, num_pages, config.page_size, time.perf_counter() - t0)
 
-    def _make_runner(self, weights, num_pages: int) -> ModelRunner:
+    def _make_runner(self, weights, num_pages: int, backend) -> ModelRunner:
         config = self.config
         return ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-            max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=config.backend,
+            max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=backend,
             tp=config.tp, layer_loop=config.layer_loop,
-            lora=LoraRuntime(self.loras))
+            lora=LoraRuntime(self.loras), consume_weights=True)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams, *,

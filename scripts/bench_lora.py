@@ -252,7 +252,9 @@ def export_hf(engine, tmp):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from jaxserve.loader import hf_tensors
-    c, w = engine.model_config, engine.model.weights
+    from jaxserve.loader import load_model
+    # the engine holds only its prepared params: the canonical weights are read again (fp32)
+    c, w = engine.model_config, load_model(engine.config.model).weights
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,

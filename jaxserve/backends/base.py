@@ -67,20 +67,35 @@ class XlaBackend:
         return self.dtype
 
     def init_pool(self, num_pages: int, page_size: int) -> KVPages:
-        kv = init_kv_pages(self.run_config, num_pages, page_size, self.pool_dtype())
-        return kv if self.mesh is None else sharding.shard_kv(kv, self.mesh)
+        """The empty pool; under tp created sharded (each device zeroes only its KV heads)."""
+        if self.mesh is None:
+            return init_kv_pages(self.run_config, num_pages, page_size, self.pool_dtype())
+        c = self.run_config
+        shape = (c.num_layers, c.num_kv_heads, num_pages, page_size, c.head_dim)
+        return sharding.zeros_kv(shape, self.pool_dtype(), self.mesh)
 
     # -- weights -------------------------------------------------------------------------------
-    def prepare(self, weights: Weights) -> Params:
+    def placement(self) -> sharding.Placement:
+        """Where `prepare` wants the canonical weights: the loader creates them there
+        (jaxserve.loader.load_model(placement=...)), so `prepare` moves nothing."""
+        return sharding.placement(self.cfg, self.mesh)
+
+    def prepare(self, weights: Weights, *, consume: bool = False) -> Params:
         """Canonical weights -> what the layers read. One device: q|k|v and gate|up fused (fewer,
         wider matmuls); per layer when the step runs one call per layer. Tensor parallel: the
-        canonical arrays sharded, one per part."""
+        canonical arrays sharded, one per part (arrays already in `placement()` are used as
+        they are). consume: the caller gives `weights` up: each canonical array is dropped from
+        it as soon as its prepared form exists, so the model is not held twice (arrays anyone
+        else still references stay alive)."""
         if self.mesh is not None:
             layout = sharding.head_layout(self.cfg, self.tp)
-            return params_lib.from_weights(
-                sharding.shard_weights(weights, self.cfg, self.mesh, layout), fuse=False)
-        params = params_lib.from_weights(weights, fuse=True)
-        return params_lib.unstack(params) if self.layer_loop == "per-layer" else params
+            placed = sharding.shard_weights(weights, self.cfg, self.mesh, layout)
+            if consume:
+                params_lib.empty(weights)
+            return params_lib.from_weights(placed, fuse=False)
+        if self.layer_loop == "per-layer":
+            return params_lib.from_weights_per_layer(weights, consume=consume)
+        return params_lib.from_weights(weights, fuse=True, consume=consume)
 
     # -- ops -----------------------------------------------------------------------------------
     def matmul(self, x, w):

@@ -74,22 +74,82 @@ def _linear(ws, bs, fuse: bool) -> Linear:
     return Linear(w=w, b=b, sizes=sizes)
 
 
-def from_weights(weights: Weights, fuse: bool) -> Params:
+# canonical LayerWeights fields behind each projection: (weights, biases)
+_PROJECTIONS = {"qkv": (("wq", "wk", "wv"), ("bq", "bk", "bv")), "o": (("wo",), ("bo",)),
+                "gate_up": (("w_gate", "w_up"), (None, None)), "down": (("w_down",), (None,))}
+_NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
+
+
+def _drop(lw, fields, consume: bool) -> None:
+    """consume: the canonical arrays behind a prepared projection leave the weights tree (freed
+    unless someone else holds them)."""
+    if consume:
+        for f in fields:
+            if f is not None:
+                setattr(lw, f, None)
+
+
+def empty(weights: Weights) -> None:
+    """Drop every array from a weights tree (they are freed unless someone else holds them)."""
+    for f in dataclasses.fields(weights.layers):
+        setattr(weights.layers, f.name, None)
+    for f in dataclasses.fields(weights):
+        if f.name != "layers":
+            setattr(weights, f.name, None)
+
+
+def from_weights(weights: Weights, fuse: bool, consume: bool = False) -> Params:
     """Stacked Params over the canonical weights. `fuse`: one matrix for q|k|v and one for
     gate|up (fewer, wider matmuls on one device); else one array per part (tensor parallelism,
     where each part is sharded on its own output axis). Unfused, the arrays are the canonical
-    ones, not copies."""
+    ones, not copies. consume: each projection's canonical parts are dropped from `weights`
+    once its Linear exists, so the fused copy and the parts are not all held at once."""
     lw = weights.layers
-    layers = LayerParams(
-        attn_norm=lw.attn_norm,
-        qkv=_linear((lw.wq, lw.wk, lw.wv), (lw.bq, lw.bk, lw.bv), fuse),
-        o=_linear((lw.wo,), (lw.bo,), fuse),
-        mlp_norm=lw.mlp_norm,
-        gate_up=_linear((lw.w_gate, lw.w_up), (None, None), fuse),
-        down=_linear((lw.w_down,), (None,), fuse),
-        q_norm=lw.q_norm, k_norm=lw.k_norm)
+    linears = {}
+    for key, (ws, bs) in _PROJECTIONS.items():
+        linears[key] = _linear(tuple(getattr(lw, w) for w in ws),
+                               tuple(None if b is None else getattr(lw, b) for b in bs), fuse)
+        _drop(lw, ws + bs, consume)
+    layers = LayerParams(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm, q_norm=lw.q_norm,
+                         k_norm=lw.k_norm, **linears)
+    _drop(lw, _NORMS, consume)
     return Params(embed=weights.embed, layers=layers, final_norm=weights.final_norm,
                   lm_head=weights.lm_head)
+
+
+@jax.jit
+def _layer_of(arrays, i):
+    """Layer i of stacked arrays (own buffers), the parts concatenated when more than one."""
+    parts = [a[i] for a in arrays]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def from_weights_per_layer(weights: Weights, consume: bool = False) -> Params:
+    """Per-layer Params (a tuple of LayerParams, each with its own buffers; q|k|v and gate|up
+    fused) made straight from the canonical stacked weights, one projection at a time: with
+    consume, that projection's canonical arrays are dropped before the next one is made, so
+    at most one projection is held twice."""
+    lw = weights.layers
+    L = lw.attn_norm.shape[0]
+    per_layer = [{} for _ in range(L)]
+    for key, (ws, bs) in _PROJECTIONS.items():
+        w_parts = tuple(getattr(lw, w) for w in ws)
+        b_parts = tuple(None if b is None else getattr(lw, b) for b in bs)
+        sizes = tuple(int(w.shape[-1]) for w in w_parts)
+        has_b = any(b is not None for b in b_parts)
+        for i in range(L):
+            b = tuple(None if x is None else _layer_of((x,), i) for x in b_parts) if has_b else None
+            per_layer[i][key] = Linear(w=_layer_of(w_parts, i), b=b, sizes=sizes)
+        del w_parts, b_parts
+        _drop(lw, ws + bs, consume)
+    for name in _NORMS:
+        a = getattr(lw, name)
+        for i in range(L):
+            per_layer[i][name] = None if a is None else _layer_of((a,), i)
+        del a
+        _drop(lw, (name,), consume)
+    return Params(embed=weights.embed, layers=tuple(LayerParams(**d) for d in per_layer),
+                  final_norm=weights.final_norm, lm_head=weights.lm_head)
 
 
 def unstack(params: Params) -> Params:

@@ -93,7 +93,9 @@ def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float =
 
 
 def cast(weights: Weights, dtype) -> Weights:
-    return jax.tree.map(lambda a: a.astype(dtype), weights)
+    """A new tree with every array in `dtype` (arrays already in it are the same arrays)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda a: a if a.dtype == dtype else a.astype(dtype), weights)
 
 
 def logical_axes(cfg: ModelConfig) -> Weights:

@@ -60,8 +60,8 @@ class CpuBackend(XlaBackend):
     def pool_dtype(self):
         return jnp.uint16 if self.dtype == jnp.bfloat16 else self.dtype
 
-    def prepare(self, weights) -> Params:
-        params = super().prepare(weights)
+    def prepare(self, weights, *, consume: bool = False) -> Params:
+        params = super().prepare(weights, consume=consume)
         if not self.amx:
             return params
 
@@ -70,9 +70,14 @@ class CpuBackend(XlaBackend):
                 return p
             return Linear(w=cpu_matmul.pack_amx(p.w), b=p.b, sizes=p.sizes)
 
-        layers = tuple(dataclasses.replace(lp, qkv=pack(lp.qkv), o=pack(lp.o),
-                                           gate_up=pack(lp.gate_up), down=pack(lp.down))
-                       for lp in params.layers)
+        # layer by layer, each unpacked layer dropped once packed (one layer held twice)
+        layers = list(params.layers)
+        params = dataclasses.replace(params, layers=None)
+        for i, lp in enumerate(layers):
+            layers[i] = dataclasses.replace(lp, qkv=pack(lp.qkv), o=pack(lp.o),
+                                            gate_up=pack(lp.gate_up), down=pack(lp.down))
+        del lp
+        layers = tuple(layers)
         lm_head = params.lm_head
         if lm_head is None and params.embed.dtype == jnp.bfloat16:
             # The tied head gets a packed embed^T (embed stays for the token lookup and for
