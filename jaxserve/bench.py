@@ -164,10 +164,11 @@ def _load_hf(engine, dtype_name: str):
 
 def run_bench(args) -> int:
     from jaxserve.cli import engine_config_from_args
-    from jaxserve.engine import EngineConfig, LLMEngine
+    from jaxserve.engine import EngineConfig, LLMEngine, resolve_config_dtype
     import dataclasses
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    base_cfg = engine_config_from_args(args)
+    # --dtype auto resolved once: the matmul peak and HF run in the dtype the engine serves
+    base_cfg = resolve_config_dtype(engine_config_from_args(args))
     if args.compare_hf and base_cfg.load_format == "dummy":
         raise ValueError("--compare-hf runs HF on the checkpoint's weights: not with "
                          "--load-format dummy (random weights)")

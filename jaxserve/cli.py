@@ -13,19 +13,27 @@ from jaxserve.lora.cli_args import add_lora_arguments, lora_engine_kwargs, regis
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    from jaxserve.engine import DTYPES, EngineConfig as C   # defaults: the config's
+    from jaxserve.engine import DTYPE_CHOICES, EngineConfig as C   # defaults: the config's
     from jaxserve.loader import LOAD_FORMATS
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=C.model,
                    help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default=C.dtype, choices=list(DTYPES))
+    g.add_argument("--dtype", default=C.dtype, choices=list(DTYPE_CHOICES),
+                   help="weights, activations and KV pool (auto: bfloat16 on GPU/TPU and on CPUs "
+                        "with AMX, float32 on other CPUs; the engine logs its choice)")
     g.add_argument("--load-format", default=C.load_format, choices=list(LOAD_FORMATS),
                    help="auto: the checkpoint's weights; dummy: random weights made on the "
                         "devices, --model needs only config.json and a tokenizer (benchmarks)")
     g.add_argument("--page-size", type=int, default=C.page_size)
     g.add_argument("--num-pages", type=int, default=C.num_pages,
                    help="KV pool pages (default: from --kv-cache-gb)")
-    g.add_argument("--kv-cache-gb", type=float, default=C.kv_cache_gb)
+    g.add_argument("--kv-cache-gb", type=float, default=C.kv_cache_gb,
+                   help="KV pool GiB per device (default: planned from --gpu-memory-utilization "
+                        "on GPU/TPU, 1 GiB on CPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=C.gpu_memory_utilization,
+                   help="fraction of each GPU/TPU's memory for weights, KV pool and activations: "
+                        "the pool gets what the weights and the largest step leave (also sets "
+                        "XLA_PYTHON_CLIENT_MEM_FRACTION unless it is set)")
     g.add_argument("--max-num-seqs", type=int, default=C.max_num_seqs)
     g.add_argument("--max-prefill-tokens", type=int, default=C.max_prefill_tokens)
     g.add_argument("--max-model-len", type=int, default=C.max_model_len)
@@ -68,7 +76,8 @@ def engine_config_from_args(args):
     return EngineConfig(
         model=args.model, dtype=args.dtype, load_format=args.load_format,
         page_size=args.page_size, num_pages=args.num_pages,
-        kv_cache_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+        kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
         max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
         backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,
         fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed,
@@ -158,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # JAX's GPU allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION of each GPU when its backend
+    # starts (at the first jax call, after this): the fraction the memory plan budgets.
+    util = getattr(args, "gpu_memory_utilization", None)
+    if util is not None and 0 < util <= 1:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{util:g}")
     # Compiled step programs persist across restarts (jax reads these before first compile).
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                           os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"))

@@ -13,17 +13,21 @@ runner and tokenizer (tests/fake_runner.py) it loads and compiles nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
 
-import jax.numpy as jnp
+import jax
 
 from jaxserve.admission import AdmissionError, UNKNOWN, admit
 from jaxserve.config import ModelConfig
-from jaxserve import backends
+from jaxserve import backends, memory
+from jaxserve.dtypes import DTYPES, CHOICES as DTYPE_CHOICES, checkpoint_dtype
+from jaxserve.dtypes import resolve as resolve_dtype
 from jaxserve.loader import LOAD_FORMATS, LoadedModel, load_config, load_model
 from jaxserve.lora.runtime import LoraRuntime, make_lora_store
 from jaxserve.model.kv_cache import bytes_per_page
@@ -39,18 +43,22 @@ from scheduler.factory import make_policy
 
 log = logging.getLogger("jaxserve.engine")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None          # HF checkpoint dir or .gguf; None = embedded SmolLM2-135M
-    dtype: str = "float32"            # weights, activations and KV pool
+    # weights, activations and KV pool: auto | float32 | bfloat16; auto resolved at engine
+    # start (jaxserve/dtypes.py: bfloat16 on GPU/TPU and AMX CPUs, else float32)
+    dtype: str = "auto"
     load_format: str = "auto"         # auto: the checkpoint's weights; dummy: random weights made
     #                                   on the devices (only config.json and a tokenizer needed)
     page_size: int = 16
     num_pages: int | None = None      # KV pool pages; None = from kv_cache_gb
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float | None = None  # KV pool GiB per device; None = planned (below)
+    # Fraction of each accelerator's memory for weights + KV pool + activations: the pool gets
+    # what is left after the weights and the largest step (jaxserve/memory.py). On a CPU
+    # (no memory statistics) the pool is memory.CPU_KV_CACHE_GB.
+    gpu_memory_utilization: float = memory.DEFAULT_UTILIZATION
     max_num_seqs: int = 64
     max_prefill_tokens: int = 512
     max_model_len: int = 2048
@@ -68,8 +76,13 @@ class EngineConfig:
     lora_max_pages: int | None = None  # cap on pool pages adapters may hold; None = any free page
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError("kv_cache_gb must be positive")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if isinstance(self.fair_weights, dict):
@@ -78,6 +91,20 @@ class EngineConfig:
                   "max_loras", "max_lora_rank"):
             if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
+
+
+def resolve_config_dtype(config: EngineConfig, model: LoadedModel | None = None, *,
+                         read_checkpoint: bool = True) -> EngineConfig:
+    """config with its dtype resolved (auto: jaxserve/dtypes.py, from the platform, the CPU and
+    the checkpoint at config.model, or `model`'s), the choice and why logged."""
+    path = config.model
+    if model is not None:
+        path = (os.path.join(model.tokenizer_dir, model.gguf_file) if model.gguf_file
+                else model.tokenizer_dir)
+    ckpt = checkpoint_dtype(path) if read_checkpoint else None
+    name, why = resolve_dtype(config.dtype, platform=jax.default_backend(), checkpoint=ckpt)
+    log.info("dtype %s [%s]", name, why)
+    return dataclasses.replace(config, dtype=name)
 
 
 def load_for_backend(config: EngineConfig):
@@ -95,11 +122,15 @@ def load_for_backend(config: EngineConfig):
 class LLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig(), model: LoadedModel | None = None,
                  *, runner=None, tokenizer: Tokenizer | None = None,
-                 model_config: ModelConfig | None = None, model_name: str = "model"):
+                 model_config: ModelConfig | None = None, model_name: str = "model",
+                 memory_devices=None):
         """Load `model` (default: config.model) and build its ModelRunner; or, given a `runner`
-        (`run(plan) -> (tokens, logprobs)`), its `tokenizer` and `model_config`, load nothing."""
-        self.config = config
+        (`run(plan) -> (tokens, logprobs)`), its `tokenizer` and `model_config`, load nothing.
+        memory_devices: the devices whose memory_stats() size the pool (default: the runner's;
+        any objects with memory_stats() and platform). self.config is `config` with its dtype
+        resolved."""
         t0 = time.perf_counter()
+        self.config = config = resolve_config_dtype(config, model, read_checkpoint=runner is None)
         self.model = None     # the LoadedModel without its weights (they go to the runner)
         weights, backend = None, config.backend
         if runner is None:
@@ -122,11 +153,20 @@ class LLMEngine:
         # With tp > 1, kv_cache_gb is per device: each holds 1/tp of the (head-padded) pool.
         page_bytes = (bytes_per_page(head_layout(model_config, config.tp).config,
                                      config.page_size, DTYPES[config.dtype]) // config.tp)
-        num_pages = config.num_pages or max(2, int(config.kv_cache_gb * 2**30 // page_bytes))
-        self.loras = make_lora_store(model_config, config, num_pages)
+        num_pages = config.num_pages or (None if config.kv_cache_gb is None else
+                                         max(2, int(config.kv_cache_gb * memory.GiB // page_bytes)))
+        if num_pages is None and runner is not None:   # nothing of ours to measure
+            num_pages = max(2, int(memory.CPU_KV_CACHE_GB * memory.GiB // page_bytes))
+        # (the per-adapter page cap is set again once a planned pool's size is known)
+        self.loras = make_lora_store(model_config, config, num_pages or 2)
         self._lora_sources: dict[str, str | None] = {}   # adapter -> the path it came from
         self.runner = runner or self._make_runner(weights, num_pages, backend)
         del weights
+        self.memory_plan: memory.PoolPlan | None = None   # set when the pool is planned
+        if num_pages is None:   # weights on the device -> profile the largest step -> the pool
+            num_pages = self._plan_pool(page_bytes, memory_devices)
+            self.runner.init_pool(num_pages)
+            self.loras.max_pages = make_lora_store(model_config, config, num_pages).max_pages
         self.scheduler = Scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,
                             max_num_seqs=config.max_num_seqs,
@@ -144,7 +184,40 @@ class LLMEngine:
         log.info("engine ready: %s, %d KV pages of %d tokens (%.1fs)",
                  self.model_name, num_pages, config.page_size, time.perf_counter() - t0)
 
-    def _make_runner(self, weights, num_pages: int, backend) -> ModelRunner:
+    def _plan_pool(self, page_bytes: int, devices) -> int:
+        """KV pool pages: planned from the devices' memory after the weights, beside the largest
+        step (jaxserve/memory.py); where the devices report no memory statistics (CPU), the CPU
+        default of memory.CPU_KV_CACHE_GB."""
+        config, runner = self.config, self.runner
+        if devices is None:
+            mesh = runner.backend.mesh
+            devices = ([jax.local_devices()[0]] if mesh is None else
+                       [d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+        mem = memory.device_memory(devices)
+        if mem is None:
+            pages = max(2, int(memory.CPU_KV_CACHE_GB * memory.GiB // page_bytes))
+            if jax.default_backend() != "cpu":
+                log.warning("%s reports no memory statistics: KV pool of %g GiB (%d pages); "
+                            "size it with --kv-cache-gb or --num-pages", jax.default_backend(),
+                            memory.CPU_KV_CACHE_GB, pages)
+            return pages
+        t = time.perf_counter()
+        kw = dict(utilization=config.gpu_memory_utilization, page_bytes=page_bytes,
+                  page_size=config.page_size, max_model_len=self.max_model_len)
+        # The weights fit, and the most pages the pool could get: the abstract pool the steps
+        # are compiled against (their temporaries do not grow with it; if they did, this
+        # over-counts them).
+        upper = memory.plan_pool(mem, step_bytes=0, **kw)
+        shapes = runner.largest_shapes()
+        step_bytes = max(runner.step_memory(s, upper.num_pages) for s in shapes)
+        self.memory_plan = memory.plan_pool(mem, step_bytes=step_bytes, **kw)
+        log.info("%s [--gpu-memory-utilization %g; largest steps %s profiled in %.1fs]",
+                 self.memory_plan.describe(), config.gpu_memory_utilization,
+                 ", ".join("x".join(map(str, s[1:4])) + (f" lora r{s[4]}" if len(s) > 4 else "")
+                           for s in shapes), time.perf_counter() - t)
+        return self.memory_plan.num_pages
+
+    def _make_runner(self, weights, num_pages: int | None, backend) -> ModelRunner:
         config = self.config
         return ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,

@@ -101,7 +101,11 @@ def reserve_bytes(budget: int) -> int:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
+    """n bytes in GiB, or MiB / KiB below one of those."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.2f} KiB"
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class PoolPlan:
                 f"{self.utilization:g} x {_gib(self.total_bytes)} = {_gib(self.budget_bytes)}"
                 f" - in use after weights {_gib(self.in_use_bytes)} - largest step "
                 f"{_gib(self.step_bytes)} - reserve {_gib(self.reserve_bytes)}; "
-                f"{self.page_bytes / MiB:.2f} MiB per page per device)")
+                f"{_gib(self.page_bytes)} per page per device)")
 
 
 def plan_pool(mem: DeviceMemory, *, utilization: float, step_bytes: int, page_bytes: int,

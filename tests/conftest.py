@@ -40,5 +40,5 @@ def hf_default_model():
 def default_engine(default_model):
     """A small-pool engine on the real default model, shared by engine tests."""
     from jaxserve.engine import EngineConfig, LLMEngine
-    return LLMEngine(EngineConfig(max_num_seqs=8, max_model_len=512, num_pages=160,
+    return LLMEngine(EngineConfig(dtype="float32", max_num_seqs=8, max_model_len=512, num_pages=160,
                                   max_prefill_tokens=256), model=default_model)

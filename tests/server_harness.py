@@ -15,7 +15,7 @@ from server.config import ServerConfig
 
 # Small enough to compile quickly on 2 CPU cores; max_prefill_tokens = max_model_len so that
 # no prompt in these tests needs chunked prefill.
-REAL_ENGINE_KW = dict(max_num_seqs=8, max_model_len=512, num_pages=320, max_prefill_tokens=512,
+REAL_ENGINE_KW = dict(dtype="float32", max_num_seqs=8, max_model_len=512, num_pages=320, max_prefill_tokens=512,
                       page_size=16)
 
 

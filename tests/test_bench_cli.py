@@ -17,7 +17,7 @@ def test_bench_compare_hf_writes_rates_and_ratios(tmp_path):
     make_base(str(tmp_path / "base"))
     out = tmp_path / "bench.json"
     assert main(["bench", "--model", str(tmp_path / "base"), "--batch-sizes", "1,2",
-                 "--input-len", "8", "--output-len", "6", "--compare-hf",
+                 "--input-len", "8", "--output-len", "6", "--compare-hf", "--dtype", "float32",
                  "--output", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["batch"] for r in res["rows"]] == [1, 2] and res["matmul_peak_gflops"] > 0

@@ -351,7 +351,7 @@ def test_engine_greedy_matches_xla(tmp_path, head_dim):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=True)
     outs = {}
     for impl in ("xla", "cpu"):
-        engine = LLMEngine(EngineConfig(model=str(tmp_path), backend=impl, page_size=4,
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", backend=impl, page_size=4,
                                         num_pages=40, max_num_seqs=4, max_prefill_tokens=16,
                                         max_model_len=64))
         assert engine.runner.backend.name == impl

@@ -48,7 +48,7 @@ def test_batch_invariance_with_staggered_joins(default_engine):
 def test_batch_invariance_across_preemption(default_model, default_engine):
     # 5 requests of ~10-20 prompt tokens + 24 outputs need ~3 pages of 16 each at the end;
     # a pool of 9 usable pages forces preemption (recompute) mid-decode.
-    small = LLMEngine(EngineConfig(max_num_seqs=8, max_model_len=512, num_pages=10, max_prefill_tokens=256),
+    small = LLMEngine(EngineConfig(dtype="float32", max_num_seqs=8, max_model_len=512, num_pages=10, max_prefill_tokens=256),
                       model=default_model)
     batched = _staggered(small, PROMPTS, GREEDY, join_every=1)
     assert small.num_preemptions_total > 0
@@ -63,7 +63,7 @@ def test_dropped_programs_are_rebuilt_and_outputs_unchanged(default_model, defau
     and rebuilds the others when needed: outputs are those of an engine that keeps them all."""
     import jaxserve.runner as runner_mod
     monkeypatch.setattr(runner_mod, "_map_budget", lambda: 0)
-    eng = LLMEngine(EngineConfig(max_num_seqs=4, max_model_len=256, num_pages=40,
+    eng = LLMEngine(EngineConfig(dtype="float32", max_num_seqs=4, max_model_len=256, num_pages=40,
                                  max_prefill_tokens=64), model=default_model)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     batched = _staggered(eng, PROMPTS[:3], params, join_every=2)

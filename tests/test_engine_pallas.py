@@ -15,7 +15,7 @@ def test_pallas_attention_engine_matches_xla_and_hf(tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     tokens = {}
     for impl in ("xla", "pallas"):
-        engine = LLMEngine(EngineConfig(model=str(tmp_path), backend=impl, page_size=4,
+        engine = LLMEngine(EngineConfig(model=str(tmp_path), dtype="float32", backend=impl, page_size=4,
                                         num_pages=40, max_num_seqs=4, max_prefill_tokens=16,
                                         max_model_len=64))
         assert engine.runner.backend.name == impl

@@ -23,7 +23,7 @@ _spec.loader.exec_module(bench)
 def results(default_model):
     out = {}
     for policy in ("fcfs", "vtc"):
-        engine = LLMEngine(EngineConfig(max_num_seqs=8, max_model_len=256, num_pages=256,
+        engine = LLMEngine(EngineConfig(dtype="float32", max_num_seqs=8, max_model_len=256, num_pages=256,
                                         scheduler=policy), model=default_model)
         out[policy] = bench.run_two_clients(engine, steps=160, period=4, prompt_len=32, output_len=32,
                                             warmup_steps=40)

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     base = make_base(str(root / "base"))
     peft_models = make_adapters(base, str(root))
     from jaxserve.engine import EngineConfig, LLMEngine
-    engine = LLMEngine(EngineConfig(model=str(root / "base"), page_size=8, num_pages=700,
+    engine = LLMEngine(EngineConfig(model=str(root / "base"), dtype="float32", page_size=8, num_pages=700,
                                     max_num_seqs=8, max_prefill_tokens=64, max_model_len=64,
                                     max_loras=8, max_lora_rank=128))
     for name in ADAPTERS:

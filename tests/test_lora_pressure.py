@@ -20,7 +20,7 @@ def setup(tmp_path_factory):
     from jaxserve.engine import EngineConfig, LLMEngine
     # 74 usable pages: a rank-8 all-linear adapter takes 29, so two adapters plus ~4 requests'
     # KV fit, three adapters never do.
-    engine = LLMEngine(EngineConfig(model=str(root / "base"), page_size=8, num_pages=75,
+    engine = LLMEngine(EngineConfig(model=str(root / "base"), dtype="float32", page_size=8, num_pages=75,
                                     max_num_seqs=4, max_prefill_tokens=32, max_model_len=48,
                                     max_loras=4, max_lora_rank=8))
     for name in models:

@@ -99,3 +99,67 @@ def test_utilization_out_of_range():
         with pytest.raises(MemoryPlanError, match="gpu-memory-utilization"):
             plan_pool(mem, utilization=u, step_bytes=0, page_bytes=MiB, page_size=16,
                       max_model_len=16)
+
+
+# -- the engine's planned pool, on CPU with stats given explicitly --------------------------------
+
+def _engine(path, **kw):
+    from jaxserve.engine import EngineConfig, LLMEngine
+    cfg = dict(model=str(path), dtype="float32", page_size=8, max_num_seqs=4,
+               max_prefill_tokens=32, max_model_len=64, max_lora_rank=8)
+    devices = kw.pop("memory_devices", None)
+    cfg.update(kw)
+    return LLMEngine(EngineConfig(**cfg), memory_devices=devices)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from tests.lora_helpers import make_base
+    path = tmp_path_factory.mktemp("base")
+    make_base(path)
+    return path
+
+
+def test_engine_pool_is_planned_from_device_memory(base_dir):
+    from jaxserve.sampling_params import SamplingParams
+    dev = StatsDevice("tpu", limit=160 * MiB, in_use=20 * MiB)
+    engine = _engine(base_dir, gpu_memory_utilization=0.8, memory_devices=[dev])
+    plan = engine.memory_plan
+    assert plan is not None and plan.step_bytes > 0
+    want = plan_pool(DeviceMemory("tpu", 160 * MiB, 160 * MiB, 20 * MiB), utilization=0.8,
+                     step_bytes=plan.step_bytes, page_bytes=plan.page_bytes, page_size=8,
+                     max_model_len=64)
+    assert plan == want
+    assert engine.runner.kv.num_pages == plan.num_pages == engine.scheduler.allocator.num_usable + 1
+    assert engine.loras.max_pages == plan.num_pages - 1
+    # the pool is the planned size and serves
+    out = engine.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, temperature=0.0,
+                                                         ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+
+
+def test_explicit_pool_flags_override_the_plan(base_dir):
+    dev = StatsDevice("tpu", limit=160 * MiB, in_use=20 * MiB)
+    assert _engine(base_dir, num_pages=33, memory_devices=[dev]).runner.kv.num_pages == 33
+    engine = _engine(base_dir, kv_cache_gb=0.001, memory_devices=[dev])
+    assert engine.memory_plan is None and engine.runner.kv.num_pages > 2
+
+
+def test_engine_refuses_a_device_too_small(base_dir):
+    dev = StatsDevice("tpu", limit=64 * MiB, in_use=63 * MiB)
+    with pytest.raises(MemoryPlanError, match="missing"):
+        _engine(base_dir, memory_devices=[dev])
+
+
+@pytest.mark.parametrize("layer_loop", ["per-layer", "scan"])
+def test_step_memory_comes_from_the_compiled_step(base_dir, layer_loop):
+    runner = _engine(base_dir, num_pages=40, layer_loop=layer_loop, max_num_seqs=8,
+                     max_prefill_tokens=64).runner
+    decode = [runner.step_memory(("decode", B, 1, 8), 40) for B in (1, 8)]
+    prefill = [runner.step_memory(("prefill", 1, T, 8), 40) for T in (16, 64)]
+    assert 0 < decode[0] < decode[1] and 0 < prefill[0] < prefill[1]
+    # the pool is not part of it: an abstract pool 100x larger needs the same bytes
+    assert runner.step_memory(("decode", 8, 1, 8), 4000) == decode[1]
+    # with adapters: the slot weights and their gather on top
+    lb = max(runner.lora.buckets(), key=lambda b: (b[0], len(b[1])))
+    assert runner.step_memory(("decode", 8, 1, 8) + lb, 40) > decode[1]

@@ -161,7 +161,7 @@ def lora_setup(root: str, heads: tuple[int, int]):
     return os.path.join(root, "base"), lora_helpers.prompts(4, seed=3, lo=4, hi=9)
 
 
-ENGINE_KW = dict(num_pages=512, page_size=8, max_num_seqs=4, max_prefill_tokens=64,
+ENGINE_KW = dict(dtype="float32", num_pages=512, page_size=8, max_num_seqs=4, max_prefill_tokens=64,
                  max_model_len=64, max_loras=4, max_lora_rank=32, backend="xla")
 
 
