@@ -250,8 +250,6 @@ class ModelRunner:
         if shapes is None:
             shapes = self.builder.shapes(lora=lora and self.lora is not None)
         before = len(self._compiled) + self.num_programs_dropped
-        if self.lora is not None and any(len(s) > 4 for s in shapes):
-            self.kv = self.lora.warm_loads(self.kv)
         for i, shape in enumerate(shapes):
             kind, B, T, P = shape[:4]
             built = BuiltStep.empty(kind == "prefill", B, T, P)
@@ -263,5 +261,8 @@ class ModelRunner:
             if on_progress is not None:
                 jax.block_until_ready(self.kv.k)
                 on_progress(i + 1, len(shapes), time.perf_counter() - t0)
+        if self.lora is not None and any(len(s) > 4 for s in shapes):
+            # after a step: the pool as a step leaves it is what loads are written into
+            self.kv = self.lora.warm_loads(self.kv)
         jax.block_until_ready(self.kv.k)
         return len(self._compiled) + self.num_programs_dropped - before, time.perf_counter() - t0

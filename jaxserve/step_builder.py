@@ -5,9 +5,16 @@ of its sequences, arrays padded to shape buckets (so only a small set of program
 compiled), the sampling inputs and the LoRA slots. The executor (jaxserve/runner.py) turns a
 BuiltStep into device inputs and runs it; nothing of a step is kept anywhere else.
 
-Buckets: batch rows and prefill tokens are powers of two, or 1.5x powers of two where padding
-costs compute (`fine_bucket`); pages per sequence likewise. A prefill mixing chunk lengths is
-split into calls of similar lengths (`prefill_groups`).
+Buckets (the bounded set `StepBuilder.shapes()` lists; docs/architecture.md gives its size):
+  decode rows        powers of two up to max_num_seqs (at least the backend's min_decode_rows)
+  prefill rows       1, 2, 3, 4, 6, 8, 12, ... (`fine_bucket`) up to max_num_seqs
+  prefill tokens     16, 24, 32, 48, ... up to max_prefill_tokens, with rows x tokens at most
+                     max_prefill_tokens rounded up to a power of two (`prefill_slots`)
+  pages per sequence 1, 2, 3, 4, 6, 8, 12, 16, then powers of two (`pages_bucket`); one width,
+                     the longest, where the backend's attention reads only up to each row's
+                     kv_len (padding costs it nothing); a prefill's pages end at its chunk's end
+  LoRA               the rank bucket and module set of jaxserve/lora/slots.py
+A prefill mixing chunk lengths is split into calls of similar lengths (`prefill_groups`).
 """
 from __future__ import annotations
 
@@ -47,7 +54,8 @@ PREFILL_CALL_COST_TOKENS = 48
 
 
 def prefill_groups(chunks: list[int], token_bucket, row_bucket,
-                   call_cost: int = PREFILL_CALL_COST_TOKENS) -> list[list[int]]:
+                   call_cost: int = PREFILL_CALL_COST_TOKENS,
+                   max_slots: int | None = None) -> list[list[int]]:
     """Split one prefill step's sequences into device calls that cost the least in total.
 
     A call pads every row to its bucketed longest chunk (mixing a 36-token chunk with a
@@ -55,7 +63,9 @@ def prefill_groups(chunks: list[int], token_bucket, row_bucket,
     `call_cost` token slots of its own. With the sequences sorted by chunk length, the best
     split into runs of neighbours is found exactly by dynamic programming over
     cost(run) = call_cost + row_bucket(rows) x token_bucket(longest chunk).
-    Returns index lists, longest chunks first.
+    A run whose rows x tokens bucket exceeds `max_slots` is not a call (one sequence alone
+    always is: the callers' token buckets stay within it). Returns index lists, longest chunks
+    first.
     """
     order = sorted(range(len(chunks)), key=lambda i: -chunks[i])
     n = len(order)
@@ -63,7 +73,10 @@ def prefill_groups(chunks: list[int], token_bucket, row_bucket,
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):
-            c = best[i] + call_cost + row_bucket(j - i) * token_bucket(chunks[order[i]])
+            slots = row_bucket(j - i) * token_bucket(chunks[order[i]])
+            if max_slots is not None and slots > max_slots and j - i > 1:
+                continue
+            c = best[i] + call_cost + slots
             if c < best[j]:
                 best[j], cut[j] = c, i
     groups, j = [], n
@@ -129,20 +142,34 @@ class BuiltStep:
         return key if self.lora is None else key + (self.lora.max_rank, self.lora.modules)
 
 
+# Pages per sequence up to this many take the fine buckets (padding under a third); longer
+# block tables take powers of two (padding under a half): fewer programs for long contexts, where
+# attention that reads padded pages (XLA's gather) is a smaller part of the step.
+FINE_PAGES = 16
+
+
 class StepBuilder:
     """Turns plans into BuiltSteps. Keeps one piece of state: each decoding sequence's batch
     row, so per-row state cached on device (the LoRA slot weights) changes only where a row's
-    occupant does. `lora`: an object with slots(plan, B, T, rows) -> LoraSlots | None
-    (jaxserve.lora.runtime.LoraRuntime), or None without adapters."""
+    occupant does. `lora`: an object with slots(plan, B, T, rows) -> LoraSlots | None and
+    buckets() -> [(rank bucket, modules), ...] (jaxserve.lora.runtime.LoraRuntime), or None
+    without adapters. `bucket_pages`: (decode, prefill) whether block tables are bucketed to
+    the step's longest row (the backend's attention reads every page of the table) or always
+    the longest width (it reads only up to each row's kv_len, so padding costs nothing and
+    the pages drop out of the program shapes)."""
 
     def __init__(self, *, page_size: int, max_num_seqs: int, max_prefill_tokens: int,
-                 max_model_len: int, min_decode_rows: int = 1, lora=None):
+                 max_model_len: int, min_decode_rows: int = 1, lora=None,
+                 bucket_pages: tuple[bool, bool] = (True, True)):
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.max_pages_per_seq = math.ceil(max_model_len / page_size)
         self.min_decode_rows = min_decode_rows
         self.lora = lora
+        self.bucket_pages = tuple(bucket_pages)
+        # rows x tokens of one prefill call at most (prefill_groups splits a plan to fit)
+        self.prefill_slots = pow2_at_least(max_prefill_tokens)
         self._rows: dict[int, int] = {}   # decode: seq_id -> its batch row (kept while it runs)
 
     def build(self, plan: StepPlan) -> list[BuiltStep]:
@@ -152,20 +179,54 @@ class StepBuilder:
         if not plan.is_prefill:
             return [self.build_call(plan, list(range(n)), self._decode_rows(plan))]
         groups = prefill_groups(plan.num_new_tokens, self.prefill_tokens_bucket,
-                                lambda k: fine_bucket(k, self.max_num_seqs))
+                                self.prefill_rows_bucket, max_slots=self.prefill_slots)
         if len(groups) <= 1:    # one call for the whole plan, in its own order
             groups = [list(range(n))]
         return [self.build_call(plan, g, list(range(len(g)))) for g in groups]
 
+    # -- buckets -----------------------------------------------------------------------------
     def prefill_tokens_bucket(self, n: int) -> int:
         return fine_bucket(n, pow2_at_least(self.max_prefill_tokens), lo=16)
 
+    def prefill_rows_bucket(self, n: int) -> int:
+        return fine_bucket(n, self.max_num_seqs)
+
     def pages_bucket(self, n: int) -> int:
-        return fine_bucket(n, pow2_at_least(self.max_pages_per_seq))
+        cap = pow2_at_least(self.max_pages_per_seq)
+        return fine_bucket(n, cap) if n <= FINE_PAGES else bucket(n, cap)
 
     def decode_rows_bucket(self, n: int) -> int:
         cap = max(pow2_at_least(self.max_num_seqs), self.min_decode_rows)
         return bucket(n, cap, lo=self.min_decode_rows)
+
+    def _pages(self, is_prefill: bool, n: int) -> int:
+        """The block-table width of a call whose rows need at most n pages."""
+        bucketed = self.bucket_pages[1 if is_prefill else 0]
+        return self.pages_bucket(n if bucketed else self.max_pages_per_seq)
+
+    def shapes(self, lora: bool = True) -> list[tuple]:
+        """Every bucket (BuiltStep.shape) this builder can produce, decode first, smaller first;
+        with `lora`, also each one's LoRA variants (self.lora.buckets()). The set depends only
+        on the limits; docs/architecture.md gives its size."""
+        page_buckets = sorted({self.pages_bucket(n) for n in range(1, self.max_pages_per_seq + 1)})
+        rows_cap = max(pow2_at_least(self.max_num_seqs), self.min_decode_rows)
+        base = []
+        dec_pages = page_buckets if self.bucket_pages[0] else [self._pages(False, 1)]
+        for B in sorted({self.decode_rows_bucket(n) for n in range(1, rows_cap + 1)}):
+            base += [("decode", B, 1, P) for P in dec_pages]
+        least = _least_inputs(self.prefill_rows_bucket, range(1, self.max_num_seqs + 1))
+        for T, c in _least_inputs(self.prefill_tokens_bucket,
+                                  range(1, self.max_prefill_tokens + 1)).items():
+            # a call's longest chunk is >= c tokens and sits in pages [0, c / page_size)
+            pages = ([P for P in page_buckets if P >= self.pages_bucket(-(-c // self.page_size))]
+                     if self.bucket_pages[1] else [self._pages(True, 1)])
+            for B, k in least.items():
+                # k rows, one of >= c tokens and each other of >= 1, within the step's tokens
+                if c + k - 1 <= self.max_prefill_tokens and (B * T <= self.prefill_slots or B == 1):
+                    base += [("prefill", B, T, P) for P in pages]
+        if not lora or self.lora is None:
+            return base
+        return base + [key + lb for key in base for lb in self.lora.buckets()]
 
     def _decode_rows(self, plan: StepPlan) -> list[int]:
         """Each decoding sequence keeps its batch row from step to step (new ones take the
@@ -190,13 +251,15 @@ class StepBuilder:
         chunks = [plan.num_new_tokens[i] for i in idx]
         starts = [plan.start_positions[i] for i in idx]
         if plan.is_prefill:
-            B = fine_bucket(len(seqs), self.max_num_seqs)
+            B = self.prefill_rows_bucket(len(seqs))
             T = self.prefill_tokens_bucket(max(chunks))
+            # Attention reads keys up to each chunk's end; the block table (pages for the whole
+            # prompt, allocated at admission) may go further and is cut there.
+            need = max(-(-(st + k) // S) for st, k in zip(starts, chunks))
         else:
             B, T = self.decode_rows_bucket(max(rows) + 1), 1
-        # The block table covers the whole request (pages are allocated for the full prompt at
-        # admission), which can be longer than this step's chunk.
-        P = self.pages_bucket(max(len(seq.block_table) for seq in seqs))
+            need = max(len(seq.block_table) for seq in seqs)
+        P = self._pages(plan.is_prefill, need)
         out = BuiltStep.empty(plan.is_prefill, B, T, P)
         out.seqs, out.rows, out.samples = idx, rows, [plan.samples(i) for i in idx]
         out.want_logprobs = any(seq.sampling.logprobs for seq in seqs)
@@ -206,7 +269,7 @@ class StepBuilder:
             table = np.asarray(seq.block_table, np.int32)
             out.tokens[i, :k] = seq.token_ids[st:st + k]
             out.positions[i, :k] = pos
-            out.block_tables[i, :len(table)] = table
+            out.block_tables[i, :min(len(table), P)] = table[:P]
             out.kv_lens[i] = st + k
             slot_pages[i, :k] = table[pos // S]      # views of the flat [B*T] arrays
             slot_offsets[i, :k] = pos % S
@@ -221,3 +284,11 @@ class StepBuilder:
                 start_positions=starts, adapter_pages=plan.adapter_pages)
             out.lora = self.lora.slots(sub, B, T, rows)
         return out
+
+
+def _least_inputs(bucket_fn, ns) -> dict[int, int]:
+    """bucket -> the least n (of ns, increasing) that the bucket function maps to it."""
+    out: dict[int, int] = {}
+    for n in ns:
+        out.setdefault(bucket_fn(n), n)
+    return out

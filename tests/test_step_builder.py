@@ -84,7 +84,7 @@ def test_prefill_groups_and_chunks():
     many = [_seq(i, 60 if i < 2 else 2) for i in range(6)]
     plan = StepPlan(is_prefill=True, seqs=many, num_new_tokens=[60, 60, 2, 2, 2, 2],
                     start_positions=[0] * 6)
-    calls = _builder().build(plan)
+    calls = _builder(max_prefill_tokens=128).build(plan)   # the plan's 128 tokens fit a step
     assert sorted(i for c in calls for i in c.seqs) == list(range(6)) and len(calls) == 2
     assert {c.tokens.shape for c in calls} == {(2, 64), (4, 16)}
 

@@ -17,9 +17,14 @@ from jaxserve.lora.adapter import MODULES
 from jaxserve.lora.apply import gather_all_layers
 from jaxserve.lora.pool import LoraBatch, write_pages
 from jaxserve.lora.store import LoraStore
-from jaxserve.step_builder import pow2_at_least
-from jaxserve.lora.slots import build_slots
+from jaxserve.step_builder import LoraSlots, pow2_at_least
+from jaxserve.lora.slots import build_slots, lora_buckets
 from jaxserve.model.kv_cache import stored
+
+
+# Rows of the cached decode slot weights re-gathered per call (LoraRuntime.slot_weights): a fixed
+# size, so the update is one program per step shape, not one per number of changed rows.
+UPDATE_ROWS = 8
 
 
 class LoraRuntime:
@@ -61,6 +66,49 @@ class LoraRuntime:
         load generation."""
         return build_slots(self.store, self._generation, MODULES, plan, B, T, rows)
 
+    def buckets(self) -> list[tuple]:
+        """Every (rank bucket, module set) a step's slots can have (jaxserve/lora/slots.py)."""
+        return lora_buckets(self.layout.max_rank, MODULES)
+
+    # -- warm-up (jaxserve/runner.py): every program a load or a step's slots can compile -----
+    def empty_slots(self, B: int, T: int, max_rank: int, modules: tuple) -> LoraSlots:
+        """Slots of shape (B, T, max_rank, modules) holding no adapter (every page the null
+        page, every rank 0)."""
+        L = self.layout.cfg.num_layers
+        return LoraSlots(
+            idx=np.full((B * T,), -1, np.int32),
+            pages=tuple(np.zeros((B, self.layout.pages_for_rank(m, max_rank)), np.int32)
+                        for m in modules),
+            ranks=np.zeros((L, len(modules), B), np.int32),
+            scales=np.zeros((L, len(modules), B), np.float32),
+            modules=modules, max_rank=max_rank, row_keys=[None] * B)
+
+    def load_sizes(self) -> list[int]:
+        """The page counts `stage` pads a load to: powers of two up to the largest adapter
+        (every module at max_rank, or the store's page cap)."""
+        most = min(self.store.max_pages,
+                   sum(self.layout.pages_for_rank(m, self.layout.max_rank) for m in MODULES))
+        return sorted({pow2_at_least(n) for n in range(1, max(most, 1) + 1)})
+
+    def warm_loads(self, kv):
+        """Run the pool write of every load size, writing zeros into the null page."""
+        L, E = self.layout.cfg.num_layers, self.layout.page_elems
+        for n in self.load_sizes():
+            kv = self._write(kv, jax.device_put(np.zeros((n,), np.int32)),
+                             jax.device_put(np.zeros((L, n, E), np.float32)))
+        return kv
+
+    def warm_update(self, kv, batch: LoraBatch):
+        """Run the cached decode weights' row update for this shape (after a step of it, which
+        gathered them), then forget the cache (warm-up rows hold null-page contents)."""
+        if self._cached is not None:
+            _, keys, weights = self._cached
+            n = min(len(keys), UPDATE_ROWS)
+            sel = np.zeros((n,), np.int32)
+            sub = dataclasses.replace(batch, pages=tuple(p[sel] for p in batch.pages))
+            self._update(self.layout.cfg, weights, kv, sub, sel)
+        self._cached = None
+
     # -- a step's slot weights (single device) ----------------------------------------------
     def slot_weights(self, kv, batch: LoraBatch, row_keys: list, cache: bool):
         """Every layer's weights of the batch's slots, gathered from the pool in a call of their
@@ -90,12 +138,14 @@ class LoraRuntime:
         else:
             _, old_keys, weights = self._cached
             changed = [i for i, k in enumerate(keys) if k is not None and k != old_keys[i]]
-            if changed:
-                sel = np.full((pow2_at_least(len(changed)),), changed[0], np.int32)   # pad: repeat a row
-                sel[:len(changed)] = changed
+            n = min(len(keys), UPDATE_ROWS)
+            for s in range(0, len(changed), n):   # n rows per call (a fixed program shape)
+                part = changed[s:s + n]
+                sel = np.full((n,), part[0], np.int32)   # pad: repeat a row
+                sel[:len(part)] = part
                 sub = dataclasses.replace(batch, pages=tuple(p[sel] for p in batch.pages))
                 weights = self._update(self.layout.cfg, weights, kv, sub, sel)
-                self.num_rows_gathered += len(changed)
+                self.num_rows_gathered += len(part)
             keys = [k if k is not None else o for k, o in zip(keys, old_keys)]
         self._cached = (shape, keys, weights)
         return weights
