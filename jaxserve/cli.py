@@ -161,17 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def set_jax_memory_fraction(args) -> None:
+    """JAX's GPU allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION of each GPU when its backend
+    starts (at the first jax call, after this): set it to --gpu-memory-utilization, the fraction
+    the memory plan budgets, unless the environment sets it."""
+    util = getattr(args, "gpu_memory_utilization", None)
+    if util is not None and 0 < util <= 1:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{util:g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # JAX's GPU allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION of each GPU when its backend
-    # starts (at the first jax call, after this): the fraction the memory plan budgets.
-    util = getattr(args, "gpu_memory_utilization", None)
-    if util is not None and 0 < util <= 1:
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{util:g}")
+    set_jax_memory_fraction(args)
     # Compiled step programs persist across restarts (jax reads these before first compile).
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                           os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"))

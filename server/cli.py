@@ -110,6 +110,11 @@ def run(args) -> int:
     app = create_app(AsyncEngine(engine, async_cfg), server_cfg)
     backend = engine.runner.backend
     print(f"jaxserve: {backend.describe()} [{backend.why}]", file=sys.stderr, flush=True)
+    kv = engine.runner.kv
+    print("jaxserve: " + (engine.memory_plan.describe() if engine.memory_plan is not None else
+                          f"KV pool: {kv.num_pages:,} pages of {kv.page_size} tokens "
+                          "(--num-pages / --kv-cache-gb, or the CPU default)"),
+          file=sys.stderr, flush=True)
     print(f"jaxserve: serving {engine.model_name} on http://{server_cfg.host}:{server_cfg.port} "
           f"(OpenAI API under /v1)", file=sys.stderr, flush=True)
     # SIGINT/SIGTERM -> aiohttp's graceful shutdown, which runs AsyncEngine.shutdown.
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from jaxserve.cli import set_jax_memory_fraction
+    set_jax_memory_fraction(args)
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -163,3 +163,15 @@ def test_step_memory_comes_from_the_compiled_step(base_dir, layer_loop):
     # with adapters: the slot weights and their gather on top
     lb = max(runner.lora.buckets(), key=lambda b: (b[0], len(b[1])))
     assert runner.step_memory(("decode", 8, 1, 8) + lb, 40) > decode[1]
+
+
+def test_cli_sets_jax_memory_fraction_unless_set(monkeypatch):
+    import os
+    from jaxserve.cli import build_parser, set_jax_memory_fraction
+    args = build_parser().parse_args(["serve", "--gpu-memory-utilization", "0.8"])
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    set_jax_memory_fraction(args)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.8"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    set_jax_memory_fraction(args)
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
