@@ -354,8 +354,8 @@ def load_hf_dir(path: str, dtype=jnp.float32, *,
             got = where[name].shape(name)
             if tuple(got) != tuple(want):
                 raise CheckpointError(
-                    f"tensor {name} in {os.path.basename(where[name].path)} has shape "
-                    f"{list(got)}, the config implies {list(want)} (weight {w.name})")
+                    f"weight {w.name} has shape {list(got)} in the checkpoint (tensor {name} "
+                    f"in {os.path.basename(where[name].path)}), the config implies {list(want)}")
             names[(w.name, i)] = name
 
     def layer_view(w: WeightSpec, layer: int | None):
@@ -445,8 +445,8 @@ def load_gguf(path: str, dtype=jnp.float32, *,
                 raise CheckpointError(f"{path}: tensor {w.gguf.format(i=i)} missing")
             got = tuple(int(n) for n in reversed(t.shape))
             if got != tuple(want):
-                raise CheckpointError(f"{path}: tensor {t.name} has shape {list(got)}, the "
-                                      f"config implies {list(want)} (weight {w.name})")
+                raise CheckpointError(f"{path}: weight {w.name} has shape {list(got)} (tensor "
+                                      f"{t.name}), the config implies {list(want)}")
     cache: dict = {}    # (weight, layer) -> dequantized array: one weight's layers at a time
 
     def layer_view(w: WeightSpec, layer: int | None) -> np.ndarray:

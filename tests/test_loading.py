@@ -188,8 +188,9 @@ def test_broken_checkpoints_name_the_problem(tmp_path):
     t = load_file(d / shards[0])
     t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"][:, :32].copy()
     save_file(t, d / shards[0])
-    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight .* has shape "
-                                              r"\[512, 32\], the config implies \[512, 64\]"):
+    with pytest.raises(CheckpointError, match=r"embed has shape \[512, 32\] in the checkpoint "
+                                              r"\(tensor model\.embed_tokens\.weight in "
+                                              r".*\), the config implies \[512, 64\]"):
         load_model(str(d))
 
     d = variant("truncated")
