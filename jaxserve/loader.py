@@ -98,6 +98,8 @@ def load_model(path: str | None = None, dtype=jnp.float32, *,
 def load_config(path: str | None = None) -> ModelConfig:
     """The config of a checkpoint (HF directory or GGUF file), without reading its weights."""
     path = path or default_model_path()
+    if not os.path.exists(path):
+        raise CheckpointError(f"model path {path!r} does not exist")
     if os.path.isfile(path) and path.endswith(".gguf"):
         return _open_gguf(path)[1]
     if not os.path.isdir(path):
