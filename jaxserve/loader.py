@@ -154,6 +154,13 @@ def _block(view, axes: tuple[str, ...], index: tuple[slice, ...], layout: shardi
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                              thread_name_prefix="jaxserve-load")
+
+
 def _normalize(index, shape) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
@@ -180,13 +187,16 @@ def _placed_weights(cfg: ModelConfig, dtype, placement: sharding.Placement, laye
                 out = np.empty(part.shape, np_dtype)
                 _copy_into(out, part)
                 return out
-            layers = range(*index[0].indices(L))
-            out = None
-            for j, i in enumerate(layers):
-                part = _block(layer_view(w, i), w.axes, index[1:], layout, cfg.head_dim)
-                if out is None:
-                    out = np.empty((len(layers), *part.shape), np_dtype)
+            layers = list(range(*index[0].indices(L)))
+            first = _block(layer_view(w, layers[0]), w.axes, index[1:], layout, cfg.head_dim)
+            out = np.empty((len(layers), *first.shape), np_dtype)
+
+            def read(j: int):
+                part = first if j == 0 else _block(layer_view(w, layers[j]), w.axes, index[1:],
+                                                   layout, cfg.head_dim)
                 _copy_into(out[j], part)
+            # layers in parallel: the copies (page faults, transposes, casts) release the GIL
+            list(_pool().map(read, range(len(layers))))
             return out
 
         a = jax.make_array_from_callback(spec.shape, placement.sharding(spec.shape, spec.axes),
