@@ -95,9 +95,9 @@ class ModelRunner:
         self.cfg, self.backend, self.lora = cfg, backend, lora   # lora: LoraRuntime or None
         self.params = backend.prepare(weights, consume=consume_weights)
         self.page_size, self.kv = page_size, None
-        # A backend whose attention reads only up to each row's kv_len says so (then block
-        # tables are one width and pages drop out of the program shapes).
-        reads_padding = getattr(backend, "attention_reads_padded_pages", lambda prefill: True)
+        # Where attention reads only up to each row's kv_len, block tables are one width (pages
+        # drop out of the program shapes).
+        reads_padding = backend.attention_reads_padded_pages
         self.builder = StepBuilder(
             page_size=page_size, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
             max_model_len=max_model_len, min_decode_rows=backend.min_decode_rows(), lora=lora,

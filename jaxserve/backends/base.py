@@ -139,6 +139,13 @@ class XlaBackend:
         slow matrix-vector product: bfloat16 decode on CPU pads to two rows."""
         return 2 if self.dtype == jnp.bfloat16 and jax.default_backend() == "cpu" else 1
 
+    def attention_reads_padded_pages(self, prefill: bool) -> bool:
+        """Whether attention's cost grows with the block table's width (pages past a row's
+        kv_len). XLA's gather reads every page of the table, so the step builder buckets the
+        width to the step's longest row; a backend whose kernels stop at kv_len returns False
+        and gets one width (fewer programs, jaxserve/step_builder.py)."""
+        return True
+
 
 def split_parts(y, p: Linear, dtype) -> list:
     """A projection's float32 product (one array over all parts, or a list of one per part) ->

@@ -129,3 +129,7 @@ class CpuBackend(XlaBackend):
         # XLA:CPU runs a one-row bf16 matmul as a slow matrix-vector product: without the
         # small-M kernels to take those rows, bf16 decode pads to two rows.
         return 2 if self.dtype == jnp.bfloat16 and not self.matmul_kernels else 1
+
+    def attention_reads_padded_pages(self, prefill: bool) -> bool:
+        # The native decode kernel reads each row's pages up to its kv_len; prefill is XLA's.
+        return prefill
