@@ -119,6 +119,11 @@ def load_for_backend(config: EngineConfig):
     return model, backend
 
 
+def _shape_words(shape: tuple) -> str:
+    """A step bucket as 'BxTxP' (rows x tokens x pages), with its LoRA rank bucket."""
+    return "x".join(map(str, shape[1:4])) + (f" lora r{shape[4]}" if len(shape) > 4 else "")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig = EngineConfig(), model: LoadedModel | None = None,
                  *, runner=None, tokenizer: Tokenizer | None = None,
@@ -204,17 +209,28 @@ class LLMEngine:
         t = time.perf_counter()
         kw = dict(utilization=config.gpu_memory_utilization, page_bytes=page_bytes,
                   page_size=config.page_size, max_model_len=self.max_model_len)
-        # The weights fit, and the most pages the pool could get: the abstract pool the steps
-        # are compiled against (their temporaries do not grow with it; if they did, this
-        # over-counts them).
+        # The weights fit, and the most pages the pool could get. Each largest step is compiled
+        # against abstract pools of the fewest (one sequence) and the most pages: its bytes at
+        # the two give what it needs beside any pool, and what it adds per page (a step that
+        # copies the pool); the pool is sized for the step that leaves it the fewest pages.
         upper = memory.plan_pool(mem, step_bytes=0, **kw)
         shapes = runner.largest_shapes()
-        step_bytes = max(runner.step_memory(s, upper.num_pages) for s in shapes)
-        self.memory_plan = memory.plan_pool(mem, step_bytes=step_bytes, **kw)
+        lo, hi = -(-self.max_model_len // config.page_size) + 1, upper.num_pages
+        plans = []
+        for s in shapes:
+            m_hi = runner.step_memory(s, hi)
+            m_lo = runner.step_memory(s, lo) if hi > lo else m_hi
+            per_page = max(0.0, (m_hi - m_lo) / (hi - lo)) if hi > lo else 0.0
+            if per_page > 0:
+                log.warning("the %s step %s needs %.0f more bytes per KV pool page (it copies "
+                            "the pool): the pool is sized so that it and the copy fit",
+                            s[0], _shape_words(s), per_page)
+            plans.append(memory.plan_pool(mem, step_bytes=max(0, int(m_lo - per_page * lo)),
+                                          step_bytes_per_page=per_page, **kw))
+        self.memory_plan = min(plans, key=lambda p: p.num_pages)
         log.info("%s [--gpu-memory-utilization %g; largest steps %s profiled in %.1fs]",
                  self.memory_plan.describe(), config.gpu_memory_utilization,
-                 ", ".join("x".join(map(str, s[1:4])) + (f" lora r{s[4]}" if len(s) > 4 else "")
-                           for s in shapes), time.perf_counter() - t)
+                 ", ".join(map(_shape_words, shapes)), time.perf_counter() - t)
         return self.memory_plan.num_pages
 
     def _make_runner(self, weights, num_pages: int | None, backend) -> ModelRunner:

@@ -9,7 +9,8 @@ step's activations. At engine start (jaxserve/engine.py), once the weights are o
 
 "The largest step's bytes" are measured, not estimated: the largest decode and prefill steps are
 compiled against an abstract pool (nothing allocated) and their `memory_analysis()` read
-(jaxserve/runner.py, `ModelRunner.step_memory`). The reserve covers what that does not see:
+(jaxserve/runner.py, `ModelRunner.step_memory`), at two pool sizes: a step whose bytes grow with
+the pool (one that copies it) is planned with that growth, so the pool and its copy fit. The reserve covers what that does not see:
 the inputs of the next step in flight while one runs, adapter staging buffers, the allocator's
 fragmentation.
 
@@ -115,12 +116,20 @@ class PoolPlan:
     total_bytes: int        # the device's memory
     budget_bytes: int       # utilization x total_bytes (capped at JAX's allocator limit)
     in_use_bytes: int       # on the device after the weights
-    step_bytes: int         # the largest step's activations (0: not profiled)
+    step_bytes: int         # the largest step's bytes besides the pool, with no pages (0: not
+    #                         profiled); it needs step_bytes + step_bytes_per_page x num_pages
     reserve_bytes: int
     page_bytes: int         # one page on one device
     page_size: int          # tokens per page
     num_pages: int          # pages in the pool, the null page 0 included
     max_model_len: int
+    step_bytes_per_page: float = 0.0   # what the step's bytes grow by per pool page (a step that
+    #                                    copies the pool: one page's bytes)
+
+    @property
+    def step_bytes_at_plan(self) -> int:
+        """The largest step's bytes beside the planned pool."""
+        return int(self.step_bytes + self.step_bytes_per_page * self.num_pages)
 
     @property
     def pool_bytes(self) -> int:
@@ -142,13 +151,22 @@ class PoolPlan:
                 f"{self.max_model_len:,} ({_gib(self.pool_bytes)} per device; budget "
                 f"{self.utilization:g} x {_gib(self.total_bytes)} = {_gib(self.budget_bytes)}"
                 f" - in use after weights {_gib(self.in_use_bytes)} - largest step "
-                f"{_gib(self.step_bytes)} - reserve {_gib(self.reserve_bytes)}; "
-                f"{_gib(self.page_bytes)} per page per device)")
+                f"{_gib(self.step_bytes_at_plan)}{self._growth()} - reserve "
+                f"{_gib(self.reserve_bytes)}; {_gib(self.page_bytes)} per page per device)")
+
+    def _growth(self) -> str:
+        if self.step_bytes_per_page <= 0:
+            return ""
+        return (f" (it grows with the pool, {_gib(int(self.step_bytes_per_page))} per page: "
+                f"{_gib(self.step_bytes)} + {self.step_bytes_per_page / self.page_bytes:.2f} x "
+                "the pool)")
 
 
 def plan_pool(mem: DeviceMemory, *, utilization: float, step_bytes: int, page_bytes: int,
-              page_size: int, max_model_len: int, reserve: int | None = None) -> PoolPlan:
-    """The pool that fits `mem` (one device's memory after the weights) beside the largest step.
+              page_size: int, max_model_len: int, reserve: int | None = None,
+              step_bytes_per_page: float = 0.0) -> PoolPlan:
+    """The pool that fits `mem` (one device's memory after the weights) beside the largest step,
+    which needs step_bytes + step_bytes_per_page x the pool's pages.
 
     Raises MemoryPlanError, saying how much is missing and which setting to change, when the
     weights alone exceed the budget, when nothing is left for the pool, or when the pool cannot
@@ -168,8 +186,9 @@ def plan_pool(mem: DeviceMemory, *, utilization: float, step_bytes: int, page_by
             f"{_gib(missing)} missing; raise --gpu-memory-utilization, shard the model over "
             "more devices (--tp), or serve a smaller --dtype")
     free = budget - mem.in_use_bytes - reserve - step_bytes
+    per_page = page_bytes + max(0.0, step_bytes_per_page)
     pages_per_seq = math.ceil(max_model_len / page_size)
-    needed = (pages_per_seq + 1) * page_bytes     # one sequence plus the null page
+    needed = math.ceil((pages_per_seq + 1) * per_page)     # one sequence plus the null page
     if free < needed:
         raise MemoryPlanError(
             f"the KV pool gets {_gib(max(free, 0))} ({fixed} = {_gib(budget)} - weights "
@@ -180,5 +199,6 @@ def plan_pool(mem: DeviceMemory, *, utilization: float, step_bytes: int, page_by
             "--gpu-memory-utilization")
     return PoolPlan(utilization=utilization, total_bytes=mem.total_bytes, budget_bytes=budget,
                     in_use_bytes=mem.in_use_bytes, step_bytes=step_bytes, reserve_bytes=reserve,
-                    page_bytes=page_bytes, page_size=page_size, num_pages=free // page_bytes,
-                    max_model_len=max_model_len)
+                    page_bytes=page_bytes, page_size=page_size,
+                    num_pages=int(free // per_page), max_model_len=max_model_len,
+                    step_bytes_per_page=max(0.0, step_bytes_per_page))

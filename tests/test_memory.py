@@ -42,6 +42,17 @@ def test_plan_arithmetic():
         assert s in line
 
 
+def test_a_step_that_grows_with_the_pool_shares_what_is_left():
+    mem = DeviceMemory("tpu", total_bytes=100 * GiB, limit_bytes=100 * GiB, in_use_bytes=10 * GiB)
+    kw = dict(utilization=1.0, page_bytes=MiB, page_size=16, max_model_len=16, reserve=0)
+    flat = plan_pool(mem, step_bytes=2 * GiB, **kw)
+    copying = plan_pool(mem, step_bytes=2 * GiB, step_bytes_per_page=MiB, **kw)  # a pool copy
+    assert flat.num_pages == 88 * 1024 and copying.num_pages == 44 * 1024
+    assert copying.step_bytes_at_plan == 2 * GiB + 44 * GiB
+    assert "grows with the pool" in copying.describe()
+    assert "grows" not in flat.describe()
+
+
 def test_budget_is_capped_by_the_allocator_limit():
     mem = DeviceMemory("gpu", total_bytes=100 * GiB, limit_bytes=75 * GiB, in_use_bytes=0)
     plan = plan_pool(mem, utilization=0.9, step_bytes=0, page_bytes=MiB, page_size=16,
@@ -125,7 +136,8 @@ def test_engine_pool_is_planned_from_device_memory(base_dir):
     dev = StatsDevice("tpu", limit=160 * MiB, in_use=20 * MiB)
     engine = _engine(base_dir, gpu_memory_utilization=0.8, memory_devices=[dev])
     plan = engine.memory_plan
-    assert plan is not None and plan.step_bytes > 0
+    # one device: no step copies the pool (the adapter weights are gathered by a call of their own)
+    assert plan is not None and plan.step_bytes > 0 and plan.step_bytes_per_page == 0
     want = plan_pool(DeviceMemory("tpu", 160 * MiB, 160 * MiB, 20 * MiB), utilization=0.8,
                      step_bytes=plan.step_bytes, page_bytes=plan.page_bytes, page_size=8,
                      max_model_len=64)
