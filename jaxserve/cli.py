@@ -52,6 +52,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed", action="store_true",
                    help="multi-host: jax.distributed.initialize() from JAX_COORDINATOR_ADDRESS, "
                         "JAX_NUM_PROCESSES, JAX_PROCESS_ID (or TPU/SLURM auto-detection)")
+    from jaxserve.compile_cache import add_argument as add_cache_argument
+    add_cache_argument(g)
 
 
 def parse_fair_weights(text: str | None) -> dict[str, float]:
@@ -177,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     set_jax_memory_fraction(args)
-    # Compiled step programs persist across restarts (jax reads these before first compile).
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                          os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla"))
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    if hasattr(args, "compilation_cache_dir"):   # before anything compiles
+        from jaxserve import compile_cache
+        compile_cache.enable(args.compilation_cache_dir)
     if getattr(args, "distributed", False) or os.environ.get("JAXSERVE_DISTRIBUTED"):
         from jaxserve.sharding import initialize_distributed
         initialize_distributed(True if getattr(args, "distributed", False) else None)

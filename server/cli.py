@@ -12,6 +12,8 @@ import sys
 
 log = logging.getLogger("jaxserve.server")
 
+WARMUP_MODES = ("auto", "full", "off")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from jaxserve.async_engine import AsyncEngineConfig   # defaults: the configs'
@@ -33,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests admitted but without a first token; beyond it: 429")
     g.add_argument("--shutdown-grace", type=float, default=AsyncEngineConfig.shutdown_grace_s,
                    help="seconds in-flight requests may finish on shutdown before being aborted")
+    g.add_argument("--warmup", default=ServerConfig.warmup, choices=WARMUP_MODES,
+                   help="compile every step program before listening (full), or compile each "
+                        "when first needed (off); auto: full on GPU/TPU, off on CPU, where the "
+                        "full set takes many minutes (docs/benchmarks.md, 'Warm-up')")
 
 
 def parse_lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
@@ -91,7 +97,7 @@ def build_configs(args):
                               served_model_name=args.served_model_name, model_path=args.model,
                               api_keys=api_keys, lora_root=args.lora_root,
                               lora_modules=parse_lora_modules(args.lora_modules),
-                              shutdown_grace_s=args.shutdown_grace)
+                              shutdown_grace_s=args.shutdown_grace, warmup=args.warmup)
     async_cfg = AsyncEngineConfig(max_waiting=args.max_waiting,
                                   shutdown_grace_s=args.shutdown_grace)
     return engine_cfg, async_cfg, server_cfg
@@ -110,6 +116,7 @@ def run(args) -> int:
     app = create_app(AsyncEngine(engine, async_cfg), server_cfg)
     backend = engine.runner.backend
     print(f"jaxserve: {backend.describe()} [{backend.why}]", file=sys.stderr, flush=True)
+    warmup(engine, server_cfg)
     kv = engine.runner.kv
     print("jaxserve: " + (engine.memory_plan.describe() if engine.memory_plan is not None else
                           f"KV pool: {kv.num_pages:,} pages of {kv.page_size} tokens "
@@ -124,6 +131,38 @@ def run(args) -> int:
     return 0
 
 
+def warmup(engine, server_cfg) -> None:
+    """Compile every step program the engine can use before the server listens (vLLM, too,
+    listens only once its engine is ready): the builder's bucket set, with its LoRA buckets
+    when adapters can be served (--lora-modules or --lora-root). Progress every ~10%."""
+    import jax
+    mode = server_cfg.warmup
+    if mode == "auto":
+        mode = "off" if jax.default_backend() == "cpu" else "full"
+    if mode == "off":
+        return
+    runner = engine.runner
+    lora = bool(server_cfg.lora_modules or server_cfg.lora_root)
+    shapes = runner.builder.shapes(lora=lora)
+    every = max(1, len(shapes) // 10)
+    print(f"jaxserve: warm-up: compiling {len(shapes)} step programs"
+          f"{' (with LoRA)' if lora else ''} before listening", file=sys.stderr, flush=True)
+
+    def progress(done, total, seconds):
+        if done % every == 0 and done < total:
+            print(f"jaxserve: warm-up: {done}/{total} programs, {seconds:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    dropped = runner.num_programs_dropped
+    _, seconds = runner.warmup(lora=lora, shapes=shapes, on_progress=progress)
+    print(f"jaxserve: warm-up: {len(shapes)} programs in {seconds:.1f} s", file=sys.stderr,
+          flush=True)
+    if runner.num_programs_dropped > dropped:
+        log.warning("warm-up: %d programs were dropped to stay under vm.max_map_count; they "
+                    "are read back from the compilation cache when met",
+                    runner.num_programs_dropped - dropped)
+
+
 def main(argv: list[str] | None = None) -> int:
     from jaxserve.cli import add_engine_arguments
     p = argparse.ArgumentParser(prog="python -m server", description="jaxserve HTTP server")
@@ -136,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from jaxserve.cli import set_jax_memory_fraction
     set_jax_memory_fraction(args)
+    from jaxserve import compile_cache
+    compile_cache.enable(args.compilation_cache_dir)   # before anything compiles
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -16,6 +16,7 @@ class ServerConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()   # (name, path) loaded at start-up
     max_request_bytes: int = 1 << 20
     shutdown_grace_s: float = 10.0
+    warmup: str = "auto"                             # auto | full | off (server/cli.py warmup)
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -32,5 +33,7 @@ class ServerConfig:
         for key, _ in self.api_keys:
             if not key or any(c.isspace() for c in key):
                 raise ValueError("API keys must be non-empty and contain no whitespace")
+        if self.warmup not in ("auto", "full", "off"):
+            raise ValueError(f"warmup must be auto, full or off, got {self.warmup!r}")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be >= 1024")
