@@ -1,0 +1,30 @@
+"""scripts/device_check.sh --cpu-smoke: the GPU check runs end to end on CPU with tiny shapes
+(every step, the bench with its roofline column, both pools, the compiled-HLO copy check), so
+the script is known to work before an accelerator session spends its minutes on it."""
+import json
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_device_check_cpu_smoke(tmp_path):
+    out = tmp_path / "dc"
+    proc = subprocess.run([os.path.join(ROOT, "scripts", "device_check.sh"), "--cpu-smoke",
+                           str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "device_check.json").read_text())
+    assert res["smoke"] and all(s["rc"] == 0 for s in res["steps"].values()), res["steps"]
+    assert [r["batch"] for r in res["bench_json"]["rows"]] == [1, 4]
+    for r in res["bench_json"]["rows"]:
+        assert r["ours_decode_tok_s"] > 0 and 0 < r["hbm_roofline_pct"] < 100
+    small, large = (p["rows"][0]["num_pages"] for p in res["pool_json"])
+    assert large > 10 * small                       # the two pools really differ
+    assert res["hlo"]["programs"] > 0 and res["hlo"]["pool_copies"] == []
+    targets = {name: met for name, _, met in res["targets"]}
+    assert len(targets) == 7
+    assert targets["decode step memory does not grow with the pool"] is True
+    assert "| target | measured | met |" in proc.stdout
