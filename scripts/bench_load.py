@@ -14,7 +14,8 @@ Reported per run: load seconds (to the prepared params on device), host peak RSS
 ru_maxrss) and its peak above the baseline after importing jax, checkpoint bytes, peak above
 baseline / checkpoint bytes, and the bytes of every live jax array after loading (summed over
 their device shards, so replicated arrays count once per device; and the largest per device)
-/ checkpoint bytes. On a CPU host "device" arrays live in host memory too, so the host peak
+/ checkpoint bytes (with no weight files, --load-format dummy: / the weights' bytes in
+--dtype). On a CPU host "device" arrays live in host memory too, so the host peak
 includes them.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ def child(args) -> dict:
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     sys.path.insert(0, ROOT)
     from jaxserve import backends, loader
@@ -74,7 +76,12 @@ def child(args) -> dict:
             per_device[str(s.device)] = per_device.get(str(s.device), 0) + s.data.nbytes
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del keep, params
+    from jaxserve.model.weights import describe
+    specs = describe(loader.load_config(args.checkpoint))
+    specs = [*specs.pop("layers").values(), *specs.values()]
+    weight_bytes = sum(int(np.prod(s.shape)) for s in specs) * dtype.itemsize
     return {"tp": args.tp, "path": args.path, "backend": backend.name, "dtype": args.dtype,
+            "weight_bytes": weight_bytes,
             "load_s": load_s, "host_peak_bytes": peak_kb * 1024,
             "host_peak_above_baseline_bytes": (peak_kb - base_kb) * 1024,
             "baseline_bytes": base_kb * 1024,
@@ -136,6 +143,8 @@ def main(argv=None) -> int:
               f"{r['host_peak_above_baseline_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    if not ck:   # --load-format dummy on a config-only directory: the weights' own size
+        ck = rows[0]["weight_bytes"]
     print(f"checkpoint {args.checkpoint}: {ck / 2**30:.2f} GiB; commit {commit}")
     print(table(rows, ck))
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
