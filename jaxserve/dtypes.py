@@ -9,7 +9,7 @@ auto:
                   which reads every weight each step. `--dtype float32` serves them in fp32.
   CPU with AMX    bfloat16: the CPU backend's AMX tile matmuls run bf16 (several times the fp32
                   speed, README "Measured numbers"); the check is the CPU backend's own
-                  (cpu_matmul.amx_available: the kernel built for AMX, the tile state granted,
+                  (the cpu backend's runs_amx: the kernel built for AMX, the tile state granted,
                   JAXSERVE_CPU_AMX not 0).
   other CPUs      float32: XLA:CPU's bf16 matmuls are no faster there, and fp32 gives HF's
                   numbers.
@@ -76,8 +76,8 @@ def resolve(requested: str, *, platform: str, checkpoint: str | None,
     if platform in ACCELERATORS:
         return "bfloat16", f"auto on {platform}: bfloat16 ({ckpt})"
     if amx is None:
-        from jaxserve.backends.cpu import cpu_matmul
-        amx = cpu_matmul.amx_available()
+        from jaxserve.backends.cpu import backend as cpu
+        amx = cpu.runs_amx()
     if amx:
         return "bfloat16", f"auto on {platform}: bfloat16, this CPU runs AMX tile matmuls ({ckpt})"
     return "float32", f"auto on {platform}: float32, no AMX on this CPU ({ckpt})"

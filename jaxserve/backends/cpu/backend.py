@@ -27,6 +27,11 @@ from jaxserve.model.kv_cache import KVPages, StepInput
 from jaxserve.model.params import Linear, Params
 
 
+def runs_amx() -> bool:
+    """Whether this CPU runs the backend's AMX tile matmuls (bfloat16 is then the fast dtype)."""
+    return cpu_matmul.amx_available()
+
+
 def unavailable_reason(tp: int = 1) -> str | None:
     """Why this backend cannot run here (None: it can)."""
     if jax.default_backend() != "cpu":
