@@ -55,6 +55,11 @@ class PallasBackend(XlaBackend):
                              in_specs=(heads, pool, pool, P(), P(), P(), P()),
                              out_specs=heads)(*args)
 
+    def attention_reads_padded_pages(self, prefill: bool) -> bool:
+        # Every kernel walks a row's pages only up to its kv_len (and from its window start):
+        # the block table's width costs nothing, so one width serves every step.
+        return False
+
     def lora_delta(self, x, a, b, idx, ranks, scales):
         if not self.lora_kernels:
             return super().lora_delta(x, a, b, idx, ranks, scales)
