@@ -40,17 +40,22 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 30, dtype: str = "float32"
     import jax.numpy as jnp
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-    f(a).block_until_ready()
+    return 2 * n**3 / _best_seconds(f, a, repeats)
+
+
+def _best_seconds(f, x, repeats: int) -> float:
+    """The fastest of `repeats` timed calls f(x), after one untimed call (compile)."""
+    f(x).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a).block_until_ready()
+        f(x).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return best
 
 
 # Nominal memory bandwidth (bytes/s) by device kind: the HBM roofline's denominator. Devices
-# not listed use the copy bandwidth measured here (`measure_bandwidth`), named as such.
+# not listed use the bandwidth measured here (`measure_bandwidth`), named as such.
 HBM_BYTES_PER_S = {
     "H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12,
     "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.04e12, "A100 80GB PCIe": 1.94e12,
@@ -68,17 +73,8 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 10) -> float:
     import jax
     import jax.numpy as jnp
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    best = 0.0
-    for moved, fn in ((2 * x.nbytes, lambda a: a * 1.0001), (x.nbytes, jnp.sum)):
-        f = jax.jit(fn)
-        f(x).block_until_ready()
-        t_best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f(x).block_until_ready()
-            t_best = min(t_best, time.perf_counter() - t)
-        best = max(best, moved / t_best)
-    return best
+    return max(moved / _best_seconds(jax.jit(fn), x, repeats)
+               for moved, fn in ((2 * x.nbytes, lambda a: a * 1.0001), (x.nbytes, jnp.sum)))
 
 
 def memory_bandwidth() -> tuple[float, str]:

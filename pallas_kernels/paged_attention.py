@@ -122,6 +122,14 @@ def _ungroup_rows(out, B, Tq, Hkv, G, tokens_pad, head_slots, head_splits=1):
     return out[:, :Tq, :, :G].reshape(B, Tq, Hkv * G, D)
 
 
+def _stacked_pool(k_pages, v_pages, layer):
+    """The pools as [L, Hkv, N, S, D] and the layer as a one-element int32 array (a single
+    layer's [Hkv, N, S, D] pool becomes layer 0 of a one-layer stack)."""
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    return k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1)
+
+
 def _pad_block_tables(block_tables, multiple):
     P = block_tables.shape[1]
     return jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, -P % multiple)))
@@ -343,9 +351,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
     runs the Mosaic kernel (interpret=True there runs the portable kernel). `poison` (tests only) makes every kernel output start as
     NaN.
     """
-    if layer is None:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    k_pages, v_pages, layer = _stacked_pool(k_pages, v_pages, layer)
     B, Tq, Hq, D = q.shape
     _, Hkv, _, S, _ = k_pages.shape
     if Hq % Hkv:

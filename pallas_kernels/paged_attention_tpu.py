@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.paged_attention import (_NEG, _group_rows, _pad_block_tables, _pow2_at_least,
-                                            _ungroup_rows)
+                                            _stacked_pool, _ungroup_rows)
 
 
 def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (scalar prefetch)
@@ -93,9 +93,7 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
                         tokens_per_tile=None, interpret=False, poison=False):
     """k_pages/v_pages: the stacked pool [L, Hkv, N, S, D] with `layer`, or one layer's
     [Hkv, N, S, D]."""
-    if layer is None:
-        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
-    layer = jnp.asarray(layer, jnp.int32).reshape(1)
+    k_pages, v_pages, layer = _stacked_pool(k_pages, v_pages, layer)
     B, Tq, Hq, D = q.shape
     _, Hkv, num_pages, S, _ = k_pages.shape
     G = Hq // Hkv

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -157,17 +158,10 @@ def hlo_check(model: str, p: dict, smoke: bool, pool_gb: float) -> dict:
         name = "decode" + (" with adapters" if len(shape) > 4 else "")
         growth[name] = dict(pages=[small, large], bytes=[a, b],
                             per_page=(b - a) / (large - small))
-    page_bytes = 2 * kv.dtype.itemsize * int(np_prod(dims[:1] + dims[2:])) * kv.shape[0]
+    page_bytes = 2 * kv.dtype.itemsize * math.prod(dims[:1] + dims[2:]) * kv.shape[0]
     grows = [n for n, g in growth.items() if g["per_page"] > 0.05 * page_bytes]
     return dict(pool_shape=list(kv.shape), programs=programs, pool_copies=copies,
                 step_bytes_vs_pool=growth, grows_with_pool=grows)
-
-
-def np_prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
 
 
 # ----------------------------------------------------------------------------- targets
