@@ -4,10 +4,18 @@ A request's life:
   1. add_request(request_id, prompt_ids, params): `admission.admit` checks it, builds its
      scheduler Sequence (resolved max_tokens and seed, client id, adapter) and adds it to the
      scheduler; the output processor starts its text state.
-  2. step: plan = scheduler.schedule(); tokens = runner.run(plan); scheduler.update(plan,
-     tokens) records them; the output processor detokenizes, decides every finish (length,
-     EOS, stop tokens, stop strings) and returns RequestOutput deltas; the engine hands each
-     finished sequence to `scheduler.finish`, which frees its pages.
+  2. step: plan = scheduler.schedule(); runner.launch(plan) starts it on the device; the
+     step launched before it is collected (its tokens), scheduler.update(plan, tokens) records
+     them; the output processor detokenizes, decides every finish (length, EOS, stop tokens,
+     stop strings) and returns RequestOutput deltas; the engine hands each finished sequence
+     to `scheduler.finish`, which frees its pages.
+Overlapped steps (`async_scheduling`, the default): step N+1 is planned, built and launched
+while step N runs, and N's tokens are processed while N+1 runs, so the device never waits for
+the host's scheduling, array building, detokenization or stop checks. The host learns step N's
+tokens one step later: a request that stopped at N has one more token computed at N+1, which
+is dropped (its pages are freed when N's tokens are processed; device work runs in launch
+order, so no later step sees them reused early). Without it (or on a runner without
+`launch`), each step is collected before the next is planned.
 Single-threaded by design; `jaxserve.async_engine` runs it in its own thread. Built on a given
 runner and tokenizer (tests/fake_runner.py) it loads and compiles nothing.
 """
@@ -60,7 +68,13 @@ class EngineConfig:
     # (no memory statistics) the pool is memory.CPU_KV_CACHE_GB.
     gpu_memory_utilization: float = memory.DEFAULT_UTILIZATION
     max_num_seqs: int = 64
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int = 512     # prompt tokens per step (the prefill chunk)
+    # Steps carry the running decodes and prefill chunks together (scheduler/scheduler.py);
+    # off: a step is all prefill (prefill first) or all decode.
+    mixed_steps: bool = True
+    # Mixed steps: tokens per step, decodes first; None = max_prefill_tokens + max_num_seqs
+    max_num_batched_tokens: int | None = None
+    async_scheduling: bool = True     # overlap planning the next step with the running one
     max_model_len: int = 2048
     backend: str = "auto"             # auto | xla | pallas | cpu (jaxserve.backends.select)
     layer_loop: str = "auto"          # auto | scan | per-layer (the backend's choice for auto)
@@ -88,7 +102,7 @@ class EngineConfig:
         if isinstance(self.fair_weights, dict):
             object.__setattr__(self, "fair_weights", tuple(sorted(self.fair_weights.items())))
         for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp",
-                  "max_loras", "max_lora_rank"):
+                  "max_loras", "max_lora_rank", "max_num_batched_tokens"):
             if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
 
@@ -176,11 +190,17 @@ class LLMEngine:
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,
                             max_num_seqs=config.max_num_seqs,
                             max_prefill_tokens=config.max_prefill_tokens,
-                            max_model_len=self.max_model_len),
+                            max_model_len=self.max_model_len, mixed_steps=config.mixed_steps,
+                            max_num_batched_tokens=config.max_num_batched_tokens),
             policy=make_policy(config.scheduler, fair_weights=dict(config.fair_weights) or None),
             adapter_pages=self.loras.pages_needed,
             max_adapter_pages=config.lora_max_pages, max_adapters_per_batch=config.max_loras)
         self.output = OutputProcessor(tokenizer)
+        # Overlap needs a runner that can launch without waiting, and one process (a pending
+        # token is a device array; across processes the plan's inputs are host data).
+        self.overlap = (config.async_scheduling and hasattr(self.runner, "launch")
+                        and jax.process_count() == 1)
+        self._inflight = None     # (plan, launched step) whose tokens are not processed yet
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_prompt_tokens_total = 0
@@ -261,7 +281,7 @@ class LLMEngine:
             self.scheduler.abort(seq.seq_id)
 
     def has_unfinished(self) -> bool:
-        return len(self.output) > 0
+        return len(self.output) > 0 or self._inflight is not None
 
     # -- adapters: the one registry (the server asks it) ---------------------------------------
     def add_lora(self, name: str, source) -> None:
@@ -300,11 +320,29 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Plan and launch a step; process the step before it (overlapped) or this one."""
         plan = self.scheduler.schedule(time.monotonic())
         self.num_preemptions_total += len(plan.preempted)
-        if plan.is_empty:
-            return []
-        tokens, logprobs = self.runner.run(plan)
+        prev, self._inflight = self._inflight, None
+        try:
+            if not plan.is_empty:
+                if self.overlap:
+                    self._inflight = (plan, self.runner.launch(
+                        plan, prev[1] if prev is not None else None))
+                elif hasattr(self.runner, "launch"):
+                    prev = (plan, self.runner.launch(plan))
+                else:
+                    return self._process(plan, self.runner.run(plan))
+            if prev is None:
+                return []
+            return self._process(prev[0], self.runner.collect(prev[1]))
+        except BaseException:
+            self._inflight = None    # its tokens are lost with the failure
+            raise
+
+    def _process(self, plan, result) -> list[RequestOutput]:
+        """A step's tokens -> the scheduler, the output processor, finishes."""
+        tokens, logprobs = result
         produced = self.scheduler.update(plan, tokens, time.monotonic())
         self.num_generation_tokens_total += len(produced)
         lp = {s.seq_id: logprobs[i] for i, s in enumerate(plan.seqs) if tokens[i] is not None}

@@ -8,6 +8,10 @@
   4. prefetched adapters (of requests still waiting) are copied while the device runs, their
      pool writes queued behind the step;
   5. the sampled tokens and log-probs come back per plan sequence.
+`launch` does 1-4 and returns at once (device work is asynchronous); `collect` waits for 5.
+The engine launches step N+1 before collecting step N: a decode of N+1 whose input token N
+samples (not known on the host yet) takes it on the device, from a small buffer each call
+writes its sampled tokens into (`_feed_put` / `_feed_take`, one tiny program per batch bucket).
 The executor owns the pool, the prepared params and the programs; the backend
 (jaxserve/backends) owns how any of them is stored or computed.
 """
@@ -19,6 +23,7 @@ import logging
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve import backends as backends_lib
@@ -29,7 +34,7 @@ from jaxserve.lora.pool import LoraBatch
 from jaxserve.model.kv_cache import KVPages, StepInput
 from jaxserve.model.weights import Weights
 from jaxserve.sampling import SamplingInput
-from jaxserve.step_builder import BuiltStep, StepBuilder
+from jaxserve.step_builder import BuiltStep, StepBuilder, pow2_at_least
 from scheduler import StepPlan
 
 log = logging.getLogger("jaxserve.runner")
@@ -76,6 +81,28 @@ def _program_bytes(prog) -> int:
 
 def _nbytes(x) -> int:
     return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+
+@jax.jit
+def _feed_put(buf, idx, tokens):
+    """buf [N] with tokens[r] written at idx[r] (idx N = a padding row: dropped)."""
+    return buf.at[idx].set(tokens, mode="drop")
+
+
+@jax.jit
+def _feed_take(tokens, buf, src):
+    """A decode call's input tokens [B, 1]: buf[src[r]] where src[r] >= 0, else tokens[r]."""
+    return jnp.where((src >= 0)[:, None], buf[jnp.maximum(src, 0)][:, None], tokens)
+
+
+@dataclasses.dataclass
+class Launched:
+    """A step on its way: its calls' device outputs, and where each sequence's sampled token
+    sits in `feed` (a device buffer the next step's decodes read their input tokens from)."""
+    plan: StepPlan
+    calls: list            # (BuiltStep, tokens [B], logprobs [B]) on device
+    feed: jax.Array | None = None
+    feed_index: dict = dataclasses.field(default_factory=dict)   # seq_id -> index in feed
 
 
 class ModelRunner:
@@ -166,30 +193,80 @@ class ModelRunner:
 
     # -- running -----------------------------------------------------------------------------
     def run(self, plan: StepPlan) -> tuple[list[int | None], list[float | None]]:
-        """Run one step. Returns, per plan sequence, the sampled token and its log-probability
-        (None for sequences whose prefill chunk does not reach their last token)."""
+        """Run one step and wait for it. Returns, per plan sequence, the sampled token and its
+        log-probability (None for sequences whose prefill chunk does not reach their last
+        token)."""
+        return self.collect(self.launch(plan))
+
+    def launch(self, plan: StepPlan, prev: Launched | None = None) -> Launched:
+        """Start one step on the device and return without waiting for it. `prev`: the step
+        launched before this one, when its tokens are not collected yet (its decodes' next
+        input tokens are taken from it on the device)."""
         later = []
         if self.lora is not None and plan.adapter_loads:
             now = [x for x in plan.adapter_loads if x[0] in plan.adapter_pages]
             later = [x for x in plan.adapter_loads if x[0] not in plan.adapter_pages]
             if now:
                 self.kv = self.lora.write(self.kv, self.lora.stage(now))
-        calls = [(built, self._launch(built)) for built in self.builder.build(plan)]
+        out = Launched(plan, [])
+        for built in self.builder.build(plan):
+            tokens_in = None
+            if built.from_device:
+                if prev is None or prev.feed is None:
+                    raise RuntimeError("a decode's input token is pending but the step that "
+                                       "samples it was not given")
+                src = np.full((built.tokens.shape[0],), -1, np.int32)
+                for row, seq_id in built.from_device:
+                    src[row] = prev.feed_index[seq_id]
+                tokens_in = _feed_take(built.tokens, prev.feed, src)
+            tokens, logprobs = self._launch(built, tokens_in)
+            out.calls.append((built, tokens, logprobs))
+            self._feed(out, built, tokens)
         if later:
             self.kv = self.lora.write(self.kv, self.lora.stage(later))
+        self.num_steps += 1
+        return out
+
+    def _feed(self, out: Launched, built: BuiltStep, tokens) -> None:
+        """Write the call's sampled tokens into out.feed, for the next step's decodes."""
+        cap = self.feed_size
+        idx = np.full((built.tokens.shape[0],), cap, np.int32)
+        for j, (row, i) in enumerate(zip(built.rows, built.seqs)):
+            if built.samples[j]:
+                idx[row] = out.feed_index[out.plan.seqs[i].seq_id] = len(out.feed_index)
+        if out.feed is None:
+            out.feed = self._empty_feed()
+        out.feed = _feed_put(out.feed, idx, tokens)
+
+    @property
+    def feed_size(self) -> int:
+        """Sampled tokens one step can feed forward: one per running sequence at most."""
+        return pow2_at_least(self.builder.max_num_seqs)
+
+    def _empty_feed(self):
+        zeros = np.zeros((self.feed_size,), np.int32)
+        if self.backend.mesh is None:
+            return jax.device_put(zeros)
+        return jax.device_put(zeros, sharding.replicated(self.backend.mesh))
+
+    def collect(self, launched: Launched) -> tuple[list[int | None], list[float | None]]:
+        """Wait for a launched step: per plan sequence, its sampled token and log-probability
+        (None where its chunk does not reach its last token)."""
+        plan = launched.plan
         out_t: list[int | None] = [None] * len(plan.seqs)
         out_l: list[float | None] = [None] * len(plan.seqs)
-        for built, (tokens, logprobs) in calls:
+        for built, tokens, logprobs in launched.calls:
             tokens, logprobs = np.asarray(tokens)[built.rows], np.asarray(logprobs)[built.rows]
             for j, i in enumerate(built.seqs):
                 if built.samples[j]:
                     out_t[i], out_l[i] = int(tokens[j]), float(logprobs[j])
-        self.num_steps += 1
         return out_t, out_l
 
-    def _inputs(self, built: BuiltStep) -> tuple[StepInput, SamplingInput]:
-        """A BuiltStep as the program's inputs (host arrays; the call transfers them)."""
-        step = StepInput(tokens=built.tokens, positions=built.positions,
+    def _inputs(self, built: BuiltStep, tokens=None) -> tuple[StepInput, SamplingInput]:
+        """A BuiltStep as the program's inputs (host arrays, the call transfers them; `tokens`:
+        the input tokens already on the device, in place of built.tokens)."""
+        step = StepInput(tokens=built.tokens if tokens is None else tokens,
+                         positions=built.positions,
                          block_tables=built.block_tables, kv_lens=built.kv_lens,
                          slot_pages=built.slot_pages, slot_offsets=built.slot_offsets,
                          logits_index=built.logits_index)
@@ -201,9 +278,9 @@ class ModelRunner:
                              logprobs=np.bool_(built.want_logprobs))
         return step, samp
 
-    def _launch(self, built: BuiltStep):
+    def _launch(self, built: BuiltStep, tokens=None):
         """Start one device call; returns its (tokens, logprobs) on device."""
-        step, samp = self._inputs(built)
+        step, samp = self._inputs(built, tokens)
         if self.backend.mesh is not None and jax.process_count() > 1:
             step, samp = sharding.put_replicated((step, samp), self.backend.mesh)
         if step.lora is not None and self.backend.mesh is None:   # see LoraRuntime.slot_weights
@@ -255,7 +332,10 @@ class ModelRunner:
             built = BuiltStep.empty(kind == "prefill", B, T, P)
             if len(shape) > 4:
                 built.lora = self.lora.empty_slots(B, T, *shape[4:])
-            self._launch(built)
+            tokens, _ = self._launch(built)
+            feed = _feed_put(self._empty_feed(), np.full((B,), self.feed_size, np.int32), tokens)
+            if kind == "decode":
+                _feed_take(built.tokens, feed, np.full((B,), -1, np.int32))
             if built.lora is not None and kind == "decode" and self.backend.mesh is None:
                 self.lora.warm_update(self.kv, LoraBatch.from_slots(built.lora))
             if on_progress is not None:

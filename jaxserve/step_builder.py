@@ -19,7 +19,7 @@ A prefill mixing chunk lengths is split into calls of similar lengths (`prefill_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -119,6 +119,9 @@ class BuiltStep:
     counters: np.ndarray     # [B] int32: output tokens so far (the sampling key's counter)
     want_logprobs: bool
     lora: LoraSlots | None = None
+    # (row, seq_id) of decodes whose input token was sampled by the previous step and is not
+    # known on the host yet (tokens[row] is 0): the executor takes it on the device
+    from_device: list = field(default_factory=list)
 
     @classmethod
     def empty(cls, is_prefill: bool, B: int, T: int, P: int) -> "BuiltStep":
@@ -173,16 +176,24 @@ class StepBuilder:
         self._rows: dict[int, int] = {}   # decode: seq_id -> its batch row (kept while it runs)
 
     def build(self, plan: StepPlan) -> list[BuiltStep]:
-        """The device calls of one plan: one, or for a prefill mixing chunk lengths one per
-        group of similar lengths (prefill_groups)."""
-        n = len(plan.seqs)
-        if not plan.is_prefill:
-            return [self.build_call(plan, list(range(n)), self._decode_rows(plan))]
-        groups = prefill_groups(plan.num_new_tokens, self.prefill_tokens_bucket,
-                                self.prefill_rows_bucket, max_slots=self.prefill_slots)
-        if len(groups) <= 1:    # one call for the whole plan, in its own order
-            groups = [list(range(n))]
-        return [self.build_call(plan, g, list(range(len(g)))) for g in groups]
+        """The device calls of one plan: the decode call (its decodes, if any), then the
+        prefill call, or for prefill chunks of mixed lengths one call per group of similar
+        lengths (prefill_groups)."""
+        calls = []
+        dec = plan.decode_indices()
+        if dec:
+            calls.append(self.build_call(plan, dec, self._decode_rows([plan.seqs[i] for i in dec]),
+                                         is_prefill=False))
+        pre = plan.prefill_indices()
+        if pre:
+            groups = prefill_groups([plan.num_new_tokens[i] for i in pre],
+                                    self.prefill_tokens_bucket, self.prefill_rows_bucket,
+                                    max_slots=self.prefill_slots)
+            if len(groups) <= 1:    # one call for all of them, in the plan's order
+                groups = [list(range(len(pre)))]
+            calls += [self.build_call(plan, [pre[j] for j in g], list(range(len(g))),
+                                      is_prefill=True) for g in groups]
+        return calls
 
     # -- buckets -----------------------------------------------------------------------------
     def prefill_tokens_bucket(self, n: int) -> int:
@@ -228,29 +239,35 @@ class StepBuilder:
             return base
         return base + [key + lb for key in base for lb in self.lora.buckets()]
 
-    def _decode_rows(self, plan: StepPlan) -> list[int]:
+    def _decode_rows(self, seqs: list) -> list[int]:
         """Each decoding sequence keeps its batch row from step to step (new ones take the
         lowest free rows). Rows are compacted when the holes left by finished sequences would
         push the batch into a larger bucket."""
-        live = {seq.seq_id for seq in plan.seqs}
+        live = {seq.seq_id for seq in seqs}
         self._rows = {sid: r for sid, r in self._rows.items() if sid in live}
         cap = pow2_at_least(self.max_num_seqs)
-        if self._rows and bucket(max(self._rows.values()) + 1, cap) > bucket(len(plan.seqs), cap):
+        if self._rows and bucket(max(self._rows.values()) + 1, cap) > bucket(len(seqs), cap):
             self._rows = {}
         used = set(self._rows.values())
-        free = (r for r in range(len(plan.seqs) + len(used)) if r not in used)
-        for seq in plan.seqs:
+        free = (r for r in range(len(seqs) + len(used)) if r not in used)
+        for seq in seqs:
             if seq.seq_id not in self._rows:
                 self._rows[seq.seq_id] = next(free)
-        return [self._rows[seq.seq_id] for seq in plan.seqs]
+        return [self._rows[seq.seq_id] for seq in seqs]
 
-    def build_call(self, plan: StepPlan, idx: list[int], rows: list[int]) -> BuiltStep:
-        """One device call for the plan sequences `idx` in batch rows `rows`."""
+    def build_call(self, plan: StepPlan, idx: list[int], rows: list[int],
+                   is_prefill: bool | None = None) -> BuiltStep:
+        """One device call for the plan sequences `idx` in batch rows `rows` (a prefill call,
+        or a decode call; default: the kind of the plan's first of them). A decode whose input
+        token the host does not know yet (sampled by the step before, still running) gets
+        token 0 and is listed in `from_device`: the executor fills it in on the device."""
         S = self.page_size
+        if is_prefill is None:
+            is_prefill = not plan.is_decode(idx[0]) if idx else plan.is_prefill
         seqs = [plan.seqs[i] for i in idx]
         chunks = [plan.num_new_tokens[i] for i in idx]
         starts = [plan.start_positions[i] for i in idx]
-        if plan.is_prefill:
+        if is_prefill:
             B = self.prefill_rows_bucket(len(seqs))
             T = self.prefill_tokens_bucket(max(chunks))
             # Attention reads keys up to each chunk's end; the block table (pages for the whole
@@ -259,15 +276,20 @@ class StepBuilder:
         else:
             B, T = self.decode_rows_bucket(max(rows) + 1), 1
             need = max(len(seq.block_table) for seq in seqs)
-        P = self._pages(plan.is_prefill, need)
-        out = BuiltStep.empty(plan.is_prefill, B, T, P)
+        P = self._pages(is_prefill, need)
+        out = BuiltStep.empty(is_prefill, B, T, P)
         out.seqs, out.rows, out.samples = idx, rows, [plan.samples(i) for i in idx]
         out.want_logprobs = any(seq.sampling.logprobs for seq in seqs)
         slot_pages, slot_offsets = out.slot_pages.reshape(B, T), out.slot_offsets.reshape(B, T)
-        for seq, i, st, k in zip(seqs, rows, starts, chunks):
+        counted = plan.sampled is not None
+        for seq, i, st, k, samples in zip(seqs, rows, starts, chunks, out.samples):
             pos = np.arange(st, st + k)
             table = np.asarray(seq.block_table, np.int32)
-            out.tokens[i, :k] = seq.token_ids[st:st + k]
+            if st + k > seq.num_tokens:      # the input token is still being sampled
+                assert not is_prefill and k == 1, "a prefill chunk past the known tokens"
+                out.from_device.append((i, seq.seq_id))
+            else:
+                out.tokens[i, :k] = seq.token_ids[st:st + k]
             out.positions[i, :k] = pos
             out.block_tables[i, :min(len(table), P)] = table[:P]
             out.kv_lens[i] = st + k
@@ -277,10 +299,13 @@ class StepBuilder:
             p = seq.sampling
             out.temperature[i], out.top_k[i], out.top_p[i] = p.temperature, p.top_k, p.top_p
             out.seeds[i] = p.seed
-            out.counters[i] = seq.num_output_tokens
+            # The sampling key's counter: the index of the output token sampled here. A plan
+            # from the scheduler (`sampled` set) already counts it as pending in
+            # num_total_tokens, with any earlier token still pending.
+            out.counters[i] = seq.num_total_tokens - seq.num_prompt_tokens - (samples and counted)
         if self.lora is not None and plan.adapter_pages:
-            sub = plan if len(idx) == len(plan.seqs) else StepPlan(
-                is_prefill=plan.is_prefill, seqs=seqs, num_new_tokens=chunks,
+            sub = plan if len(idx) == len(plan.seqs) and plan.decode is None else StepPlan(
+                is_prefill=is_prefill, seqs=seqs, num_new_tokens=chunks,
                 start_positions=starts, adapter_pages=plan.adapter_pages)
             out.lora = self.lora.slots(sub, B, T, rows)
         return out

@@ -30,11 +30,16 @@ class CostModel:
             raise ValueError("prefill steps must take time (all prefill coefficients are 0)")
 
     def step_time(self, plan: StepPlan) -> float:
-        if plan.is_prefill:
-            return self.prefill_base_s + self.prefill_per_token_s * plan.num_tokens
-        t = self.decode_base_s + self.decode_per_seq_s * len(plan.seqs)
-        if self.decode_per_kv_token_s:
-            t += self.decode_per_kv_token_s * sum(s.num_computed_tokens + 1 for s in plan.seqs)
+        """A plan's time: its prefill part and its decode part (a mixed step has both; the
+        scheduler has already counted this step's tokens as computed)."""
+        t = 0.0
+        if plan.has_prefill:
+            t += self.prefill_base_s + self.prefill_per_token_s * plan.num_prefill_tokens
+        dec = [plan.seqs[i] for i in plan.decode_indices()]
+        if dec:
+            t += self.decode_base_s + self.decode_per_seq_s * len(dec)
+            if self.decode_per_kv_token_s:
+                t += self.decode_per_kv_token_s * sum(s.num_computed_tokens for s in dec)
         return t
 
     @classmethod

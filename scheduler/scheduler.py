@@ -1,15 +1,22 @@
 """Continuous batching over a paged KV pool.
 
 Each engine step:
-  1. `schedule()` returns a `StepPlan`: either a prefill step (new or partly prefilled
-     requests, each with a chunk of its tokens) or a decode step (every running request,
-     one token each). Prefill has priority, as in vLLM's default scheduler; long prompts are
-     chunked to `max_prefill_tokens` per step.
-  2. The runner executes the plan and samples one token for every sequence whose chunk
+  1. `schedule()` returns a `StepPlan`. Mixed steps (`mixed_steps`, the engine's default): every
+     running request that is decoding gets one token, and the rest of the step's token budget
+     (`max_num_batched_tokens`, at most `max_prefill_tokens` of it for prompts) goes to prefill
+     chunks -- unfinished chunked prefills first, then new requests in the policy's order -- so
+     an arrival never pauses the streams already running. Without mixed steps a step is either
+     a prefill step (prefill has priority, as in vLLM's V0 scheduler) or a decode step.
+  2. Planning advances each planned sequence's `num_computed_tokens` and, where the chunk
+     reaches its last token, counts one pending token (`num_pending_tokens`): the engine may
+     plan the next step before this one's tokens are known (overlapped steps); a decode whose
+     input token is pending takes it on the device.
+  3. The runner executes the plan and samples one token for every sequence whose chunk
      reaches its last token.
-  3. `update(plan, token_ids)` records computed tokens and appended outputs and charges the
-     policy. It decides no finish: whoever reads the tokens (the engine's output processor,
-     the simulator) calls `finish(seq, reason)`, which frees the sequence's pages.
+  4. `update(plan, token_ids)` records the sampled tokens and charges the policy. It decides no
+     finish: whoever reads the tokens (the engine's output processor, the simulator) calls
+     `finish(seq, reason)`, which frees the sequence's pages. A sequence that finished while a
+     later step was already planned has that step's token dropped.
 
 Admission (`add`) refuses what can never run: more than `max_model_len` tokens of context or
 more pages than the pool holds; the policy may refuse more (rate limits).
@@ -42,22 +49,39 @@ class SchedulerConfig:
     max_num_seqs: int = 64         # running requests at once (the decode batch)
     max_prefill_tokens: int = 512  # tokens per prefill step (the chunk size)
     max_model_len: int = 2048      # prompt + output tokens per request
+    # Decodes and prefill chunks in one step (see the module docstring); off: prefill-first.
+    mixed_steps: bool = False
+    # Mixed steps: tokens per step, decodes (one each) first, prefill chunks the rest (at most
+    # max_prefill_tokens). None = max_prefill_tokens + max_num_seqs: decodes never shorten the
+    # prefill chunk. Lower it to shorten steps that carry a prefill (the running streams'
+    # inter-token latency) at the cost of slower prefills (time to first token).
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self):
         for name in ("num_pages", "page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_batched_tokens must be positive, got "
+                             f"{self.max_num_batched_tokens}")
+
+    @property
+    def step_token_budget(self) -> int:
+        return (self.max_num_batched_tokens if self.max_num_batched_tokens is not None
+                else self.max_prefill_tokens + self.max_num_seqs)
 
 
 @dataclass
 class StepPlan:
-    is_prefill: bool
+    is_prefill: bool = False   # the kind of every entry, unless `decode` says per entry
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)   # tokens computed this step, per seq
     start_positions: list[int] = field(default_factory=list)  # position of each seq's first new token
     preempted: list[Sequence] = field(default_factory=list)   # preempted while planning this step
     adapter_loads: list[tuple[str, list[int]]] = field(default_factory=list)  # write before the step
     adapter_pages: dict[str, list[int]] = field(default_factory=dict)  # adapters this step uses
+    decode: list[bool] | None = None     # per entry: a decode (else a prefill chunk); mixed steps
+    sampled: list[bool] | None = None    # per entry: samples a token (set when planned)
 
     @property
     def is_empty(self) -> bool:
@@ -69,8 +93,27 @@ class StepPlan:
 
     def samples(self, i: int) -> bool:
         """True when sequence i's chunk ends at its last token, so a new token is sampled."""
+        if self.sampled is not None:
+            return self.sampled[i]
         s = self.seqs[i]
-        return self.start_positions[i] + self.num_new_tokens[i] == s.num_tokens
+        return self.start_positions[i] + self.num_new_tokens[i] == s.num_total_tokens
+
+    def is_decode(self, i: int) -> bool:
+        return (not self.is_prefill) if self.decode is None else self.decode[i]
+
+    def decode_indices(self) -> list[int]:
+        return [i for i in range(len(self.seqs)) if self.is_decode(i)]
+
+    def prefill_indices(self) -> list[int]:
+        return [i for i in range(len(self.seqs)) if not self.is_decode(i)]
+
+    @property
+    def has_prefill(self) -> bool:
+        return any(not self.is_decode(i) for i in range(len(self.seqs)))
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for i, n in enumerate(self.num_new_tokens) if not self.is_decode(i))
 
 
 class Scheduler:
@@ -131,6 +174,11 @@ class Scheduler:
         """A running sequence is done (decided by the caller): free its pages and adapter."""
         if seq.status is SequenceStatus.FINISHED:
             return
+        if seq.status is SequenceStatus.WAITING:
+            # preempted after a step that sampled its last token was planned
+            self.policy.remove(seq)
+            self._release(seq, reason, notify_policy=True)
+            return
         self.running.remove(seq)
         self._unpin_adapter(seq)
         self._release(seq, reason, notify_policy=True)
@@ -157,9 +205,20 @@ class Scheduler:
         return bool(self.running) or len(self.policy) > 0
 
     def schedule(self, now: float = 0.0) -> StepPlan:
-        plan = self._schedule_prefill(now)
-        if not plan.seqs:
-            plan = self._schedule_decode()
+        cfg = self.config
+        if cfg.mixed_steps:
+            plan = StepPlan(decode=[], sampled=[])
+            self._schedule_decode(plan)
+            budget = min(cfg.max_prefill_tokens, cfg.step_token_budget - len(plan.seqs))
+            self._schedule_prefill(plan, now, budget)
+            plan.is_prefill = not plan.decode_indices() and bool(plan.seqs)
+        else:
+            plan = StepPlan(is_prefill=True, decode=[], sampled=[])
+            self._schedule_prefill(plan, now, cfg.max_prefill_tokens)
+            if not plan.seqs:
+                preempted = plan.preempted
+                plan = StepPlan(is_prefill=False, decode=[], sampled=[], preempted=preempted)
+                self._schedule_decode(plan)
         if self.adapters is not None:
             self._prefetch()
             plan.adapter_loads = self.adapters.drain_loads()
@@ -213,23 +272,23 @@ class Scheduler:
             if not self.adapters.prefetch(name):
                 break
 
-    def _schedule_prefill(self, now: float) -> StepPlan:
+    def _schedule_prefill(self, plan: StepPlan, now: float, budget: int) -> None:
         cfg = self.config
-        plan = StepPlan(is_prefill=True)
-        budget = cfg.max_prefill_tokens
         # Unfinished chunked prefills first: they already hold pages.
         for seq in self.running:
-            if budget == 0:
+            if budget <= 0:
                 break
             if seq.is_prefilling:
-                n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                self._add_to_plan(plan, seq, n)
+                n = min(seq.num_total_tokens - seq.num_computed_tokens, budget)
+                self._add_to_plan(plan, seq, n, decode=False)
                 budget -= n
         # Admit new requests in the policy's order; stop at the first that does not fit
         # (no skipping ahead, so the policy's order is the service order).
         while budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.policy.peek()
-            if seq is None:
+            if seq is None or seq.num_pending_tokens:
+                # (a preempted sequence whose last token is still being sampled resumes once
+                # the host knows it: at most one step later)
                 break
             needed = self.pages_for(seq.num_tokens)
             if not self._pin_adapter(seq, needed):
@@ -244,16 +303,24 @@ class Scheduler:
                 seq.admit_time = now
             self.running.append(seq)
             n = min(seq.num_tokens, budget)
-            self._add_to_plan(plan, seq, n)
+            self._add_to_plan(plan, seq, n, decode=False)
             budget -= n
-        return plan
 
-    def _schedule_decode(self) -> StepPlan:
-        plan = StepPlan(is_prefill=False)
-        # Every running sequence writes K/V at position num_computed; grow its table if needed.
+    @staticmethod
+    def _decodes(seq: Sequence) -> bool:
+        """A running sequence takes a decode this step: its prompt is in the pool and it may
+        still produce a token (one whose pending tokens reach max_tokens will finish with them)."""
+        return (not seq.is_prefilling
+                and seq.num_output_tokens + seq.num_pending_tokens < seq.max_tokens)
+
+    def _schedule_decode(self, plan: StepPlan) -> None:
+        # Every decoding sequence writes K/V at position num_computed; grow its table if needed.
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if not self._decodes(seq):
+                i += 1
+                continue
             need = self.pages_for(seq.num_computed_tokens + 1) - len(seq.block_table)
             if need > 0 and not self._can_take(need):
                 victim = self.running[-1]
@@ -266,13 +333,20 @@ class Scheduler:
                 seq.block_table.extend(self.allocator.allocate(need))
             i += 1
         for seq in self.running:
-            self._add_to_plan(plan, seq, 1)
-        return plan
+            if self._decodes(seq):
+                self._add_to_plan(plan, seq, 1, decode=True)
 
-    def _add_to_plan(self, plan: StepPlan, seq: Sequence, n: int) -> None:
+    def _add_to_plan(self, plan: StepPlan, seq: Sequence, n: int, decode: bool) -> None:
+        start = seq.num_computed_tokens
+        samples = start + n == seq.num_total_tokens
         plan.seqs.append(seq)
         plan.num_new_tokens.append(n)
-        plan.start_positions.append(seq.num_computed_tokens)
+        plan.start_positions.append(start)
+        plan.decode.append(decode)
+        plan.sampled.append(samples)
+        seq.num_computed_tokens += n
+        if samples:
+            seq.num_pending_tokens += 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -287,14 +361,16 @@ class Scheduler:
     # -- results ---------------------------------------------------------------------------
     def update(self, plan: StepPlan, token_ids: list[int | None], now: float = 0.0) -> list[Sequence]:
         """Record a finished step. `token_ids[i]` is the token sampled for plan.seqs[i], or None
-        when its chunk did not reach the end. Returns the sequences that got a new token."""
+        when its chunk did not reach the end. Returns the sequences that got a new token: those
+        still running, and those preempted after this step was planned (their token stands;
+        they recompute from it). A finished or aborted sequence's token is dropped."""
         produced = []
         for i, seq in enumerate(plan.seqs):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted while the step ran
-            seq.num_computed_tokens += plan.num_new_tokens[i]
+            if not plan.samples(i):
+                continue
+            seq.num_pending_tokens -= 1
             tok = token_ids[i]
-            if tok is None:
+            if seq.status is SequenceStatus.FINISHED or tok is None:
                 continue
             seq.output_token_ids.append(int(tok))
             if seq.first_token_time is None:

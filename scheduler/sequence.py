@@ -41,7 +41,12 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     block_table: list[int] = field(default_factory=list)  # page ids, in position order
-    num_computed_tokens: int = 0         # tokens whose K/V are in the pool
+    # tokens whose K/V are in the pool or being written by a planned step (advanced when a
+    # step is planned, so the next step can be planned before this one's tokens are known)
+    num_computed_tokens: int = 0
+    # tokens sampled by planned steps whose ids the host does not know yet (the engine plans
+    # step N+1 while step N runs: N's token is the input of N+1's decode, taken on the device)
+    num_pending_tokens: int = 0
     num_preemptions: int = 0
     is_prefill_charged: bool = False     # fairness: prefill is charged once, even if recomputed
     admit_time: float | None = None
@@ -57,6 +62,11 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_total_tokens(self) -> int:
+        """Known tokens plus those sampled on the device and not yet seen by the host."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -67,7 +77,7 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         # One token is always left uncomputed: the last one is the next step's input.
-        return self.num_computed_tokens < self.num_tokens - 1
+        return self.num_computed_tokens < self.num_total_tokens - 1
 
     @property
     def is_finished(self) -> bool:

@@ -122,8 +122,8 @@ def simulate(requests: list[Request], policy: Policy, config: SimConfig = SimCon
         for seq in plan.preempted:
             waiting_ids.add(seq.seq_id)
             num_waiting[seq.client_id] += 1
-        if plan.is_prefill:
-            for seq in plan.seqs:
+        for j, seq in enumerate(plan.seqs):
+            if not plan.is_decode(j):
                 if seq.seq_id in waiting_ids:
                     waiting_ids.discard(seq.seq_id)
                     num_waiting[seq.client_id] -= 1
@@ -138,7 +138,7 @@ def simulate(requests: list[Request], policy: Policy, config: SimConfig = SimCon
         b = bin_of(now)
         tokens: list[int | None] = []
         for j, seq in enumerate(plan.seqs):
-            if plan.is_prefill:
+            if not plan.is_decode(j):
                 hi = min(plan.start_positions[j] + plan.num_new_tokens[j], seq.num_prompt_tokens)
                 done = prompt_done.get(seq.seq_id, 0)
                 if hi > done:

@@ -112,18 +112,33 @@ class FakeRunner:
                 tokens.append(None)
                 continue
             shift = len(seq.adapter) if seq.adapter else 0
-            k = seq.num_output_tokens
+            k = seq.num_total_tokens - seq.num_prompt_tokens - 1   # this token's index
             tokens.append(ord("a") + (sum(seq.prompt_token_ids) + k + shift) % 26)
         return tokens, [None if t is None else LOGPROB for t in tokens]
 
 
+class OverlapFakeRunner(FakeRunner):
+    """A FakeRunner the engine overlaps steps on: `launch` computes a step's tokens (they
+    depend only on the sequences' counts, never on the previous step's tokens) and `collect`
+    hands them over, so the engine processes step N after launching N+1."""
+
+    def launch(self, plan: StepPlan, prev=None):
+        return self.run(plan)
+
+    def collect(self, launched):
+        return launched
+
+
 def fake_engine(*, max_num_seqs: int = 4, num_pages: int = 512, page_size: int = 4,
-                max_model_len: int = 256, scheduler: str = "vtc", **kw) -> LLMEngine:
-    """The real engine on a FakeRunner (`engine.runner`) and a CharTokenizer."""
+                max_model_len: int = 256, scheduler: str = "vtc", overlap: bool = False,
+                **kw) -> LLMEngine:
+    """The real engine on a FakeRunner (`engine.runner`; an OverlapFakeRunner with `overlap`)
+    and a CharTokenizer."""
     cfg = EngineConfig(max_num_seqs=max_num_seqs, num_pages=num_pages, page_size=page_size,
                        max_model_len=max_model_len, max_prefill_tokens=max_model_len,
                        scheduler=scheduler, max_lora_rank=8, **kw)
-    return LLMEngine(cfg, runner=FakeRunner(), tokenizer=char_tokenizer(),
+    runner = OverlapFakeRunner() if overlap else FakeRunner()
+    return LLMEngine(cfg, runner=runner, tokenizer=char_tokenizer(),
                      model_config=FAKE_MODEL, model_name="fake-model")
 
 
