@@ -35,7 +35,21 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "the pool gets what the weights and the largest step leave (also sets "
                         "XLA_PYTHON_CLIENT_MEM_FRACTION unless it is set)")
     g.add_argument("--max-num-seqs", type=int, default=C.max_num_seqs)
-    g.add_argument("--max-prefill-tokens", type=int, default=C.max_prefill_tokens)
+    g.add_argument("--max-prefill-tokens", type=int, default=C.max_prefill_tokens,
+                   help="prompt tokens per step (longer prompts are prefilled in chunks)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=C.max_num_batched_tokens,
+                   help="tokens per step: the running decodes (one each) first, then prefill "
+                        "chunks (at most --max-prefill-tokens). Lower it to shorten the steps "
+                        "that carry a prefill (running streams' inter-token latency) at the "
+                        "cost of time to first token (default: --max-prefill-tokens + "
+                        "--max-num-seqs, so decodes never shorten a prefill chunk)")
+    g.add_argument("--no-mixed-steps", dest="mixed_steps", action="store_false",
+                   help="a step is all prefill (prefill first) or all decode, instead of running "
+                        "decodes and prefill chunks together (an arrival then pauses the streams "
+                        "for its prefill step)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="wait for each step's tokens before planning the next (default: the next "
+                        "step is planned and launched while the device runs this one)")
     g.add_argument("--max-model-len", type=int, default=C.max_model_len)
     g.add_argument("--backend", default=C.backend, choices=["auto", "xla", "pallas", "cpu"],
                    help="device backend (jaxserve/backends): pallas = Pallas attention and LoRA "
@@ -81,7 +95,8 @@ def engine_config_from_args(args):
         kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
-        backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,
+        mixed_steps=args.mixed_steps, max_num_batched_tokens=args.max_num_batched_tokens,
+        async_scheduling=args.async_scheduling, backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,
         fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed,
         **lora_engine_kwargs(args),
         tp=args.tp)

@@ -174,6 +174,12 @@ class StepBuilder:
         # rows x tokens of one prefill call at most (prefill_groups splits a plan to fit)
         self.prefill_slots = pow2_at_least(max_prefill_tokens)
         self._rows: dict[int, int] = {}   # decode: seq_id -> its batch row (kept while it runs)
+        # Decode arrays kept from step to step and updated in place where a row changed
+        # (_build_decode). Two sets, used in turn: a step's arrays may still be read by its
+        # device call (an asynchronous host-to-device copy) until the engine collects it, which
+        # happens before the step after next is built.
+        self._decode_bufs: tuple[dict, dict] = ({}, {})
+        self._parity = 0
 
     def build(self, plan: StepPlan) -> list[BuiltStep]:
         """The device calls of one plan: the decode call (its decodes, if any), then the
@@ -182,8 +188,8 @@ class StepBuilder:
         calls = []
         dec = plan.decode_indices()
         if dec:
-            calls.append(self.build_call(plan, dec, self._decode_rows([plan.seqs[i] for i in dec]),
-                                         is_prefill=False))
+            calls.append(self._build_decode(plan, dec,
+                                            self._decode_rows([plan.seqs[i] for i in dec])))
         pre = plan.prefill_indices()
         if pre:
             groups = prefill_groups([plan.num_new_tokens[i] for i in pre],
@@ -255,6 +261,68 @@ class StepBuilder:
                 self._rows[seq.seq_id] = next(free)
         return [self._rows[seq.seq_id] for seq in seqs]
 
+    def _build_decode(self, plan: StepPlan, idx: list[int], rows: list[int]) -> BuiltStep:
+        """The decode call, as build_call makes it, written into arrays kept from the last
+        time this bucket was built: a row whose sequence is the same gets its new position,
+        token and counter (vectorised) and only the block-table entries it added; a row with a
+        new occupant is written whole; a row left empty is reset to padding."""
+        S = self.page_size
+        seqs = [plan.seqs[i] for i in idx]
+        starts = [plan.start_positions[i] for i in idx]
+        B = self.decode_rows_bucket(max(rows) + 1)
+        P = self._pages(False, max(len(seq.block_table) for seq in seqs))
+        self._parity ^= 1
+        bufs = self._decode_bufs[self._parity]
+        buf = bufs.get((B, P))
+        if buf is None:
+            buf = bufs[(B, P)] = _DecodeRows(BuiltStep.empty(False, B, 1, P))
+        out = buf.step
+        for r in buf.active.difference(rows):
+            buf.clear(r)
+        counted = plan.sampled is not None
+        samples = [plan.samples(i) for i in idx]
+        from_device, counters = [], []
+        bt, tokens = out.block_tables, out.tokens
+        for seq, r, st, smp in zip(seqs, rows, starts, samples):
+            key = (seq.seq_id, seq.num_preemptions)   # a resumed sequence has new pages
+            table = seq.block_table
+            if buf.key[r] != key:
+                buf.key[r] = key
+                bt[r] = 0
+                bt[r, :len(table)] = table[:P]
+                buf.table_len[r] = len(table)
+                p = seq.sampling
+                out.temperature[r], out.top_k[r], out.top_p[r] = p.temperature, p.top_k, p.top_p
+                out.seeds[r] = p.seed
+                buf.logprobs[r] = p.logprobs
+            elif len(table) != buf.table_len[r]:
+                bt[r, buf.table_len[r]:len(table)] = table[buf.table_len[r]:P]
+                buf.table_len[r] = len(table)
+            n_prompt = seq.num_prompt_tokens
+            if st < n_prompt:
+                tokens[r, 0] = seq.prompt_token_ids[st]
+            elif st - n_prompt < len(seq.output_token_ids):
+                tokens[r, 0] = seq.output_token_ids[st - n_prompt]
+            else:                               # the input token is still being sampled
+                tokens[r, 0] = 0
+                from_device.append((r, seq.seq_id))
+            counters.append(seq.num_total_tokens - n_prompt - (smp and counted))
+        ra, sa = np.asarray(rows, np.intp), np.asarray(starts, np.int32)
+        out.positions[ra, 0] = sa
+        out.kv_lens[ra] = sa + 1
+        out.slot_pages[ra] = bt[ra, sa // S]
+        out.slot_offsets[ra] = sa % S
+        out.counters[ra] = counters
+        buf.active = set(rows)
+        out.seqs, out.rows, out.samples, out.from_device = idx, rows, samples, from_device
+        out.want_logprobs = bool(buf.logprobs[ra].any())
+        out.lora = None
+        if self.lora is not None and plan.adapter_pages:
+            sub = StepPlan(is_prefill=False, seqs=seqs, num_new_tokens=[1] * len(seqs),
+                           start_positions=starts, adapter_pages=plan.adapter_pages)
+            out.lora = self.lora.slots(sub, B, 1, rows)
+        return out
+
     def build_call(self, plan: StepPlan, idx: list[int], rows: list[int],
                    is_prefill: bool | None = None) -> BuiltStep:
         """One device call for the plan sequences `idx` in batch rows `rows` (a prefill call,
@@ -309,6 +377,26 @@ class StepBuilder:
                 start_positions=starts, adapter_pages=plan.adapter_pages)
             out.lora = self.lora.slots(sub, B, T, rows)
         return out
+
+
+class _DecodeRows:
+    """A decode bucket's arrays kept between steps, and what each row holds."""
+
+    def __init__(self, step: BuiltStep):
+        B = step.tokens.shape[0]
+        self.step = step
+        self.key: list = [None] * B          # (seq_id, preemptions) of each row's sequence
+        self.table_len = [0] * B             # block-table entries written for it
+        self.logprobs = np.zeros((B,), bool)
+        self.active: set[int] = set()
+
+    def clear(self, r: int) -> None:
+        """Row r back to padding (as BuiltStep.empty has it)."""
+        s = self.step
+        self.key[r], self.table_len[r], self.logprobs[r] = None, 0, False
+        s.tokens[r], s.positions[r], s.block_tables[r], s.kv_lens[r] = 0, -1, 0, 0
+        s.slot_pages[r], s.slot_offsets[r], s.counters[r] = 0, 0, 0
+        s.temperature[r], s.top_k[r], s.top_p[r], s.seeds[r] = 0, 0, 1, 0
 
 
 def _least_inputs(bucket_fn, ns) -> dict[int, int]:

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from jaxserve.step_builder import StepBuilder
-from scheduler import SamplingOptions, Sequence, StepPlan
+from scheduler import FinishReason, SamplingOptions, Sequence, StepPlan
 
 PAGE = 4
 
@@ -133,3 +133,55 @@ def test_prefill_groups_is_the_cheapest_split():
                    for k in range(len(order))
                    for cuts in itertools.combinations(range(1, len(order)), k))
         assert cost(groups) == best
+
+
+ARRAYS = ("tokens", "positions", "block_tables", "kv_lens", "slot_pages", "slot_offsets",
+          "logits_index", "temperature", "top_k", "top_p", "seeds", "counters")
+
+
+def _check_persistent_decode_matches_fresh(seed, mixed, overlap, page_bucketing):
+    """Over a run of real scheduler plans (mixed or prefill-first steps, tokens known at once
+    or one step late, finishes, preemption in a small pool, resumed sequences), the decode call
+    that build() keeps updating in place equals the one build_call makes from scratch."""
+    import random
+    from scheduler import Scheduler, SchedulerConfig
+    rng = random.Random(seed)
+    sched = Scheduler(SchedulerConfig(num_pages=30, page_size=PAGE, max_num_seqs=8,
+                                      max_prefill_tokens=24, max_model_len=64, mixed_steps=mixed))
+    kept = _builder(bucket_pages=(page_bucketing, True))
+    fresh = _builder(bucket_pages=(page_bucketing, True))
+    next_id, inflight, decodes = 0, None, 0
+    for _ in range(120):
+        while rng.random() < 0.3:
+            n = rng.randint(1, 20)
+            sched.add(Sequence(seq_id=next_id, prompt_token_ids=[rng.randrange(50) for _ in range(n)],
+                               max_tokens=rng.randint(1, 64 - n),
+                               sampling=SamplingOptions(temperature=rng.choice([0.0, 0.5]),
+                                                        seed=next_id, logprobs=rng.random() < 0.3)))
+            next_id += 1
+        plan = sched.schedule()
+        for built in kept.build(plan):
+            if built.is_prefill:
+                continue
+            decodes += 1
+            ref = fresh.build_call(plan, built.seqs, built.rows, is_prefill=False)
+            assert built.shape == ref.shape and built.samples == ref.samples
+            for name in ARRAYS:
+                np.testing.assert_array_equal(getattr(built, name), getattr(ref, name), name)
+            assert built.from_device == ref.from_device
+            assert built.want_logprobs == ref.want_logprobs
+        done = [] if inflight is None and overlap else [inflight or plan]
+        inflight = plan if overlap else None
+        for p in done:
+            toks = [rng.randrange(50) if p.samples(i) else None for i in range(len(p.seqs))]
+            for s in sched.update(p, toks):
+                if s.num_output_tokens >= s.max_tokens or rng.random() < 0.05:
+                    sched.finish(s, FinishReason.LENGTH)
+    assert decodes > 20
+
+
+def test_persistent_decode_arrays_match_a_fresh_build():
+    for seed in range(6):
+        for mixed in (False, True):
+            for overlap in (False, True):
+                _check_persistent_decode_matches_fresh(seed, mixed, overlap, seed % 2 == 0)

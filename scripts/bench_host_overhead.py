@@ -1,0 +1,202 @@
+"""Host overhead of the serving loop: how long the device waits for the host each step.
+
+The real engine (scheduler, step builder, output processor with the default model's tokenizer,
+stop strings) runs on a fake device: a thread that takes launched steps in order and spends a
+fixed `--device-ms` on each (sleeping, so it holds no core or GIL, like a GPU), then hands
+back the sampled tokens (ids of real text, so detokenization does real work). Every request
+decodes for the whole run, at batch 64 and 256 by default.
+
+For each batch and loop (sync: plan -> build -> launch -> wait -> process, one after another;
+overlap: the engine's default, step N+1 launched before step N is processed) it prints:
+  period      wall time per step
+  device      the fake device's time per step (--device-ms)
+  idle        time per step the device waited for work: the host's critical path
+  host        engine-thread CPU time per step, and its parts: schedule, build (padded arrays,
+              feed indices), process (scheduler update, detokenize, stop checks)
+and writes JSON (--out).
+
+  python scripts/bench_host_overhead.py                     # batch 64 and 256, 10 ms device
+  python scripts/bench_host_overhead.py --batch 256 --device-ms 5 --steps 300
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
+        "aloud: ninety-one, ninety-two. Outside, gulls wheeled over the harbour while fishing "
+        "boats — red, blue, and one startling yellow — rocked at their moorings. Café owners "
+        "stacked chairs; a radio played 1960s jazz. «Bonsoir», said someone. 東京 and 北京 are "
+        "far away, he thought, lighting the lamp as the fog rolled in. ")
+
+
+class FakeDevice:
+    """A device that runs launched steps in launch order, each for `seconds`, independently of
+    the host (as a GPU does): a step launched at t starts at max(t, the previous step's end)
+    and ends `seconds` later; waiting for it sleeps until then. Idle time is the gap before a
+    step starts that the device spent with nothing launched. (A thread that sleeps would
+    need the GIL back to finish its step, and the host thread holds it while it works.)"""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.free_at = time.perf_counter()
+        self.reset()
+
+    def launch(self) -> float:
+        """Queue a step; returns when it will be done."""
+        now = time.perf_counter()
+        if now > self.free_at:
+            if self.steps or self.counting:
+                self.idle_s += now - self.free_at
+            self.free_at = now
+        self.free_at += self.seconds
+        self.steps += 1
+        return self.free_at
+
+    @staticmethod
+    def wait(done_at: float) -> None:
+        while (left := done_at - time.perf_counter()) > 0:
+            time.sleep(left)
+
+    def reset(self) -> None:
+        self.idle_s, self.steps, self.counting = 0.0, 0, True
+
+
+class FakeDeviceRunner:
+    """The runner interface (launch / collect / run) on a FakeDevice. launch builds the step's
+    padded arrays with the real StepBuilder and resolves device-fed input tokens as the real
+    runner does; the tokens a step samples are text ids chosen by (sequence, output index)."""
+
+    def __init__(self, builder, device: FakeDevice, text_ids: list[int]):
+        self.builder, self.device, self.text_ids = builder, device, text_ids
+        self.num_steps = 0
+
+    def launch(self, plan, prev=None):
+        feed_index = {}
+        for built in self.builder.build(plan):
+            for row, seq_id in built.from_device:       # as ModelRunner.launch: feed lookups
+                _ = prev["feed_index"][seq_id]
+            for j, i in enumerate(built.seqs):
+                if built.samples[j]:
+                    feed_index[plan.seqs[i].seq_id] = len(feed_index)
+        tokens = []
+        for i, seq in enumerate(plan.seqs):
+            k = seq.num_total_tokens - seq.num_prompt_tokens - 1
+            tokens.append(self.text_ids[(seq.seq_id * 7 + k) % len(self.text_ids)]
+                          if plan.samples(i) else None)
+        self.num_steps += 1
+        return {"done_at": self.device.launch(), "tokens": tokens, "feed_index": feed_index}
+
+    def collect(self, launched):
+        self.device.wait(launched["done_at"])
+        t = launched["tokens"]
+        return t, [None if x is None else -1.0 for x in t]
+
+    def run(self, plan):
+        return self.collect(self.launch(plan))
+
+
+def _timed(obj, name: str, acc: collections.Counter, key: str) -> None:
+    fn = getattr(obj, name)
+
+    def wrapped(*a, **kw):
+        t = time.thread_time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[key] += time.thread_time() - t
+    setattr(obj, name, wrapped)
+
+
+def measure(batch: int, overlap: bool, device_ms: float, steps: int, tokenizer, cfg) -> dict:
+    from jaxserve.engine import EngineConfig, LLMEngine
+    from jaxserve.sampling_params import SamplingParams
+    from jaxserve.step_builder import StepBuilder
+    from jaxserve.tokenizer import Tokenizer
+    device = FakeDevice(device_ms / 1e3)
+    prompt_len = 128
+    max_len = prompt_len + steps + 64
+    ecfg = EngineConfig(max_num_seqs=batch, num_pages=batch * (-(-max_len // 16)) + 8,
+                        page_size=16, max_model_len=max_len, max_prefill_tokens=2048,
+                        async_scheduling=overlap, scheduler="fcfs")
+    builder = StepBuilder(page_size=16, max_num_seqs=batch, max_prefill_tokens=2048,
+                          max_model_len=max_len, bucket_pages=(False, False))
+    text_ids = tokenizer.encode(TEXT * 4)
+    runner = FakeDeviceRunner(builder, device, text_ids)
+    engine = LLMEngine(ecfg, runner=runner, tokenizer=Tokenizer(tokenizer.hf, tokenizer.eos_ids),
+                       model_config=cfg, model_name="bench")
+    if not overlap:    # a runner with launch is overlapped unless the config says no
+        assert not engine.overlap
+    params = SamplingParams(max_tokens=steps + 32, ignore_eos=True, stop=["zzqx", "\n\n\n"])
+    for i in range(batch):
+        engine.add_request(f"h{i}", text_ids[i % 50: i % 50 + prompt_len], params)
+    while engine.scheduler.num_waiting or any(s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    parts: collections.Counter = collections.Counter()
+    _timed(engine.scheduler, "schedule", parts, "schedule")
+    _timed(runner.builder, "build", parts, "build")
+    _timed(engine, "_process", parts, "process")
+    device.reset()
+    t0, c0 = time.perf_counter(), time.thread_time()
+    for _ in range(steps):
+        engine.step()
+    cpu = time.thread_time() - c0
+    wall = time.perf_counter() - t0
+    n = device.steps or 1
+    ms = lambda x: round(x * 1e3 / steps, 3)  # noqa: E731
+    return {"batch": batch, "loop": "overlap" if overlap else "sync", "steps": steps,
+            "period_ms": ms(wall), "device_ms": device_ms,
+            "idle_ms": round(device.idle_s * 1e3 / n, 3),
+            "host_cpu_ms": ms(cpu), **{f"{k}_ms": ms(v) for k, v in sorted(parts.items())},
+            "period_over_device": round(wall / steps / (device_ms / 1e3), 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--device-ms", type=float, default=10.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--loops", nargs="+", default=["sync", "overlap"], choices=["sync", "overlap"])
+    p.add_argument("--out", default="bench_host_overhead.json")
+    args = p.parse_args(argv)
+    from jaxserve.loader import default_model_path, load_config
+    from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
+    path = default_model_path()
+    hf = load_tokenizer(types.SimpleNamespace(tokenizer_dir=os.path.dirname(path),
+                                              gguf_file=os.path.basename(path)))
+    tokenizer = Tokenizer(hf, eos_token_ids(hf))
+    cfg = load_config(None)
+    rows = []
+    for b in args.batch:
+        for loop in args.loops:
+            rows.append(measure(b, loop == "overlap", args.device_ms, args.steps, tokenizer, cfg))
+            r = rows[-1]
+            print(f"batch {b:4d} {loop:8s} period {r['period_ms']:7.2f} ms  device "
+                  f"{r['device_ms']:5.1f}  idle {r['idle_ms']:6.2f}  host cpu {r['host_cpu_ms']:6.2f}"
+                  f" (schedule {r.get('schedule_ms', 0):.2f}, build {r.get('build_ms', 0):.2f},"
+                  f" process {r.get('process_ms', 0):.2f})  period/device "
+                  f"{r['period_over_device']:.3f}", flush=True)
+    print()
+    print("| batch | loop | step period ms | device ms | device idle ms (host critical path) |"
+          " host CPU ms | schedule | build | process |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['loop']} | {r['period_ms']:.2f} | {r['device_ms']:.1f} | "
+              f"{r['idle_ms']:.2f} | {r['host_cpu_ms']:.2f} | {r.get('schedule_ms', 0):.2f} | "
+              f"{r.get('build_ms', 0):.2f} | {r.get('process_ms', 0):.2f} |")
+    with open(args.out, "w") as f:
+        json.dump({"device_ms": args.device_ms, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
