@@ -279,9 +279,11 @@ class LLMEngine:
         seq = self.output.pop(request_id)
         if seq is not None:
             self.scheduler.abort(seq.seq_id)
+        if not self.output:        # nobody reads the launched step's tokens
+            self._inflight = None
 
     def has_unfinished(self) -> bool:
-        return len(self.output) > 0 or self._inflight is not None
+        return len(self.output) > 0
 
     # -- adapters: the one registry (the server asks it) ---------------------------------------
     def add_lora(self, name: str, source) -> None:
@@ -335,7 +337,10 @@ class LLMEngine:
                     return self._process(plan, self.runner.run(plan))
             if prev is None:
                 return []
-            return self._process(prev[0], self.runner.collect(prev[1]))
+            outputs = self._process(prev[0], self.runner.collect(prev[1]))
+            if not self.output:    # every request is done: the launched step has no reader
+                self._inflight = None
+            return outputs
         except BaseException:
             self._inflight = None    # its tokens are lost with the failure
             raise

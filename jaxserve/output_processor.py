@@ -28,6 +28,8 @@ class _Request:
     detok: IncrementalDetokenizer
     text: str = ""
     emitted_chars: int = 0     # chars of `text` already returned (stop-string hold-back)
+    longest_stop: int = 0      # chars of the longest stop string (0: none)
+    stop_ids: frozenset = frozenset()   # the token ids that finish it: stop tokens (+ EOS)
 
 
 class OutputProcessor:
@@ -37,7 +39,12 @@ class OutputProcessor:
         self._by_seq: dict[int, _Request] = {}
 
     def add(self, request_id: str, seq: Sequence, params: SamplingParams) -> None:
-        req = _Request(request_id, seq, params, self.tokenizer.detokenizer(seq.prompt_token_ids))
+        stop_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.tokenizer.eos_ids
+        req = _Request(request_id, seq, params, self.tokenizer.detokenizer(seq.prompt_token_ids),
+                       longest_stop=max((len(x) for x in params.stop), default=0),
+                       stop_ids=stop_ids)
         self._by_id[request_id] = req
         self._by_seq[seq.seq_id] = req
 
@@ -80,19 +87,19 @@ class OutputProcessor:
         tok = seq.output_token_ids[-1]
         reason, shown = None, True
         # As vLLM: an EOS or stop token wins over the length limit it also reaches.
-        if (tok in self.tokenizer.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if tok in req.stop_ids:
             reason, shown = FinishReason.STOP, False
         elif seq.num_output_tokens >= seq.max_tokens:
             reason = FinishReason.LENGTH
         if shown:
             req.text += req.detok.step(seq.token_ids)
-        cut = self._find_stop(req) if p.stop else None
+        cut = self._find_stop(req) if req.longest_stop else None
         if cut is not None:
             req.text, reason = req.text[:cut], FinishReason.STOP
         elif reason is not None and shown:
             req.text += req.detok.flush(seq.token_ids)
         # Hold back a tail that might still become a stop string.
-        hold = 0 if reason is not None else max((len(s) for s in p.stop), default=1) - 1
+        hold = 0 if reason is not None else max(req.longest_stop, 1) - 1
         upto = max(req.emitted_chars, len(req.text) - hold)
         new_text = req.text[req.emitted_chars:upto]
         req.emitted_chars = upto
@@ -108,7 +115,7 @@ class OutputProcessor:
     def _find_stop(req: _Request) -> int | None:
         """Index where the output text must be cut, if a stop string appeared."""
         p = req.params
-        start = max(0, req.emitted_chars - max(len(s) for s in p.stop))
+        start = max(0, req.emitted_chars - req.longest_stop)
         best = None
         for s in p.stop:
             i = req.text.find(s, start)
