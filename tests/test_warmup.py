@@ -1,6 +1,7 @@
 """Ahead-of-time warm-up: the step builder's bucket set is closed (nothing it builds falls
 outside `StepBuilder.shapes()`), and after `ModelRunner.warmup` a mixed workload compiles
 nothing, neither a step program nor any other jitted call (JAX's own compile events)."""
+import dataclasses
 import os
 import random
 import sys
@@ -198,6 +199,11 @@ def test_nothing_compiles_after_warmup(lora_engine):
     runner.builder.build = lambda plan: [met.append(b.shape) or b for b in build(plan)]
     try:
         with CompileEvents() as events:
+            _workload(engine)           # overlapped, mixed steps (the defaults)
+            # and the synchronous prefill-first loop, which preempts in this pool
+            engine.scheduler.config = dataclasses.replace(engine.scheduler.config,
+                                                          mixed_steps=False)
+            engine.overlap = False
             _workload(engine)
     finally:
         del runner.builder.build
