@@ -404,10 +404,14 @@ def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied, layer_loop):
     cfg = model.config
     w16 = cast(model.weights, jnp.bfloat16)
 
-    calls = []
-    real = (cpu_matmul.matmul, cpu_matmul.matmul_t)
+    calls, amx_calls = [], []
+    real = (cpu_matmul.matmul, cpu_matmul.matmul_t, cpu_matmul.matmul_amx, cpu_matmul.swiglu_amx)
     monkeypatch.setattr(cpu_matmul, "matmul", lambda *a: calls.append("nn") or real[0](*a))
     monkeypatch.setattr(cpu_matmul, "matmul_t", lambda *a: calls.append("nt") or real[1](*a))
+    monkeypatch.setattr(cpu_matmul, "matmul_amx",
+                        lambda *a, **k: amx_calls.append("amx") or real[2](*a, **k))
+    monkeypatch.setattr(cpu_matmul, "swiglu_amx",
+                        lambda *a, **k: amx_calls.append("swiglu") or real[3](*a, **k))
 
     def run(backend):
         params = backend.prepare(w16)
@@ -417,7 +421,10 @@ def test_bf16_decode_steps_close_to_hf(monkeypatch, tmp_path, tied, layer_loop):
     cpu = CpuBackend(cfg, jnp.bfloat16, layer_loop=layer_loop)
     assert cpu.pool_dtype() == jnp.uint16
     ours = run(cpu)
-    assert ("nt" if tied else "nn") in calls and calls.count("nn") >= 4, calls
+    if amx_calls:    # AMX-packed weights (per layer, on CPUs with AMX): the tile-unit kernel
+        assert cpu_matmul.amx_available() and amx_calls.count("amx") >= 4, amx_calls
+    else:
+        assert ("nt" if tied else "nn") in calls and calls.count("nn") >= 4, calls
     bound = 0.15 * max(1.0, np.abs(ref).max() / 5)      # test_model_hf's bf16 bound
     assert np.abs(ours - ref).max() < bound, f"seed={seed}"
     calls.clear()
