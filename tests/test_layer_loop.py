@@ -48,8 +48,8 @@ def _run(root, layer_loop, adapters, dtype="float32"):
     ps = prompts(len(adapters), seed=5)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=True)
     outs = []
-    for p, a in zip(ps, adapters):   # joined one per step: mixed prefill and decode steps
-        engine.add_request(f"r{len(outs)}", p, params, adapter=a)
+    for i, (p, a) in enumerate(zip(ps, adapters)):   # joined one per step: mixed steps
+        engine.add_request(f"r{i}", p, params, adapter=a)
         outs.extend(engine.step())
     while engine.has_unfinished():
         outs.extend(engine.step())
@@ -104,7 +104,7 @@ def test_bf16_amx_dispatch_agrees_with_scan(base_dir, monkeypatch):
     calls = []
     real = cpu_matmul.swiglu_amx
     monkeypatch.setattr(cpu_matmul, "swiglu_amx", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    mix = ["gu", None, "qv", "gu"]
+    mix = [None, None, "gu", "qv"]   # the first two steps carry no adapter
     tok_s, lp_s = _run(base_dir, "scan", mix, dtype="bfloat16")
     assert not calls                      # scan keeps XLA's dot (no packed weights)
     tok_d, lp_d = _run(base_dir, "per-layer", mix, dtype="bfloat16")
