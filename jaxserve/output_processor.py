@@ -20,6 +20,33 @@ from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler import FinishReason, Sequence
 
 
+class _AllIds:
+    """A sequence's prompt + output ids as one read-only list for the detokenizers, without
+    building prompt + output each step (O(context) per token; they read only the tail)."""
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, seq: Sequence):
+        self.prompt, self.output = seq.prompt_token_ids, seq.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, i):
+        n = len(self.prompt)
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return (self.prompt + self.output)[i]
+            if stop <= start:
+                return []
+            if start >= n:
+                return self.output[start - n:stop - n]
+            return self.prompt[start:stop] + self.output[:max(0, stop - n)]
+        if i < 0:
+            i += len(self)
+        return self.prompt[i] if i < n else self.output[i - n]
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -92,12 +119,12 @@ class OutputProcessor:
         elif seq.num_output_tokens >= seq.max_tokens:
             reason = FinishReason.LENGTH
         if shown:
-            req.text += req.detok.step(seq.token_ids)
+            req.text += req.detok.step(_AllIds(seq))
         cut = self._find_stop(req) if req.longest_stop else None
         if cut is not None:
             req.text, reason = req.text[:cut], FinishReason.STOP
         elif reason is not None and shown:
-            req.text += req.detok.flush(seq.token_ids)
+            req.text += req.detok.flush(_AllIds(seq))
         # Hold back a tail that might still become a stop string.
         hold = 0 if reason is not None else max(req.longest_stop, 1) - 1
         upto = max(req.emitted_chars, len(req.text) - hold)

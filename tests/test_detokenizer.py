@@ -277,3 +277,21 @@ def test_overridden_decode_or_other_decoder_takes_the_windowed_method():
     wordpiece = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer)
     wordpiece.backend_tokenizer.decoder = decoders.WordPiece()
     assert Tokenizer(wordpiece, frozenset()).byte_table() is None
+
+
+def test_output_processor_id_view_slices_like_the_list():
+    """The output processor hands detokenizers prompt + output as a view (no concatenation per
+    token); every index and slice they may take reads as the concatenated list does."""
+    import random
+    import types
+    from jaxserve.output_processor import _AllIds
+    rng = random.Random(0)
+    for _ in range(3000):
+        seq = types.SimpleNamespace(prompt_token_ids=[rng.randrange(9) for _ in range(rng.randint(0, 6))],
+                                    output_token_ids=[rng.randrange(9) for _ in range(rng.randint(0, 6))])
+        view, full = _AllIds(seq), seq.prompt_token_ids + seq.output_token_ids
+        a, b = rng.randint(-8, 8), rng.choice([None, rng.randint(-8, 9)])
+        assert len(view) == len(full) and view[a:b] == full[a:b] and view[a:] == full[a:]
+        if full:
+            k = rng.randrange(-len(full), len(full))
+            assert view[k] == full[k]
