@@ -17,6 +17,8 @@ and writes JSON (--out).
 
   python scripts/bench_host_overhead.py                     # batch 64 and 256, 10 ms device
   python scripts/bench_host_overhead.py --batch 256 --device-ms 5 --steps 300
+  PYTHONPATH=/path/to/old/checkout python scripts/bench_host_overhead.py --loops sync
+        # the same measurement on an engine from before overlapped steps (sync loop only)
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import time
 import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+if os.environ.get("PYTHONPATH"):     # an other checkout's engine (see above) comes first
+    sys.path.insert(0, os.environ["PYTHONPATH"].split(os.pathsep)[0])
 
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
         "aloud: ninety-one, ninety-two. Outside, gulls wheeled over the harbour while fishing "
@@ -81,14 +85,16 @@ class FakeDeviceRunner:
     def launch(self, plan, prev=None):
         feed_index = {}
         for built in self.builder.build(plan):
-            for row, seq_id in built.from_device:       # as ModelRunner.launch: feed lookups
+            for row, seq_id in getattr(built, "from_device", ()):   # as ModelRunner.launch
                 _ = prev["feed_index"][seq_id]
             for j, i in enumerate(built.seqs):
                 if built.samples[j]:
                     feed_index[plan.seqs[i].seq_id] = len(feed_index)
         tokens = []
         for i, seq in enumerate(plan.seqs):
-            k = seq.num_total_tokens - seq.num_prompt_tokens - 1
+            # (an engine from before overlapped steps counts no pending tokens: --before)
+            k = (seq.num_total_tokens - seq.num_prompt_tokens - 1
+                 if hasattr(seq, "num_total_tokens") else seq.num_output_tokens)
             tokens.append(self.text_ids[(seq.seq_id * 7 + k) % len(self.text_ids)]
                           if plan.samples(i) else None)
         self.num_steps += 1
@@ -123,16 +129,21 @@ def measure(batch: int, overlap: bool, device_ms: float, steps: int, tokenizer, 
     device = FakeDevice(device_ms / 1e3)
     prompt_len = 128
     max_len = prompt_len + steps + 64
+    loop = {} if not hasattr(EngineConfig, "async_scheduling") else dict(
+        async_scheduling=overlap)
     ecfg = EngineConfig(max_num_seqs=batch, num_pages=batch * (-(-max_len // 16)) + 8,
                         page_size=16, max_model_len=max_len, max_prefill_tokens=2048,
-                        async_scheduling=overlap, scheduler="fcfs")
+                        scheduler="fcfs", **loop)
     builder = StepBuilder(page_size=16, max_num_seqs=batch, max_prefill_tokens=2048,
                           max_model_len=max_len, bucket_pages=(False, False))
     text_ids = tokenizer.encode(TEXT * 4)
     runner = FakeDeviceRunner(builder, device, text_ids)
+    if not loop:          # the engine before overlapped steps called run() only
+        assert not overlap
+        runner = types.SimpleNamespace(run=runner.run, builder=builder)
     engine = LLMEngine(ecfg, runner=runner, tokenizer=Tokenizer(tokenizer.hf, tokenizer.eos_ids),
                        model_config=cfg, model_name="bench")
-    if not overlap:    # a runner with launch is overlapped unless the config says no
+    if loop and not overlap:   # a runner with launch is overlapped unless the config says no
         assert not engine.overlap
     params = SamplingParams(max_tokens=steps + 32, ignore_eos=True, stop=["zzqx", "\n\n\n"])
     for i in range(batch):
@@ -144,7 +155,8 @@ def measure(batch: int, overlap: bool, device_ms: float, steps: int, tokenizer, 
     parts: collections.Counter = collections.Counter()
     _timed(engine.scheduler, "schedule", parts, "schedule")
     _timed(runner.builder, "build", parts, "build")
-    _timed(engine, "_process", parts, "process")
+    if hasattr(engine, "_process"):
+        _timed(engine, "_process", parts, "process")
     device.reset()
     t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(steps):
