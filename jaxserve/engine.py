@@ -327,17 +327,21 @@ class LLMEngine:
         self.num_preemptions_total += len(plan.preempted)
         prev, self._inflight = self._inflight, None
         try:
+            now = None     # (plan, result) of this step when it is processed now (synchronous)
             if not plan.is_empty:
-                if self.overlap:
-                    self._inflight = (plan, self.runner.launch(
-                        plan, prev[1] if prev is not None else None))
-                elif hasattr(self.runner, "launch"):
-                    prev = (plan, self.runner.launch(plan))
+                if not hasattr(self.runner, "launch"):
+                    now = (plan, self.runner.run(plan))
                 else:
-                    return self._process(plan, self.runner.run(plan))
-            if prev is None:
-                return []
-            outputs = self._process(prev[0], self.runner.collect(prev[1]))
+                    launched = self.runner.launch(plan, prev[1] if prev is not None else None)
+                    if self.overlap:
+                        self._inflight = (plan, launched)
+                    else:
+                        now = (plan, self.runner.collect(launched))
+            outputs = []
+            if prev is not None:
+                outputs = self._process(prev[0], self.runner.collect(prev[1]))
+            if now is not None:
+                outputs += self._process(*now)
             if not self.output:    # every request is done: the launched step has no reader
                 self._inflight = None
             return outputs

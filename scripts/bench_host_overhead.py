@@ -17,6 +17,9 @@ and writes JSON (--out).
 
   python scripts/bench_host_overhead.py                     # batch 64 and 256, 10 ms device
   python scripts/bench_host_overhead.py --batch 256 --device-ms 5 --steps 300
+  python scripts/bench_host_overhead.py --model DIR --load-format dummy --dtype bfloat16
+        # the real device instead of the fake one (scripts/device_check.py on a GPU): step
+        # period of each loop against the device time of the same decode step run back to back
   PYTHONPATH=/path/to/old/checkout python scripts/bench_host_overhead.py --loops sync
         # the same measurement on an engine from before overlapped steps (sync loop only)
 """
@@ -172,6 +175,61 @@ def measure(batch: int, overlap: bool, device_ms: float, steps: int, tokenizer, 
             "period_over_device": round(wall / steps / (device_ms / 1e3), 3)}
 
 
+def measure_real(batch: int, loops: list[str], steps: int, args) -> list[dict]:
+    """The engine on the real device (args.model), one engine per batch: the step period of
+    each loop, and the device time of its decode step (the last one it built, run `steps`
+    times back to back: dispatch pipelined, no host work between)."""
+    import jax
+    import numpy as np
+    from jaxserve.engine import EngineConfig, LLMEngine
+    from jaxserve.sampling_params import SamplingParams
+    prompt_len = args.prompt_len
+    max_len = prompt_len + (steps + 8) * len(loops) + 64
+    extra = dict(backend="xla", layer_loop="scan") if args.cpu_smoke else {}
+    engine = LLMEngine(EngineConfig(
+        model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=batch,
+        max_model_len=max_len, max_prefill_tokens=max(2048, prompt_len), scheduler="fcfs",
+        **extra))
+    rng = np.random.default_rng(0)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=max_len - prompt_len, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", rng.integers(3, vocab, prompt_len).tolist(), params)
+    while engine.scheduler.num_waiting or any(s.is_prefilling for s in engine.scheduler.running):
+        engine.step()
+    last = {}
+    build = engine.runner.builder.build
+
+    def keep(plan):
+        calls = build(plan)
+        last.update({"decode": c for c in calls if not c.is_prefill})
+        return calls
+    engine.runner.builder.build = keep
+    rows = []
+    for loop in loops:
+        engine.overlap = loop == "overlap"     # the loop switches between steps
+        for _ in range(3):
+            engine.step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        period = (time.perf_counter() - t0) / steps
+        rows.append({"batch": batch, "loop": loop, "steps": steps,
+                     "period_ms": round(period * 1e3, 3)})
+    runner, built = engine.runner, last["decode"]
+    tokens, _ = runner._launch(built)
+    jax.block_until_ready(tokens)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens, _ = runner._launch(built)
+    jax.block_until_ready((tokens, runner.kv.k))
+    device = (time.perf_counter() - t0) / steps
+    for r in rows:
+        r.update(device_ms=round(device * 1e3, 3), bucket=list(built.shape[:4]),
+                 period_over_device=round(r["period_ms"] / 1e3 / device, 3))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
@@ -179,7 +237,25 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--loops", nargs="+", default=["sync", "overlap"], choices=["sync", "overlap"])
     p.add_argument("--out", default="bench_host_overhead.json")
+    p.add_argument("--model", default=None,
+                   help="run on the real device with this model (HF directory) instead")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="with --model on CPU: the accelerator's step (xla, one scanned program)")
     args = p.parse_args(argv)
+    if args.model:
+        rows = []
+        for b in args.batch:
+            rows += measure_real(b, args.loops, args.steps, args)
+            for r in rows[-len(args.loops):]:
+                print(f"batch {b:4d} {r['loop']:8s} period {r['period_ms']:8.3f} ms  device "
+                      f"{r['device_ms']:8.3f} ms  period/device {r['period_over_device']:.3f}",
+                      flush=True)
+        with open(args.out, "w") as f:
+            json.dump({"model": args.model, "rows": rows}, f, indent=1)
+        return 0
     from jaxserve.loader import default_model_path, load_config
     from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
     path = default_model_path()

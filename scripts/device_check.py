@@ -16,7 +16,10 @@ Steps, each under its own timeout, results in OUT_DIR/device_check.json and a su
               grow with the pool (the kernels read it in place)
   6. hlo      the compiled decode step (base, and with adapters): no copy of a layer's pool in
               its optimized HLO, and its memory does not grow with the pool
-Targets (issue 17) are checked and printed; a missed target is reported, not an error.
+  7. overlap  scripts/bench_host_overhead.py on the device: the serving loop's step period at
+              batch 64 and 256, synchronous and overlapped, against the device time of the same
+              decode step run back to back
+Targets (issues 17, 23) are checked and printed; a missed target is reported, not an error.
 --cpu-smoke runs the same steps with a tiny model and tiny pools on CPU (CI runs it).
 """
 from __future__ import annotations
@@ -44,7 +47,9 @@ def plan(smoke: bool) -> dict:
         return dict(preset="tiny", dtype="float32", batches=[1, 4], input_len=24,
                     output_len=8,
                     pool_batch=4, pools_gb=[0.004, 0.06], kernels=["--quick"],
-                    timeouts=dict(tests=300, kernels=300, bench=300, pool=300, hlo=300))
+                    overlap_batches=[4], overlap_steps=8,
+                    timeouts=dict(tests=300, kernels=300, bench=300, pool=300, hlo=300,
+                                  overlap=300))
     return dict(preset="llama3-8b", dtype="bfloat16", batches=[1, 64, 256], input_len=960,
                 output_len=64,
                 pool_batch=64, pools_gb=[4, 60], kernels=[],
@@ -207,6 +212,13 @@ def summarize(res: dict, smoke: bool) -> list[tuple[str, str, bool | None]]:
                  ", ".join(f"{n}: {g['per_page']:.0f} B/page"
                            for n, g in hlo.get("step_bytes_vs_pool", {}).items()) or "-",
                  (not hlo["grows_with_pool"]) if hlo.get("step_bytes_vs_pool") else None))
+    over = {(r["batch"], r["loop"]): r for r in res.get("overlap_json", {}).get("rows", [])}
+    for b in (64, 256) if not smoke else (4,):
+        r = over.get((b, "overlap"))
+        rows.append((f"overlapped loop at batch {b}: step period within 10% of device time",
+                     f"{r['period_ms']:.2f} ms vs {r['device_ms']:.2f} ms (sync "
+                     f"{over[(b, 'sync')]['period_ms']:.2f} ms)" if r and (b, "sync") in over
+                     else "-", r["period_over_device"] <= 1.10 if r else None))
     return rows
 
 
@@ -257,6 +269,14 @@ def main(argv=None) -> int:
     except Exception as e:            # reported, as a step that failed
         res["hlo"] = {}
         res["steps"]["hlo"] = dict(rc=f"{type(e).__name__}: {str(e)[:300]}")
+    oj = os.path.join(out, "overlap.json")
+    res["steps"]["overlap"] = run(
+        [sys.executable, "scripts/bench_host_overhead.py", "--model", model, "--load-format",
+         "dummy", "--dtype", p["dtype"], "--prompt-len", str(p["input_len"]), "--batch",
+         *map(str, p["overlap_batches"]), "--steps", str(p["overlap_steps"]), "--out", oj]
+        + (["--cpu-smoke"] if smoke else []), T["overlap"], os.path.join(out, "overlap.log"))
+    if os.path.exists(oj):
+        res["overlap_json"] = json.load(open(oj))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["targets"] = summarize(res, smoke)
 

@@ -1,5 +1,6 @@
 """scripts/device_check.sh --cpu-smoke: the GPU check runs end to end on CPU with tiny shapes
-(every step, the bench with its roofline column, both pools, the compiled-HLO copy check), so
+(every step, the bench with its roofline column, both pools, the compiled-HLO copy check, the
+serving loop's step period against device time), so
 the script is known to work before an accelerator session spends its minutes on it."""
 import json
 import os
@@ -24,7 +25,10 @@ def test_device_check_cpu_smoke(tmp_path):
     small, large = (p["rows"][0]["num_pages"] for p in res["pool_json"])
     assert large > 10 * small                       # the two pools really differ
     assert res["hlo"]["programs"] > 0 and res["hlo"]["pool_copies"] == []
+    assert [(r["batch"], r["loop"]) for r in res["overlap_json"]["rows"]] == [(4, "sync"),
+                                                                            (4, "overlap")]
+    assert all(r["period_ms"] > 0 and r["device_ms"] > 0 for r in res["overlap_json"]["rows"])
     targets = {name: met for name, _, met in res["targets"]}
-    assert len(targets) == 7
+    assert len(targets) == 8
     assert targets["decode step memory does not grow with the pool"] is True
     assert "| target | measured | met |" in proc.stdout

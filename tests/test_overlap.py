@@ -225,3 +225,18 @@ def test_real_streams_identical_overlapped_and_synchronous(tiny, num_pages):
         assert a[rid][:3] == b[rid][:3], rid
         assert b[rid][4] == b[rid][1]
         assert a[rid][3] == pytest.approx(b[rid][3], abs=1e-4)
+
+
+def test_switching_the_loop_mid_run_keeps_the_streams(adapter_dir):
+    """The engine's overlap can be turned off and on between steps, with a step in flight (the
+    device check does this to time both loops on one engine): same outputs as throughout."""
+    reqs = _fake_requests(random.Random(5), n=10)
+    ref = _drive(_fake(adapter_dir, "sync-mixed"), reqs)
+    engine = _fake(adapter_dir, "overlap-mixed")
+    step = engine.step
+
+    def switching():
+        engine.overlap = not engine.overlap if engine.runner.num_steps % 3 == 0 else engine.overlap
+        return step()
+    engine.step = switching
+    assert _drive(engine, reqs) == ref
