@@ -50,7 +50,7 @@ import aiohttp
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
-from bench_serving import free_port, pct  # noqa: E402
+from bench_serving import free_port, pct, sse_events  # noqa: E402
 
 PEERS = "/work/peers"
 VLLM_VENV = os.path.join(PEERS, "vllm-venv")
@@ -154,13 +154,7 @@ async def stream_one(sess, url, model, prompt, max_tokens, at, t0) -> dict:
         async with sess.post(url + "/v1/completions", json=body) as r:
             if r.status != 200:
                 return {"status": r.status, "error": (await r.text())[:500]}
-            async for line in r.content:
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                ev = json.loads(data)
+            async for ev in sse_events(r):
                 if "error" in ev:
                     return {"status": 500, "error": str(ev["error"])[:500]}
                 now = time.perf_counter()

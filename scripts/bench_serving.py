@@ -77,6 +77,17 @@ def workload(args, rng: random.Random, adapters: list[str]) -> list[dict]:
     return reqs
 
 
+async def sse_events(response):
+    """The JSON events of an OpenAI-style SSE stream, up to `data: [DONE]`."""
+    async for line in response.content:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def one_request(sess, url, req, base_model, t0):
     await asyncio.sleep(max(0.0, t0 + req["at"] - time.perf_counter()))
     body = {"model": req["model"] or base_model, "prompt": req["prompt"], "stream": True,
@@ -88,13 +99,7 @@ async def one_request(sess, url, req, base_model, t0):
         status = r.status
         if r.status != 200:
             return {"status": r.status, "error": await r.text()}
-        async for line in r.content:
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            ev = json.loads(data)
+        async for ev in sse_events(r):
             if ev.get("choices"):
                 times.append(time.perf_counter())
             elif ev.get("usage"):
