@@ -332,7 +332,8 @@ class LLMEngine:
                 if not hasattr(self.runner, "launch"):
                     now = (plan, self.runner.run(plan))
                 else:
-                    launched = self.runner.launch(plan, prev[1] if prev is not None else None)
+                    launched = self.runner.launch(plan, prev[1] if prev is not None else None,
+                                                  feed=self.overlap)
                     if self.overlap:
                         self._inflight = (plan, launched)
                     else:

@@ -136,6 +136,7 @@ class ModelRunner:
         self._compiled: collections.OrderedDict = collections.OrderedDict()   # see _program
         self.num_programs_dropped = 0
         self.num_steps = 0
+        self._feed_zeros = None   # see _empty_feed
 
     # -- the pool ----------------------------------------------------------------------------
     def init_pool(self, num_pages: int) -> None:
@@ -196,12 +197,14 @@ class ModelRunner:
         """Run one step and wait for it. Returns, per plan sequence, the sampled token and its
         log-probability (None for sequences whose prefill chunk does not reach their last
         token)."""
-        return self.collect(self.launch(plan))
+        return self.collect(self.launch(plan, feed=False))
 
-    def launch(self, plan: StepPlan, prev: Launched | None = None) -> Launched:
+    def launch(self, plan: StepPlan, prev: Launched | None = None, feed: bool = True) -> Launched:
         """Start one step on the device and return without waiting for it. `prev`: the step
         launched before this one, when its tokens are not collected yet (its decodes' next
-        input tokens are taken from it on the device)."""
+        input tokens are taken from it on the device). `feed`: write this step's sampled
+        tokens into the feed buffer for the next step (not needed when this step is collected
+        before the next is planned)."""
         later = []
         if self.lora is not None and plan.adapter_loads:
             now = [x for x in plan.adapter_loads if x[0] in plan.adapter_pages]
@@ -221,7 +224,8 @@ class ModelRunner:
                 tokens_in = _feed_take(built.tokens, prev.feed, src)
             tokens, logprobs = self._launch(built, tokens_in)
             out.calls.append((built, tokens, logprobs))
-            self._feed(out, built, tokens)
+            if feed:
+                self._feed(out, built, tokens)
         if later:
             self.kv = self.lora.write(self.kv, self.lora.stage(later))
         self.num_steps += 1
@@ -234,9 +238,7 @@ class ModelRunner:
         for j, (row, i) in enumerate(zip(built.rows, built.seqs)):
             if built.samples[j]:
                 idx[row] = out.feed_index[out.plan.seqs[i].seq_id] = len(out.feed_index)
-        if out.feed is None:
-            out.feed = self._empty_feed()
-        out.feed = _feed_put(out.feed, idx, tokens)
+        out.feed = _feed_put(self._empty_feed() if out.feed is None else out.feed, idx, tokens)
 
     @property
     def feed_size(self) -> int:
@@ -244,10 +246,13 @@ class ModelRunner:
         return pow2_at_least(self.builder.max_num_seqs)
 
     def _empty_feed(self):
-        zeros = np.zeros((self.feed_size,), np.int32)
-        if self.backend.mesh is None:
-            return jax.device_put(zeros)
-        return jax.device_put(zeros, sharding.replicated(self.backend.mesh))
+        """The feed buffer a step starts from: made on the device once (steps never write it
+        in place; each write is a new array)."""
+        if self._feed_zeros is None:
+            zeros = np.zeros((self.feed_size,), np.int32)
+            self._feed_zeros = jax.device_put(zeros) if self.backend.mesh is None else \
+                jax.device_put(zeros, sharding.replicated(self.backend.mesh))
+        return self._feed_zeros
 
     def collect(self, launched: Launched) -> tuple[list[int | None], list[float | None]]:
         """Wait for a launched step: per plan sequence, its sampled token and log-probability

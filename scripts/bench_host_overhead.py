@@ -85,7 +85,7 @@ class FakeDeviceRunner:
         self.builder, self.device, self.text_ids = builder, device, text_ids
         self.num_steps = 0
 
-    def launch(self, plan, prev=None):
+    def launch(self, plan, prev=None, feed=True):
         feed_index = {}
         for built in self.builder.build(plan):
             for row, seq_id in getattr(built, "from_device", ()):   # as ModelRunner.launch

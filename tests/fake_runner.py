@@ -122,7 +122,7 @@ class OverlapFakeRunner(FakeRunner):
     depend only on the sequences' counts, never on the previous step's tokens) and `collect`
     hands them over, so the engine processes step N after launching N+1."""
 
-    def launch(self, plan: StepPlan, prev=None):
+    def launch(self, plan: StepPlan, prev=None, feed=True):
         return self.run(plan)
 
     def collect(self, launched):
