@@ -382,21 +382,25 @@ class StepBuilder:
 class _DecodeRows:
     """A decode bucket's arrays kept between steps, and what each row holds."""
 
+    # the per-row arrays of a decode BuiltStep (T = 1: the flat [B*T] ones are per row too)
+    ROW_ARRAYS = ("tokens", "positions", "block_tables", "kv_lens", "slot_pages",
+                  "slot_offsets", "logits_index", "temperature", "top_k", "top_p", "seeds",
+                  "counters")
+
     def __init__(self, step: BuiltStep):
-        B = step.tokens.shape[0]
+        B, P = step.block_tables.shape
         self.step = step
+        self.pad = BuiltStep.empty(False, 1, 1, P)   # one padding row, as `empty` makes it
         self.key: list = [None] * B          # (seq_id, preemptions) of each row's sequence
         self.table_len = [0] * B             # block-table entries written for it
         self.logprobs = np.zeros((B,), bool)
         self.active: set[int] = set()
 
     def clear(self, r: int) -> None:
-        """Row r back to padding (as BuiltStep.empty has it)."""
-        s = self.step
+        """Row r back to padding."""
         self.key[r], self.table_len[r], self.logprobs[r] = None, 0, False
-        s.tokens[r], s.positions[r], s.block_tables[r], s.kv_lens[r] = 0, -1, 0, 0
-        s.slot_pages[r], s.slot_offsets[r], s.counters[r] = 0, 0, 0
-        s.temperature[r], s.top_k[r], s.top_p[r], s.seeds[r] = 0, 0, 1, 0
+        for name in self.ROW_ARRAYS:
+            getattr(self.step, name)[r] = getattr(self.pad, name)[0]
 
 
 def _least_inputs(bucket_fn, ns) -> dict[int, int]:
