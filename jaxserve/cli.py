@@ -15,6 +15,8 @@ from jaxserve.lora.cli_args import add_lora_arguments, lora_engine_kwargs, regis
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from jaxserve.engine import DTYPE_CHOICES, EngineConfig as C   # defaults: the config's
     from jaxserve.loader import LOAD_FORMATS
+    from scheduler.cost import DEFAULT_CACHED_TOKEN_WEIGHT
+    from scheduler.scheduler import EVICTION_ORDERS
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=C.model,
                    help="HF checkpoint directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -50,6 +52,19 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="wait for each step's tokens before planning the next (default: the next "
                         "step is planned and launched while the device runs this one)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=C.enable_prefix_caching,
+                   help="reuse the KV pages of prompt prefixes already computed (same tokens, same "
+                        "adapter, same cache_salt); cached pages stay in the pool until it needs "
+                        "them (default: on)")
+    g.add_argument("--cache-eviction-order", default=C.cache_eviction_order,
+                   choices=list(EVICTION_ORDERS),
+                   help="when the pool is full, evict cached prefix pages before idle LoRA "
+                        "adapters (prefix-first) or the reverse (default: %(default)s)")
+    g.add_argument("--cached-token-weight", type=float, default=C.cached_token_weight,
+                   help="VTC schedulers: the charge of a prompt token served from the prefix "
+                        "cache, as a fraction of a computed prompt token's (default: "
+                        f"{DEFAULT_CACHED_TOKEN_WEIGHT}; docs/fairness.md)")
     g.add_argument("--max-model-len", type=int, default=C.max_model_len)
     g.add_argument("--backend", default=C.backend, choices=["auto", "xla", "pallas", "cpu"],
                    help="device backend (jaxserve/backends): pallas = Pallas attention and LoRA "
@@ -96,7 +111,10 @@ def engine_config_from_args(args):
         max_num_seqs=args.max_num_seqs,
         max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len,
         mixed_steps=args.mixed_steps, max_num_batched_tokens=args.max_num_batched_tokens,
-        async_scheduling=args.async_scheduling, backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,
+        async_scheduling=args.async_scheduling,
+        enable_prefix_caching=args.enable_prefix_caching,
+        cache_eviction_order=args.cache_eviction_order,
+        cached_token_weight=args.cached_token_weight, backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,
         fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed,
         **lora_engine_kwargs(args),
         tp=args.tp)

@@ -75,6 +75,12 @@ class EngineConfig:
     # Mixed steps: tokens per step, decodes first; None = max_prefill_tokens + max_num_seqs
     max_num_batched_tokens: int | None = None
     async_scheduling: bool = True     # overlap planning the next step with the running one
+    # Reuse cached prompt prefixes' KV pages (scheduler/scheduler.py, "Prefix caching")
+    enable_prefix_caching: bool = True
+    cache_eviction_order: str = "prefix-first"   # or "adapters-first" (scheduler.EVICTION_ORDERS)
+    # VTC charge of a prompt token served from cache, as a fraction of a computed one's;
+    # None = scheduler.cost.DEFAULT_CACHED_TOKEN_WEIGHT (refused for fcfs/rpm when given)
+    cached_token_weight: float | None = None
     max_model_len: int = 2048
     backend: str = "auto"             # auto | xla | pallas | cpu (jaxserve.backends.select)
     layer_loop: str = "auto"          # auto | scan | per-layer (the backend's choice for auto)
@@ -101,6 +107,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if isinstance(self.fair_weights, dict):
             object.__setattr__(self, "fair_weights", tuple(sorted(self.fair_weights.items())))
+        if self.cached_token_weight is not None and not 0 <= self.cached_token_weight <= 1:
+            raise ValueError(f"cached_token_weight must be in [0, 1], got {self.cached_token_weight}")
         for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp",
                   "max_loras", "max_lora_rank", "max_num_batched_tokens"):
             if getattr(self, f) is not None and getattr(self, f) <= 0:
@@ -191,8 +199,11 @@ class LLMEngine:
                             max_num_seqs=config.max_num_seqs,
                             max_prefill_tokens=config.max_prefill_tokens,
                             max_model_len=self.max_model_len, mixed_steps=config.mixed_steps,
-                            max_num_batched_tokens=config.max_num_batched_tokens),
-            policy=make_policy(config.scheduler, fair_weights=dict(config.fair_weights) or None),
+                            max_num_batched_tokens=config.max_num_batched_tokens,
+                            enable_prefix_caching=config.enable_prefix_caching,
+                            cache_eviction_order=config.cache_eviction_order),
+            policy=make_policy(config.scheduler, fair_weights=dict(config.fair_weights) or None,
+                               cached_token_weight=config.cached_token_weight),
             adapter_pages=self.loras.pages_needed,
             max_adapter_pages=config.lora_max_pages, max_adapters_per_batch=config.max_loras)
         self.output = OutputProcessor(tokenizer)
@@ -310,6 +321,8 @@ class LLMEngine:
             raise AdmissionError(f"adapter {name!r} is in use by {users} unfinished request(s); "
                                  "remove it after they finish or abort them", param="lora_name")
         self.scheduler.adapters.evict(name)
+        # its cached prefixes' K/V were computed with its weights; a new adapter may take the name
+        self.scheduler.forget_cached(name)
         self.loras.remove(name)
         del self._lora_sources[name]
 
@@ -397,6 +410,8 @@ class LLMEngine:
             "num_running": len(running),
             "num_waiting": self.scheduler.num_waiting,
             "num_free_pages": alloc.num_free,
+            "num_cached_pages": alloc.num_cached,
+            "prefix_cache": self.scheduler.prefix_cache_stats(),
             "num_total_pages": alloc.num_usable,
             "kv_usage": alloc.num_used / alloc.num_usable,
             "prompt_tokens_total": self.num_prompt_tokens_total,

@@ -14,6 +14,12 @@ A request's adapter is:
      stays cached (LRU) until its pages are wanted by KV or by another adapter.
 Loads are recorded in `pending_loads` (name, pages); the engine drains them into the step plan
 and the runner copies the weights into those pages before the step that needs them.
+
+Unpinned adapters compete with cached prefix pages (`BlockAllocator`, evictable pages) for the
+pool. `adapters_first=False` (the scheduler's "prefix-first" order): pages are taken from free
+and cached prefix pages before any idle adapter is evicted. `adapters_first=True`: idle adapters
+are evicted before cached prefix pages are touched. docs/architecture.md ("Prefix caching")
+gives the default and the measurement behind it.
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ from scheduler.block_allocator import BlockAllocator
 
 class AdapterCache:
     def __init__(self, allocator: BlockAllocator, pages_needed: Callable[[str], int], *,
-                 max_pages: int | None = None):
+                 max_pages: int | None = None, adapters_first: bool = False):
         self.allocator = allocator
+        self.adapters_first = adapters_first
         self.pages_needed = pages_needed     # adapter name -> pages its weights take
         self.max_pages = max_pages           # cap on pages held by adapters (None: the pool)
         self._pages: OrderedDict[str, list[int]] = OrderedDict()   # resident, LRU first
@@ -58,6 +65,12 @@ class AdapterCache:
         return sum(len(p) for n, p in self._pages.items() if not self._refs.get(n))
 
     # -- residency ---------------------------------------------------------------------------
+    def _room(self, n: int) -> bool:
+        """n pages can be allocated without evicting an adapter -- nor, adapters first, a
+        cached prefix page."""
+        a = self.allocator
+        return n <= (a.num_free_uncached if self.adapters_first else a.num_free)
+
     def _fits_cap(self, n: int) -> bool:
         return self.max_pages is None or self.num_pages_held + n <= self.max_pages
 
@@ -65,10 +78,12 @@ class AdapterCache:
         n = self.pages_needed(name)
         if evict:
             # Only as much eviction as the load needs; pinned adapters are never touched.
-            while not (self.allocator.can_allocate(n) and self._fits_cap(n)):
+            while not (self._room(n) and self._fits_cap(n)):
                 if not self._evict_one():
+                    if self.allocator.can_allocate(n) and self._fits_cap(n):
+                        break      # (adapters first: the rest comes from cached prefixes)
                     return False
-        elif not (self.allocator.can_allocate(n) and self._fits_cap(n)):
+        elif not (n <= self.allocator.num_free_uncached and self._fits_cap(n)):
             return False
         pages = self.allocator.allocate(n)
         self._pages[name] = pages
@@ -120,14 +135,16 @@ class AdapterCache:
             self._refs[name] = refs - 1
 
     def prefetch(self, name: str) -> bool:
-        """Load without pinning, into free pages only (never evicts). True if resident after."""
+        """Load without pinning, into free pages only (never evicts an adapter or a cached
+        prefix). True if resident after."""
         if name in self._pages:
             return True
         return self._load(name, evict=False)
 
     def reclaim(self, num_pages: int) -> None:
-        """Evict unpinned adapters (LRU first) until `num_pages` pages are free, if possible."""
-        while not self.allocator.can_allocate(num_pages) and self._evict_one():
+        """Evict unpinned adapters (LRU first) until `num_pages` pages can be allocated (adapters
+        first: without touching cached prefix pages), if possible."""
+        while not self._room(num_pages) and self._evict_one():
             pass
 
     def drain_loads(self) -> list[tuple[str, list[int]]]:

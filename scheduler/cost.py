@@ -11,6 +11,25 @@ import abc
 from dataclasses import dataclass
 
 
+# Prefix caching: what a prompt token served from cache is charged, as a fraction of its
+# prefill cost. It skips the prefill's compute, but it still holds pool pages for the request's
+# life and every decode step's attention reads it; exactly 0 would give a tenant whose prompts
+# others have cached its prompt service for free. 0.1 is also what providers price cached input
+# at. docs/fairness.md shows how it moves the split between two tenants.
+DEFAULT_CACHED_TOKEN_WEIGHT = 0.1
+
+
+def prefill_charge(cost: "CostFunction", num_prompt_tokens: int, num_cached: int,
+                   cached_token_weight: float) -> float:
+    """The prefill charge of a prompt whose first `num_cached` tokens came from the cache:
+    the cached tokens' marginal prefill cost at `cached_token_weight`."""
+    full = cost.prefill(num_prompt_tokens)
+    if num_cached <= 0 or cached_token_weight == 1:
+        return full
+    cached_part = full - cost.prefill(num_prompt_tokens - num_cached)
+    return full - (1.0 - cached_token_weight) * cached_part
+
+
 class CostFunction(abc.ABC):
     @abc.abstractmethod
     def prefill(self, num_prompt_tokens: int) -> float:

@@ -24,6 +24,7 @@ class ClientState:
     last_active: float = 0.0
     version: int = 0            # matches the client's one live heap entry
     num_input_tokens: int = 0   # prefilled prompt tokens (each prompt once)
+    num_cached_tokens: int = 0  # of those, served from the prefix cache at first admission
     num_output_tokens: int = 0
     charged: float = 0.0        # sum of charges minus refunds, weighted, never rebased
     lifted: float = 0.0         # sum of lift increments, never rebased

@@ -12,9 +12,13 @@ _ALIASES = {"weighted": "wvtc", "weighted-vtc": "wvtc", "vtc-weighted": "wvtc"}
 
 
 def make_policy(name: str, *, fair_weights: dict[str, float] | None = None, w_p: float = 1.0,
-                w_q: float = 2.0, cost: CostFunction | None = None, **kw) -> Policy:
+                w_q: float = 2.0, cost: CostFunction | None = None,
+                cached_token_weight: float | None = None, **kw) -> Policy:
     """Build a policy. `fair_weights` apply to every VTC variant (clients not listed weigh 1).
 
+    `cached_token_weight`: the charge of a prompt token served from the prefix cache, as a
+    fraction of its prefill cost (VTC variants; None = scheduler.cost.DEFAULT_CACHED_TOKEN_WEIGHT;
+    refused for policies without counters).
     Extra keywords: client_ttl_s (VTC variants), alpha and seed (vtc-oracle),
     initial_prediction (vtc-predict), max_requests_per_window and window_s (rpm).
     Raises ValueError for an unknown name or keyword.
@@ -23,22 +27,28 @@ def make_policy(name: str, *, fair_weights: dict[str, float] | None = None, w_p:
     if key not in POLICY_NAMES:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(POLICY_NAMES)}")
     cost = cost or LinearCost(w_p, w_q)
+    if cached_token_weight is not None and key in ("fcfs", "rpm"):
+        raise ValueError(f"scheduler {key!r} keeps no service counters: the cached-token weight "
+                         "applies to the VTC schedulers")
+    if cached_token_weight is not None:
+        kw["cached_token_weight"] = cached_token_weight
     if key == "fcfs":
         _no_extra(key, kw)
         return FCFSPolicy()
     if key == "rpm":
         return RPMPolicy(**_take(key, kw, "max_requests_per_window", "window_s"))
     if key == "lcf":
-        return LCFPolicy(cost=cost, weights=fair_weights, **_take(key, kw, "client_ttl_s"))
+        return LCFPolicy(cost=cost, weights=fair_weights,
+                         **_take(key, kw, "client_ttl_s", "cached_token_weight"))
     predictor = None
     if key == "vtc-oracle":
-        opts = _take(key, kw, "alpha", "seed", "client_ttl_s")
+        opts = _take(key, kw, "alpha", "seed", "client_ttl_s", "cached_token_weight")
         predictor = OraclePredictor(opts.pop("alpha", 0.0), opts.pop("seed", 0))
     elif key == "vtc-predict":
-        opts = _take(key, kw, "initial_prediction", "client_ttl_s")
+        opts = _take(key, kw, "initial_prediction", "client_ttl_s", "cached_token_weight")
         predictor = MovingAveragePredictor(opts.pop("initial_prediction", 0))
     else:
-        opts = _take(key, kw, "client_ttl_s")
+        opts = _take(key, kw, "client_ttl_s", "cached_token_weight")
     if key == "wvtc" and not fair_weights:
         raise ValueError("scheduler 'wvtc' needs fair weights (client=weight,...)")
     policy = VTCPolicy(cost=cost, weights=fair_weights, predictor=predictor, **opts)

@@ -25,6 +25,14 @@ Pages: a request gets pages for its prompt at admission and one more page whenev
 crosses a page boundary. When none is free, the most recently admitted running request is
 preempted (its pages freed, its tokens kept) and re-queued; it is recomputed later.
 
+Prefix caching (`enable_prefix_caching`): the full pages of every request are named by chained
+hashes (scheduler/prefix_cache.py) and registered in the allocator once a step has written
+them; admission reuses the longest cached chain of the request's tokens (never the page that
+holds its last token: that token is computed to give logits) and prefills only the rest, so a
+preempted request also resumes from its own pages if they are still cached. Pages are
+reference-counted; a cached page nobody holds stays in the pool until an allocation needs it
+(BlockAllocator: least recently released first, a request's tail before its head).
+
 LoRA adapters (optional, `adapter_pages=`): adapter weights take pages of the same pool
 (`AdapterCache`). Admission pins the request's adapter (loading it, evicting unpinned adapters
 LRU-first, if needed) before taking its KV pages; KV growth reclaims unpinned adapters before it
@@ -39,7 +47,11 @@ from dataclasses import dataclass, field
 from scheduler.adapter_cache import AdapterCache
 from scheduler.block_allocator import BlockAllocator
 from scheduler.policy import FCFSPolicy, Policy, RequestRejected
+from scheduler.prefix_cache import PrefixCacheStats, extend_hashes
 from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+
+
+EVICTION_ORDERS = ("prefix-first", "adapters-first")
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,11 @@ class SchedulerConfig:
     # prefill chunk. Lower it to shorten steps that carry a prefill (the running streams'
     # inter-token latency) at the cost of slower prefills (time to first token).
     max_num_batched_tokens: int | None = None
+    # Reuse the K/V of cached prompt prefixes (see the module docstring).
+    enable_prefix_caching: bool = False
+    # What an allocation takes first when no page is free: "prefix-first" evicts cached prefix
+    # pages before idle adapters, "adapters-first" the reverse (docs/architecture.md).
+    cache_eviction_order: str = "prefix-first"
 
     def __post_init__(self):
         for name in ("num_pages", "page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len"):
@@ -64,6 +81,9 @@ class SchedulerConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_batched_tokens must be positive, got "
                              f"{self.max_num_batched_tokens}")
+        if self.cache_eviction_order not in EVICTION_ORDERS:
+            raise ValueError(f"cache_eviction_order must be one of {EVICTION_ORDERS}, got "
+                             f"{self.cache_eviction_order!r}")
 
     @property
     def step_token_budget(self) -> int:
@@ -82,6 +102,9 @@ class StepPlan:
     adapter_pages: dict[str, list[int]] = field(default_factory=dict)  # adapters this step uses
     decode: list[bool] | None = None     # per entry: a decode (else a prefill chunk); mixed steps
     sampled: list[bool] | None = None    # per entry: samples a token (set when planned)
+    # per entry: the sequence's preemption count when planned (a sequence preempted and
+    # re-admitted since has other pages, which this step does not write)
+    epochs: list[int] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -126,8 +149,10 @@ class Scheduler:
         self.config = config
         self.policy = policy if policy is not None else FCFSPolicy()  # an empty policy is falsy
         self.allocator = BlockAllocator(config.num_pages)
-        self.adapters = (AdapterCache(self.allocator, adapter_pages, max_pages=max_adapter_pages)
+        self.adapters = (AdapterCache(self.allocator, adapter_pages, max_pages=max_adapter_pages,
+                                      adapters_first=config.cache_eviction_order == "adapters-first")
                          if adapter_pages is not None else None)
+        self.prefix_stats = PrefixCacheStats()
         self.max_adapters_per_batch = max_adapters_per_batch
         self.num_prefetch = num_prefetch
         self.running: list[Sequence] = []          # in admission order (preempt from the back)
@@ -184,8 +209,7 @@ class Scheduler:
         self._release(seq, reason, notify_policy=True)
 
     def _release(self, seq: Sequence, reason: FinishReason, notify_policy: bool) -> None:
-        self.allocator.free(seq.block_table)
-        seq.block_table = []
+        self._free_pages(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         del self._seqs[seq.seq_id]
@@ -290,19 +314,27 @@ class Scheduler:
                 # (a preempted sequence whose last token is still being sampled resumes once
                 # the host knows it: at most one step later)
                 break
-            needed = self.pages_for(seq.num_tokens)
-            if not self._pin_adapter(seq, needed):
+            # cached pages are taken (referenced) first, so nothing below evicts them
+            hit = self._take_cached_prefix(seq)
+            needed = self.pages_for(seq.num_tokens) - len(hit)
+            # (_pin_adapter checks the KV pages fit with the adapter, and unpins on failure)
+            if not (self._pin_adapter(seq, needed) and self._can_take(needed)):
+                self.allocator.free(hit[::-1])
                 break
-            if not self._can_take(needed):
-                break
+            num_hit = len(hit) * cfg.page_size
+            if cfg.enable_prefix_caching:
+                self.prefix_stats.record(seq.adapter, seq.num_tokens, num_hit)
+            if not seq.is_prefill_charged:
+                seq.num_cached_tokens = min(num_hit, seq.num_prompt_tokens)
             self.policy.pop(seq, now)
-            seq.block_table = self.allocator.allocate(needed)
+            seq.block_table = hit + self.allocator.allocate(needed)
+            seq.num_registered_pages = len(hit)
             seq.status = SequenceStatus.RUNNING
-            seq.num_computed_tokens = 0
+            seq.num_computed_tokens = num_hit
             if seq.admit_time is None:
                 seq.admit_time = now
             self.running.append(seq)
-            n = min(seq.num_tokens, budget)
+            n = min(seq.num_tokens - num_hit, budget)
             self._add_to_plan(plan, seq, n, decode=False)
             budget -= n
 
@@ -344,15 +376,54 @@ class Scheduler:
         plan.start_positions.append(start)
         plan.decode.append(decode)
         plan.sampled.append(samples)
+        plan.epochs.append(seq.num_preemptions)
         seq.num_computed_tokens += n
         if samples:
             seq.num_pending_tokens += 1
 
+    # -- prefix caching ----------------------------------------------------------------------
+    def _take_cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached pages of seq's longest cached prefix, referenced for it; at most up to the
+        page before the one holding its last token (which must be computed)."""
+        if not self.config.enable_prefix_caching:
+            return []
+        limit = (seq.num_tokens - 1) // self.config.page_size
+        hit = self.allocator.lookup(extend_hashes(seq, self.config.page_size, limit)[:limit])
+        self.allocator.acquire(hit)
+        return hit
+
+    def _register_pages(self, seq: Sequence, written: int) -> None:
+        """Register seq's full pages whose K/V the device has written (positions < `written`,
+        by the step being recorded; later planned steps may not have run) and whose tokens the
+        host knows, so later requests can reuse them."""
+        S = self.config.page_size
+        n = min(written, seq.num_tokens) // S
+        if n <= seq.num_registered_pages:
+            return
+        hashes = extend_hashes(seq, S, n)
+        for i in range(seq.num_registered_pages, n):
+            self.allocator.register(seq.block_table[i], hashes[i], seq.adapter)
+        seq.num_registered_pages = n
+
+    def _free_pages(self, seq: Sequence) -> None:
+        # tail first: with equal recency a chain's leaves are evicted before its head
+        self.allocator.free(seq.block_table[::-1])
+        seq.block_table = []
+        seq.num_registered_pages = 0
+
+    def forget_cached(self, adapter: str | None = None, *, everything: bool = False) -> int:
+        """Drop the cached prefixes computed under `adapter` (it is being removed; a new adapter
+        of that name has other weights), or every cached prefix. Pages in use stay with
+        their requests. Returns the pages forgotten."""
+        return self.allocator.uncache(adapter, everything=everything)
+
+    def prefix_cache_stats(self) -> dict:
+        return self.prefix_stats.as_dict()
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._unpin_adapter(seq)
-        self.allocator.free(seq.block_table)
-        seq.block_table = []
+        self._free_pages(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -365,7 +436,11 @@ class Scheduler:
         still running, and those preempted after this step was planned (their token stands;
         they recompute from it). A finished or aborted sequence's token is dropped."""
         produced = []
+        caching = self.config.enable_prefix_caching
         for i, seq in enumerate(plan.seqs):
+            if (caching and seq.status is SequenceStatus.RUNNING and i < len(plan.epochs)
+                    and plan.epochs[i] == seq.num_preemptions):
+                self._register_pages(seq, plan.start_positions[i] + plan.num_new_tokens[i])
             if not plan.samples(i):
                 continue
             seq.num_pending_tokens -= 1

@@ -35,6 +35,7 @@ class Sequence:
     max_tokens: int
     client_id: str = "anonymous"
     adapter: str | None = None           # LoRA adapter name; None = base model
+    cache_salt: str | None = None        # prefix caching: only requests with the same salt share
     arrival_time: float = 0.0
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     output_token_ids: list[int] = field(default_factory=list)
@@ -48,6 +49,12 @@ class Sequence:
     # step N+1 while step N runs: N's token is the input of N+1's decode, taken on the device)
     num_pending_tokens: int = 0
     num_preemptions: int = 0
+    # prefix caching: prompt tokens served from cache at first admission (what fairness charges
+    # at the cached-token weight), the chained hash of each full page of token_ids known so far,
+    # and how many leading pages of block_table are registered in (or taken from) the cache
+    num_cached_tokens: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_pages: int = 0
     is_prefill_charged: bool = False     # fairness: prefill is charged once, even if recomputed
     admit_time: float | None = None
     first_token_time: float | None = None

@@ -16,7 +16,7 @@ long-running server keeps small floats and bounded state.
 """
 from __future__ import annotations
 
-from scheduler.cost import CostFunction, LinearCost
+from scheduler.cost import DEFAULT_CACHED_TOKEN_WEIGHT, CostFunction, LinearCost, prefill_charge
 from scheduler.counter_heap import ClientState, CounterHeap
 from scheduler.policy import Policy
 from scheduler.predict import LengthPredictor
@@ -30,8 +30,12 @@ class VTCPolicy(Policy):
 
     def __init__(self, cost: CostFunction | None = None, weights: dict[str, float] | None = None,
                  predictor: LengthPredictor | None = None, is_lift: bool = True,
-                 client_ttl_s: float = 300.0, maintenance_interval_s: float = 10.0):
+                 client_ttl_s: float = 300.0, maintenance_interval_s: float = 10.0,
+                 cached_token_weight: float = DEFAULT_CACHED_TOKEN_WEIGHT):
         self.cost = cost or LinearCost()
+        if not 0 <= cached_token_weight <= 1:
+            raise ValueError(f"cached_token_weight must be in [0, 1], got {cached_token_weight}")
+        self.cached_token_weight = cached_token_weight
         self.weights = dict(weights or {})
         for cid, w in self.weights.items():
             if not w > 0:
@@ -91,8 +95,11 @@ class VTCPolicy(Policy):
         if not seq.is_prefill_charged:
             seq.is_prefill_charged = True
             n_p = seq.num_prompt_tokens
-            amount = self.cost.prefill(n_p)
+            # prompt tokens served from the prefix cache at the cached-token weight
+            amount = prefill_charge(self.cost, n_p, seq.num_cached_tokens,
+                                    self.cached_token_weight)
             st.num_input_tokens += n_p
+            st.num_cached_tokens += seq.num_cached_tokens
             if self.predictor is not None:
                 pred = max(0, int(self.predictor.predict(seq)))
                 seq.extra[_PRED_KEY] = pred
@@ -206,6 +213,7 @@ class VTCPolicy(Policy):
         return {"policy": self.name, "rebase_offset": self.rebase_offset, "clients": {
             cid: {"counter": st.counter, "weight": st.weight, "num_waiting": len(st.queue),
                   "num_running": st.num_running, "input_tokens": st.num_input_tokens,
+                  "cached_tokens": st.num_cached_tokens,
                   "output_tokens": st.num_output_tokens, "charged": st.charged,
                   "service": st.charged * st.weight}
             for cid, st in self.clients.items()}}
