@@ -5,7 +5,9 @@
 - backlogged service difference: per window, max - min service among the clients that had
   a request waiting for at least `backlog_frac` of the window (only they are owed equal
   service), averaged over windows with two or more such clients;
-- first-token latency per client (arrival to first output token), throughput.
+- first-token latency per client (arrival to first output token), throughput;
+- prefix caching: per client and in total, prompt tokens of admitted requests, how many were
+  served from cache (the hit rate) and the prefill tokens computed (recomputes included).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ def summarize(res: SimResult, window_s: float = 60.0,
     num_output = 0
     for c in res.clients:
         seqs = by_client[c]
+        prompt, cached = res.prompt_tokens_admitted(c)
         lat = sorted(s.first_token_time - s.arrival_time for s in seqs
                      if s.first_token_time is not None)
         num_output += sum(s.num_output_tokens for s in seqs)
@@ -66,6 +69,11 @@ def summarize(res: SimResult, window_s: float = 60.0,
             "num_rejected": res.rejected.get(c, 0),
             "num_started": len(lat),
             "num_finished": sum(1 for s in seqs if s.seq_id in res.finish_time),
+            "output_tokens": sum(s.num_output_tokens for s in seqs),
+            "prompt_tokens": prompt,
+            "cached_prompt_tokens": cached,
+            "hit_rate": round(cached / prompt, 4) if prompt else 0.0,
+            "prefill_tokens_computed": res.prefill_tokens.get(c, 0),
             "first_token_latency_s": {
                 "mean": round(statistics.fmean(lat), 4) if lat else None,
                 "p50": round(lat[len(lat) // 2], 4) if lat else None,
@@ -74,6 +82,7 @@ def summarize(res: SimResult, window_s: float = 60.0,
     acc = accumulated_difference(res, weights)
     blg = [d for d in backlogged_differences(res, window_s, weights=weights) if d is not None]
     end = res.end_s or res.config.duration_s
+    prompt, cached = res.prompt_tokens_admitted()
     return {
         "window_s": window_s,
         "clients": clients,
@@ -86,5 +95,11 @@ def summarize(res: SimResult, window_s: float = 60.0,
                        "service_per_s": round(sum(sum(v) for v in res.service.values()) / end, 3),
                        "busy_fraction": round(res.busy_s / end, 4), "num_steps": res.num_steps},
         "simulated_s": round(end, 3),
+        "prefix_cache": {"enabled": res.config.enable_prefix_caching,
+                         "cached_token_weight": res.config.cached_token_weight,
+                         "prompt_tokens": prompt, "cached_prompt_tokens": cached,
+                         "hit_rate": round(cached / prompt, 4) if prompt else 0.0,
+                         "prefill_tokens_computed": sum(res.prefill_tokens.values()),
+                         "scheduler": res.prefix_cache},
         "policy_stats": res.policy_stats,
     }

@@ -11,11 +11,17 @@ import argparse
 import json
 import sys
 
+from scheduler.cost import DEFAULT_CACHED_TOKEN_WEIGHT
 from scheduler.cost_model import CostModel
 from scheduler.factory import POLICY_NAMES, make_policy
 from scheduler.sim_metrics import summarize
 from scheduler.simulator import SimConfig, simulate
 from scheduler.workload import WorkloadError, generate, load_trace, load_workload
+
+
+# policies that charge cached prompt tokens at a weight (those with service counters)
+CACHED_WEIGHT_POLICIES = ("vtc", "wvtc", "weighted", "weighted-vtc", "vtc-weighted", "vtc-oracle",
+                          "vtc-predict", "lcf")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=4096)
     g.add_argument("--no-reserve", action="store_true", help="allocate pages as tokens arrive and "
                    "preempt when out (default: reserve prompt + max output at admission)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+                   help="reuse cached prompt prefixes (workload clients' shared_prefix; default: "
+                   "off, unlike the engine: the workloads without shared prefixes run as before)")
+    g.add_argument("--cached-token-weight", type=float, default=DEFAULT_CACHED_TOKEN_WEIGHT,
+                   help="a prompt token served from cache costs this fraction of w_p, in VTC's "
+                   "charge and in the measured service (default %(default)s)")
 
 
 def parse_weights(text: str | None) -> dict[str, float] | None:
@@ -99,11 +111,15 @@ def _run(args) -> int:
     config = SimConfig(duration_s=duration, kv_capacity_tokens=args.kv_capacity,
                        page_size=args.page_size, max_num_seqs=args.max_num_seqs,
                        max_prefill_tokens=args.max_prefill_tokens,
-                       is_reserve_output=not args.no_reserve, w_p=args.w_p, w_q=args.w_q)
+                       is_reserve_output=not args.no_reserve, w_p=args.w_p, w_q=args.w_q,
+                       enable_prefix_caching=args.enable_prefix_caching,
+                       cached_token_weight=args.cached_token_weight)
     runs, summaries = {}, {}
     for name in names:
         fair = weights or (spec_weights if name.lower() in ("wvtc", "weighted") else None)
         kw = {"max_requests_per_window": args.rpm_limit} if args.rpm_limit and name == "rpm" else {}
+        if name.lower() in CACHED_WEIGHT_POLICIES:
+            kw["cached_token_weight"] = args.cached_token_weight
         policy = make_policy(name, fair_weights=fair, w_p=args.w_p, w_q=args.w_q, **kw)
         runs[name] = simulate(requests, policy, config, cost_model)
         summaries[name] = summarize(runs[name], args.window_s, fair)
@@ -125,12 +141,21 @@ def _print_summary(name: str, s: dict) -> None:
     print(f"== {name}: throughput {s['throughput']['output_tokens_per_s']:.1f} output tok/s, "
           f"accumulated service difference final {acc['final']:.0f} (max {acc['max']:.0f}), "
           f"backlogged difference per window {s['backlogged_service_difference_mean']}")
+    pc = s["prefix_cache"]
+    if pc["enabled"]:
+        print(f"  prefix cache: hit rate {pc['hit_rate']:.3f} ({pc['cached_prompt_tokens']} of "
+              f"{pc['prompt_tokens']} prompt tokens), {pc['prefill_tokens_computed']} prefill "
+              f"tokens computed, cached-token weight {pc['cached_token_weight']}")
     print(f"  {'client':<12}{'service':>12}{'requests':>10}{'rejected':>10}{'started':>9}"
-          f"{'ttft mean s':>13}")
+          f"{'finished':>10}{'ttft mean s':>13}{'prompt':>10}{'cached':>10}{'prefilled':>11}"
+          f"{'output':>10}")
     for c, v in s["clients"].items():
         m = v["first_token_latency_s"]["mean"]
         print(f"  {c:<12}{v['service_total']:>12.0f}{v['num_requests']:>10}{v['num_rejected']:>10}"
-              f"{v['num_started']:>9}{(f'{m:.2f}' if m is not None else '-'):>13}")
+              f"{v['num_started']:>9}{v['num_finished']:>10}"
+              f"{(f'{m:.2f}' if m is not None else '-'):>13}{v['prompt_tokens']:>10}"
+              f"{v['cached_prompt_tokens']:>10}{v['prefill_tokens_computed']:>11}"
+              f"{v['output_tokens']:>10}")
 
 
 def main(argv: list[str] | None = None) -> int:

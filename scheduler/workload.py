@@ -9,6 +9,16 @@ Per client: `arrival` is uniform (evenly spaced), poisson, on-off (`on_s`, `off_
 (uniform|poisson) spaces the requests of on-off, ramp and phases. `phases` instead of `rate`:
 [{"duration_s": 300, "rate": 1.0}, ...] piecewise-constant rates. `input_len`/`output_len`:
 an int, or [lo, hi] drawn uniformly. `start_s`: first possible arrival (default 0).
+
+Shared prefixes (for prefix caching): `"shared_prefix": 512` makes the first 512 tokens of
+every prompt of the client the same (a system prompt); `input_len` is still the whole prompt,
+so it must exceed the prefix (each request keeps at least one token of its own). Several
+clients share one prefix by naming the same `"prefix_group": "g"` (all with the same
+`shared_prefix`); without a group the prefix is the client's own. The simulator makes the rest
+of every prompt unique, so only the prefix can hit the cache.
+
+Trace CSV: client,arrival_s,prompt_tokens,output_tokens and optionally prefix_id,prefix_tokens
+(an empty prefix_id: no shared prefix; rows with the same prefix_id share the prefix's tokens).
 """
 from __future__ import annotations
 
@@ -24,8 +34,10 @@ ARRIVALS = ("uniform", "poisson", "on-off", "ramp")
 class Request:
     client: str
     arrival_s: float
-    prompt_tokens: int
+    prompt_tokens: int                 # the whole prompt, prefix included
     output_tokens: int
+    prefix_id: str | None = None       # requests with the same id share their first tokens
+    prefix_tokens: int = 0             # how many (< prompt_tokens); 0 without a prefix_id
 
 
 class WorkloadError(ValueError):
@@ -49,6 +61,7 @@ def validate(spec: dict, where: str = "workload") -> None:
     if not isinstance(spec, dict) or not isinstance(spec.get("clients"), list) or not spec["clients"]:
         raise WorkloadError(f"{where}: needs a non-empty list 'clients'")
     seen = set()
+    groups: dict[str, tuple[str, int]] = {}  # prefix_group -> (first client, its shared_prefix)
     for i, c in enumerate(spec["clients"]):
         if not isinstance(c, dict) or "id" not in c:
             raise WorkloadError(f"{where}: client #{i} needs an 'id'")
@@ -72,6 +85,41 @@ def validate(spec: dict, where: str = "workload") -> None:
                                     f"or [lo, hi], got {v!r}")
         if float(c.get("weight", 1.0)) <= 0:
             raise WorkloadError(f"{where}: client {c['id']!r}: weight must be positive")
+        _validate_prefix(c, where, groups)
+
+
+def _validate_prefix(c: dict, where: str, groups: dict[str, tuple[str, int]]) -> None:
+    name = f"{where}: client {c['id']!r}"
+    if "shared_prefix" not in c:
+        if "prefix_group" in c:
+            raise WorkloadError(f"{name}: prefix_group needs shared_prefix (the prefix's length "
+                                "in tokens)")
+        return
+    n = c["shared_prefix"]
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise WorkloadError(f"{name}: shared_prefix must be a positive int (tokens), got {n!r}")
+    shortest = c["input_len"] if isinstance(c["input_len"], int) else c["input_len"][0]
+    if n >= shortest:
+        raise WorkloadError(f"{name}: shared_prefix ({n}) must be shorter than every prompt "
+                            f"(input_len includes the prefix; shortest {shortest})")
+    group = c.get("prefix_group")
+    if group is None:
+        return
+    if not isinstance(group, str) or not group:
+        raise WorkloadError(f"{name}: prefix_group must be a non-empty string, got {group!r}")
+    first = groups.setdefault(group, (c["id"], n))
+    if first[1] != n:
+        raise WorkloadError(f"{name}: prefix_group {group!r} has shared_prefix {first[1]} "
+                            f"(client {first[0]!r}), not {n}: one group, one prefix")
+
+
+def prefix_of(c: dict) -> tuple[str | None, int]:
+    """A client spec's (prefix_id, prefix_tokens): a group's id is shared by its clients,
+    otherwise the prefix is the client's own (the two kinds of id never collide)."""
+    if "shared_prefix" not in c:
+        return None, 0
+    group = c.get("prefix_group")
+    return (f"group:{group}" if group is not None else f"client:{c['id']}"), c["shared_prefix"]
 
 
 def _need_numbers(c: dict, keys, where) -> None:
@@ -87,9 +135,10 @@ def generate(spec: dict, duration_s: float | None = None, seed: int = 0) -> list
     out = []
     for i, c in enumerate(spec["clients"]):
         rng = random.Random(seed * 1_000_003 + i)
+        prefix_id, prefix_tokens = prefix_of(c)
         for t in _arrival_times(c, duration, rng):
             out.append((t, i, Request(c["id"], t, _length(c["input_len"], rng),
-                                      _length(c["output_len"], rng))))
+                                      _length(c["output_len"], rng), prefix_id, prefix_tokens)))
     out.sort(key=lambda x: (x[0], x[1]))
     return [r for _, _, r in out]
 
@@ -146,7 +195,8 @@ def _arrival_times(c: dict, duration: float, rng: random.Random) -> list[float]:
 
 
 def load_trace(path: str) -> list[Request]:
-    """A CSV with columns client,arrival_s,prompt_tokens,output_tokens, sorted by arrival."""
+    """A CSV with columns client,arrival_s,prompt_tokens,output_tokens (and optionally
+    prefix_id,prefix_tokens), sorted by arrival."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -158,9 +208,15 @@ def load_trace(path: str) -> list[Request]:
     out = []
     for n, row in enumerate(rows, start=2):
         try:
-            out.append(Request(row["client"], float(row["arrival_s"]), int(row["prompt_tokens"]),
-                               int(row["output_tokens"])))
-        except (TypeError, ValueError):
+            prefix_id = row.get("prefix_id") or None
+            prefix_tokens = int(row["prefix_tokens"]) if prefix_id is not None else 0
+            r = Request(row["client"], float(row["arrival_s"]), int(row["prompt_tokens"]),
+                        int(row["output_tokens"]), prefix_id, prefix_tokens)
+        except (TypeError, ValueError, KeyError):
             raise WorkloadError(f"trace {path}, line {n}: malformed row {row}") from None
+        if prefix_id is not None and not 0 < r.prefix_tokens < r.prompt_tokens:
+            raise WorkloadError(f"trace {path}, line {n}: prefix_tokens must be in "
+                                f"[1, prompt_tokens) when prefix_id is set, got {r.prefix_tokens}")
+        out.append(r)
     out.sort(key=lambda r: r.arrival_s)
     return out
