@@ -59,8 +59,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "them (default: on)")
     g.add_argument("--cache-eviction-order", default=C.cache_eviction_order,
                    choices=list(EVICTION_ORDERS),
-                   help="when the pool is full, evict cached prefix pages before idle LoRA "
-                        "adapters (prefix-first) or the reverse (default: %(default)s)")
+                   help="when the pool is full, evict idle LoRA adapters before cached prefix "
+                        "pages (adapters-first: reloading an adapter page is a copy, a prefix "
+                        "page is prefill to recompute) or the reverse (default: %(default)s)")
     g.add_argument("--cached-token-weight", type=float, default=C.cached_token_weight,
                    help="VTC schedulers: the charge of a prompt token served from the prefix "
                         "cache, as a fraction of a computed prompt token's (default: "

@@ -77,7 +77,7 @@ class EngineConfig:
     async_scheduling: bool = True     # overlap planning the next step with the running one
     # Reuse cached prompt prefixes' KV pages (scheduler/scheduler.py, "Prefix caching")
     enable_prefix_caching: bool = True
-    cache_eviction_order: str = "prefix-first"   # or "adapters-first" (scheduler.EVICTION_ORDERS)
+    cache_eviction_order: str = "adapters-first"   # or "prefix-first" (scheduler.EVICTION_ORDERS)
     # VTC charge of a prompt token served from cache, as a fraction of a computed one's;
     # None = scheduler.cost.DEFAULT_CACHED_TOKEN_WEIGHT (refused for fcfs/rpm when given)
     cached_token_weight: float | None = None
@@ -275,13 +275,15 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams, *,
-                    client_id: str = "anonymous", adapter: str | None = None) -> None:
+                    client_id: str = "anonymous", adapter: str | None = None,
+                    cache_salt: str | None = None) -> None:
         """Admit a request (token ids; text is encoded here, for offline use); raises
-        AdmissionError (a ValueError) when it is refused."""
+        AdmissionError (a ValueError) when it is refused. Requests share cached prefix pages
+        only with requests of the same `cache_salt`."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         seq = admit(self.scheduler, ids, params, request_id=request_id, running=self.output,
                     seq_id=next(self._ids), client_id=client_id, adapter=adapter,
-                    adapters=self.loras, vocab_size=self.model_config.vocab_size,
+                    cache_salt=cache_salt, adapters=self.loras, vocab_size=self.model_config.vocab_size,
                     max_model_len=self.max_model_len, rng=self._rng, now=time.monotonic())
         self.output.add(request_id, seq, params)
         self.num_prompt_tokens_total += seq.num_prompt_tokens

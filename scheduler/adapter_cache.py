@@ -16,9 +16,9 @@ Loads are recorded in `pending_loads` (name, pages); the engine drains them into
 and the runner copies the weights into those pages before the step that needs them.
 
 Unpinned adapters compete with cached prefix pages (`BlockAllocator`, evictable pages) for the
-pool. `adapters_first=False` (the scheduler's "prefix-first" order): pages are taken from free
-and cached prefix pages before any idle adapter is evicted. `adapters_first=True`: idle adapters
-are evicted before cached prefix pages are touched. docs/architecture.md ("Prefix caching")
+pool. `adapters_first=True` (the scheduler's default order): idle adapters are evicted before
+cached prefix pages are touched. `adapters_first=False` ("prefix-first"): pages are taken from
+free and cached prefix pages before any idle adapter is evicted. docs/architecture.md ("Prefix caching")
 gives the default and the measurement behind it.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ class AdapterCache:
                     if self.allocator.can_allocate(n) and self._fits_cap(n):
                         break      # (adapters first: the rest comes from cached prefixes)
                     return False
-        elif not (n <= self.allocator.num_free_uncached and self._fits_cap(n)):
+        elif not (self._room(n) and self._fits_cap(n)):
             return False
         pages = self.allocator.allocate(n)
         self._pages[name] = pages
@@ -135,7 +135,7 @@ class AdapterCache:
             self._refs[name] = refs - 1
 
     def prefetch(self, name: str) -> bool:
-        """Load without pinning, into free pages only (never evicts an adapter or a cached
+        """Load without pinning, never evicting an adapter (nor, adapters first, a cached
         prefix). True if resident after."""
         if name in self._pages:
             return True

@@ -70,9 +70,11 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None
     # Reuse the K/V of cached prompt prefixes (see the module docstring).
     enable_prefix_caching: bool = False
-    # What an allocation takes first when no page is free: "prefix-first" evicts cached prefix
-    # pages before idle adapters, "adapters-first" the reverse (docs/architecture.md).
-    cache_eviction_order: str = "prefix-first"
+    # What an allocation takes first when no page is free: "adapters-first" evicts idle
+    # adapters before cached prefix pages, "prefix-first" the reverse. Per page, reloading an
+    # adapter is a copy while a prefix page is page_size tokens of prefill to recompute
+    # (docs/architecture.md, "Prefix caching", has the measurement).
+    cache_eviction_order: str = "adapters-first"
 
     def __post_init__(self):
         for name in ("num_pages", "page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len"):
