@@ -9,7 +9,7 @@ from tp_procs import result, start_all, stop_all
 pytestmark = pytest.mark.slow   # 8-device subprocesses, one on the real default model
 
 CHECKS = [("lora", "--heads", "9", "3", "--tp", "2", "4", "8"),   # padded heads
-          ("lora", "--heads", "8", "2", "--tp", "8"),             # KV heads replicated 4x
+          ("lora", "--heads", "8", "2", "--tp", "8", "--cached-rerun"),   # KV heads replicated 4x
           ("lora", "--model", "default", "--tp", "8", "--max-tokens", "4"),
           ("lora-hlo", "--heads", "9", "3", "--tp", "2", "8")]
 
@@ -32,6 +32,17 @@ def test_tiny_mixed_adapters_match_tp1(i, tps):
     res = result(*CHECKS[i])
     _assert_adapters_matter(res)
     assert_matches_tp1(res, tps)
+
+
+def test_prefix_cache_under_tp_matches_recompute_and_tp1():
+    """tp=8 with prefixes served from the sharded pool's cached pages: the rerun's greedy tokens
+    equal the first (recomputed) run's and tp=1's, for the base model and every adapter."""
+    res = result(*CHECKS[1])
+    for key in ("cached_tp1", "cached_tp8"):
+        c = res[key]
+        assert c["hits"] >= 3 * 8 * len(c["first"]) - 8, c["hits"]    # 3 pages of 8 per prompt
+        assert c["second"] == c["first"], key
+    assert res["cached_tp8"]["second"] == res["cached_tp1"]["second"]
 
 
 def test_default_model_mixed_adapters_match_tp1():

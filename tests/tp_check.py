@@ -9,6 +9,7 @@ so tests/test_tp_*.py run this file as a subprocess and read one JSON object fro
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -222,6 +223,30 @@ def lora_first_logits(eng, ps, adapters):
     return logits
 
 
+def lora_pass(eng, ps, adapters, max_tokens: int, what: str):
+    """Greedy continuations of prompts `ps` under `adapters`, all in one batch: (token ids,
+    log-probs) per prompt."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                            logprobs=True)
+    ids = [f"p{next(_PASS_IDS)}" for _ in ps]
+    for rid, p, a in zip(ids, ps, adapters):
+        eng.add_request(rid, p, params, adapter=a)
+    final, lps = {}, {rid: [] for rid in ids}
+    for _ in range(max_steps(len(ids), max_tokens)):
+        if len(final) == len(ids):
+            break
+        for o in eng.step():
+            lps[o.request_id] += o.new_logprobs or []
+            if o.finished:
+                final[o.request_id] = o
+    else:
+        raise RuntimeError(f"{what}: unfinished after {max_steps(len(ids), max_tokens)} steps")
+    return [final[r].token_ids for r in ids], [lps[r] for r in ids]
+
+
+_PASS_IDS = itertools.count()
+
+
 def lora_check(args):
     import tempfile
     result = {"devices": jax.device_count()}
@@ -240,31 +265,28 @@ def lora_check(args):
         for tp in [1, *args.tp]:
             eng = make(tp)
             logits = lora_first_logits(eng, ps, adapters)
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True,
-                                    logprobs=True)
-            ids = [f"r{i}" for i in range(len(ps))]
-            for rid, p, a in zip(ids, ps, adapters):   # all adapters in one batch
-                eng.add_request(rid, p, params, adapter=a)
-            final, lps = {}, {rid: [] for rid in ids}
-            for _ in range(max_steps(len(ids), args.max_tokens)):
-                if len(final) == len(ids):
-                    break
-                for o in eng.step():
-                    lps[o.request_id] += o.new_logprobs or []
-                    if o.finished:
-                        final[o.request_id] = o
-            else:
-                raise RuntimeError(f"tp={tp}: unfinished after "
-                                   f"{max_steps(len(ids), args.max_tokens)} steps")
-            runs[tp] = dict(tokens=[final[r].token_ids for r in ids], lps=[lps[r] for r in ids],
-                            logits=logits)
+            tokens, lps = lora_pass(eng, ps, adapters, args.max_tokens, f"tp={tp}")
+            runs[tp] = dict(tokens=tokens, lps=lps, logits=logits)
+            if args.cached_rerun:
+                # prompts of three pages and more, run twice: the second run's prefixes come
+                # from the (sharded) pool pages the first one cached
+                long_ps = [(p * 8)[:3 * eng.config.page_size + 1] for p in ps]
+                first, _ = lora_pass(eng, long_ps, adapters, args.max_tokens, f"tp={tp}")
+                hits = eng.stats()["prefix_cache"]["hits"]
+                second, _ = lora_pass(eng, long_ps, adapters, args.max_tokens, f"tp={tp}")
+                runs[tp]["cached"] = dict(first=first, second=second,
+                                          hits=eng.stats()["prefix_cache"]["hits"] - hits)
         ref = runs[1]
         result["tp1"] = {"tokens": ref["tokens"]}
         # adapters must matter, or equality with tp=1 would prove nothing
         result["adapters_change_tokens"] = len({tuple(t) for t in ref["tokens"]}) == len(ps)
         result["adapter_logit_effect"] = float(np.abs(ref["logits"][1:] - ref["logits"][0]).max())
+        if args.cached_rerun:
+            result["cached_tp1"] = ref["cached"]
         for tp in args.tp:
             r = runs[tp]
+            if args.cached_rerun:
+                result[f"cached_tp{tp}"] = r["cached"]
             result[f"tp{tp}"] = {
                 "tokens": r["tokens"],
                 "max_logit_diff": float(np.abs(r["logits"] - ref["logits"]).max()),
@@ -309,6 +331,8 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--max-tokens", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--cached-rerun", action="store_true",
+                    help="lora: also run 3-page prompts twice (the second from the prefix cache)")
     ap.add_argument("--backend", default="xla", help="the sharded runs' backend (tp=1: xla)")
     args = ap.parse_args(argv)
     if args.check in ("lora", "lora-hlo"):
