@@ -47,10 +47,12 @@ def check_prompt(prompt_ids, vocab_size: int) -> list[int]:
 
 def admit(scheduler: Scheduler, prompt_ids, params, *, request_id: str, running: Container[str],
           seq_id: int, client_id: str, adapter: str | None, adapters: Container[str],
-          vocab_size: int, max_model_len: int, rng: random.Random, now: float) -> Sequence:
+          vocab_size: int, max_model_len: int, rng: random.Random, now: float,
+          cache_salt: str | None = None) -> Sequence:
     """Check a request, and add it to the scheduler as a new Sequence; or AdmissionError.
     `running`: the request ids in flight; `params.max_tokens=None` means the rest of the
-    context."""
+    context; `cache_salt`: None or a non-empty string (prefix caching shares pages only
+    between requests with the same salt)."""
     if request_id in running:
         raise AdmissionError(f"request id {request_id!r} is already running")
     ids = check_prompt(prompt_ids, vocab_size)
@@ -58,12 +60,16 @@ def admit(scheduler: Scheduler, prompt_ids, params, *, request_id: str, running:
         raise AdmissionError(f"unknown adapter {adapter!r}: the model does not exist (GET "
                              "/v1/models lists the base model and the loaded adapters)",
                              kind=UNKNOWN, param="model", code="model_not_found")
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise AdmissionError("'cache_salt' must be a non-empty string if provided",
+                             param="cache_salt")
     max_tokens = params.max_tokens
     if max_tokens is None:  # at least 1, so that a prompt filling the context is refused
         max_tokens = max(1, max_model_len - len(ids))
     seed = params.seed if params.seed is not None else rng.getrandbits(32)
     seq = Sequence(seq_id=seq_id, prompt_token_ids=ids, max_tokens=max_tokens,
-                   client_id=client_id, adapter=adapter, arrival_time=now,
+                   client_id=client_id, adapter=adapter, cache_salt=cache_salt,
+                   arrival_time=now,
                    sampling=SamplingOptions(temperature=params.temperature, top_k=params.top_k,
                                             top_p=params.top_p, seed=seed & 0xFFFFFFFF,
                                             logprobs=params.logprobs))

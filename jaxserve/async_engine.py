@@ -58,7 +58,8 @@ class EngineLike(Protocol):
     tokenizer: Tokenizer        # copied for the handlers (the engine thread keeps its own)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
-                    client_id: str = ..., adapter: str | None = ...) -> None: ...
+                    client_id: str = ..., adapter: str | None = ...,
+                    cache_salt: str | None = ...) -> None: ...
     def abort(self, request_id: str) -> None: ...
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished(self) -> bool: ...
@@ -196,7 +197,8 @@ class AsyncEngine:
 
     # ---------------------------------------------------------------- requests (event loop)
     async def submit(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams,
-                     client_id: str = "anonymous", adapter: str | None = None) -> RequestStream:
+                     client_id: str = "anonymous", adapter: str | None = None,
+                     cache_salt: str | None = None) -> RequestStream:
         """Admit a request; raises EngineStopped or AdmissionError (the queue bound here, the
         engine's checks). The returned stream yields RequestOutputs until one is finished."""
         if not self._accepting or not self.is_running:
@@ -213,7 +215,8 @@ class AsyncEngine:
         self._streams[rid] = stream
         self._num_waiting += 1
         admitted = self._loop.create_future()
-        self._commands.put(("add", rid, prompt_ids, params, client_id, adapter, admitted))
+        self._commands.put(("add", rid, prompt_ids, params, client_id, adapter, cache_salt,
+                            admitted))
         try:
             await admitted
         except BaseException:
@@ -222,10 +225,11 @@ class AsyncEngine:
         return stream
 
     async def generate(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams,
-                       client_id: str = "anonymous", adapter: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       client_id: str = "anonymous", adapter: str | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Async iterator of RequestOutput; errors of admission surface on the first item."""
-        stream = await self.submit(request_id, prompt_ids, params, client_id, adapter)
+        stream = await self.submit(request_id, prompt_ids, params, client_id, adapter,
+                                   cache_salt)
         try:
             async for out in stream:
                 yield out
@@ -310,10 +314,10 @@ class AsyncEngine:
         """Run one command on the engine thread; False means stop."""
         kind = cmd[0]
         if kind == "add":
-            _, rid, prompt_ids, params, client_id, adapter, fut = cmd
+            _, rid, prompt_ids, params, client_id, adapter, cache_salt, fut = cmd
             try:
                 self.engine.add_request(rid, prompt_ids, params, client_id=client_id,
-                                        adapter=adapter)
+                                        adapter=adapter, cache_salt=cache_salt)
             except Exception as e:  # AdmissionError: the request's fault
                 self._reply(fut, exc=e)
             else:

@@ -133,6 +133,26 @@ class ServingMetrics:
                [(f'adapter="{esc(a)}"', s.get("running", 0)) for a, s in sorted(per_adapter.items())])
         metric("jaxserve:lora_requests_waiting", "gauge", "Waiting requests per adapter.",
                [(f'adapter="{esc(a)}"', s.get("waiting", 0)) for a, s in sorted(per_adapter.items())])
+        prefix = stats.get("prefix_cache") or {}
+        metric("vllm:prefix_cache_queries_total", "counter",
+               "Prefix cache queries, in terms of number of queried tokens.",
+               [(m, prefix.get("queries", 0))])
+        metric("vllm:prefix_cache_hits_total", "counter",
+               "Prefix cache hits, in terms of number of cached tokens.",
+               [(m, prefix.get("hits", 0))])
+        by_adapter = _prefix_by_adapter(prefix)
+        metric("jaxserve:prefix_cache_queries_total", "counter",
+               "Prefix cache queries (tokens looked up at admission) per adapter; "
+               "adapter=\"\" is the base model.",
+               [(f'adapter="{esc(a)}"', q) for a, (q, _) in sorted(by_adapter.items())])
+        metric("jaxserve:prefix_cache_hits_total", "counter",
+               "Prefix cache hits (prompt tokens served from cache) per adapter; "
+               "adapter=\"\" is the base model.",
+               [(f'adapter="{esc(a)}"', h) for a, (_, h) in sorted(by_adapter.items())])
+        metric("jaxserve:num_cached_pages", "gauge",
+               "KV-cache pages holding a registered (reusable) prefix, in use or not; "
+               "the unused ones count as free and are evicted when an allocation needs them.",
+               [(m, num("num_cached_pages"))])
         metric("jaxserve:num_free_pages", "gauge", "Free KV-cache pages.",
                [(m, num("num_free_pages"))])
         metric("jaxserve:num_total_pages", "gauge", "KV-cache pages in the pool.",
@@ -162,6 +182,19 @@ def _per_adapter(stats: dict) -> dict[str, dict]:
                 if isinstance(n, (int, float)):
                     out[str(name)][field] = n
     return dict(out)
+
+
+def _prefix_by_adapter(prefix: dict) -> dict[str, tuple[float, float]]:
+    """{adapter: (queries, hits)} from the engine's prefix_cache.by_adapter map (keyed by
+    adapter name, None for the base model, which is labelled "")."""
+    out: dict[str, tuple[float, float]] = {}
+    raw = prefix.get("by_adapter") or {}
+    if isinstance(raw, dict):
+        for name, qh in raw.items():
+            if isinstance(qh, dict):
+                out["" if name is None else str(name)] = (qh.get("queries") or 0,
+                                                          qh.get("hits") or 0)
+    return out
 
 
 def _per_client(stats: dict) -> dict[str, list[tuple[str, float]]]:

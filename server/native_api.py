@@ -1,7 +1,8 @@
 """S-LoRA's native endpoints: POST /generate and POST /generate_stream.
 
 Request: {"inputs": str, "parameters": {max_new_tokens, do_sample, temperature, top_p, top_k,
-seed, stop_sequences, ignore_eos}, "lora_dir": DIR | "adapter": NAME | "model": NAME}.
+seed, stop_sequences, ignore_eos}, "lora_dir": DIR | "adapter": NAME | "model": NAME,
+"cache_salt": str (as on the OpenAI endpoints)}.
 /generate answers {"generated_text": [text], "count_output_tokens": n, "finish_reason": r};
 /generate_stream sends `data:{"token": {...}, "generated_text": null|text, "finished": bool}`.
 """
@@ -46,7 +47,7 @@ async def _parse(request: web.Request) -> GenRequest:
         model = get_str(body, "adapter") or get_str(body, "model")
     return GenRequest(prompt_ids=ctx.tokenizer.encode(inputs), params=params, model=model,
                       stream=False, include_usage=False, logprobs=False,
-                      user=get_str(body, "user"))
+                      user=get_str(body, "user"), cache_salt=get_str(body, "cache_salt"))
 
 
 async def generate(request: web.Request) -> web.Response:

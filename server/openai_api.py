@@ -21,7 +21,8 @@ def _common(ctx: ServerContext, body: dict) -> dict:
     refuse_unsupported(body)
     stream, include_usage = stream_fields(body)
     return dict(model=get_str(body, "model"), stream=stream, include_usage=include_usage,
-                user=get_str(body, "user"), fields=sampling_fields(body))
+                user=get_str(body, "user"), cache_salt=get_str(body, "cache_salt"),
+                fields=sampling_fields(body))
 
 
 def parse_completion(ctx: ServerContext, body: dict) -> GenRequest:
@@ -49,7 +50,8 @@ def parse_completion(ctx: ServerContext, body: dict) -> GenRequest:
                             logprobs=logprobs is not None, **c["fields"])
     return GenRequest(prompt_ids=ids, params=params,
                       model=c["model"], stream=c["stream"], include_usage=c["include_usage"],
-                      logprobs=logprobs is not None, user=c["user"])
+                      logprobs=logprobs is not None, user=c["user"],
+                      cache_salt=c["cache_salt"])
 
 
 def _message_text(i: int, msg) -> dict:
@@ -94,7 +96,7 @@ def parse_chat(ctx: ServerContext, body: dict) -> GenRequest:
     params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **c["fields"])
     return GenRequest(prompt_ids=ctx.tokenizer.chat(clean), params=params,
                       model=c["model"], stream=c["stream"], include_usage=c["include_usage"],
-                      logprobs=logprobs, user=c["user"])
+                      logprobs=logprobs, user=c["user"], cache_salt=c["cache_salt"])
 
 
 # ------------------------------------------------------------------ response shapes

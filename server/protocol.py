@@ -153,6 +153,9 @@ class GenRequest:
     include_usage: bool
     logprobs: bool
     user: str | None
+    # prefix caching: only requests with the same salt share cached pages (None: no salt;
+    # admission refuses an empty one)
+    cache_salt: str | None = None
 
 
 def sampling_fields(body: dict, stop_name: str = "stop") -> dict:

@@ -34,7 +34,8 @@ async def admit(request: web.Request, ctx: ServerContext, req: GenRequest, rid: 
     the error middleware (server/app.py)."""
     return await ctx.engine.submit(rid, req.prompt_ids, req.params,
                                    client_id=ctx.client_id(request, req.user),
-                                   adapter=ctx.adapter_of(req.model))
+                                   adapter=ctx.adapter_of(req.model),
+                                   cache_salt=req.cache_salt)
 
 
 async def run_request(request: web.Request, ctx: ServerContext, req: GenRequest, rid: str, *,

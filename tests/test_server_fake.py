@@ -306,6 +306,98 @@ def test_metrics_exposition(srv):
             float(line.rsplit(" ", 1)[1])
 
 
+# ------------------------------------------------------------------ prefix caching
+def scrape(srv) -> dict[str, float]:
+    """/metrics as {'name{labels}': value}."""
+    status, text = http(srv.url, "/metrics")
+    assert status == 200
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
+                                     if line and not line.startswith("#"))}
+
+
+def prefix_counts(srv) -> tuple[int, int]:
+    pc = srv.stats()["prefix_cache"]
+    return pc["queries"], pc["hits"]
+
+
+def reusable(num_tokens: int, page_size: int = 4) -> int:
+    """Prompt tokens a request can take from cache: its full pages before the one holding its
+    last token (that token is computed for its logits); the fake engine's pages hold 4."""
+    return (num_tokens - 1) // page_size * page_size
+
+
+def test_prefix_cache_metrics_count_a_repeated_prompt(srv):
+    prompt = "a long prompt shared by two requests, for the prefix metrics"
+    vq, vh = 'vllm:prefix_cache_queries_total{model_name="fake-model"}', \
+        'vllm:prefix_cache_hits_total{model_name="fake-model"}'
+    bq, bh = 'jaxserve:prefix_cache_queries_total{adapter=""}', \
+        'jaxserve:prefix_cache_hits_total{adapter=""}'
+    aq, ah = 'jaxserve:prefix_cache_queries_total{adapter="sql"}', \
+        'jaxserve:prefix_cache_hits_total{adapter="sql"}'
+    before = scrape(srv)
+    _, first = completion(srv, prompt=prompt, max_tokens=3)
+    _, second = completion(srv, prompt=prompt, max_tokens=3)
+    assert second["choices"][0]["text"] == first["choices"][0]["text"] == expected_text(prompt, 3)
+    n = first["usage"]["prompt_tokens"]
+    after = scrape(srv)
+    assert after[vq] - before[vq] == after[bq] - before.get(bq, 0) == 2 * n
+    assert after[vh] - before[vh] == after[bh] - before.get(bh, 0) == reusable(n) > 0
+    # the K/V of the same tokens under an adapter differ: its first request finds nothing
+    completion(srv, prompt=prompt, max_tokens=3, model="sql")
+    completion(srv, prompt=prompt, max_tokens=3, model="sql")
+    last = scrape(srv)
+    assert last[aq] - before.get(aq, 0) == 2 * n and last[ah] - before.get(ah, 0) == reusable(n)
+    assert last[bq] == after[bq] and last[bh] == after[bh]
+    assert last[vq] == sum(v for k, v in last.items()
+                           if k.startswith("jaxserve:prefix_cache_queries_total{"))
+    stats = srv.stats()
+    pc = stats["prefix_cache"]
+    assert (last[vq], last[vh]) == (pc["queries"], pc["hits"])
+    assert pc["hit_rate"] == pytest.approx(pc["hits"] / pc["queries"])
+    # the prompt's pages stay cached (unused, reusable) after the requests finish
+    assert last['jaxserve:num_cached_pages{model_name="fake-model"}'] == \
+        stats["num_cached_pages"] >= 2 * reusable(n) // 4
+
+
+SALTED = [  # (path, body without the salt) for each endpoint that takes cache_salt
+    ("/v1/completions", {"prompt": "salted completions prompt, long enough for pages",
+                         "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a salted chat prompt"}],
+                              "max_tokens": 2}),
+    ("/generate", {"inputs": "a salted native prompt, long enough for a few pages",
+                   "parameters": {"max_new_tokens": 2}}),
+]
+
+
+@pytest.mark.parametrize("path,body", SALTED, ids=[p for p, _ in SALTED])
+def test_cache_salt_separates_cached_prefixes(srv, path, body):
+    def hits_of(**salt) -> int:
+        _, hits0 = prefix_counts(srv)
+        status, b = http(srv.url, path, {**body, **salt})
+        assert status == 200, b
+        return prefix_counts(srv)[1] - hits0
+
+    assert hits_of(cache_salt="tenant-a") == 0
+    assert hits_of(cache_salt="tenant-b") == 0     # same prompt, other salt: nothing shared
+    # No salt is a salt of its own. (An unsalted chat prompt may share its first page, the
+    # template's "<use", with other tests' unsalted chats: compared with the full reuse.)
+    unsalted = hits_of()
+    full = hits_of()                               # the whole reusable prefix
+    assert full > unsalted
+    assert hits_of(cache_salt="tenant-a") == full  # same salt: the cached prefix is reused
+    assert hits_of(cache_salt=None) == full        # null = no salt (as in vLLM)
+
+
+@pytest.mark.parametrize("path,body", SALTED, ids=[p for p, _ in SALTED])
+@pytest.mark.parametrize("salt", ["", 7, ["a"], {"s": "a"}, True])
+def test_bad_cache_salt_is_a_400_naming_the_field(srv, path, body, salt):
+    status, b = http(srv.url, path, {**body, "cache_salt": salt})
+    assert status == 400, b
+    assert set(b["error"]) == {"message", "type", "param", "code"}
+    assert b["error"]["param"] == "cache_salt" and b["error"]["type"] == "invalid_request_error"
+    assert "cache_salt" in b["error"]["message"]
+
+
 # ------------------------------------------------------------------ malformed requests
 BAD = [
     ("/v1/completions", b"{not json", 400),
@@ -387,7 +479,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
 FIELDS = st.sampled_from(["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
                           "seed", "stop", "n", "stream", "stream_options", "logprobs", "model",
                           "user", "inputs", "parameters", "lora_dir", "echo", "top_logprobs",
-                          "max_completion_tokens", "logit_bias", "ignore_eos"])
+                          "max_completion_tokens", "logit_bias", "ignore_eos", "cache_salt"])
 BODIES = st.dictionaries(FIELDS, JSON, max_size=6) | JSON
 
 
