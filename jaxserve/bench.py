@@ -1,6 +1,10 @@
 """`jaxserve bench`: offline throughput on N prompts, per batch size, beside HF transformers.
 
-Each batch size runs twice: once to compile every bucket it touches, then measured. Decode
+Each batch size runs twice: once to compile every bucket it touches, then measured, on other
+prompts of the same lengths: every request's prompt is its own random draw, so the measured
+run finds nothing of the warm-up's (or another request's) in the prefix cache and prefills
+every token; the printed prefix-cache hit rate (prompt tokens served from cache / looked up,
+over the measured run) shows it. Decode
 throughput counts only decode steps (tokens / seconds spent in decode steps); end-to-end
 throughput counts prefill too and is what is compared with HF `generate` (which has no
 separate decode timer). MFU = achieved model FLOP/s in decode / measured matmul peak in the
@@ -109,6 +113,7 @@ def _prompts(vocab: int, num: int, length: int, seed: int = 0) -> list[list[int]
 def _run_ours(engine, prompts, output_len):
     from jaxserve.sampling_params import SamplingParams
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    cache0 = engine.stats()["prefix_cache"]
     for i, p in enumerate(prompts):
         engine.add_request(f"bench-{time.monotonic_ns()}-{i}", p, params)
     decode_s = 0.0
@@ -126,8 +131,12 @@ def _run_ours(engine, prompts, output_len):
             decode_s += dt
             decode_tokens += len(outs)
     wall = time.perf_counter() - t0
+    cache = engine.stats()["prefix_cache"]
+    queries, hits = cache["queries"] - cache0["queries"], cache["hits"] - cache0["hits"]
     return {"wall_s": wall, "tokens": total, "e2e_tok_s": total / wall,
-            "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0}
+            "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
+            "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else 0.0}
 
 
 def _run_hf(hf, prompts, output_len, pad_id):
@@ -197,8 +206,10 @@ def run_bench(args) -> int:
         engine = None
         engine = LLMEngine(cfg)
         n = args.num_prompts or B
-        prompts = _prompts(engine.model_config.vocab_size, n, args.input_len)
-        _run_ours(engine, prompts, args.output_len)            # compile every bucket
+        vocab = engine.model_config.vocab_size
+        # compile every bucket, on prompts of their own (the same ones would be cached)
+        _run_ours(engine, _prompts(vocab, n, args.input_len, seed=1), args.output_len)
+        prompts = _prompts(vocab, n, args.input_len)
         ours = _run_ours(engine, prompts, args.output_len)
         ctx = args.input_len + args.output_len / 2
         flops = engine.model_config.flops_per_token(int(ctx))
@@ -210,7 +221,9 @@ def run_bench(args) -> int:
                "num_pages": engine.runner.kv.num_pages,
                "decode_step_ms": 1e3 * min(B, n) / ours["decode_tok_s"] if ours["decode_tok_s"] else None,
                "roofline_decode_tok_s": roofline_tok_s,
-               "hbm_roofline_pct": 100 * ours["decode_tok_s"] / roofline_tok_s}
+               "hbm_roofline_pct": 100 * ours["decode_tok_s"] / roofline_tok_s,
+               **{k: ours[k] for k in ("prefix_cache_queries", "prefix_cache_hits",
+                                       "prefix_cache_hit_rate")}}
         if args.compare_hf:
             if hf is None:
                 hf = _load_hf(engine, hf_dtype)
@@ -251,7 +264,7 @@ def run_bench(args) -> int:
 def _fmt_row(r):
     s = (f"batch {r['batch']:>3}: decode {r['ours_decode_tok_s']:8.1f} tok/s, e2e "
          f"{r['ours_e2e_tok_s']:8.1f} tok/s, MFU {100 * r['mfu_decode']:5.1f}%, HBM roofline "
-         f"{r['hbm_roofline_pct']:5.1f}%")
+         f"{r['hbm_roofline_pct']:5.1f}%, prefix cache {_hit_rate(r)}")
     if "hf_e2e_tok_s" in r:
         s += (f", HF decode {r['hf_decode_tok_s']:8.1f} e2e {r['hf_e2e_tok_s']:8.1f} tok/s, "
               f"ratio decode {r['ratio_decode']:.2f}x e2e {r['ratio_e2e']:.2f}x")
@@ -260,8 +273,9 @@ def _fmt_row(r):
 
 def _table(rows) -> str:
     hdr = ("| batch | jaxserve decode tok/s | HF decode tok/s | ratio (decode) | jaxserve e2e tok/s "
-           "| HF e2e tok/s | ratio (e2e) | decode MFU | MFU of fp32 peak | HBM roofline |")
-    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|"]
+           "| HF e2e tok/s | ratio (e2e) | decode MFU | MFU of fp32 peak | HBM roofline "
+           "| prefix-cache hits |")
+    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         hf = "hf_e2e_tok_s" in r
         cell = lambda k, f="{:.1f}": f.format(r[k]) if hf else "-"  # noqa: E731
@@ -269,5 +283,11 @@ def _table(rows) -> str:
                      f"{cell('ratio_decode', '{:.2f}x')} | {r['ours_e2e_tok_s']:.1f} | "
                      f"{cell('hf_e2e_tok_s')} | {cell('ratio_e2e', '{:.2f}x')} | "
                      f"{100 * r['mfu_decode']:.1f}% | {100 * r['mfu_decode_fp32_peak']:.1f}% | "
-                     f"{r['hbm_roofline_pct']:.1f}% |")
+                     f"{r['hbm_roofline_pct']:.1f}% | {_hit_rate(r)} |")
     return "\n".join(lines)
+
+
+def _hit_rate(r) -> str:
+    """Prompt tokens served from the prefix cache / looked up, over the measured run."""
+    return (f"{100 * r['prefix_cache_hit_rate']:.1f}% ({r['prefix_cache_hits']}/"
+            f"{r['prefix_cache_queries']} tokens)")
