@@ -283,7 +283,8 @@ class LLMEngine:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         seq = admit(self.scheduler, ids, params, request_id=request_id, running=self.output,
                     seq_id=next(self._ids), client_id=client_id, adapter=adapter,
-                    cache_salt=cache_salt, adapters=self.loras, vocab_size=self.model_config.vocab_size,
+                    cache_salt=cache_salt, adapters=self.loras,
+                    vocab_size=self.model_config.vocab_size,
                     max_model_len=self.max_model_len, rng=self._rng, now=time.monotonic())
         self.output.add(request_id, seq, params)
         self.num_prompt_tokens_total += seq.num_prompt_tokens

@@ -257,8 +257,9 @@ class Scheduler:
         return self.adapters is not None and seq.adapter is not None
 
     def _can_take(self, num_pages: int) -> bool:
-        """Free `num_pages` KV pages, evicting unpinned cached adapters if that is what it takes."""
-        if not self.allocator.can_allocate(num_pages) and self.adapters is not None:
+        """Free `num_pages` KV pages, evicting unpinned cached adapters if that is what it takes
+        (adapters first: before any cached prefix page is taken)."""
+        if self.adapters is not None:
             self.adapters.reclaim(num_pages)
         return self.allocator.can_allocate(num_pages)
 
