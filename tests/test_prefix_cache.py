@@ -272,3 +272,28 @@ def test_greedy_outputs_identical_with_caching_on_and_off(tiny, num_pages, mode)
     for rid in off:
         assert on[rid][0] == off[rid][0], rid                  # greedy tokens
         assert on[rid][3] == pytest.approx(off[rid][3], abs=2e-4), rid
+
+
+@pytest.mark.parametrize("order", ["adapters-first", "prefix-first"])
+def test_eviction_order_between_idle_adapters_and_cached_prefixes(order):
+    # 12 usable pages: adapter x (4 pages) idle, a's 3 cached prefix pages evictable, 5 free
+    sched = Scheduler(SchedulerConfig(num_pages=13, page_size=4, max_num_seqs=4,
+                                      max_prefill_tokens=64, max_model_len=64,
+                                      enable_prefix_caching=True, cache_eviction_order=order),
+                      adapter_pages=lambda n: 4)
+    x = Sequence(0, [1, 2], max_tokens=1, adapter="x")
+    a = Sequence(1, list(range(1, 14)), max_tokens=1)
+    sched.add(x), sched.add(a)
+    _run(sched, [x, a])
+    alloc = sched.allocator
+    assert sched.adapters.is_resident("x") and alloc.num_cached == 3
+    assert alloc.num_free_uncached == 5 and alloc.num_free == 8
+    b = Sequence(2, list(range(100, 124)), max_tokens=1)      # 6 pages: one more than is free
+    sched.add(b)
+    sched.schedule()
+    if order == "adapters-first":
+        assert not sched.adapters.is_resident("x") and alloc.num_cached == 3
+    else:
+        assert sched.adapters.is_resident("x") and alloc.num_cached == 2
+        assert len(alloc.lookup(a.block_hashes)) == 2      # the chain's leaf went first
+    alloc.check()
