@@ -439,9 +439,12 @@ class Scheduler:
         still running, and those preempted after this step was planned (their token stands;
         they recompute from it). A finished or aborted sequence's token is dropped."""
         produced = []
-        caching = self.config.enable_prefix_caching
+        # prefix caching: pages this step filled (a decode fills one every page_size steps)
+        page = self.config.page_size if self.config.enable_prefix_caching else 0
         for i, seq in enumerate(plan.seqs):
-            if (caching and seq.status is SequenceStatus.RUNNING and i < len(plan.epochs)
+            if (page and plan.start_positions[i] + plan.num_new_tokens[i]
+                    >= (seq.num_registered_pages + 1) * page
+                    and seq.status is SequenceStatus.RUNNING and i < len(plan.epochs)
                     and plan.epochs[i] == seq.num_preemptions):
                 self._register_pages(seq, plan.start_positions[i] + plan.num_new_tokens[i])
             if not plan.samples(i):

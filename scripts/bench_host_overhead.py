@@ -37,6 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 if os.environ.get("PYTHONPATH"):     # an other checkout's engine (see above) comes first
     sys.path.insert(0, os.environ["PYTHONPATH"].split(os.pathsep)[0])
 
+CACHE: dict = {}    # EngineConfig fields from --[no-]enable-prefix-caching
+
 TEXT = ("The old lighthouse keeper climbed the spiral stairs every evening, counting the steps "
         "aloud: ninety-one, ninety-two. Outside, gulls wheeled over the harbour while fishing "
         "boats — red, blue, and one startling yellow — rocked at their moorings. Café owners "
@@ -136,7 +138,7 @@ def measure(batch: int, overlap: bool, device_ms: float, steps: int, tokenizer, 
         async_scheduling=overlap)
     ecfg = EngineConfig(max_num_seqs=batch, num_pages=batch * (-(-max_len // 16)) + 8,
                         page_size=16, max_model_len=max_len, max_prefill_tokens=2048,
-                        scheduler="fcfs", **loop)
+                        scheduler="fcfs", **loop, **CACHE)
     builder = StepBuilder(page_size=16, max_num_seqs=batch, max_prefill_tokens=2048,
                           max_model_len=max_len, bucket_pages=(False, False))
     text_ids = tokenizer.encode(TEXT * 4)
@@ -189,7 +191,7 @@ def measure_real(batch: int, loops: list[str], steps: int, args) -> list[dict]:
     engine = LLMEngine(EngineConfig(
         model=args.model, load_format=args.load_format, dtype=args.dtype, max_num_seqs=batch,
         max_model_len=max_len, max_prefill_tokens=max(2048, prompt_len), scheduler="fcfs",
-        **extra))
+        **extra, **CACHE))
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=max_len - prompt_len, ignore_eos=True)
@@ -242,9 +244,13 @@ def main(argv=None) -> int:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=None, help="the engine's prefix caching on/off (default: its default)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="with --model on CPU: the accelerator's step (xla, one scanned program)")
     args = p.parse_args(argv)
+    if args.enable_prefix_caching is not None:
+        CACHE["enable_prefix_caching"] = args.enable_prefix_caching
     if args.model:
         rows = []
         for b in args.batch:

@@ -254,7 +254,7 @@ def test_greedy_outputs_identical_with_caching_on_and_off(tiny, num_pages, mode)
     out = {}
     for caching in (False, True):
         engine = _engine(tiny, caching, num_pages, **kw)
-        out[caching] = _drive(engine, reqs, join_every=3)
+        out[caching] = _drive(engine, reqs, join_every=3, abort_at=("r1", 2))
         stats = engine.stats()
         alloc = engine.scheduler.allocator
         alloc.check()
@@ -268,7 +268,7 @@ def test_greedy_outputs_identical_with_caching_on_and_off(tiny, num_pages, mode)
         else:
             assert stats["prefix_cache"]["hits"] == 0 and alloc.num_cached == 0
     off, on = out[False], out[True]
-    assert off.keys() == on.keys()
+    assert off.keys() == on.keys() and "r1" not in on
     for rid in off:
         assert on[rid][0] == off[rid][0], rid                  # greedy tokens
         assert on[rid][3] == pytest.approx(off[rid][3], abs=2e-4), rid
