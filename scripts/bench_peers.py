@@ -142,12 +142,17 @@ def write_hf_checkpoint(out: str) -> None:
 
 
 # ------------------------------------------------------------------ client
-async def stream_one(sess, url, model, prompt, max_tokens, at, t0) -> dict:
-    """One streaming completion sent at t0 + at. Token arrivals: chunks that carry text or are
-    not the finishing chunk (llama.cpp sends an empty finishing chunk after the last token)."""
-    await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+async def stream_one(sess, url, model, prompt, max_tokens, at=0.0, t0=None,
+                     user: str | None = None) -> dict:
+    """One streaming completion sent at t0 + at (now when t0 is None), as `user` if given.
+    Token arrivals: chunks that carry text or are not the finishing chunk (llama.cpp sends an
+    empty finishing chunk after the last token)."""
+    if t0 is not None:
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
     body = {"model": model, "prompt": prompt, "stream": True, "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if user is not None:
+        body["user"] = user
     sent = time.perf_counter()
     times, usage, text = [], None, []
     try:
@@ -179,8 +184,7 @@ async def run_requests(url, model, prompts, max_tokens, arrivals, timeout_s) -> 
         if arrivals is None:
             results = []
             for p in prompts:
-                results.append(await stream_one(sess, url, model, p, max_tokens, 0.0,
-                                                time.perf_counter()))
+                results.append(await stream_one(sess, url, model, p, max_tokens))
         else:
             results = await asyncio.gather(*(stream_one(sess, url, model, p, max_tokens, a, t0)
                                              for p, a in zip(prompts, arrivals)))

@@ -57,8 +57,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from bench_peers import (VLLM_MODEL, VLLM_VENV, Server, define, load_tokenizer,  # noqa: E402
-                         log, make_prompts, tree_cpu_seconds)
-from bench_serving import free_port, pct, sse_events  # noqa: E402
+                         log, make_prompts, stream_one, tree_cpu_seconds)
+from bench_peers import summarize as summarize_streams  # noqa: E402
+from bench_serving import free_port, pct  # noqa: E402
 
 DEFAULT_SERVERS = "jaxserve-off,jaxserve-on,vllm"
 QUICK_SERVERS = "jaxserve-off,jaxserve-on"
@@ -204,35 +205,6 @@ def hit_rate(before: dict | None, after: dict | None) -> dict | None:
 
 
 # ------------------------------------------------------------------ client
-async def stream(sess, url: str, model: str, prompt: str, max_tokens: int,
-                 user: str | None = None) -> dict:
-    """One streaming completion; the arrival times of the chunks carrying tokens."""
-    body = {"model": model, "prompt": prompt, "stream": True, "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    if user is not None:
-        body["user"] = user
-    sent = time.perf_counter()
-    times, usage, text = [], None, []
-    try:
-        async with sess.post(url + "/v1/completions", json=body) as r:
-            if r.status != 200:
-                return {"status": r.status, "error": (await r.text())[:500]}
-            async for ev in sse_events(r):
-                if "error" in ev:
-                    return {"status": 500, "error": str(ev["error"])[:500]}
-                now = time.perf_counter()
-                for c in ev.get("choices") or ():
-                    if c.get("text") or c.get("finish_reason") is None:
-                        times.append(now)
-                        text.append(c.get("text") or "")
-                        break
-                if ev.get("usage"):
-                    usage = ev["usage"]
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-        return {"status": -1, "error": repr(e)}
-    return {"status": 200, "sent": sent, "times": times, "usage": usage, "text": "".join(text)}
-
-
 def session(timeout_s: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                  timeout=aiohttp.ClientTimeout(total=timeout_s))
@@ -249,8 +221,8 @@ async def run_multiturn(url, model, convs, out_len, concurrency, timeout_s) -> t
             ci, conv = queue.pop()
             generated = []
             for k in range(len(conv["users"])):
-                r = await stream(sess, url, model, turn_prompt(conv, k, generated), out_len,
-                                 user=conv["tenant"])
+                r = await stream_one(sess, url, model, turn_prompt(conv, k, generated),
+                                     out_len, user=conv["tenant"])
                 r.update(conv=ci, turn=k, tenant=conv["tenant"])
                 results.append(r)
                 if r["status"] != 200:
@@ -270,7 +242,7 @@ async def run_pool(url, model, prompts, out_len, concurrency, timeout_s) -> tupl
     async def worker(sess):
         while queue:
             i = queue.pop()
-            results[i] = await stream(sess, url, model, prompts[i], out_len)
+            results[i] = await stream_one(sess, url, model, prompts[i], out_len)
 
     async with session(timeout_s) as sess:
         t0 = time.perf_counter()
@@ -279,26 +251,20 @@ async def run_pool(url, model, prompts, out_len, concurrency, timeout_s) -> tupl
 
 
 def summarize(results: list, wall: float, max_tokens: int) -> dict:
+    """bench_peers' summary of the streams, with the prompt sizes, the mean TTFT, the cached
+    tokens a server reports in `usage`, and first turns apart from later ones."""
     ok = [r for r in results if r["status"] == 200 and r["times"]]
     ms = lambda v: None if v is None else round(v * 1e3, 1)  # noqa: E731
     ttft = [r["times"][0] - r["sent"] for r in ok]
     usage = [r["usage"] for r in ok if r.get("usage")]
-    out_tokens = sum(u["completion_tokens"] for u in usage)
     prompt_tokens = [u["prompt_tokens"] for u in usage]
     cached = [((u.get("prompt_tokens_details") or {}).get("cached_tokens")) for u in usage]
-    s = {
-        "num_requests": len(results), "num_ok": len(ok), "num_failed": len(results) - len(ok),
-        "errors": sorted({r["error"] for r in results if "error" in r})[:3],
-        "wall_s": round(wall, 2),
-        "output_tokens": out_tokens,
-        "output_tok_s": round(out_tokens / wall, 1) if wall > 0 else None,
+    s = summarize_streams(results, wall, max_tokens)
+    s.update({
         "prompt_tokens_total": sum(prompt_tokens),
         "prompt_tokens_range": [min(prompt_tokens), max(prompt_tokens)] if prompt_tokens else None,
-        "short_outputs": sum(u["completion_tokens"] != max_tokens for u in usage),
-        "ttft_ms": {f"p{q}": ms(pct(ttft, q)) for q in (50, 90, 99)},
         "ttft_ms_mean": ms(sum(ttft) / len(ttft)) if ttft else None,
-        "e2e_ms_p50": ms(pct([r["times"][-1] - r["sent"] for r in ok], 50)),
-    }
+    })
     if any(c is not None for c in cached):
         s["usage_cached_tokens"] = sum(c or 0 for c in cached)
     if ok and "turn" in ok[0]:
