@@ -18,6 +18,7 @@ from scheduler.sequence import FinishReason
 from scheduler.vtc import VTCPolicy
 
 sys.path.insert(0, os.path.dirname(__file__))
+from test_overlap import _drive, tiny  # noqa: E402,F401  (tiny: a fixture used below)
 
 
 # -- the allocator ----------------------------------------------------------------------------
@@ -208,14 +209,7 @@ def test_vtc_charges_cached_prompt_tokens_at_their_weight():
 
 
 # -- a real tiny model: outputs identical with caching on and off --------------------------------
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from lora_helpers import make_adapter, make_base
-    root = tmp_path_factory.mktemp("prefix-real")
-    base = make_base(str(root / "base"), seed=3)
-    make_adapter(base, str(root / "qv4"), seed=2, r=4, lora_alpha=8,
-                 target_modules=["q_proj", "v_proj"])
-    return root
+# (`tiny`: test_overlap's base model and "qv4" adapter, written once per module)
 
 
 def _requests(seed=0):
@@ -248,7 +242,6 @@ def _engine(root, caching, num_pages, **kw):
 
 @pytest.mark.parametrize("num_pages,mode", [(200, "sync"), (17, "overlap")])
 def test_greedy_outputs_identical_with_caching_on_and_off(tiny, num_pages, mode):
-    from test_overlap import _drive
     reqs = _requests()
     kw = dict(async_scheduling=mode == "overlap")
     out = {}

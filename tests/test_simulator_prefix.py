@@ -8,7 +8,9 @@ interval get (weighted) service within 2U. A cached prompt token only lowers the
 charge (w_p * (n_p - n_c) + cached_token_weight * w_p * n_c <= w_p * L_input), so U stands.
 """
 import json
+import os
 import pathlib
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -17,6 +19,9 @@ from scheduler.cost_model import CostModel
 from scheduler.factory import make_policy
 from scheduler.simulator import PromptTokens, SimConfig, simulate
 from scheduler.workload import Request, WorkloadError, generate, load_trace, validate
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_simulator_cli import cli  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPS = 1e-6
@@ -277,21 +282,10 @@ def test_two_tenants_cached_weight_moves_the_split():
 
 
 # -- the CLI ---------------------------------------------------------------------------------
-def _cli(argv, capsys):
-    import argparse
-
-    from scheduler import simulate_cli
-    p = argparse.ArgumentParser()
-    simulate_cli.add_arguments(p)
-    rc = simulate_cli.run(p.parse_args(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def test_cli_prefix_caching_flags(tmp_path, capsys):
     w = tmp_path / "w.json"
     w.write_text(json.dumps(SMALL))
-    rc, out, err = _cli(["--workload", str(w), "--duration", "10", "--scheduler", "vtc,lcf,fcfs",
+    rc, out, err = cli(["--workload", str(w), "--duration", "10", "--scheduler", "vtc,lcf,fcfs",
                          "--enable-prefix-caching", "--cached-token-weight", "0", "--json"], capsys)
     assert rc == 0, err
     runs = json.loads(out)["schedulers"]
@@ -300,12 +294,12 @@ def test_cli_prefix_caching_flags(tmp_path, capsys):
         assert pc["enabled"] and pc["cached_token_weight"] == 0.0 and pc["hit_rate"] > 0
         assert pc["scheduler"]["hits"] > 0
         assert runs[name]["clients"]["d"]["cached_prompt_tokens"] == 0
-    rc, out, _ = _cli(["--workload", str(w), "--duration", "10", "--enable-prefix-caching"], capsys)
+    rc, out, _ = cli(["--workload", str(w), "--duration", "10", "--enable-prefix-caching"], capsys)
     assert rc == 0 and "prefix cache: hit rate" in out and "cached-token weight 0.1" in out
-    rc, out, _ = _cli(["--workload", str(w), "--duration", "10", "--json"], capsys)
+    rc, out, _ = cli(["--workload", str(w), "--duration", "10", "--json"], capsys)
     assert json.loads(out)["schedulers"]["vtc"]["prefix_cache"]["hit_rate"] == 0.0
-    rc, _, err = _cli(["--workload", str(w), "--cached-token-weight", "2"], capsys)
+    rc, _, err = cli(["--workload", str(w), "--cached-token-weight", "2"], capsys)
     assert rc == 2 and "cached_token_weight must be in [0, 1]" in err and err.count("\n") == 1
     w.write_text(json.dumps({"clients": [_client("x", shared_prefix=64)]}))
-    rc, _, err = _cli(["--workload", str(w)], capsys)
+    rc, _, err = cli(["--workload", str(w)], capsys)
     assert rc == 2 and "shared_prefix (64) must be shorter" in err and err.count("\n") == 1
