@@ -18,8 +18,8 @@ and the runner copies the weights into those pages before the step that needs th
 Unpinned adapters compete with cached prefix pages (`BlockAllocator`, evictable pages) for the
 pool. `adapters_first=True` (the scheduler's default order): idle adapters are evicted before
 cached prefix pages are touched. `adapters_first=False` ("prefix-first"): pages are taken from
-free and cached prefix pages before any idle adapter is evicted. docs/architecture.md ("Prefix caching")
-gives the default and the measurement behind it.
+free and cached prefix pages before any idle adapter is evicted. docs/architecture.md
+("Prefix caching") gives the default and the measurement behind it.
 """
 from __future__ import annotations
 

@@ -30,28 +30,27 @@ def make_policy(name: str, *, fair_weights: dict[str, float] | None = None, w_p:
     if cached_token_weight is not None and key in ("fcfs", "rpm"):
         raise ValueError(f"scheduler {key!r} keeps no service counters: the cached-token weight "
                          "applies to the VTC schedulers")
-    if cached_token_weight is not None:
-        kw["cached_token_weight"] = cached_token_weight
+    vtc_kw = {} if cached_token_weight is None else {"cached_token_weight": cached_token_weight}
     if key == "fcfs":
         _no_extra(key, kw)
         return FCFSPolicy()
     if key == "rpm":
         return RPMPolicy(**_take(key, kw, "max_requests_per_window", "window_s"))
     if key == "lcf":
-        return LCFPolicy(cost=cost, weights=fair_weights,
-                         **_take(key, kw, "client_ttl_s", "cached_token_weight"))
+        return LCFPolicy(cost=cost, weights=fair_weights, **vtc_kw,
+                         **_take(key, kw, "client_ttl_s"))
     predictor = None
     if key == "vtc-oracle":
-        opts = _take(key, kw, "alpha", "seed", "client_ttl_s", "cached_token_weight")
+        opts = _take(key, kw, "alpha", "seed", "client_ttl_s")
         predictor = OraclePredictor(opts.pop("alpha", 0.0), opts.pop("seed", 0))
     elif key == "vtc-predict":
-        opts = _take(key, kw, "initial_prediction", "client_ttl_s", "cached_token_weight")
+        opts = _take(key, kw, "initial_prediction", "client_ttl_s")
         predictor = MovingAveragePredictor(opts.pop("initial_prediction", 0))
     else:
-        opts = _take(key, kw, "client_ttl_s", "cached_token_weight")
+        opts = _take(key, kw, "client_ttl_s")
     if key == "wvtc" and not fair_weights:
         raise ValueError("scheduler 'wvtc' needs fair weights (client=weight,...)")
-    policy = VTCPolicy(cost=cost, weights=fair_weights, predictor=predictor, **opts)
+    policy = VTCPolicy(cost=cost, weights=fair_weights, predictor=predictor, **vtc_kw, **opts)
     policy.name = key
     return policy
 

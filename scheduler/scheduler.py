@@ -442,11 +442,11 @@ class Scheduler:
         # prefix caching: pages this step filled (a decode fills one every page_size steps)
         page = self.config.page_size if self.config.enable_prefix_caching else 0
         for i, seq in enumerate(plan.seqs):
-            if (page and plan.start_positions[i] + plan.num_new_tokens[i]
-                    >= (seq.num_registered_pages + 1) * page
+            written = plan.start_positions[i] + plan.num_new_tokens[i]
+            if (page and written >= (seq.num_registered_pages + 1) * page
                     and seq.status is SequenceStatus.RUNNING and i < len(plan.epochs)
                     and plan.epochs[i] == seq.num_preemptions):
-                self._register_pages(seq, plan.start_positions[i] + plan.num_new_tokens[i])
+                self._register_pages(seq, written)
             if not plan.samples(i):
                 continue
             seq.num_pending_tokens -= 1
