@@ -577,6 +577,21 @@ def table(rows, offline, args) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict, md: str, out: str) -> None:
+    """Print the markdown tables, the skipped servers and the total time; write `out` (JSON)
+    and the tables beside it (.md)."""
+    print(md)
+    if report["skipped"]:
+        print("\nskipped: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()))
+    print(f"\n(total {report['total_s']:.0f} s)")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(md + "\n")
+    log(f"wrote {out}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--servers", default=DEFAULT_SERVERS,
@@ -667,16 +682,7 @@ def main(argv=None) -> int:
         "total_s": round(time.perf_counter() - started, 1),
     }
     md = table(rows, offline, args)
-    print(md)
-    if skipped:
-        print("\nskipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    print(f"\n(total {report['total_s']:.0f} s)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(md + "\n")
-    log(f"wrote {args.out}")
+    write_report(report, md, args.out)
     bad = any("error" in r or r["burst"]["num_failed"] or r["single"]["num_failed"]
               or r["poisson"]["num_failed"] for r in rows)
     return 1 if bad else 0

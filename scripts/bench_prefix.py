@@ -57,7 +57,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 from bench_peers import (VLLM_MODEL, VLLM_VENV, Server, define, load_tokenizer,  # noqa: E402
-                         log, make_prompts, stream_one, tree_cpu_seconds)
+                         log, make_prompts, stream_one, tree_cpu_seconds, write_report)
 from bench_peers import summarize as summarize_streams  # noqa: E402
 from bench_serving import free_port, pct  # noqa: E402
 
@@ -608,16 +608,7 @@ def main(argv=None) -> int:
     }
     md = "\n\n".join([table(rows, args.workloads), "\n".join(ratios(rows, args.workloads)),
                       server_table(rows, args.workloads)])
-    print(md)
-    if skipped:
-        print("\nskipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    print(f"\n(total {report['total_s']:.0f} s)")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(md + "\n")
-    log(f"wrote {args.out}")
+    write_report(report, md, args.out)
     bad = any("error" in r or any(r[w]["num_failed"] for w in args.workloads if w in r)
               for r in rows)
     return 1 if bad else 0
