@@ -577,6 +577,22 @@ def table(rows, offline, args) -> str:
     return "\n".join(lines)
 
 
+def add_server_arguments(p: argparse.ArgumentParser, out_name: str) -> None:
+    """The options `define` and the run loop read: extra server arguments, the vLLM install,
+    timeouts, worktrees, where results and logs go."""
+    p.add_argument("--jaxserve-args", default="", help="extra arguments for every jaxserve server")
+    p.add_argument("--vllm-args", default="")
+    p.add_argument("--vllm-venv", default=VLLM_VENV)
+    p.add_argument("--vllm-model", default=VLLM_MODEL, help="HF safetensors directory")
+    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to start a server")
+    p.add_argument("--request-timeout", type=float, default=1800.0,
+                   help="seconds for one workload's requests")
+    p.add_argument("--keep-worktrees", action="store_true",
+                   help="leave the /tmp/jaxserve-REF worktrees made by this run")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench_results", out_name))
+    p.add_argument("--log-dir", default=None, help="server logs (default: beside --out)")
+
+
 def write_report(report: dict, md: str, out: str) -> None:
     """Print the markdown tables, the skipped servers and the total time; write `out` (JSON)
     and the tables beside it (.md)."""
@@ -617,22 +633,12 @@ def main(argv=None) -> int:
     p.add_argument("--ctx-per-seq", type=int, default=512,
                    help="--max-model-len of jaxserve and vLLM; llama.cpp's per-slot context")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jaxserve-args", default="", help="extra arguments for every jaxserve server")
-    p.add_argument("--vllm-args", default="")
     p.add_argument("--llamacpp-args", default="")
-    p.add_argument("--vllm-venv", default=VLLM_VENV)
-    p.add_argument("--vllm-model", default=VLLM_MODEL, help="HF safetensors directory")
     p.add_argument("--llamacpp-bin", default=None, help=f"default: {LLAMACPP_GLOB}")
     p.add_argument("--llamacpp-model", default=None,
                    help=f"GGUF for llama.cpp (default: {LLAMACPP_BF16_GGUF}, the same bf16 "
                         "weights as the others, if it exists, else the embedded Q4_1 GGUF)")
-    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to start a server")
-    p.add_argument("--request-timeout", type=float, default=1800.0,
-                   help="seconds for one workload's requests")
-    p.add_argument("--keep-worktrees", action="store_true",
-                   help="leave the /tmp/jaxserve-REF worktrees made by this run")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench_results", "bench_peers.json"))
-    p.add_argument("--log-dir", default=None, help="server logs (default: beside --out)")
+    add_server_arguments(p, "bench_peers.json")
     p.add_argument("--write-hf-checkpoint", metavar="DIR", default=None,
                    help=f"only write the embedded GGUF as an HF bf16 checkpoint to DIR (vLLM's "
                         f"model, {VLLM_MODEL}) and exit")

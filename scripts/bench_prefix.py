@@ -56,7 +56,7 @@ import aiohttp
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
-from bench_peers import (VLLM_MODEL, VLLM_VENV, Server, define, load_tokenizer,  # noqa: E402
+from bench_peers import (Server, add_server_arguments, define, load_tokenizer,  # noqa: E402
                          log, make_prompts, stream_one, tree_cpu_seconds, write_report)
 from bench_peers import summarize as summarize_streams  # noqa: E402
 from bench_serving import free_port, pct  # noqa: E402
@@ -548,16 +548,7 @@ def parse_args(argv=None):
                    help="KV pool GiB: jaxserve's --kv-cache-gb and vLLM's VLLM_CPU_KVCACHE_SPACE "
                         "(whole GiB)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jaxserve-args", default="", help="extra arguments for every jaxserve server")
-    p.add_argument("--vllm-args", default="")
-    p.add_argument("--vllm-venv", default=VLLM_VENV)
-    p.add_argument("--vllm-model", default=VLLM_MODEL, help="HF safetensors directory")
-    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to start a server")
-    p.add_argument("--request-timeout", type=float, default=1800.0,
-                   help="seconds for one workload's requests")
-    p.add_argument("--keep-worktrees", action="store_true")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench_results", "bench_prefix.json"))
-    p.add_argument("--log-dir", default=None, help="server logs (default: beside --out)")
+    add_server_arguments(p, "bench_prefix.json")
     if p.parse_known_args(argv)[0].quick:   # smaller defaults; flags given still win
         p.set_defaults(tenants=2, convs_per_tenant=1, turns=2, concurrency=2,
                        fewshot_requests=4, fewshot_concurrency=2, nohit_requests=8,
