@@ -8,7 +8,6 @@ seed, stop_sequences, ignore_eos}, "lora_dir": DIR | "adapter": NAME | "model": 
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -18,8 +17,8 @@ from jaxserve.async_engine import EngineError, EngineStopped
 from server.context import ctx_of
 from server.lora import adapter_for_dir
 from jaxserve.sampling_params import SamplingParams
-from server.protocol import (ApiError, GenRequest, bad, get_bool, get_int, get_stop, get_str,
-                             parse_json_object, sampling_fields)
+from server.protocol import (ApiError, GenRequest, bad, finite_or_none, get_bool, get_int,
+                             get_stop, get_str, json_dumps, parse_json_object, sampling_fields)
 from server.streaming import DISCONNECTED, SSE_HEADERS, admit
 
 
@@ -81,13 +80,14 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                 continue
             lps = out.new_logprobs or []
             event = {"token": {"id": out.new_token_ids[-1] if out.new_token_ids else None,
-                               "text": out.new_text, "logprob": lps[-1] if lps else None,
+                               "text": out.new_text,
+                               "logprob": finite_or_none(lps[-1]) if lps else None,
                                "special": False},
                      "token_ids": out.new_token_ids,
                      "generated_text": out.text if out.finished else None,
                      "finished": out.finished,
                      "finish_reason": out.finish_reason if out.finished else None}
-            await resp.write(b"data:" + json.dumps(event, ensure_ascii=False).encode() + b"\n\n")
+            await resp.write(b"data:" + json_dumps(event).encode() + b"\n\n")
             if out.new_token_ids:
                 ctx.metrics.on_delivery(time.perf_counter() - stream.last_emit_at,
                                         len(out.new_token_ids))
@@ -95,7 +95,7 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         pass
     except (EngineError, EngineStopped) as e:
         try:
-            await resp.write(b"data:" + json.dumps({"error": str(e), "finished": True}).encode()
+            await resp.write(b"data:" + json_dumps({"error": str(e), "finished": True}).encode()
                              + b"\n\n")
         except DISCONNECTED:
             pass

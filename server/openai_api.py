@@ -1,7 +1,6 @@
 """OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -9,8 +8,9 @@ from aiohttp import web
 
 from server.context import ServerContext, ctx_of
 from jaxserve.sampling_params import SamplingParams
-from server.protocol import (GenRequest, bad, get_bool, get_int, get_str, parse_json_object,
-                             refuse_unsupported, sampling_fields, stream_fields)
+from server.protocol import (GenRequest, bad, finite_or_none, get_bool, get_int, get_str,
+                             json_dumps, parse_json_object, refuse_unsupported, sampling_fields,
+                             stream_fields)
 from server.streaming import run_request
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -120,7 +120,8 @@ class _Logprobs:
         for t in tokens:
             offsets.append(self.offset)
             self.offset += len(t)
-        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None,
+        return {"tokens": tokens, "token_logprobs": [finite_or_none(x) for x in logprobs],
+                "top_logprobs": None,
                 "text_offset": offsets}
 
     def chat(self, token_ids: list[int], logprobs: list[float] | None) -> dict | None:
@@ -129,7 +130,8 @@ class _Logprobs:
         content = []
         for t, lp in zip(token_ids, logprobs):
             text = self.ctx.token_text(t)
-            content.append({"token": text, "logprob": lp, "bytes": list(text.encode()),
+            content.append({"token": text, "logprob": finite_or_none(lp),
+                            "bytes": list(text.encode()),
                             "top_logprobs": []})
         return {"content": content}
 
@@ -215,4 +217,4 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 def dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return json_dumps(obj)

@@ -52,16 +52,94 @@ def _reject_constant(name: str):
     raise bad(f"invalid JSON number {name}")
 
 
+# What any body may hold, whatever the endpoint: the handlers below read fields knowing that
+# every string is valid Unicode (encodable as UTF-8), every number finite and every integer
+# within MAX_JSON_INT, and the nesting at most MAX_JSON_DEPTH deep.
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT = 2**64
+
+
+def _path_text(node) -> str:
+    """The field path of a walk node, as in `messages[2].content` (lone surrogates in keys as
+    backslash escapes; cut to 160 characters)."""
+    parts = []
+    while node is not None:
+        node, key = node
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    path = "".join(reversed(parts)).lstrip(".")
+    path = path.encode("utf-8", "backslashreplace").decode("utf-8")
+    return path if len(path) <= 160 else path[:157] + "..."
+
+
+def check_json_value(value: Any) -> None:
+    """Refuse (400, naming the field as in `messages[2].content`) a string that is not valid
+    Unicode (a lone UTF-16 surrogate, which json.loads accepts from a \\ud800 escape), a
+    non-finite number (1e400 parses to inf), an integer beyond MAX_JSON_INT, or nesting deeper
+    than MAX_JSON_DEPTH. Iterative, so any depth json.loads returns is walked safely; a node is
+    (parent node, key or index), its path text made only for the error."""
+    stack: list[tuple[Any, Any, int]] = [(value, None, 0)]
+    while stack:
+        v, node, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                path = _path_text(node)
+                raise bad(f"{path or 'the body'} is not valid Unicode text: a lone UTF-16 "
+                          f"surrogate (\\u{ord(v[e.start]):04x}) at character {e.start}",
+                          path or None, code="invalid_unicode") from None
+        elif isinstance(v, bool) or v is None:
+            continue
+        elif isinstance(v, int):
+            if not -MAX_JSON_INT < v < MAX_JSON_INT:
+                path = _path_text(node)
+                raise bad(f"{path} is an integer out of range (|n| must be < 2**64)", path,
+                          code="number_out_of_range")
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                path = _path_text(node)
+                raise bad(f"{path} is a number out of the range of a double (it would be "
+                          "infinite)", path, code="number_out_of_range")
+        elif depth >= MAX_JSON_DEPTH:
+            path = _path_text(node)
+            raise bad(f"the body is nested more than {MAX_JSON_DEPTH} levels deep (at {path})",
+                      path, code="too_deep")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                child = (node, k)
+                stack.append((k, child, depth + 1))   # keys are strings too
+                stack.append((x, child, depth + 1))
+        elif v and all(type(x) is int for x in v):  # token ids: checked at once
+            if not (-MAX_JSON_INT < min(v) and max(v) < MAX_JSON_INT):
+                i = next(i for i, x in enumerate(v) if not -MAX_JSON_INT < x < MAX_JSON_INT)
+                stack.append((v[i], (node, i), depth + 1))
+        else:  # a list: json.loads makes nothing else
+            stack.extend((x, (node, i), depth + 1) for i, x in enumerate(v))
+
+
 def parse_json_object(raw: bytes) -> dict:
+    """The body as a JSON object whose every value passed `check_json_value`; or a 400."""
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except ApiError:
         raise
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise bad(f"the request body is not valid JSON: {e}") from None
+        raise bad(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
+        raise bad("the request body must be a JSON object", code="invalid_json")
+    check_json_value(body)
     return body
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """A log-probability as JSON can carry it: a non-finite value (NaN, +-inf) becomes null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def json_dumps(obj: Any, **kw) -> str:
+    """Every JSON the server writes: compact, UTF-8, and never NaN/Infinity (allow_nan=False
+    raises instead: values that may not be finite are passed through `finite_or_none` first)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False, **kw)
 
 
 # ------------------------------------------------------------------ typed field readers

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from jaxserve.async_engine import EngineError, EngineStopped, RequestStream
 from server.context import ServerContext
-from server.protocol import ApiError, GenRequest
+from server.protocol import ApiError, GenRequest, json_dumps
 
 log = logging.getLogger("jaxserve.server")
 
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 
 
 def sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + json_dumps(obj).encode() + b"\n\n"
 
 
 async def admit(request: web.Request, ctx: ServerContext, req: GenRequest, rid: str) -> RequestStream:
@@ -56,7 +56,7 @@ async def run_request(request: web.Request, ctx: ServerContext, req: GenRequest,
         except EngineStopped as e:
             raise ApiError(503, str(e), code="unavailable") from None
         return web.json_response(full(last, last.text, last.token_ids, logprobs),
-                                 dumps=lambda o: json.dumps(o, ensure_ascii=False))
+                                 dumps=json_dumps)
     finally:
         stream.close()  # aborts in the engine (frees KV pages) if it did not finish
 
