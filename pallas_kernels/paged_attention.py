@@ -24,7 +24,12 @@ layer index and address pages as pool[layer, kv_head, page] themselves. A slice 
 be materialized as an operand copy of a layer's pool on every layer of every step.
 A kernel instance walks page blocks from min(lo) to max(hi) through the block table, gathering
 `pages_per_block` pages at a time, with an online softmax (running max m, sum l, accumulator acc,
-all f32). Rows with no visible key finish with l == 0 and are written as zeros.
+all f32). Rows with no visible key finish with l == 0 and are written as zeros (a row whose own
+scores are NaN keeps NaN: its request's logits then show it, as on the XLA path).
+Keys a row may not see are excluded by selection, never by a zero weight (0 x NaN is NaN): their
+scores are replaced, and the V rows of keys outside the tile's interval [min(lo), max(hi)) --
+past the sequence's kv_len: stale rows of a page's earlier owner, adapter weights, the null
+page, any of them possibly inf or NaN -- are zeroed before p @ V.
 
 Variants:
   * portable kernels (`_decode_call`, `_prefill_call`): pages gathered by indexing the pool
@@ -63,6 +68,7 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     page = block_tables[:, j // S]                                  # [B, P*S]
     k = k_pages[:, page, j % S].astype(jnp.float32)                 # [Hkv, B, P*S, D]
     v = v_pages[:, page, j % S].astype(jnp.float32)
+    v = jnp.where((j < kv_lens[:, None])[None, :, :, None], v, 0.0)  # stale rows may be NaN
     k = jnp.repeat(k, G, axis=0)                                    # [Hq, B, K, D]
     v = jnp.repeat(v, G, axis=0)
     s = jnp.einsum("bthd,hbkd->bhtk", q.astype(jnp.float32), k,
@@ -135,12 +141,15 @@ def _pad_block_tables(block_tables, multiple):
     return jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, -P % multiple)))
 
 
-def _softmax_step(q, k, v, key0, lo, hi, carry, scale):
-    """One online-softmax update. q [R, D]; k, v [K, D]; key0 = position of k[0]; lo/hi [R]."""
+def _softmax_step(q, k, v, key0, lo, hi, tile_lo, tile_hi, carry, scale):
+    """One online-softmax update. q [R, D]; k, v [K, D]; key0 = position of k[0]; lo/hi [R];
+    tile_lo/tile_hi: the tile's key interval (min(lo), max(hi)), outside which V is zeroed."""
     acc, m, l = carry
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     key = key0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     mask = (key >= lo[:, None]) & (key < hi[:, None])
+    v_key = key0 + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    v = jnp.where((v_key >= tile_lo) & (v_key < tile_hi), v, jnp.zeros_like(v))
     s = jnp.where(mask, s * scale, _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
@@ -158,12 +167,13 @@ def _walk_pages(q, k_ref, v_ref, layer, head, bt_ref, lo, hi, blk_begin, blk_end
     R, D = q.shape
     S = k_ref.shape[3]
     bk = pages_per_block * S
+    tile_lo, tile_hi = jnp.min(lo), jnp.max(hi)
 
     def body(j, carry):
         pages = bt_ref[pl.ds(j * pages_per_block, pages_per_block)]
         k = k_ref[layer, head, pages].reshape(bk, D)
         v = v_ref[layer, head, pages].reshape(bk, D)
-        return _softmax_step(q, k, v, j * bk, lo, hi, carry, scale)
+        return _softmax_step(q, k, v, j * bk, lo, hi, tile_lo, tile_hi, carry, scale)
 
     init = (jnp.zeros((R, D), jnp.float32), jnp.full((R,), _NEG, jnp.float32),
             jnp.zeros((R,), jnp.float32))
@@ -198,7 +208,8 @@ def _prefill_kernel(layer_ref, bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *res
     head = pl.program_id(1) // head_splits
     acc, _, l = _walk_pages(q_ref[...], k_ref, v_ref, layer_ref[0], head, bt_ref, lo, hi,
                             blk_begin, blk_end, pages_per_block, scale)
-    out = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0)
+    # l == 0: no visible key (zeros); a NaN l (the row's own values) stays NaN, as in XLA.
+    out = jnp.where(l[:, None] != 0, acc / jnp.where(l != 0, l, 1.0)[:, None], 0.0)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -284,10 +295,11 @@ def _decode_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, pages_per_bl
 def _merge_splits(acc, m, l):
     """Combine per-split partial softmaxes: acc [..., s, G, D], m/l [..., s, G] -> [..., G, D]."""
     m_all = jnp.max(m, axis=-2, keepdims=True)
-    w = jnp.where(l > 0, jnp.exp(m - m_all), 0.0)
+    w = jnp.where(l != 0, jnp.exp(m - m_all), 0.0)     # a NaN split stays NaN
     denom = jnp.sum(w * l, axis=-2)
     num = jnp.sum(w[..., None] * acc, axis=-3)
-    return jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
+    return jnp.where(denom[..., None] != 0, num / jnp.where(denom != 0, denom, 1.0)[..., None],
+                     0.0)
 
 
 # ----------------------------------------------------------------------------- tiling

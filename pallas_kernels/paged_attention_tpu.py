@@ -2,8 +2,9 @@
 
 Same math and row layout as pallas_kernels.paged_attention (one [rows, head_dim] query tile per
 (sequence, kv head, token tile); key interval [lo, hi) per row). What changes on TPU:
-  * the layer index, block_tables and each tile's page-block range [blk_lo, blk_hi) live in
-    SMEM (PrefetchScalarGridSpec), so the kernel can address pages before touching vector memory;
+  * the layer index, block_tables, each tile's page-block range [blk_lo, blk_hi) and key
+    interval [key_lo, key_hi) (min(lo), max(hi) of its rows) live in SMEM
+    (PrefetchScalarGridSpec), so the kernel can address pages before touching vector memory;
   * the stacked K/V pools stay in HBM (memory_space ANY), whole: the kernel DMAs
     pool[layer, head, page] itself, nothing is sliced outside it; each page block is
     `pages_per_block` page DMAs
@@ -11,6 +12,8 @@ Same math and row layout as pallas_kernels.paged_attention (one [rows, head_dim]
     current block is computed;
   * the online softmax keeps m and l as [rows, 1] columns (2-D, the shape Mosaic likes) and goes
     one page at a time through the loaded block, so no value reshape is needed.
+Masked keys are excluded by selection: scores replaced, and V rows outside the tile's key
+interval (past the sequence's kv_len: stale, possibly NaN) zeroed before p @ V.
 Used for decode (token tile of 1) and prefill alike. Runs under TPU interpret mode on CPU
 (`interpret=True` -> pltpu.InterpretParams()), which simulates the DMAs and semaphores.
 """
@@ -29,6 +32,7 @@ from pallas_kernels.paged_attention import (_NEG, _group_rows, _pad_block_tables
 
 
 def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (scalar prefetch)
+                key_lo_ref, key_hi_ref,
                 lo_ref, hi_ref, q_ref, k_hbm, v_hbm,                 # VMEM blocks / HBM pools
                 *rest, scale, pages_per_block, max_pages, num_tiles):
     o_ref, k_buf, v_buf, sems = rest[-4:]
@@ -37,6 +41,7 @@ def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (sca
     layer = layer_ref[0]
     tile = b * num_tiles + i
     blk_lo, blk_hi = blk_lo_ref[tile], blk_hi_ref[tile]
+    key_lo, key_hi = key_lo_ref[tile], key_hi_ref[tile]
 
     def copies(j, slot):
         out = []
@@ -69,7 +74,10 @@ def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (sca
         for p in range(pages_per_block):
             k, v = k_buf[slot, p], v_buf[slot, p]                       # [S, D]
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-            key = (j * pages_per_block + p) * S + lax.broadcasted_iota(jnp.int32, (R, S), 1)
+            key0 = (j * pages_per_block + p) * S
+            key = key0 + lax.broadcasted_iota(jnp.int32, (R, S), 1)
+            v_key = key0 + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+            v = jnp.where((v_key >= key_lo) & (v_key < key_hi), v, jnp.zeros_like(v))
             mask = (key >= lo) & (key < hi)
             s = jnp.where(mask, s * scale, _NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -84,7 +92,7 @@ def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (sca
     init = (jnp.zeros((R, D), jnp.float32), jnp.full((R, 1), _NEG, jnp.float32),
             jnp.zeros((R, 1), jnp.float32))
     acc, _, l = lax.fori_loop(blk_lo, blk_hi, block, init)
-    out = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+    out = jnp.where(l != 0, acc / jnp.where(l != 0, l, 1.0), 0.0)  # NaN l (own values) stays
     o_ref[...] = out.astype(o_ref.dtype)
 
 
@@ -116,8 +124,10 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     bk = ppb * S
     lo, hi = lo[:, 0], hi[:, 0]                             # one head split: [B, Tp * Gp]
     lo_t, hi_t = lo.reshape(B, nq, R), hi.reshape(B, nq, R)
-    blk_lo = (jnp.min(lo_t, axis=-1) // bk).reshape(-1)
-    blk_hi = ((jnp.max(hi_t, axis=-1) + bk - 1) // bk).reshape(-1)
+    key_lo = jnp.min(lo_t, axis=-1).reshape(-1).astype(jnp.int32)
+    key_hi = jnp.max(hi_t, axis=-1).reshape(-1).astype(jnp.int32)
+    blk_lo = key_lo // bk
+    blk_hi = (key_hi + bk - 1) // bk
     blk_lo = jnp.minimum(blk_lo, blk_hi).astype(jnp.int32)  # empty tiles: lo == hi, no DMA
 
     rows = pl.BlockSpec((None, R, 1), lambda b, h, i, *_: (b, i, 0))
@@ -129,13 +139,13 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     if poison:
         in_specs.append(tile)
         args.append(jnp.full(qg.shape, jnp.nan, qg.dtype))
-        aliases = {4 + len(args) - 1: 0}                    # index counts the 4 prefetch args
+        aliases = {6 + len(args) - 1: 0}                    # index counts the 6 prefetch args
     kernel = functools.partial(_tpu_kernel, scale=scale, pages_per_block=ppb, max_pages=Pp,
                                num_tiles=nq)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4, grid=(B, Hkv, nq), in_specs=in_specs, out_specs=tile,
+            num_scalar_prefetch=6, grid=(B, Hkv, nq), in_specs=in_specs, out_specs=tile,
             scratch_shapes=[pltpu.VMEM((2, ppb, S, D), k_pages.dtype),
                             pltpu.VMEM((2, ppb, S, D), v_pages.dtype),
                             pltpu.SemaphoreType.DMA((2, 2))]),
@@ -145,5 +155,5 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
             dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="paged_attention_tpu",
-    )(layer, bt.reshape(-1), blk_lo, blk_hi, *args)
+    )(layer, bt.reshape(-1), blk_lo, blk_hi, key_lo, key_hi, *args)
     return _ungroup_rows(out, B, Tq, Hkv, G, Tp, Gp)

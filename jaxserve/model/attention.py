@@ -55,6 +55,11 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     # Scores and softmax in float32 (XLA:CPU also has no bf16 x bf16 -> f32 dot).
     k, v = values(k).astype(jnp.float32), values(v).astype(jnp.float32)
     key_pos = jnp.arange(P * S, dtype=jnp.int32).reshape(P, S)
+    # Rows past a sequence's kv_len (stale K/V of a page's earlier owner, adapter weights, the
+    # null page's padding writes) may hold anything, inf and NaN included: their V rows are
+    # selected out here, since a zero weight times NaN is NaN. K needs no such step: each score
+    # comes from one key row, and masked scores are replaced below.
+    v = jnp.where((key_pos < kv_lens[:, None, None])[:, :, None, :, None], v, 0.0)
     qp = q_positions[:, :, None, None]                                        # [B, Tq, 1, 1]
     mask = (key_pos <= qp) & (key_pos < kv_lens[:, None, None, None])         # [B, Tq, P, S]
     if sliding_window is not None:
@@ -74,6 +79,8 @@ def _attend(q, k, v, mask, scale):
     qg = q.reshape(B, Tq, Hkv, Hq // Hkv, D).astype(jnp.float32) * scale
     s = jnp.einsum("btkgd,bpksd->bkgtps", qg, k, preferred_element_type=jnp.float32)
     mask = mask[:, None, None]                                                 # [B,1,1,Tq,P,S]
+    # Masked positions are excluded by selection (never by multiplying with 0): their scores
+    # may be NaN (a stale key row), and v holds zeros past each row's kv_len.
     s = jnp.where(mask, s, -1e30)
     e = jnp.where(mask, jnp.exp(s - s.max(axis=(-2, -1), keepdims=True)), 0.0)
     den = e.sum(axis=(-2, -1))                                                 # [B, Hkv, G, Tq]
