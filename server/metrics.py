@@ -49,8 +49,31 @@ class Histogram:
         return out
 
 
+def _esc_char(c: str) -> str:
+    """One character of a label value: the format's escapes for backslash, quote and newline;
+    other control characters and lone surrogates (not encodable as UTF-8) as the literal text
+    \\xHH / \\uHHHH (an escaped backslash, then hex), so the page stays valid UTF-8 and one
+    line per sample."""
+    if c == "\\":
+        return "\\\\"
+    if c == '"':
+        return '\\"'
+    if c == "\n":
+        return "\\n"
+    o = ord(c)
+    if o < 0x20 or 0x7F <= o < 0xA0:
+        return f"\\\\x{o:02x}"
+    if 0xD800 <= o < 0xE000 or o in (0x2028, 0x2029):
+        return f"\\\\u{o:04x}"
+    return c
+
+
 def esc(value) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """A Prometheus label value for any string (see _esc_char)."""
+    text = str(value)
+    if text.isprintable() and text.isascii() and "\\" not in text and '"' not in text:
+        return text
+    return "".join(map(_esc_char, text))
 
 
 class ServingMetrics:
@@ -65,6 +88,7 @@ class ServingMetrics:
         self.finished: collections.Counter = collections.Counter()   # finish reason -> count
         self.http: collections.Counter = collections.Counter()       # (route, status) -> count
         self.started = time.time()
+        self.max_clients = DEFAULT_MAX_CLIENTS   # per-client series shown (+ client="other")
 
     # AsyncEngine observer
     def on_first_token(self, ttft_s: float, queue_s: float) -> None:
@@ -160,9 +184,18 @@ class ServingMetrics:
         metric("jaxserve:server_waiting_requests", "gauge",
                "Admitted requests without a first token (the --max-waiting bound).",
                [(m, num_waiting_server)])
-        for field, samples in sorted(_per_client(stats).items()):
+        per_client, num_clients, num_other = _per_client(stats, self.max_clients)
+        if num_clients:
+            metric("jaxserve:scheduler_clients", "gauge",
+                   "Clients the scheduler policy holds state for.", [(m, num_clients)])
+            metric("jaxserve:scheduler_clients_other", "gauge",
+                   'Of them, those summed into client="other" (beyond the top '
+                   f'{self.max_clients} by traffic).', [(m, num_other)])
+        for field, samples in sorted(per_client.items()):
             metric(f"jaxserve:scheduler_client_{field}", "gauge",
-                   f"Per-client scheduler value '{field}' (VTC counters, service).", samples)
+                   f"Per-client scheduler value '{field}' (VTC counters, service); the "
+                   f'clients with the most traffic, the rest as client="other" '
+                   f"({OTHER_AGGREGATION.get(field, 'sum')}).", samples)
         hist("jaxserve:token_delivery_seconds",
              "Per streamed token: engine thread hands it off -> bytes written to the client.",
              self.delivery)
@@ -197,18 +230,52 @@ def _prefix_by_adapter(prefix: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _per_client(stats: dict) -> dict[str, list[tuple[str, float]]]:
-    """{field: [(labels, value)]} from the policy's per-client stats ({client: {field: num}}),
-    found under stats['scheduler'] (optionally nested under a 'clients' key)."""
+DEFAULT_MAX_CLIENTS = 20
+OTHER = "other"
+# A client's traffic (what ranks the clients shown): the sum of these of its fields.
+TRAFFIC_FIELDS = ("input_tokens", "output_tokens", "accepted_in_window", "rejected")
+# How client="other" combines a field over the clients it stands for (default: sum).
+OTHER_AGGREGATION = {"counter": "min", "weight": "sum"}
+
+
+def _numbers(fields: dict) -> dict[str, float]:
+    """The numeric fields of one client's stats, under metric-name-safe names."""
+    out = {}
+    for field, value in fields.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out["".join(c if c.isascii() and c.isalnum() else "_" for c in str(field))] = value
+    return out
+
+
+def _per_client(stats: dict, max_clients: int = DEFAULT_MAX_CLIENTS
+                ) -> tuple[dict[str, list[tuple[str, float]]], int, int]:
+    """({field: [(labels, value)]}, clients, clients summed into "other") from the policy's
+    per-client stats ({client: {field: num}}), found under stats['scheduler'] (optionally nested
+    under a 'clients' key). The `max_clients` clients with the most traffic (TRAFFIC_FIELDS;
+    ties: by name) get their own series; the rest, and a client really named "other", are
+    combined into client="other" (OTHER_AGGREGATION), so the page stays bounded however many
+    distinct clients (`user` values) the server sees."""
     sched = stats.get("scheduler") or {}
     clients = sched.get("clients", sched) if isinstance(sched, dict) else {}
+    if not isinstance(clients, dict):
+        return {}, 0, 0
+    rows = [(str(c), _numbers(f)) for c, f in clients.items() if isinstance(f, dict)]
+    rows.sort(key=lambda r: (-sum(r[1].get(f, 0) for f in TRAFFIC_FIELDS), r[0]))
+    shown = [r for r in rows if r[0] != OTHER][:max(0, max_clients)]
+    shown_names = {c for c, _ in shown}
+    rest = [r for r in rows if r[0] not in shown_names]
     out: dict[str, list] = collections.defaultdict(list)
-    if isinstance(clients, dict):
-        for client, fields in sorted(clients.items(), key=lambda kv: str(kv[0])):
-            if not isinstance(fields, dict):
-                continue
+    for client, fields in sorted(shown, key=lambda r: r[0]):
+        for field, value in fields.items():
+            out[field].append((f'client="{esc(client)}"', value))
+    if rest:
+        combined: dict[str, float] = {}
+        for _, fields in rest:
             for field, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    safe = "".join(c if c.isalnum() else "_" for c in str(field))
-                    out[safe].append((f'client="{esc(client)}"', value))
-    return out
+                how = OTHER_AGGREGATION.get(field, "sum")
+                prev = combined.get(field)
+                combined[field] = (value if prev is None else
+                                   min(prev, value) if how == "min" else prev + value)
+        for field, value in combined.items():
+            out[field].append((f'client="{OTHER}"', value))
+    return out, len(rows), len(rest)

@@ -24,13 +24,50 @@ def load_adapter(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
     return load_peft(name, path, model_cfg)
 
 
+class AdapterLimitError(AdapterError):
+    """Registering one more adapter would pass a cap on the store (`limit`: "count" or
+    "host_bytes"); unloading adapters makes room."""
+
+    def __init__(self, message: str, *, limit: str, cap: int, current: int, needed: int):
+        super().__init__(message)
+        self.limit = limit        # "count" | "host_bytes"
+        self.cap = cap
+        self.current = current    # adapters (count) or their host bytes, before this one
+        self.needed = needed      # 1 (count) or this adapter's host bytes
+
+
 class LoraStore:
     def __init__(self, model_cfg: ModelConfig, layout: PageLayout, max_pages: int):
         self.model_cfg = model_cfg
         self.layout = layout
         self.max_pages = max_pages          # pages one adapter may take (the pool, or the cap)
+        # Caps on what the store holds (None: none); adapters registered before a cap is set
+        # stay, but count toward it.
+        self.max_adapters: int | None = None
+        self.max_host_bytes: int | None = None
         self._adapters: dict[str, LoraAdapter] = {}
+        self._num_bytes = 0                 # host bytes of the registered adapters' arrays
         self._lock = threading.Lock()       # add/remove may come from a server thread
+
+    @property
+    def num_bytes(self) -> int:
+        """Host memory the registered adapters' arrays take."""
+        return self._num_bytes
+
+    def check_room(self, num_bytes: int = 0) -> None:
+        """AdapterLimitError when one more adapter (of `num_bytes`, 0: not yet known) would
+        pass a cap. `add` checks before reading files (count) and again once the size is known."""
+        if self.max_adapters is not None and len(self._adapters) + 1 > self.max_adapters:
+            raise AdapterLimitError(
+                f"{len(self._adapters)} adapters are registered, the cap is {self.max_adapters}",
+                limit="count", cap=self.max_adapters, current=len(self._adapters), needed=1)
+        if (self.max_host_bytes is not None and num_bytes
+                and self._num_bytes + num_bytes > self.max_host_bytes):
+            raise AdapterLimitError(
+                f"registered adapters take {self._num_bytes} bytes of host memory; this one "
+                f"({num_bytes} bytes) would pass the cap of {self.max_host_bytes}",
+                limit="host_bytes", cap=self.max_host_bytes, current=self._num_bytes,
+                needed=num_bytes)
 
     def validate(self, adapter: LoraAdapter) -> None:
         if adapter.max_rank > self.layout.max_rank:
@@ -44,19 +81,24 @@ class LoraStore:
     def add(self, name: str, source: str | LoraAdapter) -> LoraAdapter:
         if not name or not isinstance(name, str):
             raise ValueError("adapter name must be a non-empty string")
+        self.check_room()
         adapter = source if isinstance(source, LoraAdapter) else load_adapter(name, source, self.model_cfg)
         adapter.name = name
         self.validate(adapter)
         with self._lock:
             if name in self._adapters:
                 raise ValueError(f"adapter {name!r} is already registered (remove it first)")
+            self.check_room(adapter.num_bytes)
             self._adapters[name] = adapter
+            self._num_bytes += adapter.num_bytes
         return adapter
 
     def remove(self, name: str) -> None:
         with self._lock:
-            if self._adapters.pop(name, None) is None:
+            adapter = self._adapters.pop(name, None)
+            if adapter is None:
                 raise KeyError(f"unknown adapter {name!r}")
+            self._num_bytes -= adapter.num_bytes
 
     def __contains__(self, name) -> bool:
         return name in self._adapters
