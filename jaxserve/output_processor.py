@@ -8,7 +8,8 @@ For each sequence that got a token this step:
      there (after the string with include_stop_str_in_output);
   3. a tail that may still grow into a stop string is held back; the rest is the text delta.
 The engine then calls `Scheduler.finish(seq, reason)` for each finished sequence (the scheduler
-decides no finish itself).
+decides no finish itself). A sequence whose logits went non-finite is finished by `fail`
+(finish_reason "error"), before its step's tokens are processed.
 """
 from __future__ import annotations
 
@@ -137,6 +138,21 @@ class OutputProcessor:
             finish_reason=reason.value if reason is not None else None,
             new_logprobs=[logprob] if p.logprobs else None)
         return out, reason
+
+    def fail(self, seq: Sequence, message: str, code: str) -> RequestOutput | None:
+        """Finish seq's request with finish_reason "error" (nothing of this step's token is
+        shown); its final output carries the text already returned. None when the request is
+        not known (already finished or aborted)."""
+        req = self._by_seq.get(seq.seq_id)
+        if req is None:
+            return None
+        self.pop(req.request_id)
+        text = req.text[:req.emitted_chars]
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=[], new_text="", text=text,
+            token_ids=list(seq.output_token_ids), num_prompt_tokens=seq.num_prompt_tokens,
+            finished=True, finish_reason="error", new_logprobs=[] if req.params.logprobs else None,
+            error=message, error_code=code)
 
     @staticmethod
     def _find_stop(req: _Request) -> int | None:

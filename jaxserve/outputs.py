@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# error_code of a request whose logits went NaN or infinite (an adapter or an input driving
+# the model out of float range); its request alone is finished
+NON_FINITE_LOGITS = "non_finite_logits"
+
 
 @dataclass
 class RequestOutput:
@@ -13,8 +17,13 @@ class RequestOutput:
     token_ids: list[int]               # all output tokens so far
     num_prompt_tokens: int
     finished: bool = False
-    finish_reason: str | None = None   # "stop" | "length" | "abort" (None while running)
+    # "stop" | "length" | "abort" | "error" (None while running)
+    finish_reason: str | None = None
     new_logprobs: list[float] | None = None  # log p of each new token, when requested
+    # With finish_reason "error": what went wrong for this request alone, and a code for it
+    # (NON_FINITE_LOGITS); the text and tokens are what it had produced until then.
+    error: str | None = None
+    error_code: str | None = None
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,7 +1,12 @@
 """Token sampling on device, per request: greedy, temperature, top-k, top-p, seeded.
 
 Each row's random key is derived from (its seed, how many tokens it has generated), so a
-request samples the same tokens alone, in any batch, and after a preemption.
+request samples the same tokens alone, in any batch, and after a preemption. Every operation
+is per row: a row of NaN logits changes no other row's token or log-prob.
+
+A row whose logits are not finite (NaN or +inf anywhere, or no finite value: its max is not
+finite) samples NON_FINITE instead of a token id; the engine finishes that request with an
+error (jaxserve/engine.py).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class SamplingInput:
     logprobs: jax.Array | bool = True
 
 
+NON_FINITE = -1       # the "token" of a row whose logits are not finite
 MAX_CANDIDATES = 1024  # top-k / top-p look at the 1024 most likely tokens (see below)
 
 
@@ -81,7 +87,8 @@ def _filtered_sample(logits, s: SamplingInput):
 
 def sample(logits, s: SamplingInput):
     """logits: [B, V] float32 -> (tokens [B] int32, logprobs [B] float32 of the chosen tokens
-    under the unmodified distribution; NaN unless s.logprobs)."""
+    under the unmodified distribution; NaN unless s.logprobs). A row whose logits are not
+    finite gets the token NON_FINITE."""
     logits = logits.astype(jnp.float32)
     m, greedy = _row_max_argmax(logits)
     tokens = jax.lax.cond(jnp.all(s.temperature == 0), lambda: greedy,
@@ -90,4 +97,7 @@ def sample(logits, s: SamplingInput):
     lse = jax.lax.cond(jnp.asarray(s.logprobs, bool),
                        lambda: m[:, 0] + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)),
                        lambda: jnp.full_like(chosen, jnp.nan))
+    # The row max is NaN when any logit is (XLA's max propagates NaN), +inf when one is; the
+    # chosen logit is checked too (jnp.argmax picks a NaN first).
+    tokens = jnp.where(jnp.isfinite(m[:, 0]) & jnp.isfinite(chosen), tokens, NON_FINITE)
     return tokens, chosen - lse

@@ -150,12 +150,18 @@ class BlockAllocator:
         referenced ones stay with their holders, no longer shared. Returns pages forgotten."""
         pages = (list(self._hash_of) if everything
                  else [p for p, t in self._tag_of.items() if t == tag])
+        self.forget(pages)
+        return len(pages)
+
+    def forget(self, pages: list[int]) -> None:
+        """Take `pages` out of the prefix cache (their K/V must not be reused: computed under a
+        removed adapter, or by a request whose values went non-finite). Evictable ones become
+        free; referenced ones stay with their holders, no longer shared."""
         for p in pages:
             self._forget(p)
             if p in self._evictable:
                 del self._evictable[p]
                 self._free.append(p)
-        return len(pages)
 
     def _forget(self, page: int) -> None:
         h = self._hash_of.pop(page, None)
