@@ -20,8 +20,10 @@ A request's life through this module:
   6. If `engine.step()` raises, every request in flight is aborted in the engine and its handler
      gets an EngineError (a 500 or an SSE error event); the thread keeps serving new requests
      unless steps fail MAX_STEP_FAILURES times in a row, when it stops and /health turns 503.
-  7. `shutdown()` refuses new requests, lets in-flight ones finish for a grace period, aborts the
-     rest, then sends "stop" and joins the thread.
+  7. `drain()` refuses new requests (EngineStopped), lets in-flight ones finish for a grace
+     period (`cut()` ends it early), then cuts the rest: each gets a RequestCut after the outputs
+     already delivered to it, and is aborted in the engine. `shutdown()` drains, then sends
+     "stop" and joins the thread.
 Engine methods are only ever called on the engine thread: stats and LoRA management go through
 `call()`, which runs a function there between steps and returns its result to the loop.
 """
@@ -48,6 +50,11 @@ MAX_STEP_FAILURES = 3  # consecutive failed steps before the engine thread gives
 
 class EngineStopped(Exception):
     """The engine is shutting down (or its thread died) and takes no new requests."""
+
+
+class RequestCut(EngineStopped):
+    """The server shut down before this request finished: the grace period ran out. Its
+    consumer has already received every output the engine delivered for it."""
 
 
 class EngineError(Exception):
@@ -151,6 +158,7 @@ class AsyncEngine:
         self._accepting = False
         self._dead: BaseException | None = None
         self._drained: asyncio.Event | None = None
+        self._cut_now: asyncio.Event | None = None
         self.num_steps = 0
         self._engine_ids: set[str] = set()   # engine thread only: ids the engine holds
         self._num_step_failures = 0
@@ -169,6 +177,11 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     @property
+    def is_accepting(self) -> bool:
+        """Running and not draining: submit() would take a request."""
+        return self._accepting and self.is_running
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._streams)
 
@@ -176,21 +189,42 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self._num_waiting
 
-    async def shutdown(self, grace_s: float | None = None) -> None:
-        """Stop taking requests, let in-flight ones finish (up to grace_s), abort the rest."""
-        if self._thread is None:
-            return
+    async def drain(self, grace_s: float | None = None) -> int:
+        """Stop taking requests (submit raises EngineStopped from now on), let in-flight ones
+        finish for up to grace_s seconds (or until cut()), then cut the rest: each stream gets
+        a RequestCut after its delivered outputs and is aborted in the engine (its pages are
+        freed). Returns the number of requests cut. The engine thread keeps running."""
         self._accepting = False
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         if self._streams and self.is_running:
             self._drained = asyncio.Event()  # set by _release when the last stream goes
+            if self._cut_now is None:
+                self._cut_now = asyncio.Event()
+            waits = [asyncio.ensure_future(self._drained.wait()),
+                     asyncio.ensure_future(self._cut_now.wait())]
             try:
-                await asyncio.wait_for(self._drained.wait(), grace)
-            except asyncio.TimeoutError:
-                pass
-        for stream in list(self._streams.values()):
-            stream._queue.put_nowait(EngineStopped("the server is shutting down"))
+                await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream._queue.put_nowait(RequestCut(
+                f"the server shut down before this request finished (grace {grace:g} s)"))
             stream.close()
+        return len(streams)
+
+    def cut(self) -> None:
+        """End a running drain's grace period now (a second SIGTERM does this)."""
+        if self._cut_now is None:
+            self._cut_now = asyncio.Event()
+        self._cut_now.set()
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """drain(grace_s), then stop the engine thread and wait for it."""
+        if self._thread is None:
+            return
+        await self.drain(grace_s)
         self._commands.put(("stop",))
         thread, self._thread = self._thread, None
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 30.0)
