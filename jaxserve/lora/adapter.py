@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
+import regex   # re's superset (a transformers dependency), for its match timeout
 
 from jaxserve.config import ModelConfig
 from jaxserve.model import families
@@ -23,6 +24,16 @@ from jaxserve.model import families
 # (ranks, scales, the pool's pages); which weight each adapts is in the model family's spec.
 MODULES = families.LORA_MODULES
 _SUPPORTED_PEFT_TYPES = ("LORA",)
+# Bounds on what an adapter_config.json may say (far past any real adapter): a rank beyond
+# MAX_CONFIG_RANK or a scale (lora_alpha / r, or / sqrt(r)) beyond MAX_LORA_SCALE in size is
+# refused as a hostile or broken file, as are regexes longer than MAX_PATTERN_CHARS.
+MAX_CONFIG_RANK = 1 << 16
+MAX_LORA_SCALE = 1e4
+MAX_PATTERN_CHARS = 1000
+# A config's regexes are matched against short module paths; a pattern that backtracks
+# catastrophically (`(.*)*x` takes forever under `re`) is refused instead of hanging the
+# engine thread that loads it.
+REGEX_TIMEOUT_S = 0.25
 
 
 class AdapterError(ValueError):
@@ -82,10 +93,22 @@ class LoraAdapter:
 
 # -- PEFT config -------------------------------------------------------------------------------
 
+def _search(fn, pattern: str, path: str):
+    """fn (regex.match / regex.fullmatch) with a time bound; a pattern that exceeds it (or that
+    does not compile) is an AdapterError."""
+    try:
+        return fn(pattern, path, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        raise AdapterError(f"the regex {pattern!r:.80} takes too long to match module names "
+                           "(catastrophic backtracking?)") from None
+    except (regex.error, RecursionError, OverflowError) as e:
+        raise AdapterError(f"{pattern!r:.80} is not a valid regex: {e}") from None
+
+
 def _pattern_key(patterns, path: str):
     """PEFT's rule for rank_pattern/alpha_pattern keys: a regex matching a dotted suffix."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if _search(regex.match, rf"(.*\.)?({key})$", path):
             return key
     return None
 
@@ -94,11 +117,79 @@ def _matches(target, path: str) -> bool:
     if target is None:
         return False
     if isinstance(target, str):
-        return re.fullmatch(target, path) is not None
+        return _search(regex.fullmatch, target, path) is not None
     return any(path == t or path.endswith("." + t) for t in target)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_pattern(pattern, field: str, where: str) -> None:
+    if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
+        raise AdapterError(f"{where}: {field} must hold strings of at most {MAX_PATTERN_CHARS} "
+                           f"characters, got {pattern!r:.80}")
+    try:
+        regex.compile(pattern)
+    except (regex.error, RecursionError, OverflowError) as e:
+        raise AdapterError(f"{where}: {field} {pattern!r:.80} is not a valid regex: {e}") from None
+
+
+def check_config_types(cfg, where: str) -> None:
+    """The JSON types and ranges of the fields the loader reads, so that reading them cannot
+    fail later: a wrong type, a non-finite or huge lora_alpha, a rank that is not an integer in
+    [1, MAX_CONFIG_RANK], a target_modules that is neither a regex nor a list of names."""
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{where}: adapter_config.json must hold a JSON object, "
+                           f"got {type(cfg).__name__}")
+    for field in ("peft_type", "bias"):
+        if cfg.get(field) is not None and not isinstance(cfg[field], str):
+            raise AdapterError(f"{where}: {field} must be a string, got {cfg[field]!r:.80}")
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"):
+        if cfg.get(field) is not None and not isinstance(cfg[field], bool):
+            raise AdapterError(f"{where}: {field} must be true or false, got {cfg[field]!r:.80}")
+
+    def rank(v, field: str) -> None:
+        if not _is_int(v) or not 1 <= v <= MAX_CONFIG_RANK:
+            raise AdapterError(f"{where}: {field} must be an integer in [1, {MAX_CONFIG_RANK}], "
+                               f"got {v!r:.80}")
+
+    def alpha(v, field: str) -> None:
+        if not _is_number(v) or not math.isfinite(v) or abs(v) > MAX_LORA_SCALE * MAX_CONFIG_RANK:
+            raise AdapterError(f"{where}: {field} must be a finite number, got {v!r:.80}")
+
+    rank(cfg.get("r", 8), "r")
+    alpha(cfg.get("lora_alpha", 8), "lora_alpha")
+    for field, check in (("rank_pattern", rank), ("alpha_pattern", alpha)):
+        pat = cfg.get(field)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise AdapterError(f"{where}: {field} must be an object, got {pat!r:.80}")
+        for key, v in pat.items():
+            _check_pattern(key, f"{field} key", where)
+            check(v, f"{field}[{key!r:.80}]")
+    for field in ("target_modules", "exclude_modules"):
+        v = cfg.get(field)
+        if isinstance(v, str):
+            _check_pattern(v, field, where)
+        elif v is not None and (not isinstance(v, list) or not all(
+                isinstance(t, str) and len(t) <= MAX_PATTERN_CHARS for t in v)):
+            raise AdapterError(f"{where}: {field} must be a regex string or a list of module "
+                               f"names, got {v!r:.80}")
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not _is_int(layers) and not (
+            isinstance(layers, list) and all(_is_int(i) for i in layers)):
+        raise AdapterError(f"{where}: layers_to_transform must be an integer or a list of "
+                           f"integers, got {layers!r:.80}")
+
+
 def _refuse_config(cfg: dict, where: str) -> None:
+    check_config_types(cfg, where)
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype not in _SUPPORTED_PEFT_TYPES:
         raise AdapterError(f"{where}: peft_type {ptype!r} is not supported (only LoRA)")
@@ -173,12 +264,20 @@ def _explain_key(key: str, cfg: ModelConfig) -> str:
 def read_peft_config(path: str) -> dict:
     cpath = os.path.join(path, "adapter_config.json")
     try:
-        with open(cpath) as f:
-            return json.load(f)
+        with open(cpath, "rb") as f:
+            return json.loads(f.read())
     except FileNotFoundError:
         raise AdapterError(f"{path}: no adapter_config.json (is this a PEFT adapter directory?)") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:   # not JSON, not UTF-8, nested too deep
         raise AdapterError(f"{cpath} is not valid JSON: {e}") from None
+
+
+def check_tensor(key: str, arr: np.ndarray, where: str) -> None:
+    """A LoRA weight must hold only finite values: one NaN or inf would reach every token the
+    adapter touches (and, through shared pages, possibly other requests)."""
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise AdapterError(f"{where}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
 
 
 def read_peft_tensors(path: str) -> dict[str, np.ndarray]:
@@ -187,9 +286,17 @@ def read_peft_tensors(path: str) -> dict[str, np.ndarray]:
         raise AdapterError(f"{path}: no adapter_model.safetensors (only safetensors adapters are read)")
     from safetensors.torch import load_file
     try:
-        return {k: v.float().numpy() for k, v in load_file(st).items()}
+        raw = load_file(st)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise AdapterError(f"{st}: cannot read safetensors: {e}") from None
+    out = {}
+    for k, v in raw.items():
+        if not v.dtype.is_floating_point:
+            raise AdapterError(f"{path}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}"
+                               "; LoRA weights must be floating point")
+        out[k] = v.float().numpy()
+        check_tensor(k, out[k], path)
+    return out
 
 
 def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model_cfg: ModelConfig,
@@ -200,6 +307,8 @@ def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model
     paths = _module_paths(model_cfg)
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, arr in tensors.items():
+        if len(key) > MAX_PATTERN_CHARS:
+            raise AdapterError(f"{where}: tensor name {key[:80]!r}... is {len(key)} characters long")
         m = _KEY.match(key)
         if m is None:
             raise AdapterError(f"{where}: tensor {key!r} is {_explain_key(key, model_cfg)}")
@@ -243,7 +352,12 @@ def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model
             raise AdapterError(f"{where}: {path} has rank {r}")
         mi = MODULES.index(module)
         ranks[layer, mi] = r
-        scales[layer, mi] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        if not abs(scale) <= MAX_LORA_SCALE:
+            raise AdapterError(f"{where}: {path} has scale {scale:g} (lora_alpha {alpha:g}, "
+                               f"rank {r}{', rsLoRA' if cfg.get('use_rslora') else ''}); "
+                               f"at most {MAX_LORA_SCALE:g} in size is accepted")
+        scales[layer, mi] = scale
     if missing:   # after the shape checks: a shape error is the clearer message for a wrong base
         raise AdapterError(f"{where}: target_modules selects "
                            f"{module_path(model_cfg, *missing[0])} but the adapter has no weights "
@@ -267,7 +381,15 @@ def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model
 
 
 def load_peft(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
+    """Read and validate a PEFT directory; every refusal is an AdapterError, whatever the
+    files hold (an unexpected failure on a malformed file is reported as one too)."""
     if not os.path.isdir(path):
         raise AdapterError(f"adapter path {path!r} is not a directory")
-    cfg = read_peft_config(path)
-    return from_peft_arrays(name, cfg, read_peft_tensors(path), model_cfg, where=path)
+    try:
+        cfg = read_peft_config(path)
+        check_config_types(cfg, path)   # before the tensors: a config error is the clearer one
+        return from_peft_arrays(name, cfg, read_peft_tensors(path), model_cfg, where=path)
+    except (AdapterError, OSError):
+        raise
+    except Exception as e:
+        raise AdapterError(f"{path}: malformed adapter ({type(e).__name__}: {e})") from None

@@ -12,7 +12,8 @@ import os
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.lora.adapter import MODULES, AdapterError, LoraAdapter, LoraWeights, module_dims
+from jaxserve.lora.adapter import (MAX_LORA_SCALE, MODULES, AdapterError, LoraAdapter,
+                                   LoraWeights, check_tensor, module_dims)
 
 FORMAT = "jaxserve-lora-orbax-v1"
 
@@ -41,14 +42,26 @@ def save_orbax(adapter: LoraAdapter, path: str, model_cfg: ModelConfig) -> None:
 
 
 def load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
-    import orbax.checkpoint as ocp
+    """Read and validate a checkpoint; every refusal is an AdapterError, whatever the files
+    hold (Orbax's own failures on a damaged checkpoint are reported as one too)."""
     path = os.path.abspath(path)
     if not is_orbax_dir(path):
         raise AdapterError(f"{path} is not a jaxserve Orbax adapter (expected params/ and config/)")
+    try:
+        return _load_orbax(name, path, model_cfg)
+    except (AdapterError, OSError):
+        raise
+    except Exception as e:
+        raise AdapterError(f"{path}: malformed adapter checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
+    import orbax.checkpoint as ocp
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         config = ckptr.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        if config.get("format") != FORMAT:
-            raise AdapterError(f"{path}: unknown adapter checkpoint format {config.get('format')!r}")
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            fmt = config.get("format") if isinstance(config, dict) else config
+            raise AdapterError(f"{path}: unknown adapter checkpoint format {fmt!r:.80}")
         base = _base_facts(model_cfg)
         if config.get("base") != base:
             raise AdapterError(f"{path}: adapter was converted for a base model with "
@@ -61,6 +74,14 @@ def load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
     scales = np.asarray(tree["scales"], np.float32)
     if ranks.shape != (L, len(MODULES)) or scales.shape != ranks.shape:
         raise AdapterError(f"{path}: ranks/scales have shape {ranks.shape}, expected {(L, len(MODULES))}")
+    if (ranks < 0).any():
+        raise AdapterError(f"{path}: negative ranks {sorted(set(ranks[ranks < 0].tolist()))}")
+    check_tensor("scales", scales, path)
+    if (np.abs(scales) > MAX_LORA_SCALE).any():
+        raise AdapterError(f"{path}: scales beyond {MAX_LORA_SCALE:g} in size "
+                           f"(max {float(np.abs(scales).max()):g})")
+    if set(b) != set(a):
+        raise AdapterError(f"{path}: modules {sorted(set(a) ^ set(b))} lack their A or B arrays")
     for m in a:
         if m not in MODULES or m not in b:
             raise AdapterError(f"{path}: unexpected module {m!r}")
@@ -69,5 +90,9 @@ def load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
         if a[m].shape != (L, R, din) or b[m].shape != (L, R, dout):
             raise AdapterError(f"{path}: {m} arrays {a[m].shape}/{b[m].shape} do not match the base "
                                f"model ({(L, R, din)}/{(L, R, dout)})")
+        check_tensor(f"a.{m}", a[m], path)
+        check_tensor(f"b.{m}", b[m], path)
+    if any((ranks[:, MODULES.index(m)] > 0).any() for m in MODULES if m not in a):
+        raise AdapterError(f"{path}: ranks name modules that have no arrays")
     return LoraAdapter(name, LoraWeights(a=a, b=b, ranks=ranks, scales=scales),
                        dict(config.get("peft_config") or {}))
