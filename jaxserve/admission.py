@@ -67,10 +67,13 @@ def admit(scheduler: Scheduler, prompt_ids, params, *, request_id: str, running:
     if max_tokens is None:  # at least 1, so that a prompt filling the context is refused
         max_tokens = max(1, max_model_len - len(ids))
     seed = params.seed if params.seed is not None else rng.getrandbits(32)
+    # top_k >= the vocabulary keeps every token: the same as off (0), and it then fits the
+    # step's int32 arrays whatever the client sent (SamplingParams bounds it below only)
+    top_k = 0 if params.top_k >= vocab_size else params.top_k
     seq = Sequence(seq_id=seq_id, prompt_token_ids=ids, max_tokens=max_tokens,
                    client_id=client_id, adapter=adapter, cache_salt=cache_salt,
                    arrival_time=now,
-                   sampling=SamplingOptions(temperature=params.temperature, top_k=params.top_k,
+                   sampling=SamplingOptions(temperature=params.temperature, top_k=top_k,
                                             top_p=params.top_p, seed=seed & 0xFFFFFFFF,
                                             logprobs=params.logprobs))
     try:

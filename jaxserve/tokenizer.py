@@ -77,7 +77,13 @@ class Tokenizer:
         return twin
 
     def encode(self, text: str) -> list[int]:
-        return list(self.hf(text)["input_ids"])
+        """Token ids of `text`; text that is not valid Unicode (a lone surrogate, which the
+        server's parser already refuses) is an AdmissionError, not an encoder crash."""
+        try:
+            return list(self.hf(text)["input_ids"])
+        except UnicodeError as e:
+            raise AdmissionError(f"the prompt is not valid Unicode text: {e}",
+                                 param="prompt", code="invalid_unicode") from None
 
     def chat(self, messages: list[dict]) -> list[int]:
         """Token ids of `messages` under the model's chat template, with the generation prompt."""

@@ -319,11 +319,16 @@ def srv(tmp_path_factory, request):
     eng = strict_fake_engine()
     cfg = ServerConfig(lora_root=str(root), max_request_bytes=BODY_LIMIT,
                        lora_modules=(("sql", str(root / "alpha")),))
-    request.config.pluginmanager.register(_Report(), "jaxserve-fuzz-report")
+    _register_report(request.config)
     with ServerThread(eng, cfg) as s:
         s.root = root
         s.conn = None
         yield s
+
+
+def _register_report(config) -> None:
+    if not config.pluginmanager.has_plugin("jaxserve-fuzz-report"):
+        config.pluginmanager.register(_Report(), "jaxserve-fuzz-report")
 
 
 class _Report:
@@ -360,8 +365,12 @@ def _strict_json(raw: bytes):
     return json.loads(raw, parse_constant=no_constant)
 
 
+PER_TEST = collections.Counter()   # test -> requests it sent (-k may select some tests)
+
+
 def check(srv, method: str, path: str, body: bytes | None, headers: dict, what: str = ""):
     """Send, and assert the response is well-formed and < 500; returns (status, parsed body)."""
+    PER_TEST[os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].split("::")[-1]] += 1
     status, rh, raw = send(srv, method, path, body, headers)
     STATUS[status] += 1
     desc = f"{method} {path} {(body or b'')[:300]!r}{' ' + what if what else ''} -> {status} {raw[:300]!r}"
@@ -465,6 +474,35 @@ def test_fuzz_server_still_correct_and_pool_free(srv):
     stats = srv.stats()
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
     assert stats["num_free_pages"] == stats["num_total_pages"], stats
-    total = sum(STATUS.values())
-    print(f"fuzz: {total} cases, 0 responses >= 500")
-    assert total >= 600
+    print(f"fuzz: {sum(STATUS.values())} cases, 0 responses >= 500")
+    ran = {name: n for name, n in PER_TEST.items() if name.startswith("test_fuzz_")
+           and name.endswith(("_bodies", "_requests", "_adapters"))}
+    assert all(n >= 150 for n in ran.values()), ran   # each fuzz test that ran: its examples
+
+# ------------------------------------------------------------------ the same, on the real model
+@pytest.fixture(scope="module")
+def real_srv(request):
+    from server_harness import shared_real_engine
+    _register_report(request.config)
+    with ServerThread(shared_real_engine()) as s:
+        yield s
+
+
+@pytest.mark.slow   # the real default model behind the server (compiles its step programs)
+@settings(FUZZ, max_examples=60)
+@given(req=mutated_request())
+def test_fuzz_real_engine(real_srv, req):
+    """Mutated bodies against the real engine and tokenizer (no --lora-root: adapter loads are
+    403): what reaches the real step builder and sampler (top_k beyond int32, say) is < 500."""
+    check(real_srv, *req)
+
+
+@pytest.mark.slow
+def test_fuzz_real_engine_still_correct(real_srv):
+    for body in ({"prompt": "Hi", "max_tokens": 2, "top_k": 2**40},
+                 {"prompt": "Hi", "max_tokens": 2, "temperature": 100, "logprobs": 0},
+                 {"prompt": "Hi", "max_tokens": 2, "seed": 2**63 - 1, "top_p": 1e-300}):
+        status, out = check(real_srv, "POST", "/v1/completions", json.dumps(body).encode(), {})
+        assert status == 200, out
+    stats = real_srv.stats()
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
