@@ -20,6 +20,13 @@ from jaxserve.admission import INVALID, OVERLOAD, UNKNOWN, AdmissionError
 from jaxserve.sampling_params import SamplingParams
 
 ADMISSION_STATUS = {INVALID: 400, UNKNOWN: 404, OVERLOAD: 429}
+# An error's `code` is always a string: the specific one where the raiser names it
+# (invalid_json, context_length_exceeded, ...), else this default for its status.
+DEFAULT_CODES = {400: "invalid_request", 401: "invalid_api_key", 403: "forbidden",
+                 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                 409: "conflict", 413: "request_too_large", 422: "unprocessable",
+                 429: "rate_limited", 500: "internal_error", 501: "not_implemented",
+                 503: "unavailable"}
 
 
 class ApiError(Exception):
@@ -29,7 +36,7 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        self.code = code if code is not None else DEFAULT_CODES.get(status, f"http_{status}")
         self.type = type or {401: "authentication_error", 403: "permission_error",
                              404: "not_found_error", 429: "rate_limit_error",
                              501: "not_implemented_error"}.get(
@@ -37,7 +44,7 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code if self.code is not None else self.status}}
+                          "code": self.code}}
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -49,7 +56,7 @@ def admission_error(e: AdmissionError) -> ApiError:
 
 
 def _reject_constant(name: str):
-    raise bad(f"invalid JSON number {name}")
+    raise bad(f"invalid JSON number {name}", code="invalid_json")
 
 
 # What any body may hold, whatever the endpoint: the handlers below read fields knowing that

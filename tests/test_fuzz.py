@@ -385,7 +385,8 @@ def check(srv, method: str, path: str, body: bytes | None, headers: dict, what: 
         assert isinstance(err, dict) and set(err) == {"error"}, desc
         e = err["error"]
         assert isinstance(e, dict) and isinstance(e.get("message"), str) and e["message"], desc
-        assert isinstance(e.get("type"), str) and "param" in e and "code" in e, desc
+        assert isinstance(e.get("type"), str) and "param" in e, desc
+        assert isinstance(e.get("code"), str) and e["code"], desc
         return status, err
     if "text/event-stream" in ctype:
         text = raw.decode("utf-8")
