@@ -590,3 +590,47 @@ def test_fuzz_real_engine_still_correct(real_srv):
         assert status == 200, out
     stats = real_srv.stats()
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
+
+
+# ------------------------------------------------------------------ non-finite log-probs
+class NonFiniteLogprobRunner(FakeRunner):
+    """The fake runner whose chosen-token log-probabilities are NaN, -inf and +inf in turn."""
+
+    def run(self, plan):
+        tokens, _ = super().run(plan)
+        bad = [float("nan"), float("-inf"), float("inf")]
+        return tokens, [None if t is None else bad[(self.num_steps + i) % 3]
+                        for i, t in enumerate(tokens)]
+
+
+def test_non_finite_logprobs_are_null_in_every_response():
+    """Log-probs that are not finite are written as null, never as NaN/Infinity, in every
+    response shape that carries them (completions and chat, whole and streamed, and
+    /generate_stream); the text is unaffected."""
+    cfg = EngineConfig(max_num_seqs=4, num_pages=64, page_size=4, max_model_len=64,
+                       max_prefill_tokens=64, max_lora_rank=8)
+    eng = LLMEngine(cfg, runner=NonFiniteLogprobRunner(),
+                    tokenizer=Tokenizer(StrictCharTokenizer(), eos_ids=frozenset({0})),
+                    model_config=FAKE_MODEL, model_name="fake-model")
+    with ServerThread(eng) as s:
+        cases = [("/v1/completions", {"prompt": "hey", "max_tokens": 4, "logprobs": 0}),
+                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hey"}],
+                                           "max_tokens": 4, "logprobs": True})]
+        for path, body in cases:
+            for stream in (False, True):
+                status, out = check(s, "POST", path, json.dumps({**body, "stream": stream}).encode(), {})
+                assert status == 200, out
+                if stream:
+                    lps = [c["logprobs"] for e in out if e != "[DONE]" for c in e["choices"]
+                           if c.get("logprobs")]
+                else:
+                    lps = [out["choices"][0]["logprobs"]]
+                values = [v for lp in lps for v in (lp["token_logprobs"] if "token_logprobs" in lp
+                                                    else [c["logprob"] for c in lp["content"]])]
+                assert values and all(v is None for v in values), (path, stream, out)
+        status, events = check(s, "POST", "/generate_stream", json.dumps(
+            {"inputs": "hey", "parameters": {"max_new_tokens": 4, "details": True}}).encode(), {})
+        assert status == 200 and all(e["token"]["logprob"] is None for e in events), events
+        status, out = check(s, "POST", "/v1/completions", json.dumps(
+            {"prompt": "hey", "max_tokens": 4, "temperature": 0}).encode(), {})
+        assert out["choices"][0]["text"] == expected_text("hey", 4), out
