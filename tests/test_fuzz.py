@@ -1,19 +1,25 @@
 """Property-based fuzz of every endpoint: no input gets a response >= 500.
 
 The server runs over the fake runner (tests/fake_runner.py: the real engine, admission,
-scheduler and adapter store; only the device step is fake), with --lora-root set. Hypothesis
+scheduler and adapter store; only the device step is fake) with a tokenizer that, like HF's,
+encodes its input as UTF-8 first, under the VTC scheduler, with --lora-root set. Hypothesis
 generates
   - valid-ish bodies for each POST endpoint with fields mutated: wrong JSON types, lone UTF-16
     surrogates, NULs, numbers too large for a double or for 64 bits, deep nesting, strings up to
-    past the body limit, random Unicode, extra fields;
-  - raw requests: byte garbage on any method, path and content type, odd Authorization headers;
+    past the body limit, random Unicode, extra fields; sometimes an Authorization header that
+    is not UTF-8;
+  - raw requests: byte garbage on any method, path and content type, odd Authorization headers,
+    Content-Encoding gzip/deflate/br/unknown over garbage or valid compressed bodies;
   - hostile adapter directories (adapter_config.json with wrong types / NaN / huge or zero
     ranks / bad regexes or garbage bytes; safetensors with NaN, wrong shapes, integer dtypes,
-    truncated or garbage bytes), loaded through /v1/load_lora_adapter and /generate's lora_dir.
+    truncated or garbage bytes), loaded through /v1/load_lora_adapter and /generate's lora_dir,
+    and damaged Orbax checkpoints.
 Every response must be < 500; every 4xx must carry the OpenAI error body
-{"error": {"message": str, "type": str, "param", "code"}}; every 200 must be strict JSON (no
-NaN/Infinity) or well-formed SSE. Afterwards the server answers a normal request exactly, and
-once every adapter is unloaded the KV pool is entirely free.
+{"error": {"message": str, "type": str, "param", "code": str}} (except aiohttp's own plain-text
+400 for a body whose Content-Encoding it cannot decode, answered before any middleware runs);
+every 200 must be strict JSON (no NaN/Infinity) or well-formed SSE. Afterwards the server
+answers a normal request exactly, /metrics renders, and once every adapter is unloaded the KV
+pool is entirely free. The mutated bodies also run against the real default model (slow).
 
 Bounded by example counts (derandomized), never by wall-clock time; the number of cases tried
 is printed in pytest's terminal summary ("fuzz: N cases, 0 responses >= 500").
