@@ -640,3 +640,60 @@ def test_non_finite_logprobs_are_null_in_every_response():
         status, out = check(s, "POST", "/v1/completions", json.dumps(
             {"prompt": "hey", "max_tokens": 4, "temperature": 0}).encode(), {})
         assert out["choices"][0]["text"] == expected_text("hey", 4), out
+
+
+# ------------------------------------------------------------------ adapter refusals name their cause
+def _nan_weight():
+    t = _good_tensors()
+    k = sorted(t)[0]
+    t[k] = t[k].copy()
+    t[k][1, 3] = np.nan
+    return t
+
+
+@pytest.mark.parametrize("cfg,tensors,says", [
+    ({"r": "2"}, None, "r must be an integer"),
+    ({"r": 0}, None, "r must be an integer"),
+    ({"r": -2}, None, "r must be an integer"),
+    ({"r": 10**9}, None, "r must be an integer"),
+    ({"r": 2.0}, None, "r must be an integer"),
+    ({"lora_alpha": float("nan")}, None, "lora_alpha must be a finite number"),
+    ({"lora_alpha": float("inf")}, None, "lora_alpha must be a finite number"),
+    ({"lora_alpha": "16"}, None, "lora_alpha must be a finite number"),
+    ({"lora_alpha": 1e6}, None, "scale 500000"),
+    ({"lora_alpha": 1e5, "use_rslora": True}, None, "rsLoRA"),
+    ({"use_rslora": "false"}, None, "use_rslora must be true or false"),
+    ({"target_modules": 7}, None, "target_modules must be"),
+    ({"target_modules": "("}, None, "not a valid regex"),
+    ({"target_modules": ["q_proj", 1]}, None, "target_modules must be"),
+    ({"rank_pattern": [2]}, None, "rank_pattern must be an object"),
+    ({"rank_pattern": {"q_proj": 0}}, None, "rank_pattern['q_proj']"),
+    ({"alpha_pattern": {"q_proj": float("nan")}}, None, "alpha_pattern['q_proj']"),
+    ({"layers_to_transform": ["0"]}, None, "layers_to_transform must be"),
+    ({"peft_type": ["LORA"]}, None, "peft_type must be a string"),
+    ({}, "nan", "lora_A.weight' holds 1 non-finite"),
+])
+def test_adapter_refusals_name_the_field_or_tensor(cfg, tensors, says):
+    from jaxserve.lora.adapter import AdapterError, check_config_types, from_peft_arrays
+    full = {**GOOD_CONFIG, **cfg}
+    with pytest.raises(AdapterError) as e:
+        if tensors == "nan":
+            from jaxserve.lora.adapter import check_tensor
+            for k, v in _nan_weight().items():
+                check_tensor(k, v, "where")
+        else:
+            check_config_types(full, "where")
+            from_peft_arrays("x", full, _good_tensors(), FAKE_MODEL, "where")
+    assert says in str(e.value), str(e.value)
+
+
+def test_adapter_regex_budget(monkeypatch):
+    """A config's regexes share a time budget per adapter; once spent, the load is refused."""
+    from jaxserve.lora import adapter as ad
+    monkeypatch.setattr(ad, "REGEX_BUDGET_S", 0.0)
+    with pytest.raises(ad.AdapterError, match="takes too long"):
+        ad.from_peft_arrays("x", {**GOOD_CONFIG, "target_modules": r".*\.(q_proj|v_proj)"},
+                            _good_tensors(), FAKE_MODEL, "where")
+    monkeypatch.setattr(ad, "REGEX_BUDGET_S", 10.0)
+    assert ad.from_peft_arrays("x", {**GOOD_CONFIG, "target_modules": r".*\.(q_proj|v_proj)"},
+                               _good_tensors(), FAKE_MODEL, "where").modules == ("q_proj", "v_proj")

@@ -7,10 +7,12 @@ Everything the engine cannot serve exactly is refused with `AdapterError`, never
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import jax
@@ -32,8 +34,12 @@ MAX_LORA_SCALE = 1e4
 MAX_PATTERN_CHARS = 1000
 # A config's regexes are matched against short module paths; a pattern that backtracks
 # catastrophically (`(.*)*x` takes forever under `re`) is refused instead of hanging the
-# engine thread that loads it.
+# engine thread that loads it: each match may take REGEX_TIMEOUT_S, all of one adapter's
+# matches together REGEX_BUDGET_S.
 REGEX_TIMEOUT_S = 0.25
+REGEX_BUDGET_S = 1.0
+_regex_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "jaxserve_lora_regex_deadline", default=None)
 
 
 class AdapterError(ValueError):
@@ -96,8 +102,14 @@ class LoraAdapter:
 def _search(fn, pattern: str, path: str):
     """fn (regex.match / regex.fullmatch) with a time bound; a pattern that exceeds it (or that
     does not compile) is an AdapterError."""
+    timeout = REGEX_TIMEOUT_S
+    deadline = _regex_deadline.get()
+    if deadline is not None:
+        timeout = min(timeout, deadline - time.monotonic())
     try:
-        return fn(pattern, path, timeout=REGEX_TIMEOUT_S)
+        if timeout <= 0:
+            raise TimeoutError
+        return fn(pattern, path, timeout=timeout)
     except TimeoutError:
         raise AdapterError(f"the regex {pattern!r:.80} takes too long to match module names "
                            "(catastrophic backtracking?)") from None
@@ -302,6 +314,15 @@ def read_peft_tensors(path: str) -> dict[str, np.ndarray]:
 def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model_cfg: ModelConfig,
                      where: str) -> LoraAdapter:
     """Validate a PEFT config + tensors against the base model and convert to our layout."""
+    token = _regex_deadline.set(time.monotonic() + REGEX_BUDGET_S)
+    try:
+        return _from_peft_arrays(name, cfg, tensors, model_cfg, where)
+    finally:
+        _regex_deadline.reset(token)
+
+
+def _from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray],
+                      model_cfg: ModelConfig, where: str) -> LoraAdapter:
     _refuse_config(cfg, where)
     expected = _targets(cfg, model_cfg, where)
     paths = _module_paths(model_cfg)
