@@ -596,6 +596,7 @@ def test_fuzz_real_engine_still_correct(real_srv):
         assert status == 200, out
     stats = real_srv.stats()
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
+    assert stats["num_free_pages"] == stats["num_total_pages"], stats
 
 
 # ------------------------------------------------------------------ non-finite log-probs
