@@ -236,8 +236,10 @@ class AsyncEngine:
         """Admit a request; raises EngineStopped or AdmissionError (the queue bound here, the
         engine's checks). The returned stream yields RequestOutputs until one is finished."""
         if not self._accepting or not self.is_running:
-            raise EngineStopped("the engine is not running" if self._dead is None
-                                else f"the engine thread died: {self._dead!r}")
+            raise EngineStopped(
+                f"the engine thread died: {self._dead!r}" if self._dead is not None else
+                "the server is shutting down and takes no new requests" if self.is_running else
+                "the engine is not running")
         if self._num_waiting >= self.config.max_waiting:
             raise AdmissionError(f"{self._num_waiting} requests are already waiting "
                                  f"(max_waiting={self.config.max_waiting}); retry later",

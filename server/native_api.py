@@ -13,13 +13,13 @@ import uuid
 
 from aiohttp import web
 
-from jaxserve.async_engine import EngineError, EngineStopped
+from jaxserve.async_engine import EngineError, EngineStopped, RequestCut
 from server.context import ctx_of
 from server.lora import adapter_for_dir
 from jaxserve.sampling_params import SamplingParams
 from server.protocol import (ApiError, GenRequest, bad, finite_or_none, get_bool, get_int,
                              get_stop, get_str, json_dumps, parse_json_object, sampling_fields)
-from server.streaming import DISCONNECTED, SSE_HEADERS, admit
+from server.streaming import DISCONNECTED, SSE_HEADERS, admit, cut_output, send
 
 
 async def _parse(request: web.Request) -> GenRequest:
@@ -53,19 +53,24 @@ async def generate(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     req = await _parse(request)
     stream = await admit(request, ctx, req, f"gen-{uuid.uuid4().hex}")
+    note = None
     try:
         last = None
         async for out in stream:
             last = out
     except EngineError as e:
         raise ApiError(500, str(e), code="engine_error") from None
+    except RequestCut as e:   # the drain's grace ran out: what there is, finish_reason "abort"
+        last, note = cut_output(stream.request_id, last, len(req.prompt_ids)), str(e)
     except EngineStopped as e:
         raise ApiError(503, str(e), code="unavailable") from None
     finally:
         stream.close()
-    return web.json_response({"generated_text": [last.text],
-                              "count_output_tokens": len(last.token_ids),
-                              "finish_reason": last.finish_reason})
+    body = {"generated_text": [last.text], "count_output_tokens": len(last.token_ids),
+            "finish_reason": last.finish_reason}
+    if note is not None:
+        body["error"] = note
+    return web.json_response(body)
 
 
 async def generate_stream(request: web.Request) -> web.StreamResponse:
@@ -87,7 +92,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
                      "generated_text": out.text if out.finished else None,
                      "finished": out.finished,
                      "finish_reason": out.finish_reason if out.finished else None}
-            await resp.write(b"data:" + json_dumps(event).encode() + b"\n\n")
+            await send(request, resp, b"data:" + json_dumps(event).encode() + b"\n\n",
+                       ctx.config.stream_stall_timeout_s)
             if out.new_token_ids:
                 ctx.metrics.on_delivery(time.perf_counter() - stream.last_emit_at,
                                         len(out.new_token_ids))
@@ -95,8 +101,8 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
         pass
     except (EngineError, EngineStopped) as e:
         try:
-            await resp.write(b"data:" + json_dumps({"error": str(e), "finished": True}).encode()
-                             + b"\n\n")
+            await send(request, resp, b"data:" + json_dumps({"error": str(e), "finished": True})
+                       .encode() + b"\n\n", ctx.config.stream_stall_timeout_s)
         except DISCONNECTED:
             pass
     finally:

@@ -12,6 +12,7 @@ from aiohttp import web
 from jaxserve.async_engine import AsyncEngine, AsyncEngineConfig
 from server.app import create_app
 from server.config import ServerConfig
+from server.connections import ServingRunner
 
 # Small enough to compile quickly on 2 CPU cores; max_prefill_tokens = max_model_len so that
 # no prompt in these tests needs chunked prefill.
@@ -31,6 +32,7 @@ class ServerThread:
     def __init__(self, engine, config: ServerConfig = ServerConfig(),
                  async_config: AsyncEngineConfig = AsyncEngineConfig()):
         self.async_engine = AsyncEngine(engine, async_config)
+        self.config = config
         self.app = create_app(self.async_engine, config)
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -39,7 +41,7 @@ class ServerThread:
 
     def _serve(self):
         asyncio.set_event_loop(self.loop)
-        self.runner = web.AppRunner(self.app, handler_cancellation=True)
+        self.runner = ServingRunner(self.app, self.config)   # as `serve` runs it
         self.loop.run_until_complete(self.runner.setup())
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         self.loop.run_until_complete(site.start())
