@@ -31,22 +31,24 @@ from dataclasses import dataclass
 
 import jax
 
-from jaxserve.admission import AdmissionError, UNKNOWN, admit
+from jaxserve.admission import AdmissionError, OVERLOAD, UNKNOWN, admit
 from jaxserve.config import ModelConfig
 from jaxserve import backends, memory
 from jaxserve.dtypes import DTYPES, CHOICES as DTYPE_CHOICES, checkpoint_dtype
 from jaxserve.dtypes import resolve as resolve_dtype
 from jaxserve.loader import LOAD_FORMATS, LoadedModel, load_config, load_model
 from jaxserve.lora.runtime import LoraRuntime, make_lora_store
+from jaxserve.lora.store import AdapterLimitError
 from jaxserve.model.kv_cache import bytes_per_page
 from jaxserve.model.weights import cast
 from jaxserve.output_processor import OutputProcessor
-from jaxserve.outputs import RequestOutput
+from jaxserve.outputs import NON_FINITE_LOGITS, RequestOutput
 from jaxserve.runner import ModelRunner
+from jaxserve.sampling import NON_FINITE
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import head_layout
 from jaxserve.tokenizer import Tokenizer
-from scheduler import Scheduler, SchedulerConfig
+from scheduler import FinishReason, Scheduler, SchedulerConfig
 from scheduler.factory import make_policy
 
 log = logging.getLogger("jaxserve.engine")
@@ -309,6 +311,9 @@ class LLMEngine:
                                  param="lora_name", code="adapter_exists")
         try:
             self.loras.add(name, source)
+        except AdapterLimitError as e:   # a cap on the host store (LoraStore.max_adapters, ...)
+            raise AdmissionError(f"cannot load adapter {name!r}: {e}", kind=OVERLOAD,
+                                 param="lora_name", code="adapter_limit_reached") from e
         except (ValueError, OSError) as e:
             raise AdmissionError(f"cannot load adapter {name!r}: {e}", param="lora_path",
                                  code="adapter_invalid") from None
@@ -367,15 +372,41 @@ class LLMEngine:
             raise
 
     def _process(self, plan, result) -> list[RequestOutput]:
-        """A step's tokens -> the scheduler, the output processor, finishes."""
+        """A step's tokens -> the scheduler, the output processor, finishes. A sequence whose
+        logits were not finite (its token is NON_FINITE) is finished with an error first."""
         tokens, logprobs = result
+        failed = []
+        if NON_FINITE in tokens:
+            tokens = list(tokens)
+            for i, t in enumerate(tokens):
+                if t == NON_FINITE:
+                    tokens[i] = None
+                    out = self._fail(plan.seqs[i])
+                    if out is not None:
+                        failed.append(out)
         produced = self.scheduler.update(plan, tokens, time.monotonic())
         self.num_generation_tokens_total += len(produced)
         lp = {s.seq_id: logprobs[i] for i, s in enumerate(plan.seqs) if tokens[i] is not None}
         outputs, finished = self.output.process(produced, lp)
         for seq, reason in finished:
             self.scheduler.finish(seq, reason)
-        return outputs
+        return failed + outputs
+
+    def _fail(self, seq) -> RequestOutput | None:
+        """Finish seq's request alone, with finish_reason "error": its logits went NaN or
+        infinite. Its pages are released as an abort's, and none it registered stays in the
+        prefix cache (its K/V may be non-finite as well). None if the request is already gone."""
+        under = f" under adapter {seq.adapter!r}" if seq.adapter else ""
+        out = self.output.fail(
+            seq, f"the model's output became non-finite (NaN or infinity){under}; the request "
+            "was stopped", NON_FINITE_LOGITS)
+        if out is None:
+            return None
+        log.warning("request %s: non-finite logits%s after %d tokens; finished with an error",
+                    out.request_id, under, len(out.token_ids))
+        self.scheduler.allocator.forget(seq.block_table[:seq.num_registered_pages])
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return out
 
     # -- convenience ---------------------------------------------------------------------------
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],

@@ -29,12 +29,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="allow runtime adapter loading (/v1/load_lora_adapter, lora_dir) only "
                         "from directories below DIR; without it runtime loading by path is off")
     g.add_argument("--api-keys", default=None, metavar="FILE",
-                   help="one 'KEY [CLIENT [WEIGHT]]' per line; unknown keys get 401; CLIENT is "
-                        "the fairness identity, WEIGHT its VTC weight")
+                   help="one 'KEY [CLIENT [WEIGHT]] [role=admin|metrics]' per line; unknown keys "
+                        "get 401; CLIENT is the fairness identity, WEIGHT its VTC weight; keys "
+                        "without a role are tenants")
+    g.add_argument("--admin-api-keys", default=None, metavar="FILE",
+                   help="keys (same format) with the admin role: adapter load/unload, loading "
+                        "by lora_dir, /metrics")
+    g.add_argument("--allow-tenant-adapters", action="store_true",
+                   help="tenants may load adapters (below --lora-root) that only they can see, "
+                        "use and unload")
+    g.add_argument("--max-adapters-per-tenant", type=int,
+                   default=ServerConfig.max_adapters_per_tenant, metavar="N",
+                   help="adapters one tenant may hold loaded (with --allow-tenant-adapters)")
+    g.add_argument("--max-loaded-adapters", type=int, default=ServerConfig.max_loaded_adapters,
+                   metavar="N", help="adapters loaded in all, start-up modules included "
+                                     "(default: no cap)")
+    g.add_argument("--max-adapter-host-bytes", type=parse_bytes,
+                   default=ServerConfig.max_adapter_host_bytes, metavar="BYTES",
+                   help="host memory all loaded adapters may take, e.g. 2G, 512M (binary "
+                        "units; default: no cap)")
+    g.add_argument("--metrics-max-clients", type=int, default=ServerConfig.metrics_max_clients,
+                   metavar="N", help="per-client series in /metrics: the N clients with the "
+                                     "most traffic, the rest summed as client=\"other\"")
     g.add_argument("--max-waiting", type=int, default=AsyncEngineConfig.max_waiting,
                    help="requests admitted but without a first token; beyond it: 429")
-    g.add_argument("--shutdown-grace", type=float, default=AsyncEngineConfig.shutdown_grace_s,
-                   help="seconds in-flight requests may finish on shutdown before being aborted")
+    g.add_argument("--shutdown-grace-s", "--shutdown-grace", dest="shutdown_grace", type=float,
+                   default=AsyncEngineConfig.shutdown_grace_s, metavar="S",
+                   help="on SIGTERM/SIGINT: stop admission (503), let in-flight requests finish "
+                        "for S seconds, then cut the rest with partial output (a second signal "
+                        "cuts at once)")
+    g.add_argument("--header-read-timeout-s", type=float,
+                   default=ServerConfig.header_read_timeout_s, metavar="S",
+                   help="close a new connection whose first request headers are not complete "
+                        "within S seconds")
+    g.add_argument("--body-read-timeout-s", type=float, default=ServerConfig.body_read_timeout_s,
+                   metavar="S", help="a request body not complete within S seconds: 408, closed")
+    g.add_argument("--keep-alive-timeout-s", type=float,
+                   default=ServerConfig.keep_alive_timeout_s, metavar="S",
+                   help="close a kept-alive connection idle for S seconds")
+    g.add_argument("--max-connections", type=int, default=ServerConfig.max_connections,
+                   metavar="N", help="open connections served at once; more get 503 and are "
+                                     "closed")
+    g.add_argument("--stream-stall-timeout-s", type=float,
+                   default=ServerConfig.stream_stall_timeout_s, metavar="S",
+                   help="abort a streamed request (freeing its decode slot) when its client "
+                        "has not taken a write for S seconds")
     g.add_argument("--warmup", default=ServerConfig.warmup, choices=WARMUP_MODES,
                    help="compile every step program before listening (full), or compile each "
                         "when first needed (off); auto: full on GPU/TPU, off on CPU, where the "
@@ -51,18 +90,53 @@ def parse_lora_modules(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_bytes(text: str) -> int:
+    """A byte count: an integer, optionally with a binary unit K, M, G or T (2G = 2 * 2**30)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale, t = 1024 ** ("KMGT".index(t[-1]) + 1), t[:-1]
+    try:
+        value = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}") from None
+    if not 0 <= value * scale < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r}")
+    return int(value * scale)
+
+
+ROLES = ("admin", "metrics", "tenant")
+
+
 def read_api_keys(path: str) -> tuple[tuple[tuple[str, str], ...], dict[str, float]]:
     """((key, client), ...) and {client: weight} from a keys file ('#' starts a comment)."""
-    keys, weights = [], {}
+    keys, weights, _ = read_key_file(path)
+    return keys, weights
+
+
+def read_key_file(path: str, role: str | None = None
+                  ) -> tuple[tuple[tuple[str, str], ...], dict[str, float], dict[str, str]]:
+    """((key, client), ...), {client: weight} and {key: role} from a keys file: one
+    'KEY [CLIENT [WEIGHT]]' per line, plus an optional 'role=admin|metrics|tenant' token
+    anywhere after KEY ('#' starts a comment). `role` forces every key's role (the
+    --admin-api-keys file)."""
+    keys, weights, roles = [], {}, {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split("#", 1)[0].split()
             if not parts:
                 continue
-            if len(parts) > 3:
-                raise ValueError(f"{path}:{lineno}: expected 'KEY [CLIENT [WEIGHT]]'")
+            options = [p for p in parts[1:] if p.startswith("role=")]
+            parts = [p for p in parts if p not in options]
+            if len(parts) > 3 or len(options) > 1:
+                raise ValueError(f"{path}:{lineno}: expected 'KEY [CLIENT [WEIGHT]] [role=ROLE]'")
+            key_role = options[0].removeprefix("role=") if options else "tenant"
+            if key_role not in ROLES:
+                raise ValueError(f"{path}:{lineno}: role must be one of {', '.join(ROLES)}, "
+                                 f"got {key_role!r}")
+            roles[parts[0]] = role or key_role
             key = parts[0]
-            client = parts[1] if len(parts) > 1 else f"client{len(keys)}"
+            client = parts[1] if len(parts) > 1 else f"{role or 'client'}{len(keys)}"
             if len(parts) == 3:
                 try:
                     weights[client] = float(parts[2])
@@ -75,7 +149,7 @@ def read_api_keys(path: str) -> tuple[tuple[tuple[str, str], ...], dict[str, flo
         raise ValueError(f"{path} holds no API keys")
     if len({k for k, _ in keys}) != len(keys):
         raise ValueError(f"{path} lists a key twice")
-    return tuple(keys), weights
+    return tuple(keys), weights, roles
 
 
 def build_configs(args):
@@ -87,28 +161,45 @@ def build_configs(args):
     from server.config import ServerConfig
 
     engine_cfg = engine_config_from_args(args)
-    api_keys: tuple = ()
-    if args.api_keys:
-        api_keys, key_weights = read_api_keys(args.api_keys)
+    api_keys, key_weights, roles = (), {}, {}
+    for path, role in ((args.api_keys, None), (args.admin_api_keys, "admin")):
+        if path:
+            keys, weights, file_roles = read_key_file(path, role)
+            if {k for k, _ in keys} & {k for k, _ in api_keys}:
+                raise ValueError(f"{path} lists a key that another keys file lists too")
+            api_keys, key_weights, roles = api_keys + keys, {**key_weights, **weights}, \
+                {**roles, **file_roles}
+    if api_keys:
         if key_weights:  # --fair-weights wins where both name a client
             merged = {**key_weights, **dict(engine_cfg.fair_weights)}
             engine_cfg = dataclasses.replace(engine_cfg, fair_weights=tuple(sorted(merged.items())))
     server_cfg = ServerConfig(host=args.host, port=args.port,
                               served_model_name=args.served_model_name, model_path=args.model,
                               api_keys=api_keys, lora_root=args.lora_root,
+                              key_roles=tuple((k, r) for k, r in roles.items() if r != "tenant"),
+                              allow_tenant_adapters=args.allow_tenant_adapters,
+                              max_adapters_per_tenant=args.max_adapters_per_tenant,
+                              max_loaded_adapters=args.max_loaded_adapters,
+                              max_adapter_host_bytes=args.max_adapter_host_bytes,
+                              metrics_max_clients=args.metrics_max_clients,
                               lora_modules=parse_lora_modules(args.lora_modules),
-                              shutdown_grace_s=args.shutdown_grace, warmup=args.warmup)
+                              shutdown_grace_s=args.shutdown_grace, warmup=args.warmup,
+                              header_read_timeout_s=args.header_read_timeout_s,
+                              body_read_timeout_s=args.body_read_timeout_s,
+                              keep_alive_timeout_s=args.keep_alive_timeout_s,
+                              max_connections=args.max_connections,
+                              stream_stall_timeout_s=args.stream_stall_timeout_s)
     async_cfg = AsyncEngineConfig(max_waiting=args.max_waiting,
                                   shutdown_grace_s=args.shutdown_grace)
     return engine_cfg, async_cfg, server_cfg
 
 
 def run(args) -> int:
-    from aiohttp import web
+    import asyncio
 
     from jaxserve.async_engine import AsyncEngine
     from jaxserve.engine import LLMEngine
-    from server.app import create_app
+    from server.app import create_app, serve
 
     engine_cfg, async_cfg, server_cfg = build_configs(args)
     log.warning("loading %s ...", engine_cfg.model or "the embedded default model")
@@ -124,10 +215,8 @@ def run(args) -> int:
           file=sys.stderr, flush=True)
     print(f"jaxserve: serving {engine.model_name} on http://{server_cfg.host}:{server_cfg.port} "
           f"(OpenAI API under /v1)", file=sys.stderr, flush=True)
-    # SIGINT/SIGTERM -> aiohttp's graceful shutdown, which runs AsyncEngine.shutdown.
-    web.run_app(app, host=server_cfg.host, port=server_cfg.port, print=None,
-                handler_cancellation=True, shutdown_timeout=server_cfg.shutdown_grace_s + 5,
-                handle_signals=True)
+    # Serves until SIGTERM/SIGINT, then drains (server/app.py serve).
+    asyncio.run(serve(app, server_cfg))
     return 0
 
 
