@@ -5,6 +5,11 @@ seed, stop_sequences, ignore_eos}, "lora_dir": DIR | "adapter": NAME | "model": 
 "cache_salt": str (as on the OpenAI endpoints)}.
 /generate answers {"generated_text": [text], "count_output_tokens": n, "finish_reason": r};
 /generate_stream sends `data:{"token": {...}, "generated_text": null|text, "finished": bool}`.
+A request the engine finished with finish_reason "error" (its logits went non-finite) gets a 422
+with the OpenAI-style error body from /generate, and a last event
+`{"error": message, "code": code, "finished": true, "finish_reason": "error"}` from
+/generate_stream; its engine or shutdown errors end a stream with `{"error": message,
+"finished": true}`.
 """
 from __future__ import annotations
 
@@ -66,6 +71,8 @@ async def generate(request: web.Request) -> web.Response:
         raise ApiError(503, str(e), code="unavailable") from None
     finally:
         stream.close()
+    if last.finish_reason == "error":   # this request alone failed (its logits went non-finite)
+        raise ApiError(422, last.error, code=last.error_code)
     body = {"generated_text": [last.text], "count_output_tokens": len(last.token_ids),
             "finish_reason": last.finish_reason}
     if note is not None:
@@ -81,6 +88,12 @@ async def generate_stream(request: web.Request) -> web.StreamResponse:
     try:
         await resp.prepare(request)
         async for out in stream:
+            if out.finish_reason == "error":   # this request alone failed: a last error event
+                await send(request, resp, b"data:" + json_dumps(
+                    {"error": out.error, "code": out.error_code, "finished": True,
+                     "finish_reason": "error"}).encode() + b"\n\n",
+                    ctx.config.stream_stall_timeout_s)
+                break
             if not out.new_token_ids and not out.finished:
                 continue
             lps = out.new_logprobs or []

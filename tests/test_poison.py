@@ -200,6 +200,20 @@ def test_server_answers_a_non_finite_request_with_an_error_alone():
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "non_finite_logits"
         assert all("error" not in e for e in events[:-2])
 
+        # S-LoRA's native endpoints: 422 with the same body; a last error event
+        native = {"parameters": {"max_new_tokens": 8}}
+        status, out = http(srv.url, "/generate", {**native, "inputs": "!bad"})
+        assert status == 422, out
+        assert out["error"]["code"] == "non_finite_logits"
+        assert out["error"]["type"] == "invalid_request_error" and "non-finite" in out["error"]["message"]
+        status, raw = http(srv.url, "/generate_stream", {**native, "inputs": "!x"})
+        assert status == 200
+        events = parse_sse(raw)
+        assert events[-1]["code"] == "non_finite_logits" and "non-finite" in events[-1]["error"]
+        assert events[-1]["finished"] is True and events[-1]["finish_reason"] == "error"
+        assert all("error" not in e and not e["finished"] for e in events[:-1])
+        assert len(events) == 3   # the two tokens before the poisoned third
+
         status, out = http(srv.url, "/v1/completions", {**body, "prompt": "fine"})
         assert status == 200 and out["choices"][0]["text"] == expected_text("fine", 8)
         stats = srv.stats()
