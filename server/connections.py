@@ -1,13 +1,15 @@
 """Connection-level guards under aiohttp: a cap on open connections and a headers-read timeout.
 
 `ServingRunner` is an aiohttp AppRunner whose protocol factory (`GuardedServer`) is aiohttp's
-own `web.Server` with two additions:
+own `web.Server` with three additions:
   - at most `max_connections` connections are served at once. A connection accepted beyond the
     cap gets `_Refusal` instead of aiohttp's protocol: a complete `503` response with
     `Connection: close`, sent at once without waiting for the request, after which the
     connection is closed (on the client's EOF, or after REFUSAL_LINGER_S, reading and dropping
     whatever the client sends so that the close is a FIN, not a reset that could destroy the
     503 before the client reads it).
+  - requests aiohttp answers itself, before any middleware runs (a body its HTTP parser cannot
+    decode, a malformed request line), get the OpenAI error body in JSON (`handle_error`).
   - a connection that has not completed the headers of its first request within
     `header_read_timeout_s` of being accepted is closed. The timer is disarmed when aiohttp
     builds that first request (its request factory runs once the headers are parsed). Later
@@ -27,6 +29,7 @@ import resource
 import weakref
 
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.web_protocol import RequestHandler
 
 from server.config import ServerConfig
@@ -95,6 +98,29 @@ class _GuardedHandler(RequestHandler):
         if self._first_request_timer is not None:
             self._first_request_timer.cancel()
             self._first_request_timer = None
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not hand to the application (a body its HTTP
+        parser cannot decode: garbage under gzip/deflate that arrived with the headers, br or
+        zstd without their libraries; malformed request lines or headers), or to an error
+        that escaped the error middleware (server/app.py): the OpenAI error body in JSON
+        instead of aiohttp's plain text; an undecodable body is code "invalid_body". aiohttp's
+        own handling (logging; ConnectionError when a response is already under way) runs
+        first, and the connection is closed after the answer, as aiohttp does."""
+        super().handle_error(request, status, exc, message)
+        if status >= 500:
+            err = ApiError(status, "internal server error" if status == 500 else
+                           "the request could not be completed in time")
+        elif isinstance(exc, PayloadEncodingError):
+            err = ApiError(status, f"the request body cannot be read: {message or exc.message}",
+                           code="invalid_body")
+        else:
+            err = ApiError(status, f"malformed HTTP request: {message or status}")
+        resp = web.Response(status=status, text=json.dumps(err.body()),
+                            content_type="application/json")
+        resp.force_close()
+        return resp
 
     def connection_lost(self, exc) -> None:
         self.request_started()   # disarm
