@@ -151,12 +151,14 @@ class ServerContext:
 
     def client_id(self, request: web.Request, user: str | None) -> str:
         """Fairness identity: the API key's client, else the `user` field, else 'anonymous'.
-        A key without a configured name is hashed so that no secret reaches /metrics."""
+        A key without a configured name is hashed so that no secret reaches /metrics; its
+        lone surrogates (aiohttp's decoding of header bytes that are not UTF-8) are hashed as
+        their code points ("surrogatepass"), so any string hashes, distinct keys apart."""
         if self.api_keys:
             return self.authenticate(request)
         key = self.bearer(request)
         if key is not None:
-            return "key-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+            return "key-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         if user:
             return user[:128]
         return "anonymous"

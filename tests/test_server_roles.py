@@ -373,3 +373,24 @@ def test_no_keys_keeps_local_loading(root):
         st, b = http(s.url, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": "beta"})
         assert st == 403 and b["error"]["code"] == "lora_root_not_set"
 
+
+
+def test_client_id_hashes_any_bearer_key():
+    """Without key files a bearer key is hashed into the client id; a key holding lone
+    surrogates (header bytes that are not UTF-8, as aiohttp decodes them) hashes too, apart
+    from other keys, and a UTF-8 key hashes as before."""
+    import hashlib
+    from types import SimpleNamespace
+    from server.context import ServerContext
+
+    ctx = ServerContext.__new__(ServerContext)   # client_id needs only the keys (none here)
+    ctx.api_keys = {}
+
+    def cid(key):
+        return ctx.client_id(SimpleNamespace(headers={"Authorization": f"Bearer {key}"}), None)
+
+    ids = [cid(k) for k in ("sk-\udcff\udcfe", "sk-\udcff", "sk-\ud800x", "sk-\udfff", "sk-é")]
+    assert all(i.startswith("key-") and len(i) == 16 for i in ids), ids
+    assert len(set(ids)) == len(ids), ids
+    assert ids[-1] == "key-" + hashlib.sha256("sk-é".encode()).hexdigest()[:12]
+    assert ctx.client_id(SimpleNamespace(headers={}), "alice") == "alice"
