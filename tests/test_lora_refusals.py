@@ -52,6 +52,54 @@ def test_rank_above_max_refused(env):
     _refused(env, "big", "max_lora_rank", r=128, target_modules=["q_proj"])
 
 
+def test_huge_rank_refused_before_padding(env, monkeypatch):
+    """One layer's rank far above max_lora_rank (rank_pattern): refused while the tensors are
+    checked, naming the tensor and the limit, before any array padded to that rank (one per
+    module, layers x rank x dim) is allocated."""
+    import jaxserve.lora.adapter as adapter_mod
+    root, base, store = env
+    make_adapter(base, str(root / "huge"), seed=3, r=4, target_modules=["q_proj", "v_proj"],
+                 rank_pattern={"model.layers.0.self_attn.q_proj": 512})
+    allocated = []
+
+    class SpyNumpy:   # the loader's numpy, recording the shapes it allocates
+        def __getattr__(self, attr):
+            return getattr(np, attr)
+
+        def zeros(self, shape, *args, **kwargs):
+            allocated.append(shape)
+            return np.zeros(shape, *args, **kwargs)
+
+    monkeypatch.setattr(adapter_mod, "np", SpyNumpy())
+    with pytest.raises(adapter_mod.AdapterError,
+                       match=r"tensor 'model\.layers\.0\.self_attn\.q_proj\.lora_A' has rank 512, "
+                             rf"above max_lora_rank={store.layout.max_rank}"):
+        store.add("huge", str(root / "huge"))
+    assert "huge" not in store
+    assert store.layout.max_rank < 512
+    assert not [s for s in allocated if isinstance(s, tuple) and len(s) == 3], allocated
+    # without a limit (the converter's load) the same file pads to rank 512
+    monkeypatch.setattr(adapter_mod, "np", np)
+    adapter = adapter_mod.load_peft("huge", str(root / "huge"), store.model_cfg)
+    assert adapter.max_rank == 512 and adapter.weights.a["q_proj"].shape[1] == 512
+
+
+def test_orbax_rank_above_max_refused(env, tmp_path):
+    """An Orbax checkpoint of a rank above max_lora_rank: refused as it is read, naming the
+    module's array and the limit."""
+    root, base, store = env
+    from jaxserve.lora.adapter import AdapterError, load_peft
+    from jaxserve.lora.orbax_io import save_orbax
+    r = store.layout.max_rank * 2
+    make_adapter(base, str(tmp_path / "big"), seed=4, r=r, target_modules=["v_proj"])
+    save_orbax(load_peft("big", str(tmp_path / "big"), store.model_cfg), str(tmp_path / "ckpt"),
+               store.model_cfg)
+    with pytest.raises(AdapterError, match=rf"tensor 'a\.v_proj' has rank {r}, above "
+                                           rf"max_lora_rank={store.layout.max_rank}"):
+        store.add("big", str(tmp_path / "ckpt"))
+    assert "big" not in store
+
+
 def test_shape_mismatch_refused(env, tmp_path):
     """An adapter trained on a model with another hidden size."""
     root, _, store = env

@@ -292,6 +292,14 @@ def check_tensor(key: str, arr: np.ndarray, where: str) -> None:
         raise AdapterError(f"{where}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
 
 
+def check_rank(tensor: str, rank: int, max_rank: int | None, where: str) -> None:
+    """Refuse a rank above max_rank (the engine's max_lora_rank; None: no limit), naming the
+    tensor; the store's own check (LoraStore.validate) says the same, later."""
+    if max_rank is not None and rank > max_rank:
+        raise AdapterError(f"{where}: tensor {tensor!r} has rank {rank}, above "
+                           f"max_lora_rank={max_rank}")
+
+
 def read_peft_tensors(path: str) -> dict[str, np.ndarray]:
     st = os.path.join(path, "adapter_model.safetensors")
     if not os.path.exists(st):
@@ -312,17 +320,19 @@ def read_peft_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray], model_cfg: ModelConfig,
-                     where: str) -> LoraAdapter:
-    """Validate a PEFT config + tensors against the base model and convert to our layout."""
+                     where: str, max_rank: int | None = None) -> LoraAdapter:
+    """Validate a PEFT config + tensors against the base model and convert to our layout.
+    max_rank: the highest rank the caller serves (the engine's max_lora_rank; None: any); a
+    module of a higher rank is refused before any padded array is allocated."""
     token = _regex_deadline.set(time.monotonic() + REGEX_BUDGET_S)
     try:
-        return _from_peft_arrays(name, cfg, tensors, model_cfg, where)
+        return _from_peft_arrays(name, cfg, tensors, model_cfg, where, max_rank)
     finally:
         _regex_deadline.reset(token)
 
 
 def _from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray],
-                      model_cfg: ModelConfig, where: str) -> LoraAdapter:
+                      model_cfg: ModelConfig, where: str, max_rank: int | None) -> LoraAdapter:
     _refuse_config(cfg, where)
     expected = _targets(cfg, model_cfg, where)
     paths = _module_paths(model_cfg)
@@ -371,6 +381,9 @@ def _from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray],
                     f"base projection {din}->{dout}): adapter for a different base model?")
         if r <= 0:
             raise AdapterError(f"{where}: {path} has rank {r}")
+        # Every layer is padded to the module's highest rank below: refused here, one layer's
+        # rank past the limit cannot make that cost (layers x its size) of host memory.
+        check_rank(f"{path}.lora_A", r, max_rank, where)
         mi = MODULES.index(module)
         ranks[layer, mi] = r
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -401,15 +414,18 @@ def _from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray],
     return LoraAdapter(name, LoraWeights(a=a, b=b, ranks=ranks, scales=scales), dict(cfg))
 
 
-def load_peft(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
+def load_peft(name: str, path: str, model_cfg: ModelConfig,
+              max_rank: int | None = None) -> LoraAdapter:
     """Read and validate a PEFT directory; every refusal is an AdapterError, whatever the
-    files hold (an unexpected failure on a malformed file is reported as one too)."""
+    files hold (an unexpected failure on a malformed file is reported as one too). max_rank:
+    as for from_peft_arrays."""
     if not os.path.isdir(path):
         raise AdapterError(f"adapter path {path!r} is not a directory")
     try:
         cfg = read_peft_config(path)
         check_config_types(cfg, path)   # before the tensors: a config error is the clearer one
-        return from_peft_arrays(name, cfg, read_peft_tensors(path), model_cfg, where=path)
+        return from_peft_arrays(name, cfg, read_peft_tensors(path), model_cfg, where=path,
+                                max_rank=max_rank)
     except (AdapterError, OSError):
         raise
     except Exception as e:

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.lora.adapter import (MAX_LORA_SCALE, MODULES, AdapterError, LoraAdapter,
-                                   LoraWeights, check_config_types, check_tensor,
+                                   LoraWeights, check_config_types, check_rank, check_tensor,
                                    module_dims)
 
 FORMAT = "jaxserve-lora-orbax-v1"
@@ -42,21 +42,24 @@ def save_orbax(adapter: LoraAdapter, path: str, model_cfg: ModelConfig) -> None:
                                                  config=ocp.args.JsonSave(config)))
 
 
-def load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
+def load_orbax(name: str, path: str, model_cfg: ModelConfig,
+               max_rank: int | None = None) -> LoraAdapter:
     """Read and validate a checkpoint; every refusal is an AdapterError, whatever the files
-    hold (Orbax's own failures on a damaged checkpoint are reported as one too)."""
+    hold (Orbax's own failures on a damaged checkpoint are reported as one too). max_rank: the
+    highest rank the caller serves (None: any), checked before the arrays are converted."""
     path = os.path.abspath(path)
     if not is_orbax_dir(path):
         raise AdapterError(f"{path} is not a jaxserve Orbax adapter (expected params/ and config/)")
     try:
-        return _load_orbax(name, path, model_cfg)
+        return _load_orbax(name, path, model_cfg, max_rank)
     except (AdapterError, OSError):
         raise
     except Exception as e:
         raise AdapterError(f"{path}: malformed adapter checkpoint ({type(e).__name__}: {e})") from None
 
 
-def _load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
+def _load_orbax(name: str, path: str, model_cfg: ModelConfig,
+                max_rank: int | None) -> LoraAdapter:
     import orbax.checkpoint as ocp
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         config = ckptr.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -69,14 +72,16 @@ def _load_orbax(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
                                f"{config.get('base')}, this model has {base}")
         tree = ckptr.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
     L = model_cfg.num_layers
-    a = {m: np.asarray(v, np.float32) for m, v in tree["a"].items()}
-    b = {m: np.asarray(v, np.float32) for m, v in tree["b"].items()}
     ranks = np.asarray(tree["ranks"], np.int32)
     scales = np.asarray(tree["scales"], np.float32)
     if ranks.shape != (L, len(MODULES)) or scales.shape != ranks.shape:
         raise AdapterError(f"{path}: ranks/scales have shape {ranks.shape}, expected {(L, len(MODULES))}")
     if (ranks < 0).any():
         raise AdapterError(f"{path}: negative ranks {sorted(set(ranks[ranks < 0].tolist()))}")
+    for mi, m in enumerate(MODULES):   # before the arrays are converted (copied) below
+        check_rank(f"a.{m}", int(ranks[:, mi].max()), max_rank, path)
+    a = {m: np.asarray(v, np.float32) for m, v in tree["a"].items()}
+    b = {m: np.asarray(v, np.float32) for m, v in tree["b"].items()}
     check_tensor("scales", scales, path)
     if (np.abs(scales) > MAX_LORA_SCALE).any():
         raise AdapterError(f"{path}: scales beyond {MAX_LORA_SCALE:g} in size "

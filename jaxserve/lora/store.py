@@ -15,13 +15,15 @@ from jaxserve.lora.orbax_io import is_orbax_dir, load_orbax
 from jaxserve.lora.pool import PageLayout
 
 
-def load_adapter(name: str, path: str, model_cfg: ModelConfig) -> LoraAdapter:
-    """A PEFT directory (adapter_config.json + adapter_model.safetensors) or an Orbax one."""
+def load_adapter(name: str, path: str, model_cfg: ModelConfig,
+                 max_rank: int | None = None) -> LoraAdapter:
+    """A PEFT directory (adapter_config.json + adapter_model.safetensors) or an Orbax one.
+    A rank above max_rank (None: any) is refused while reading, before padding."""
     if not os.path.exists(path):
         raise AdapterError(f"adapter path {path!r} does not exist")
     if is_orbax_dir(path):
-        return load_orbax(name, path, model_cfg)
-    return load_peft(name, path, model_cfg)
+        return load_orbax(name, path, model_cfg, max_rank)
+    return load_peft(name, path, model_cfg, max_rank)
 
 
 class AdapterLimitError(AdapterError):
@@ -82,7 +84,8 @@ class LoraStore:
         if not name or not isinstance(name, str):
             raise ValueError("adapter name must be a non-empty string")
         self.check_room()
-        adapter = source if isinstance(source, LoraAdapter) else load_adapter(name, source, self.model_cfg)
+        adapter = (source if isinstance(source, LoraAdapter) else
+                   load_adapter(name, source, self.model_cfg, self.layout.max_rank))
         adapter.name = name
         self.validate(adapter)
         with self._lock:
