@@ -100,6 +100,33 @@ def test_orbax_rank_above_max_refused(env, tmp_path):
     assert "big" not in store
 
 
+def test_weights_beyond_the_serving_dtype_refused(env, tmp_path):
+    """A weight finite in float32 but beyond bfloat16's range (it would be inf in the pool):
+    refused, naming the tensor, by a store serving bfloat16 (make_lora_store takes the
+    engine's dtype); a float32 store accepts it."""
+    from types import SimpleNamespace
+    from safetensors.numpy import load_file, save_file
+    from jaxserve.lora.adapter import AdapterError
+    from jaxserve.lora.runtime import make_lora_store
+    root, base, store = env
+    make_adapter(base, str(tmp_path / "wide"), seed=5, r=4, target_modules=["q_proj"])
+    st = str(tmp_path / "wide" / "adapter_model.safetensors")
+    tensors = load_file(st)
+    key = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[key][0, 0] = np.float32(3.4e38)   # float32's max is ~3.403e38, bfloat16's ~3.390e38
+    save_file(tensors, st)
+
+    def engine_store(dtype):
+        cfg = SimpleNamespace(dtype=dtype, page_size=store.layout.page_size,
+                              max_lora_rank=store.layout.max_rank, lora_max_pages=None)
+        return make_lora_store(store.model_cfg, cfg, num_pages=1000)
+
+    with pytest.raises(AdapterError, match=rf"tensor '{key}' holds 1 value\(s\) beyond the range "
+                                           r"of bfloat16"):
+        engine_store("bfloat16").add("wide", str(tmp_path / "wide"))
+    assert engine_store("float32").add("wide", str(tmp_path / "wide")).max_rank == 4
+
+
 def test_shape_mismatch_refused(env, tmp_path):
     """An adapter trained on a model with another hidden size."""
     root, _, store = env

@@ -284,12 +284,23 @@ def read_peft_config(path: str) -> dict:
         raise AdapterError(f"{cpath} is not valid JSON: {e}") from None
 
 
-def check_tensor(key: str, arr: np.ndarray, where: str) -> None:
+def check_tensor(key: str, arr: np.ndarray, where: str, dtype=None) -> None:
     """A LoRA weight must hold only finite values: one NaN or inf would reach every token the
-    adapter touches (and, through shared pages, possibly other requests)."""
-    if not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
+    adapter touches (and, through shared pages, possibly other requests). With `dtype` (the
+    dtype the adapter is served in: its pages are the KV pool's), also none beyond that
+    dtype's range, which would become inf when stored (bfloat16 holds up to ~3.39e38, less
+    than float32's ~3.40e38)."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(arr.size - finite.sum())
         raise AdapterError(f"{where}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf)")
+    if dtype is not None and arr.size:
+        limit = float(np.finfo(dtype).max)
+        if float(np.abs(arr).max()) > limit:
+            bad = int((np.abs(arr) > limit).sum())
+            raise AdapterError(f"{where}: tensor {key!r} holds {bad} value(s) beyond the range "
+                               f"of {np.dtype(dtype).name} (at most {limit:.4g} in size), the "
+                               "dtype adapters are served in")
 
 
 def check_rank(tensor: str, rank: int, max_rank: int | None, where: str) -> None:
@@ -300,7 +311,8 @@ def check_rank(tensor: str, rank: int, max_rank: int | None, where: str) -> None
                            f"max_lora_rank={max_rank}")
 
 
-def read_peft_tensors(path: str) -> dict[str, np.ndarray]:
+def read_peft_tensors(path: str, dtype=None) -> dict[str, np.ndarray]:
+    """The file's LoRA weights as float32, each checked (check_tensor; `dtype`: as there)."""
     st = os.path.join(path, "adapter_model.safetensors")
     if not os.path.exists(st):
         raise AdapterError(f"{path}: no adapter_model.safetensors (only safetensors adapters are read)")
@@ -315,7 +327,7 @@ def read_peft_tensors(path: str) -> dict[str, np.ndarray]:
             raise AdapterError(f"{path}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}"
                                "; LoRA weights must be floating point")
         out[k] = v.float().numpy()
-        check_tensor(k, out[k], path)
+        check_tensor(k, out[k], path, dtype)
     return out
 
 
@@ -415,16 +427,16 @@ def _from_peft_arrays(name: str, cfg: dict, tensors: dict[str, np.ndarray],
 
 
 def load_peft(name: str, path: str, model_cfg: ModelConfig,
-              max_rank: int | None = None) -> LoraAdapter:
+              max_rank: int | None = None, dtype=None) -> LoraAdapter:
     """Read and validate a PEFT directory; every refusal is an AdapterError, whatever the
     files hold (an unexpected failure on a malformed file is reported as one too). max_rank:
-    as for from_peft_arrays."""
+    as for from_peft_arrays; dtype: the dtype the adapter will be served in (check_tensor)."""
     if not os.path.isdir(path):
         raise AdapterError(f"adapter path {path!r} is not a directory")
     try:
         cfg = read_peft_config(path)
         check_config_types(cfg, path)   # before the tensors: a config error is the clearer one
-        return from_peft_arrays(name, cfg, read_peft_tensors(path), model_cfg, where=path,
+        return from_peft_arrays(name, cfg, read_peft_tensors(path, dtype), model_cfg, where=path,
                                 max_rank=max_rank)
     except (AdapterError, OSError):
         raise

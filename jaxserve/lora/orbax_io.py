@@ -43,15 +43,16 @@ def save_orbax(adapter: LoraAdapter, path: str, model_cfg: ModelConfig) -> None:
 
 
 def load_orbax(name: str, path: str, model_cfg: ModelConfig,
-               max_rank: int | None = None) -> LoraAdapter:
+               max_rank: int | None = None, dtype=None) -> LoraAdapter:
     """Read and validate a checkpoint; every refusal is an AdapterError, whatever the files
     hold (Orbax's own failures on a damaged checkpoint are reported as one too). max_rank: the
-    highest rank the caller serves (None: any), checked before the arrays are converted."""
+    highest rank the caller serves (None: any), checked before the arrays are converted;
+    dtype: the dtype the adapter will be served in (check_tensor)."""
     path = os.path.abspath(path)
     if not is_orbax_dir(path):
         raise AdapterError(f"{path} is not a jaxserve Orbax adapter (expected params/ and config/)")
     try:
-        return _load_orbax(name, path, model_cfg, max_rank)
+        return _load_orbax(name, path, model_cfg, max_rank, dtype)
     except (AdapterError, OSError):
         raise
     except Exception as e:
@@ -59,7 +60,7 @@ def load_orbax(name: str, path: str, model_cfg: ModelConfig,
 
 
 def _load_orbax(name: str, path: str, model_cfg: ModelConfig,
-                max_rank: int | None) -> LoraAdapter:
+                max_rank: int | None, dtype) -> LoraAdapter:
     import orbax.checkpoint as ocp
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         config = ckptr.restore(path, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
@@ -96,8 +97,8 @@ def _load_orbax(name: str, path: str, model_cfg: ModelConfig,
         if a[m].shape != (L, R, din) or b[m].shape != (L, R, dout):
             raise AdapterError(f"{path}: {m} arrays {a[m].shape}/{b[m].shape} do not match the base "
                                f"model ({(L, R, din)}/{(L, R, dout)})")
-        check_tensor(f"a.{m}", a[m], path)
-        check_tensor(f"b.{m}", b[m], path)
+        check_tensor(f"a.{m}", a[m], path, dtype)
+        check_tensor(f"b.{m}", b[m], path, dtype)
     if any((ranks[:, MODULES.index(m)] > 0).any() for m in MODULES if m not in a):
         raise AdapterError(f"{path}: ranks name modules that have no arrays")
     peft_config = config.get("peft_config") or {}

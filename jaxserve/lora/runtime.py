@@ -164,7 +164,9 @@ def _update_rows(cfg, weights, kv, sub: LoraBatch, rows):
 
 
 def make_lora_store(model_cfg, config, num_pages: int) -> LoraStore:
-    """The engine's store: page layout from the pool, per-adapter page limit from the budget."""
+    """The engine's store: page layout from the pool, per-adapter page limit from the budget,
+    the pool's dtype (the model's) as the serving dtype adapter weights must fit."""
+    from jaxserve.dtypes import DTYPES
     from jaxserve.lora.pool import PageLayout
     layout = PageLayout(model_cfg, config.page_size, config.max_lora_rank)
     if getattr(config, "tp", 1) > 1:   # adapters sharded with the pool's heads
@@ -173,4 +175,4 @@ def make_lora_store(model_cfg, config, num_pages: int) -> LoraStore:
         layout = sharded_layout(layout, head_layout(model_cfg, config.tp), config.tp)
     usable = num_pages - 1
     cap = usable if config.lora_max_pages is None else min(usable, config.lora_max_pages)
-    return LoraStore(model_cfg, layout, max_pages=cap)
+    return LoraStore(model_cfg, layout, max_pages=cap, dtype=DTYPES.get(getattr(config, "dtype", None)))

@@ -16,14 +16,15 @@ from jaxserve.lora.pool import PageLayout
 
 
 def load_adapter(name: str, path: str, model_cfg: ModelConfig,
-                 max_rank: int | None = None) -> LoraAdapter:
+                 max_rank: int | None = None, dtype=None) -> LoraAdapter:
     """A PEFT directory (adapter_config.json + adapter_model.safetensors) or an Orbax one.
-    A rank above max_rank (None: any) is refused while reading, before padding."""
+    A rank above max_rank (None: any) is refused while reading, before padding; with dtype
+    (the serving dtype), weights beyond its range are refused too."""
     if not os.path.exists(path):
         raise AdapterError(f"adapter path {path!r} does not exist")
     if is_orbax_dir(path):
-        return load_orbax(name, path, model_cfg, max_rank)
-    return load_peft(name, path, model_cfg, max_rank)
+        return load_orbax(name, path, model_cfg, max_rank, dtype)
+    return load_peft(name, path, model_cfg, max_rank, dtype)
 
 
 class AdapterLimitError(AdapterError):
@@ -39,10 +40,13 @@ class AdapterLimitError(AdapterError):
 
 
 class LoraStore:
-    def __init__(self, model_cfg: ModelConfig, layout: PageLayout, max_pages: int):
+    def __init__(self, model_cfg: ModelConfig, layout: PageLayout, max_pages: int, dtype=None):
         self.model_cfg = model_cfg
         self.layout = layout
         self.max_pages = max_pages          # pages one adapter may take (the pool, or the cap)
+        # The dtype adapters are served in (the KV pool's: their pages live there); weights
+        # loaded from files must fit its range. None: checked finite as float32 only.
+        self.dtype = dtype
         # Caps on what the store holds (None: none); adapters registered before a cap is set
         # stay, but count toward it.
         self.max_adapters: int | None = None
@@ -85,7 +89,7 @@ class LoraStore:
             raise ValueError("adapter name must be a non-empty string")
         self.check_room()
         adapter = (source if isinstance(source, LoraAdapter) else
-                   load_adapter(name, source, self.model_cfg, self.layout.max_rank))
+                   load_adapter(name, source, self.model_cfg, self.layout.max_rank, self.dtype))
         adapter.name = name
         self.validate(adapter)
         with self._lock:
