@@ -33,6 +33,7 @@ from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.web_protocol import RequestHandler
 
 from server.config import ServerConfig
+from server.context import CTX_KEY
 from server.protocol import ApiError
 
 log = logging.getLogger("jaxserve.server")
@@ -92,6 +93,9 @@ class _GuardedHandler(RequestHandler):
         self._first_request_timer = None
         log.info("closing a connection that sent no complete request headers in %g s",
                  self.header_read_timeout_s)
+        metrics = getattr(self._manager, "metrics", None)
+        if metrics is not None:
+            metrics.on_request_timeout("header")
         self.force_close()
 
     def request_started(self) -> None:
@@ -133,8 +137,9 @@ class GuardedServer(web.Server):
     """aiohttp's protocol factory with the connection cap and the headers deadline."""
 
     def __init__(self, handler, *, max_connections: int, header_read_timeout_s: float | None,
-                 request_factory=None, **kwargs):
+                 request_factory=None, metrics=None, **kwargs):
         super().__init__(handler, request_factory=request_factory, **kwargs)
+        self.metrics = metrics   # ServingMetrics: refusals and header timeouts counted (or None)
         inner_factory = self.request_factory
 
         def request_factory_(message, payload, protocol, writer, task):
@@ -164,6 +169,8 @@ class GuardedServer(web.Server):
     def __call__(self):
         if len(self._open) >= self.max_connections:
             self.num_refused += 1
+            if self.metrics is not None:
+                self.metrics.on_connection_refused()
             return _Refusal(self._loop, self._refusal)
         handler = self._handler_cls(self, loop=self._loop, **self._kwargs)
         self._open.add(handler)
@@ -179,6 +186,8 @@ class ServingRunner(web.AppRunner):
         kwargs.setdefault("shutdown_timeout", SHUTDOWN_MARGIN_S)
         super().__init__(app, **kwargs)
         self._config = config
+        ctx = app.get(CTX_KEY)   # the app's ServingMetrics count refusals and header timeouts
+        self._metrics = ctx.metrics if ctx is not None else None
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()   # runs the app's start-up; aiohttp's own Server
@@ -187,7 +196,7 @@ class ServingRunner(web.AppRunner):
                              handler_cancellation=plain.handler_cancellation,
                              loop=plain._loop, max_connections=self._config.max_connections,
                              header_read_timeout_s=self._config.header_read_timeout_s,
-                             **plain._kwargs)
+                             metrics=self._metrics, **plain._kwargs)
 
 
 # After the drain, handlers that are still writing their last bytes get this long before

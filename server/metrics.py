@@ -87,6 +87,12 @@ class ServingMetrics:
         self.delivery = Histogram(DELIVERY_BUCKETS)
         self.finished: collections.Counter = collections.Counter()   # finish reason -> count
         self.http: collections.Counter = collections.Counter()       # (route, status) -> count
+        # The server's protections (docs/server.md "Timeouts and shutdown"): streams aborted
+        # because the client read nothing, connections refused over --max-connections, and
+        # requests cut by the header / body read timeouts (kind -> count).
+        self.stream_stall_aborts = 0
+        self.connections_refused = 0
+        self.request_timeouts: collections.Counter = collections.Counter()
         self.started = time.time()
         self.max_clients = DEFAULT_MAX_CLIENTS   # per-client series shown (+ client="other")
 
@@ -109,6 +115,16 @@ class ServingMetrics:
 
     def on_http(self, route: str, status: int) -> None:
         self.http[(route, status)] += 1
+
+    def on_stream_stall(self) -> None:
+        self.stream_stall_aborts += 1
+
+    def on_connection_refused(self) -> None:
+        self.connections_refused += 1
+
+    def on_request_timeout(self, kind: str) -> None:
+        """kind: "header" (first request's headers not complete in time) or "body"."""
+        self.request_timeouts[kind] += 1
 
     # exposition
     def render(self, model: str, stats: dict, num_waiting_server: int) -> str:
@@ -201,6 +217,16 @@ class ServingMetrics:
              self.delivery)
         metric("jaxserve:http_requests_total", "counter", "HTTP requests by route and status.",
                [(f'route="{esc(r)}",status="{s}"', c) for (r, s), c in sorted(self.http.items())])
+        metric("jaxserve:stream_stall_aborts_total", "counter",
+               "Streams aborted because the client took no bytes for --stream-stall-timeout-s.",
+               [(m, self.stream_stall_aborts)])
+        metric("jaxserve:connections_refused_total", "counter",
+               "Connections answered 503 and closed because --max-connections were open.",
+               [(m, self.connections_refused)])
+        metric("jaxserve:request_timeouts_total", "counter",
+               "Connections closed because a request's headers (--header-read-timeout-s) or "
+               "body (--body-read-timeout-s, a 408) did not arrive in time.",
+               [(f'{m},kind="{k}"', self.request_timeouts[k]) for k in ("header", "body")])
         return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from jaxserve.async_engine import EngineError, EngineStopped, RequestCut, RequestStream
 from jaxserve.outputs import RequestOutput
-from server.context import ServerContext
+from server.context import ServerContext, ctx_of
 from server.protocol import ApiError, GenRequest, json_dumps
 
 log = logging.getLogger("jaxserve.server")
@@ -49,6 +49,7 @@ async def send(request: web.Request, resp: web.StreamResponse, data: bytes,
             await resp.write(data)
     except asyncio.TimeoutError:
         log.warning("a client read nothing for %g s; aborting its stream", stall_s)
+        ctx_of(request).metrics.on_stream_stall()
         if request.transport is not None:
             request.transport.abort()
         raise StreamStalled(f"the client read nothing for {stall_s:g} s") from None

@@ -85,9 +85,21 @@ def wait_until(srv: ServerThread, cond, what: str, tries: int = 6000) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
+def counter(s: ServerThread, name: str, labels: str = "") -> float:
+    """A counter's value on the server's /metrics page (the sample whose labels contain
+    `labels`)."""
+    status, text = http(s.url, "/metrics")
+    assert status == 200, text
+    found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith(name + "{") and labels in line]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
 # ------------------------------------------------------------------ timeouts and the cap
 def test_stalled_body_gets_408_and_the_connection_is_closed():
     with ServerThread(fake_engine(), ServerConfig(body_read_timeout_s=0.3)) as s:
+        assert counter(s, "jaxserve:request_timeouts_total", 'kind="body"') == 0
         sock = connect(s.port)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: "
                      b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
@@ -98,6 +110,8 @@ def test_stalled_body_gets_408_and_the_connection_is_closed():
         assert s.async_engine.num_in_flight == 0
         status, _ = http(s.url, "/v1/completions", {"prompt": "ok", "max_tokens": 2})
         assert status == 200   # the server is fine
+        assert counter(s, "jaxserve:request_timeouts_total", 'kind="body"') == 1
+        assert counter(s, "jaxserve:request_timeouts_total", 'kind="header"') == 0
 
 
 def test_trickled_headers_are_cut_but_a_started_request_is_not():
@@ -107,6 +121,7 @@ def test_trickled_headers_are_cut_but_a_started_request_is_not():
         sock = connect(s.port)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: te")   # and nothing more
         assert read_until_closed(sock) == b""   # closed without an answer
+        assert counter(s, "jaxserve:request_timeouts_total", 'kind="header"') == 1
         # A request whose headers arrived in time runs past the headers deadline unharmed.
         eng.runner.gate.limit(0)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -146,6 +161,7 @@ def test_connections_beyond_the_cap_get_503_and_are_closed():
         wait_until(s, lambda: s.runner.server.num_open < 2, "a connection released")
         status, _ = http(s.url, "/health")
         assert status == 200
+        assert counter(s, "jaxserve:connections_refused_total") == 3
         for sock in held:
             sock.close()
 
@@ -179,6 +195,7 @@ def test_a_stream_whose_client_does_not_read_is_aborted_and_frees_its_slot():
         eng.runner.gate.open()   # the engine thread leaves its held-back step, takes the abort
         stats = s.stats()
         stalled.close()
+        assert counter(s, "jaxserve:stream_stall_aborts_total") == 1
     assert spy.calls["abort"] == 1   # aborted in the engine, not finished
     assert stats["num_free_pages"] == stats["num_total_pages"] and stats["num_running"] == 0
 
