@@ -52,16 +52,23 @@ async def errors_and_auth(request: web.Request, handler):
         if err.status == 503:
             resp.headers["Retry-After"] = "1"
     except (HttpProcessingError, RequestPayloadError) as e:   # a body aiohttp cannot decode
-        resp = web.json_response(ApiError(400, f"the request body cannot be read: "
-                                               f"{getattr(e, 'message', None) or e}",
+        why = (getattr(e, "message", None) or getattr(e.__cause__, "message", None) or e)
+        resp = web.json_response(ApiError(400, f"the request body cannot be read: {why}",
                                           code="invalid_body").body(), status=400)
         resp.force_close()   # the rest of that body cannot be read either
     except _BodyTimeout:
+        ctx.metrics.on_request_timeout("body")
         resp = web.json_response(ApiError(408, f"the request body was not received within "
                                                f"{ctx.config.body_read_timeout_s:g} s",
                                           code="request_timeout").body(),
                                  status=408, headers={"Connection": "close"})
         await _answer_and_close(request, resp)
+    except _BodyLost:   # nobody is left to read an answer; aiohttp drops it quietly
+        log.debug("client closed the connection while sending its body: %s", request.path)
+        resp = web.json_response(ApiError(400, "the connection closed before the request body "
+                                               "was complete", code="invalid_body").body(),
+                                 status=400)
+        resp.force_close()
     except web.HTTPException as e:  # 404 / 405 / 413 raised by aiohttp itself
         if e.status < 400:
             raise
@@ -78,6 +85,10 @@ async def errors_and_auth(request: web.Request, handler):
 
 
 class _BodyTimeout(Exception):
+    pass
+
+
+class _BodyLost(Exception):
     pass
 
 
@@ -101,6 +112,8 @@ async def _read_body(request: web.Request, timeout_s: float) -> None:
         await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
         raise _BodyTimeout() from None
+    except ConnectionResetError:
+        raise _BodyLost() from None
 
 
 async def _answer_and_close(request: web.Request, resp: web.StreamResponse) -> None:

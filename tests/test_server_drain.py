@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import signal
 import socket
@@ -112,6 +113,22 @@ def test_stalled_body_gets_408_and_the_connection_is_closed():
         assert status == 200   # the server is fine
         assert counter(s, "jaxserve:request_timeouts_total", 'kind="body"') == 1
         assert counter(s, "jaxserve:request_timeouts_total", 'kind="header"') == 0
+
+
+def test_a_body_cut_by_its_client_is_dropped_quietly(caplog):
+    """A client that closes while sending its body leaves nobody to answer: no error is logged
+    (aiohttp logs an exception escaping the application as an ERROR), the server goes on."""
+    route = 'route="/v1/completions",status="400"'
+    with ServerThread(fake_engine(), ServerConfig(body_read_timeout_s=600)) as s:
+        sock = connect(s.port)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
+        sock.close()
+        wait_until(s, lambda: counter(s, "jaxserve:http_requests_total", route) == 1,
+                   "the cut body answered")
+        status, _ = http(s.url, "/v1/completions", {"prompt": "ok", "max_tokens": 2})
+        assert status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_trickled_headers_are_cut_but_a_started_request_is_not():
