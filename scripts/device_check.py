@@ -4,7 +4,8 @@ H200), with no network and without the embedded model (`gguf` need not be instal
     scripts/device_check.sh [--cpu-smoke] [OUT_DIR]        (this file does the work)
 
 Steps, each under its own timeout, results in OUT_DIR/device_check.json and a summary table:
-  1. tests    the gpu-marked tests (`pytest -m gpu`): the kernels compiled on the device
+  1. tests    the gpu-marked tests (`pytest -m gpu`): the kernels compiled on the device, and
+              a poisoned adapter's NaN/inf kept from other requests on them
   2. kernels  scripts/bench_kernels.py: paged attention and LoRA kernels against XLA, jax's own
               paged-attention kernel and the HBM roofline
   3. model    a Llama-3-8B-shape model directory written here (config.json and a byte-level BPE
@@ -53,7 +54,7 @@ def plan(smoke: bool) -> dict:
     return dict(preset="llama3-8b", dtype="bfloat16", batches=[1, 64, 256], input_len=960,
                 output_len=64,
                 pool_batch=64, pools_gb=[4, 60], kernels=[],
-                timeouts=dict(tests=90, kernels=60, bench=180, pool=120, hlo=60))
+                timeouts=dict(tests=150, kernels=60, bench=180, pool=120, hlo=60))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
 
     res["steps"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
                                  "no:cacheprovider", "tests/test_kernels_attention.py",
-                                 "tests/test_kernels_lora.py", "tests/test_engine_pallas.py"],
+                                 "tests/test_kernels_lora.py", "tests/test_engine_pallas.py",
+                                 "tests/test_poison.py"],
                                 T["tests"], os.path.join(out, "tests.log"))
     kj = os.path.join(out, "bench_kernels.json")
     res["steps"]["kernels"] = run([sys.executable, "scripts/bench_kernels.py", *p["kernels"],

@@ -300,3 +300,12 @@ def test_sampler_rows_are_independent():
         np.testing.assert_array_equal(btok[[0, 2]], tok[[0, 2]])
         np.testing.assert_array_equal(blp[[0, 2]], lp[[0, 2]])
         assert np.isfinite(lp).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(__import__("jax").default_backend() == "cpu", reason="needs a GPU or TPU")
+@pytest.mark.parametrize("poison", ["huge", "nan"])
+def test_poisoned_adapter_on_device(models, poison):
+    """The same check with the Pallas kernels compiled for the device (scripts/device_check.py
+    runs the gpu-marked tests)."""
+    test_poisoned_adapter_does_not_reach_other_requests(models, "pallas", poison)
