@@ -31,8 +31,8 @@ Every 60 s a burst of 40 short completions arrives at once.
 At the end: every adapter (the start-up ones too) is unloaded, the server is given time to go idle,
 and the pool is read from /metrics: free pages (cached ones count: they are evictable) must
 equal the pool. Printed and written as JSON (--out): requests, status counts per action,
-responses >= 500, client-side errors, canary results, server RSS at the end of the first fifth
-and at the end (drift), pool free after. Exit status 1 on any 5xx, a leaked page, an empty
+responses >= 500, client-side errors, canary results, server RSS (sampled every 2 s; drift from
+the end of the first fifth, and over the second half), pool free after. Exit status 1 on any 5xx, a leaked page, an empty
 canary, a server that stopped answering or an ERROR line in the launched server's log.
 """
 from __future__ import annotations
@@ -425,6 +425,7 @@ class Soak:
                      if isinstance(s, int) and s >= 500)
         rss = self.rss
         first = next((m for t, m in rss if t >= wall / 5), rss[0][1] if rss else None)
+        half = next((m for t, m in rss if t >= wall / 2), None)
         last = rss[-1][1] if rss else None
         return {
             "wall_s": round(wall, 1), "requests": self.n_requests,
@@ -435,8 +436,10 @@ class Soak:
             "num_expectation_violations": len(self.expect_violations),
             "canary": {"distinct_texts": len(self.canary_texts), "empty": self.canary_empty,
                        "runs": sum(self.canary_texts.values())},
-            "rss_mb": {"after_first_fifth": first, "end": last,
-                       "drift_mb": None if first is None else round(last - first, 1)},
+            "rss_mb": {"after_first_fifth": first, "at_half": half, "end": last,
+                       "drift_mb": None if first is None else round(last - first, 1),
+                       "drift_second_half_mb": None if half is None else round(last - half, 1),
+                       "timeline": [(round(t), m) for i, (t, m) in enumerate(rss) if i % 15 == 0]},
             "pool_after": pool,
             "pool_free_after": pool.get("free") is not None and pool["free"] == pool["total"],
             "healthy_after": healthy and status == 200,
@@ -509,7 +512,8 @@ def print_report(r: dict) -> None:
     print(f"expectation violations: {r['num_expectation_violations']} "
           f"{r['expectation_violations'][:5]}")
     print(f"canary: {r['canary']}")
-    print(f"server RSS MiB: {r['rss_mb']}")
+    print("server RSS MiB: " + ", ".join(f"{k} {v}" for k, v in r["rss_mb"].items()
+                                         if k != "timeline"))
     print(f"pool after: {r['pool_after']}  free after: {r['pool_free_after']}")
     print(f"healthy after: {r['healthy_after']}")
     if "server_log_errors" in r:
