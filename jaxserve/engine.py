@@ -451,6 +451,7 @@ class LLMEngine:
             "prompt_tokens_total": self.num_prompt_tokens_total,
             "generation_tokens_total": self.num_generation_tokens_total,
             "num_preemptions_total": self.num_preemptions_total,
+            "num_programs_compiled": getattr(self.runner, "num_programs_compiled", 0),
             "running_adapters": per_adapter_running,
             "waiting_adapters": per_adapter_waiting,
             "max_loras": self.config.max_loras if self.config.max_loras is not None

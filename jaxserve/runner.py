@@ -135,6 +135,7 @@ class ModelRunner:
             self.init_pool(num_pages)
         self._compiled: collections.OrderedDict = collections.OrderedDict()   # see _program
         self.num_programs_dropped = 0
+        self.num_programs_compiled = 0   # step programs compiled since start (warm-up included)
         self.num_steps = 0
         self._feed_zeros = None   # see _empty_feed
 
@@ -311,6 +312,7 @@ class ModelRunner:
         log.info("compiling %s bucket batch=%d tokens=%d pages=%d%s", *bucket[:4],
                  f" lora rank={bucket[4]} modules={','.join(bucket[5])}" if len(bucket) > 4 else "")
         prog = self.programs.compile(self.params, self.kv, step, samp)
+        self.num_programs_compiled += 1
         self._compiled[bucket] = prog
         limit, n = _map_budget(), _num_maps()
         if limit is not None and n is not None and n > limit and len(self._compiled) > 1:

@@ -147,6 +147,7 @@ class Soak:
         self.loaded: set[str] = set()
         self.churn_id = 0
         self.rss: list[tuple[float, float]] = []
+        self.compiled: list[tuple[float, int | None]] = []
 
     # helpers
     def headers(self, tenant: str | None = None, admin: bool = False) -> dict:
@@ -383,6 +384,12 @@ class Soak:
             await asyncio.sleep(2.0)
             if self.pid:
                 self.rss.append((time.time() - t0, rss_mb(self.pid)))
+            if len(self.rss) % 15 == 1:   # every 30 s: programs compiled so far, beside the RSS
+                try:
+                    pool = await read_pool(sess, self.url, self.headers(admin=True))
+                    self.compiled.append((time.time() - t0, pool.get("compiled")))
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
             if time.time() >= next_burst:
                 next_burst += 60
                 try:
@@ -440,6 +447,11 @@ class Soak:
                        "drift_mb": None if first is None else round(last - first, 1),
                        "drift_second_half_mb": None if half is None else round(last - half, 1),
                        "timeline": [(round(t), m) for i, (t, m) in enumerate(rss) if i % 15 == 0]},
+            # RSS grows with each step program compiled (on CPU: when a shape is first met)
+            "programs_compiled": {"at_half": next((c for t, c in self.compiled if t >= wall / 2),
+                                                  None),
+                                  "end": pool.get("compiled"),
+                                  "timeline": [(round(t), c) for t, c in self.compiled]},
             "pool_after": pool,
             "pool_free_after": pool.get("free") is not None and pool["free"] == pool["total"],
             "healthy_after": healthy and status == 200,
@@ -468,7 +480,8 @@ async def read_pool(sess, url: str, headers: dict) -> dict:
         text = await r.text()
     want = {"jaxserve:num_free_pages": "free", "jaxserve:num_total_pages": "total",
             "jaxserve:num_cached_pages": "cached", "vllm:num_requests_running": "running",
-            "vllm:num_requests_waiting": "waiting"}
+            "vllm:num_requests_waiting": "waiting",
+            "jaxserve:step_programs_compiled_total": "compiled"}
     out = {}
     for line in text.splitlines():
         name = line.split("{", 1)[0]
@@ -514,6 +527,8 @@ def print_report(r: dict) -> None:
     print(f"canary: {r['canary']}")
     print("server RSS MiB: " + ", ".join(f"{k} {v}" for k, v in r["rss_mb"].items()
                                          if k != "timeline"))
+    pc = r["programs_compiled"]
+    print(f"step programs compiled: at half {pc['at_half']}, at the end {pc['end']}")
     print(f"pool after: {r['pool_after']}  free after: {r['pool_free_after']}")
     print(f"healthy after: {r['healthy_after']}")
     if "server_log_errors" in r:
@@ -535,6 +550,8 @@ def main(argv=None) -> int:
     p.add_argument("--tenant-keys", default=None, metavar="T=KEY,...")
     p.add_argument("--lora-root", default=None, help="with --url: the server's --lora-root")
     p.add_argument("--server-args", default="", help="extra `jaxserve serve` arguments")
+    p.add_argument("--log-level", default="WARNING", help="the launched server's log level "
+                   "(INFO logs each step program compiled)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench_results", "soak.json"))
     p.add_argument("--log-dir", default=os.path.join(ROOT, "bench_results", "logs"))
     args = p.parse_args(argv)
@@ -567,7 +584,8 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{port}"
         modules = [f"m{i}={os.path.join(args.lora_root, f'a{i}')}" for i in range(2)]
         adapters = ["m0", "m1"]
-        cmd = [os.path.join(ROOT, ".venv", "bin", "jaxserve"), "serve", "--port", str(port),
+        cmd = [os.path.join(ROOT, ".venv", "bin", "jaxserve"), "--log-level", args.log_level,
+               "serve", "--port", str(port),
                "--lora-root", args.lora_root, "--api-keys", keyfile,
                "--lora-modules", *modules, "--scheduler", "vtc",
                # shorter than --stall-s, so the faults meet the protections

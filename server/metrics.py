@@ -197,6 +197,10 @@ class ServingMetrics:
                [(m, num("num_free_pages"))])
         metric("jaxserve:num_total_pages", "gauge", "KV-cache pages in the pool.",
                [(m, num("num_total_pages"))])
+        metric("jaxserve:step_programs_compiled_total", "counter",
+               "Step programs compiled since start (warm-up included); on CPU they are "
+               "compiled when a step shape is first met, each adding to the process memory.",
+               [(m, num("num_programs_compiled"))])
         metric("jaxserve:server_waiting_requests", "gauge",
                "Admitted requests without a first token (the --max-waiting bound).",
                [(m, num_waiting_server)])

@@ -197,6 +197,7 @@ def test_metrics_after_load(srv):
     assert samples["vllm:generation_tokens_total"] > 100
     assert samples["vllm:time_to_first_token_seconds_count"] > 50
     assert samples["jaxserve:token_delivery_seconds_count"] > 100
+    assert samples["jaxserve:step_programs_compiled_total"] >= 2   # a prefill and a decode
 
 
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=0, max_size=40)
