@@ -282,8 +282,9 @@ class Server:
         except OSError:
             return ""
 
-    async def wait_ready(self, url: str) -> str:
-        """Waits for /health and /v1/models; returns the model id to send."""
+    async def wait_ready(self, url: str, headers: dict | None = None) -> str:
+        """Waits for /health and /v1/models (sent with `headers`, e.g. an API key); returns the
+        model id to send."""
         deadline = time.time() + self.ready_timeout
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as sess:
             while time.time() < deadline:
@@ -293,7 +294,7 @@ class Server:
                 try:
                     async with sess.get(url + "/health") as r:
                         if r.status == 200:
-                            async with sess.get(url + "/v1/models") as m:
+                            async with sess.get(url + "/v1/models", headers=headers) as m:
                                 if m.status == 200:
                                     return (await m.json())["data"][0]["id"]
                 except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError, ValueError):

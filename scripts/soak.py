@@ -458,23 +458,6 @@ class Soak:
         }
 
 
-async def wait_ready(server: Server, url: str, timeout_s: float = 900.0) -> None:
-    deadline = time.time() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as sess:
-        while time.time() < deadline:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {server.proc.returncode}; log tail:\n"
-                                   f"{server.log_tail()}")
-            try:
-                async with sess.get(url + "/health") as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(1.0)
-    raise RuntimeError(f"the server was not ready after {timeout_s:.0f} s")
-
-
 async def read_pool(sess, url: str, headers: dict) -> dict:
     async with sess.get(url + "/metrics", headers=headers) as r:
         text = await r.text()
@@ -595,7 +578,7 @@ def main(argv=None) -> int:
         server.start(args.log_dir)
     try:
         if server is not None:
-            asyncio.run(wait_ready(server, url))
+            asyncio.run(server.wait_ready(url, {"Authorization": f"Bearer {admin_key}"}))
         pid = server.proc.pid if server is not None else None
         report = asyncio.run(Soak(args, url, keys, admin_key, adapters, pid).run())
     finally:
