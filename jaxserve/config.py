@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 ROPE_TYPES = ("default", "linear", "llama3")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,21 @@ class ModelConfig:
     o_bias: bool = False
     # Per-layer static attributes: one entry per layer (empty: the default in every layer).
     layer_windows: tuple[int | None, ...] = ()   # sliding window (None: full attention)
+    layer_rope_local: tuple[bool, ...] = ()      # the layer uses the local RoPE (rope_local_theta)
+    # Gemma 2/3 (defaults: the Llama layer)
+    norm_unit_offset: bool = False       # RMSNorm scales by (1 + w)
+    embed_scale: bool = False            # embeddings times sqrt(hidden_size), in the activation dtype
+    mlp_activation: str = "silu"         # of the gate: "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    sandwich_norms: bool = False         # RMSNorm on the attention and MLP outputs too
+    attn_scale: float | None = None      # score scale (None: head_dim ** -0.5)
+    attn_softcap: float | None = None    # scores -> c * tanh(s / c)
+    final_softcap: float | None = None   # logits -> c * tanh(l / c)
+    rope_local_theta: float | None = None  # RoPE base of the layers in layer_rope_local
+    # Mixture of experts (num_experts 0: a dense MLP)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    moe_renormalize: bool = True         # the top-k routing weights rescaled to sum to 1
     architecture: str = "llama"                  # model type; names its family (model/families)
 
     def __post_init__(self):
@@ -49,9 +65,18 @@ class ModelConfig:
                               f"num_key_value_heads ({self.num_kv_heads})")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope type {self.rope_type!r} is not supported (supported: {ROPE_TYPES})")
-        if self.layer_windows and len(self.layer_windows) != self.num_layers:
-            raise ConfigError(f"layer_windows has {len(self.layer_windows)} entries for "
-                              f"{self.num_layers} layers")
+        for f in ("layer_windows", "layer_rope_local"):
+            if getattr(self, f) and len(getattr(self, f)) != self.num_layers:
+                raise ConfigError(f"{f} has {len(getattr(self, f))} entries for "
+                                  f"{self.num_layers} layers")
+        if any(w is not None and w <= 0 for w in self.layer_windows):
+            raise ConfigError(f"sliding windows must be positive, got {self.layer_windows}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ConfigError(f"MLP activation {self.mlp_activation!r} is not supported "
+                              f"(supported: {MLP_ACTIVATIONS})")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok must be in [1, {self.num_experts}], got "
+                              f"{self.experts_per_token}")
 
     @property
     def sliding_window(self) -> int | None:

@@ -49,10 +49,14 @@ class LayerParams:
     qkv: Linear            # parts q, k, v: [H -> Hq*D, Hkv*D, Hkv*D]
     o: Linear              # [Hq*D -> H]
     mlp_norm: jax.Array    # [H]
-    gate_up: Linear        # parts gate, up: [H -> I, I]
-    down: Linear           # [I -> H]
+    gate_up: Linear | None = None     # parts gate, up: [H -> I, I]  (None: experts instead)
+    down: Linear | None = None        # [I -> H]
     q_norm: jax.Array | None = None   # [D] per-head RMSNorm of q, k before RoPE (None: none)
     k_norm: jax.Array | None = None   # [D]
+    post_attn_norm: jax.Array | None = None  # [H] of the attention output (Gemma 2/3)
+    post_mlp_norm: jax.Array | None = None   # [H] of the MLP output
+    router: Any = None     # [H, E] expert logits (mixture of experts)
+    experts: Any = None    # the experts' weights as the backend's `moe` reads them
 
 
 @jax.tree_util.register_dataclass
@@ -77,7 +81,7 @@ def _linear(ws, bs, fuse: bool) -> Linear:
 # canonical LayerWeights fields behind each projection: (weights, biases)
 _PROJECTIONS = {"qkv": (("wq", "wk", "wv"), ("bq", "bk", "bv")), "o": (("wo",), ("bo",)),
                 "gate_up": (("w_gate", "w_up"), (None, None)), "down": (("w_down",), (None,))}
-_NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm")
+_NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
 
 def _drop(lw, fields, consume: bool) -> None:
@@ -110,8 +114,7 @@ def from_weights(weights: Weights, fuse: bool, consume: bool = False) -> Params:
         linears[key] = _linear(tuple(getattr(lw, w) for w in ws),
                                tuple(None if b is None else getattr(lw, b) for b in bs), fuse)
         _drop(lw, ws + bs, consume)
-    layers = LayerParams(attn_norm=lw.attn_norm, mlp_norm=lw.mlp_norm, q_norm=lw.q_norm,
-                         k_norm=lw.k_norm, **linears)
+    layers = LayerParams(**{n: getattr(lw, n) for n in _NORMS}, **linears)
     _drop(lw, _NORMS, consume)
     return Params(embed=weights.embed, layers=layers, final_norm=weights.final_norm,
                   lm_head=weights.lm_head)

@@ -27,16 +27,22 @@ class LayerWeights:
     wk: jax.Array              # [L, H, Hkv*D]
     wv: jax.Array              # [L, H, Hkv*D]
     wo: jax.Array              # [L, Hq*D, H]
-    mlp_norm: jax.Array        # [L, H]
-    w_gate: jax.Array          # [L, H, I]
-    w_up: jax.Array            # [L, H, I]
-    w_down: jax.Array          # [L, I, H]
+    mlp_norm: jax.Array        # [L, H]   before the MLP
+    w_gate: jax.Array | None = None  # [L, H, I]  (None: a mixture of experts instead)
+    w_up: jax.Array | None = None    # [L, H, I]
+    w_down: jax.Array | None = None  # [L, I, H]
     bq: jax.Array | None = None  # [L, Hq*D]  (Qwen2, attention_bias)
     bk: jax.Array | None = None  # [L, Hkv*D]
     bv: jax.Array | None = None  # [L, Hkv*D]
     bo: jax.Array | None = None  # [L, H]     (Llama attention_bias)
     q_norm: jax.Array | None = None  # [L, D]  RMSNorm of each query head before RoPE (Qwen3)
     k_norm: jax.Array | None = None  # [L, D]  the same for each key head
+    post_attn_norm: jax.Array | None = None  # [L, H]  of the attention output (Gemma 2/3)
+    post_mlp_norm: jax.Array | None = None   # [L, H]  of the MLP output (Gemma 2/3)
+    router: jax.Array | None = None   # [L, H, E]      expert logits (mixture of experts)
+    we_gate: jax.Array | None = None  # [L, E, H, Im]  each expert's projections
+    we_up: jax.Array | None = None    # [L, E, H, Im]
+    we_down: jax.Array | None = None  # [L, E, Im, H]
 
 
 @jax.tree_util.register_dataclass

@@ -23,6 +23,8 @@ AXIS_SIZES = {
     "kv_heads": "kv_size",      # num_kv_heads * head_dim
     "mlp": "intermediate_size",
     "head_dim": "head_dim",
+    "experts": "num_experts",
+    "moe_mlp": "moe_intermediate_size",
 }
 
 
