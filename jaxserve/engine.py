@@ -90,6 +90,9 @@ class EngineConfig:
     fair_weights: tuple[tuple[str, float], ...] = ()
     seed: int = 0
     tp: int = 1                       # tensor-parallel degree (devices in the mesh)
+    # expert parallelism: 1 (each expert split over the tp devices) or tp (whole experts per
+    # device); mixture-of-experts models only (jaxserve/sharding.py check_parallel)
+    ep: int = 1
     # LoRA: adapters share the KV pool's pages (jaxserve/lora/pool.py)
     # distinct adapters in one batch; None = no cap (a step's cost does not depend on it: each
     # batch row has its own adapter slot, jaxserve/lora/runtime.py)
@@ -115,6 +118,10 @@ class EngineConfig:
                   "max_loras", "max_lora_rank", "max_num_batched_tokens"):
             if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
+        if self.ep not in (1, self.tp):
+            raise ValueError(f"--ep {self.ep} with --tp {self.tp}: expert parallelism splits the "
+                             f"experts over all tensor-parallel devices, so --ep must be 1 or "
+                             f"{self.tp}")
 
 
 def resolve_config_dtype(config: EngineConfig, model: LoadedModel | None = None, *,
@@ -137,7 +144,7 @@ def load_for_backend(config: EngineConfig):
     one device; random on the devices for load_format "dummy")."""
     dtype = DTYPES[config.dtype]
     backend = backends.select(config.backend, load_config(config.model), dtype, tp=config.tp,
-                              layer_loop=config.layer_loop)
+                              layer_loop=config.layer_loop, ep=config.ep)
     model = load_model(config.model, dtype, placement=backend.placement(),
                        load_format=config.load_format, seed=config.seed)
     return model, backend
@@ -272,7 +279,7 @@ class LLMEngine:
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
             max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=backend,
-            tp=config.tp, layer_loop=config.layer_loop,
+            tp=config.tp, layer_loop=config.layer_loop, ep=config.ep,
             lora=LoraRuntime(self.loras), consume_weights=True)
 
     # -- requests ------------------------------------------------------------------------------

@@ -110,15 +110,17 @@ class ModelRunner:
                  max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
                  dtype="float32", backend="auto", tp: int = 1, lora=None,
                  layer_loop: str = "auto", interpret: bool | None = None,
-                 consume_weights: bool = False):
+                 consume_weights: bool = False, ep: int = 1):
         """backend: a backend object (jaxserve.backends) or its name, resolved here.
         num_pages None: no pool yet; `init_pool` makes it once its size is known (the engine
         plans it from the memory left after the weights and the largest step, `step_memory`).
         consume_weights: `weights` is given up to the backend's `prepare`, which drops each
-        canonical array from it once prepared (the engine's case: weights held once)."""
+        canonical array from it once prepared (the engine's case: weights held once).
+        ep: a mixture of experts' experts split by whole experts over the tp devices (ep = tp)
+        or each expert split inside (1); for a backend given by name."""
         if isinstance(backend, str):
             backend = backends_lib.select(backend, cfg, dtype, tp=tp, layer_loop=layer_loop,
-                                          interpret=interpret)
+                                          interpret=interpret, ep=ep)
         self.cfg, self.backend, self.lora = cfg, backend, lora   # lora: LoraRuntime or None
         self.params = backend.prepare(weights, consume=consume_weights)
         self.page_size, self.kv = page_size, None

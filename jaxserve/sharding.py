@@ -2,16 +2,20 @@
 
 The model (jaxserve/model) names only logical axes (`weights.describe`). This module owns:
   * `make_mesh(tp)`: a 1-D mesh over `tp` devices, axis "tp";
-  * `RULES`: the one table from logical axes to mesh axes (Megatron: q/k/v/gate/up split on
-    their output, o/down on their input, the vocabulary split for embedding and LM head);
+  * `rules(ep)`: the one table from logical axes to mesh axes (Megatron: q/k/v/gate/up split on
+    their output, o/down on their input, the vocabulary split for embedding and LM head; a
+    mixture of experts' weights split inside each expert (`ep` 1) or by whole experts (`ep` =
+    tp, expert parallelism); `RULES` is the table at ep 1);
   * `HeadLayout`: when the head counts do not divide `tp`, heads are padded (zero weights) and
     KV heads replicated so that every device holds whole GQA groups; the model then runs on
     `layout.config`, an ordinary ModelConfig with more heads, and computes the same function;
   * `Placement`: where a backend holds the weights (the loader creates each array there);
     `shard_weights`, `zeros_kv` (the pool, created sharded) and the step shardings for
     `jax.jit`; XLA's SPMD partitioner then inserts the collectives (two all-reduces of
-    [tokens, hidden] per layer).
-LoRA sits in `shard_map` (jaxserve/lora), with specs derived from the same table.
+    [tokens, hidden] per layer);
+  * `check_parallel`: which (tp, ep) a model can run with, refused with the reason.
+LoRA sits in `shard_map` (jaxserve/lora), and so do the experts (jaxserve/backends/moe_mesh.py),
+with specs derived from the same table.
 
 Multi-host: `initialize_distributed()` before any other JAX call (see docs/parallelism.md).
 """
@@ -36,28 +40,43 @@ log = logging.getLogger("jaxserve.sharding")
 
 TP = "tp"
 
-# The one table: logical axis -> mesh axis (None = replicated on every device).
-RULES: dict[str, str | None] = {
-    "layers": None,
-    "embed": None,        # the residual stream is replicated
-    "q_heads": TP,        # wq/bq output, wo input
-    "kv_heads": TP,       # wk/wv output, the KV pool's heads
-    "mlp": TP,            # gate/up output, down input
-    "vocab": TP,          # embedding rows, LM head columns
-    "head_dim": None,
-    "pages": None,
-    "page_size": None,
-    # LoRA weights live in KV pages, so they follow "kv_heads"; how an adapter is cut across a
-    # page's per-device slices (S-LoRA's split) is in jaxserve/lora/tp.py.
-}
+def rules(ep: int = 1) -> dict[str, str | None]:
+    """The one table: logical axis -> mesh axis (None = replicated on every device), for a
+    mixture of experts' weights split `ep` ways by whole experts (ep = tp) or, with ep 1, each
+    expert split on its own intermediate axis like a dense MLP. Only the two expert axes
+    depend on ep."""
+    return {
+        "layers": None,
+        "embed": None,        # the residual stream is replicated
+        "q_heads": TP,        # wq/bq output, wo input
+        "kv_heads": TP,       # wk/wv output, the KV pool's heads
+        "mlp": TP,            # gate/up output, down input
+        "vocab": TP,          # embedding rows, LM head columns
+        "head_dim": None,
+        "pages": None,
+        "page_size": None,
+        # experts' gate/up [E, H, Im], down [E, Im, H]: whole experts per device (ep = tp), or
+        # every expert's gate/up output and down input split (ep 1)
+        "experts": TP if ep > 1 else None,
+        "moe_mlp": None if ep > 1 else TP,
+        "expert_logits": None,   # the router's [H, E] columns: every device routes every token
+        # LoRA weights live in KV pages, so they follow "kv_heads"; how an adapter is cut across a
+        # page's per-device slices (S-LoRA's split) is in jaxserve/lora/tp.py.
+    }
 
 
-def spec(axes: tuple[str, ...], shape: tuple[int, ...] | None = None, mesh: Mesh | None = None) -> P:
-    """PartitionSpec for an array with these logical axes. With shape and mesh, a dimension the
-    mesh axis does not divide is replicated instead (logged), e.g. an odd vocabulary."""
+RULES: dict[str, str | None] = rules(1)
+
+
+def spec(axes: tuple[str, ...], shape: tuple[int, ...] | None = None, mesh: Mesh | None = None,
+         ep: int = 1) -> P:
+    """PartitionSpec for an array with these logical axes (`rules(ep)`). With shape and mesh, a
+    dimension the mesh axis does not divide is replicated instead (logged), e.g. an odd
+    vocabulary (`check_parallel` refuses this for the expert axes)."""
+    table = rules(ep)
     out = []
     for i, name in enumerate(axes):
-        m = RULES[name]
+        m = table[name]
         if m is not None and shape is not None and mesh is not None and shape[i] % mesh.shape[m]:
             log.warning("axis %s of size %d is not divisible by %s=%d: replicated", name, shape[i],
                         m, mesh.shape[m])
@@ -73,6 +92,27 @@ def make_mesh(tp: int, devices=None) -> Mesh:
                          f"({devices[0].platform}); on CPU set XLA_FLAGS="
                          "--xla_force_host_platform_device_count=N before starting")
     return Mesh(np.asarray(devices[:tp]), (TP,))
+
+
+def check_parallel(cfg: ModelConfig, tp: int, ep: int = 1) -> None:
+    """Refuse (ValueError, naming the flag) a (tp, ep) the model cannot run with: expert
+    parallelism spans the whole mesh (ep 1 or ep = tp, as vLLM's --enable-expert-parallel
+    makes the expert group the tensor-parallel group), needs a mixture of experts and an expert
+    count it divides; with ep 1 under tp each expert's intermediate size must divide by tp."""
+    if ep < 1 or (ep != 1 and ep != tp):
+        raise ValueError(f"--ep {ep} with --tp {tp}: expert parallelism splits the experts over "
+                         f"all tensor-parallel devices, so --ep must be 1 or {tp}")
+    E = cfg.num_experts
+    if ep > 1 and not E:
+        raise ValueError(f"--ep {ep}: the model ({cfg.architecture}) has no experts; expert "
+                         "parallelism is for mixture-of-experts models (use --ep 1)")
+    if ep > 1 and E % ep:
+        raise ValueError(f"--ep {ep}: the model's {E} experts do not divide into {ep} equal "
+                         f"groups; use an --ep (and --tp) that divides {E}, or --ep 1")
+    if E and ep == 1 and tp > 1 and cfg.moe_intermediate_size % tp:
+        raise ValueError(f"--tp {tp}: the experts' intermediate size "
+                         f"{cfg.moe_intermediate_size} is not divisible by {tp}; use --ep {tp} "
+                         "(whole experts per device) or a --tp that divides it")
 
 
 # ----------------------------------------------------------------------------- head layout
@@ -150,20 +190,22 @@ def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(s, str) for s in x)
 
 
-def weight_shardings(cfg: ModelConfig, mesh: Mesh) -> Weights:
+def weight_shardings(cfg: ModelConfig, mesh: Mesh, ep: int = 1) -> Weights:
     """NamedShardings in a tree shaped like Weights (cfg: the config as run on the mesh)."""
-    return build(cfg, lambda name, s: NamedSharding(mesh, spec(s.axes, s.shape, mesh)))
+    return build(cfg, lambda name, s: NamedSharding(mesh, spec(s.axes, s.shape, mesh, ep)))
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a backend holds the canonical weights: on one device, or on a mesh by RULES with
-    heads re-laid by `layout`. The loader creates each array directly in this placement (each
-    device's part read or generated on its own), so nothing is staged whole on one device."""
+    """Where a backend holds the canonical weights: on one device, or on a mesh by `rules(ep)`
+    with heads re-laid by `layout`. The loader creates each array directly in this placement
+    (each device's part read or generated on its own), so nothing is staged whole on one
+    device."""
     cfg: ModelConfig             # the checkpoint's config
     layout: HeadLayout           # identity on one device
     mesh: Mesh | None = None
     device: jax.Device | None = None   # one device (mesh None): this one; None: JAX's default
+    ep: int = 1                  # experts split by whole experts over the mesh (ep = tp) or not
 
     @property
     def run_config(self) -> ModelConfig:
@@ -174,26 +216,27 @@ class Placement:
         """The sharding of an array of this (run-config) shape and logical axes."""
         if self.mesh is None:
             return jax.sharding.SingleDeviceSharding(self.device or jax.devices()[0])
-        return NamedSharding(self.mesh, spec(axes, shape, self.mesh))
+        return NamedSharding(self.mesh, spec(axes, shape, self.mesh, self.ep))
 
 
-def placement(cfg: ModelConfig, mesh: Mesh | None = None) -> Placement:
-    """One device (mesh None), or the mesh with `head_layout`'s padded/replicated heads."""
+def placement(cfg: ModelConfig, mesh: Mesh | None = None, ep: int = 1) -> Placement:
+    """One device (mesh None), or the mesh with `head_layout`'s padded/replicated heads and the
+    experts split by `rules(ep)`."""
     if mesh is None:
         return Placement(cfg, head_layout(cfg, 1))
-    return Placement(cfg, head_layout(cfg, mesh.shape[TP]), mesh)
+    return Placement(cfg, head_layout(cfg, mesh.shape[TP]), mesh, ep=ep)
 
 
 def shard_weights(weights: Weights, cfg: ModelConfig, mesh: Mesh,
-                  layout: HeadLayout | None = None) -> Weights:
-    """Re-lay heads for `layout` (if given) and place every array on the mesh by RULES. An
+                  layout: HeadLayout | None = None, ep: int = 1) -> Weights:
+    """Re-lay heads for `layout` (if given) and place every array on the mesh by `rules(ep)`. An
     array already in its place (the loader puts it there: run-config shape and the target
     sharding) is kept as it is; one with the run-config shape elsewhere is moved; one with the
     checkpoint's shape is re-laid on the host first. (The shapes tell them apart: a re-laid
     axis always has more heads than the checkpoint's.)"""
     layout = layout or head_layout(cfg, mesh.shape[TP])
     axes = logical_axes(cfg)
-    shardings = weight_shardings(layout.config, mesh)
+    shardings = weight_shardings(layout.config, mesh, ep)
     run_shapes = build(layout.config, lambda name, s: s.shape)
 
     def place(a, ax, sh, run_shape):

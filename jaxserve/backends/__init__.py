@@ -18,9 +18,10 @@ log = logging.getLogger("jaxserve.backends")
 
 
 def select(name: str, cfg, dtype, *, tp: int = 1, layer_loop: str = "auto",
-           interpret: bool | None = None):
+           interpret: bool | None = None, ep: int = 1):
     """The backend `name` for a model `cfg` in `dtype` on a tp-device mesh (tp > 1: a mesh is
-    made here). auto: pallas on GPU/TPU; on CPU the cpu backend when its kernels load and the
+    made here), a mixture of experts' experts split over it by whole experts when ep = tp
+    (jaxserve.sharding.check_parallel refuses other ep). auto: pallas on GPU/TPU; on CPU the cpu backend when its kernels load and the
     step is unsharded, else xla. An explicit `cpu` that cannot run falls back to xla with a
     warning saying why. layer_loop auto: per-layer on CPU without tensor parallelism, else scan."""
     if name not in NAMES:
@@ -43,9 +44,10 @@ def select(name: str, cfg, dtype, *, tp: int = 1, layer_loop: str = "auto",
         if reason is not None:
             log.warning("backend 'cpu' unavailable (%s): using 'xla'", reason)
             name, why = "xla", f"--backend cpu unavailable: {reason}"
+    from jaxserve import sharding
+    sharding.check_parallel(cfg, tp, ep)      # before any device or mesh is touched
     mesh = None
     if tp > 1:
-        from jaxserve import sharding
         mesh = sharding.make_mesh(tp)
     if layer_loop == "auto":   # XLA:CPU: a scan copies each layer's weights out of the stack
         layer_loop = "per-layer" if platform == "cpu" and mesh is None else "scan"
@@ -53,9 +55,10 @@ def select(name: str, cfg, dtype, *, tp: int = 1, layer_loop: str = "auto",
         backend = cpu.CpuBackend(cfg, dtype, layer_loop=layer_loop)
     elif name == "pallas":
         from jaxserve.backends.pallas import PallasBackend
-        backend = PallasBackend(cfg, dtype, mesh=mesh, layer_loop=layer_loop, interpret=interpret)
+        backend = PallasBackend(cfg, dtype, mesh=mesh, layer_loop=layer_loop, interpret=interpret,
+                                ep=ep)
     else:
-        backend = XlaBackend(cfg, dtype, mesh=mesh, layer_loop=layer_loop)
+        backend = XlaBackend(cfg, dtype, mesh=mesh, layer_loop=layer_loop, ep=ep)
     backend.why = why
     log.info("%s [%s]", backend.describe(), why)
     return backend
