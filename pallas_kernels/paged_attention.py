@@ -58,8 +58,9 @@ _EMPTY_LO = 1 << 30   # lo of a row that sees nothing (padding query / padding h
 # ----------------------------------------------------------------------------- reference
 
 def paged_attention_ref(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale,
-                        sliding_window=None):
-    """Plain jnp, f32 throughout: key j of sequence b lives at page block_tables[b, j // S], slot j % S."""
+                        sliding_window=None, softcap=None):
+    """Plain jnp, f32 throughout: key j of sequence b lives at page block_tables[b, j // S], slot j % S.
+    softcap c: score s -> c * tanh(s / c) before masking (HF Gemma 2's eager attention)."""
     B, Tq, Hq, D = q.shape
     Hkv, _, S, _ = k_pages.shape
     G = Hq // Hkv
@@ -73,6 +74,8 @@ def paged_attention_ref(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     v = jnp.repeat(v, G, axis=0)
     s = jnp.einsum("bthd,hbkd->bhtk", q.astype(jnp.float32), k,
                    precision=lax.Precision.HIGHEST) * scale
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
     pos = q_positions[:, None, :, None]
     visible = (j <= pos) & (j < kv_lens[:, None, None, None])
     if sliding_window is not None:
@@ -136,12 +139,33 @@ def _stacked_pool(k_pages, v_pages, layer):
     return k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
+def _static_softcap(softcap):
+    """The soft-capping constant as a Python float (a kernel parameter), or None."""
+    if softcap is None:
+        return None
+    try:
+        softcap = float(softcap)
+    except TypeError as e:   # a traced value
+        raise TypeError(f"softcap must be a static float, got {softcap!r}") from e
+    if not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    return softcap
+
+
 def _pad_block_tables(block_tables, multiple):
     P = block_tables.shape[1]
     return jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, -P % multiple)))
 
 
-def _softmax_step(q, k, v, key0, lo, hi, tile_lo, tile_hi, carry, scale):
+def _scores(s, scale, softcap):
+    """Raw q.k products -> the scores the softmax sees: times scale, then soft-capped
+    (c * tanh(s * scale / c), the 1/c folded into the scale) when softcap is given."""
+    if softcap is None:
+        return s * scale
+    return jnp.tanh(s * (scale / softcap)) * softcap
+
+
+def _softmax_step(q, k, v, key0, lo, hi, tile_lo, tile_hi, carry, scale, softcap):
     """One online-softmax update. q [R, D]; k, v [K, D]; key0 = position of k[0]; lo/hi [R];
     tile_lo/tile_hi: the tile's key interval (min(lo), max(hi)), outside which V is zeroed."""
     acc, m, l = carry
@@ -150,7 +174,7 @@ def _softmax_step(q, k, v, key0, lo, hi, tile_lo, tile_hi, carry, scale):
     mask = (key >= lo[:, None]) & (key < hi[:, None])
     v_key = key0 + lax.broadcasted_iota(jnp.int32, v.shape, 0)
     v = jnp.where((v_key >= tile_lo) & (v_key < tile_hi), v, jnp.zeros_like(v))
-    s = jnp.where(mask, s * scale, _NEG)
+    s = jnp.where(mask, _scores(s, scale, softcap), _NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
     corr = jnp.exp(m - m_new)
@@ -161,7 +185,7 @@ def _softmax_step(q, k, v, key0, lo, hi, tile_lo, tile_hi, carry, scale):
 
 
 def _walk_pages(q, k_ref, v_ref, layer, head, bt_ref, lo, hi, blk_begin, blk_end,
-                pages_per_block, scale):
+                pages_per_block, scale, softcap):
     """Online softmax over page blocks [blk_begin, blk_end) of pool[layer, head], the pages
     gathered through the block table."""
     R, D = q.shape
@@ -173,7 +197,7 @@ def _walk_pages(q, k_ref, v_ref, layer, head, bt_ref, lo, hi, blk_begin, blk_end
         pages = bt_ref[pl.ds(j * pages_per_block, pages_per_block)]
         k = k_ref[layer, head, pages].reshape(bk, D)
         v = v_ref[layer, head, pages].reshape(bk, D)
-        return _softmax_step(q, k, v, j * bk, lo, hi, tile_lo, tile_hi, carry, scale)
+        return _softmax_step(q, k, v, j * bk, lo, hi, tile_lo, tile_hi, carry, scale, softcap)
 
     init = (jnp.zeros((R, D), jnp.float32), jnp.full((R,), _NEG, jnp.float32),
             jnp.zeros((R,), jnp.float32))
@@ -199,7 +223,7 @@ def _poisoned(shape, dtype):
 # ----------------------------------------------------------------------------- prefill kernel
 
 def _prefill_kernel(layer_ref, bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale,
-                    pages_per_block, head_splits):
+                    softcap, pages_per_block, head_splits):
     o_ref = rest[-1]                       # rest = (poisoned_out_alias?, o_ref)
     lo, hi = lo_ref[...], hi_ref[...]
     bk = pages_per_block * k_ref.shape[3]
@@ -207,13 +231,13 @@ def _prefill_kernel(layer_ref, bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *res
     blk_end = (jnp.max(hi) + bk - 1) // bk
     head = pl.program_id(1) // head_splits
     acc, _, l = _walk_pages(q_ref[...], k_ref, v_ref, layer_ref[0], head, bt_ref, lo, hi,
-                            blk_begin, blk_end, pages_per_block, scale)
+                            blk_begin, blk_end, pages_per_block, scale, softcap)
     # l == 0: no visible key (zeros); a NaN l (the row's own values) stays NaN, as in XLA.
     out = jnp.where(l[:, None] != 0, acc / jnp.where(l != 0, l, 1.0)[:, None], 0.0)
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, rows_per_tile,
+def _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, softcap, rows_per_tile,
                   pages_per_block, head_splits, interpret, num_warps=4, num_stages=2,
                   poison=False):
     B, VH, N, D = qg.shape
@@ -231,8 +255,8 @@ def _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, rows_per_ti
         args.append(_poisoned(qg.shape, qg.dtype))
         aliases = {len(args) - 1: 0}
     return pl.pallas_call(
-        functools.partial(_prefill_kernel, scale=scale, pages_per_block=pages_per_block,
-                          head_splits=hs),
+        functools.partial(_prefill_kernel, scale=scale, softcap=softcap,
+                          pages_per_block=pages_per_block, head_splits=hs),
         grid=grid, in_specs=in_specs, out_specs=tile,
         out_shape=jax.ShapeDtypeStruct(qg.shape, qg.dtype),
         input_output_aliases=aliases, interpret=interpret,
@@ -244,7 +268,7 @@ def _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, rows_per_ti
 # ----------------------------------------------------------------------------- decode kernel
 
 def _decode_kernel(layer_ref, bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, scale,
-                   pages_per_block, blocks_per_split):
+                   softcap, pages_per_block, blocks_per_split):
     o_ref, m_ref, l_ref = rest[-3:]
     split = pl.program_id(2)
     lo, hi = lo_ref[...], hi_ref[...]
@@ -252,14 +276,14 @@ def _decode_kernel(layer_ref, bt_ref, lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest
     blk_begin = jnp.maximum(jnp.min(lo) // bk, split * blocks_per_split)
     blk_end = jnp.minimum((jnp.max(hi) + bk - 1) // bk, (split + 1) * blocks_per_split)
     acc, m, l = _walk_pages(q_ref[...], k_ref, v_ref, layer_ref[0], pl.program_id(1), bt_ref,
-                            lo, hi, blk_begin, blk_end, pages_per_block, scale)
+                            lo, hi, blk_begin, blk_end, pages_per_block, scale, softcap)
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
 
 
-def _decode_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, pages_per_block, num_splits,
-                 interpret, num_warps=4, num_stages=2, poison=False):
+def _decode_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, softcap, pages_per_block,
+                 num_splits, interpret, num_warps=4, num_stages=2, poison=False):
     """Partial softmax per split: acc [B, Hkv, splits, Gp, D], m and l [B, Hkv, splits, Gp]."""
     B, Hkv, Gp, D = qg.shape
     Pp = bt.shape[1]
@@ -283,8 +307,8 @@ def _decode_call(qg, k_pages, v_pages, layer, bt, lo, hi, *, scale, pages_per_bl
             args.append(_poisoned(shp.shape, shp.dtype))
             aliases[len(args) - 1] = i
     return pl.pallas_call(
-        functools.partial(_decode_kernel, scale=scale, pages_per_block=pages_per_block,
-                          blocks_per_split=blocks_per_split),
+        functools.partial(_decode_kernel, scale=scale, softcap=softcap,
+                          pages_per_block=pages_per_block, blocks_per_split=blocks_per_split),
         grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         input_output_aliases=aliases, interpret=interpret,
         compiler_params=_compiler_params(interpret, num_warps, num_stages),
@@ -353,9 +377,14 @@ def _gpu_tiling(kind: str, decode: bool, head_dim: int) -> GpuTiling:
 # ----------------------------------------------------------------------------- wrapper
 
 def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale,
-                    sliding_window=None, layer=None, interpret=False, pages_per_block=None,
-                    num_splits=None, tokens_per_tile=None, backend=None, poison=False):
+                    sliding_window=None, softcap=None, layer=None, interpret=False,
+                    pages_per_block=None, num_splits=None, tokens_per_tile=None, backend=None,
+                    poison=False):
     """Dispatch: decode kernel for q_len == 1, prefill kernel otherwise.
+
+    sliding_window: None, an int, or an int32 scalar (traced is fine: it only moves each row's
+    key interval, computed outside the kernels by _row_bounds). softcap: None or a static float
+    c, applied inside the kernels to each score (c * tanh(s / c)) before masking.
 
     k_pages/v_pages: the stacked pool [L, Hkv, N, S, D] with `layer`, or one layer's
     [Hkv, N, S, D]. interpret=True (or a CPU backend) runs the portable kernels in Pallas
@@ -364,6 +393,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
     NaN.
     """
     k_pages, v_pages, layer = _stacked_pool(k_pages, v_pages, layer)
+    softcap = _static_softcap(softcap)
     B, Tq, Hq, D = q.shape
     _, Hkv, _, S, _ = k_pages.shape
     if Hq % Hkv:
@@ -376,7 +406,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
         from pallas_kernels import paged_attention_tpu
         return paged_attention_tpu.paged_attention_tpu(
             q, k_pages, v_pages, block_tables, kv_lens, q_positions, scale=scale,
-            sliding_window=sliding_window, pages_per_block=pages_per_block, layer=layer)
+            sliding_window=sliding_window, softcap=softcap, pages_per_block=pages_per_block,
+            layer=layer)
     # GPU tiles (also in interpret mode with backend="gpu": tests check the GPU cut on CPU);
     # elsewhere interpret mode takes few, large steps.
     on_gpu = backend == "gpu"
@@ -398,7 +429,8 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
         bt = _pad_block_tables(bt, pages_per_block * splits)
         qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, rows, 1)
         acc, m, l = _decode_call(qg, k_pages, v_pages, layer, bt, lo, hi, scale=scale,
-                                 pages_per_block=pages_per_block, num_splits=splits,
+                                 softcap=softcap, pages_per_block=pages_per_block,
+                                 num_splits=splits,
                                  interpret=interpret, poison=poison, **warps)
         out = _merge_splits(acc, m, l).astype(q.dtype)            # [B, Hkv, rows, D]
         return _ungroup_rows(out, B, 1, Hkv, G, 1, rows)
@@ -412,7 +444,7 @@ def paged_attention(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, 
     splits = pl.cdiv(G, slots)
     Tp = pl.cdiv(Tq, bq) * bq
     qg, lo, hi = _group_rows(q, q_positions, kv_lens, sliding_window, Hkv, slots, Tp, splits)
-    out = _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, scale=scale,
+    out = _prefill_call(qg, k_pages, v_pages, layer, bt, lo, hi, scale=scale, softcap=softcap,
                         rows_per_tile=bq * slots, pages_per_block=pages_per_block,
                         head_splits=splits, interpret=interpret, poison=poison, **warps)
     return _ungroup_rows(out, B, Tq, Hkv, G, Tp, slots, splits)

@@ -28,13 +28,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.paged_attention import (_NEG, _group_rows, _pad_block_tables, _pow2_at_least,
-                                            _stacked_pool, _ungroup_rows)
+                                            _scores, _stacked_pool, _static_softcap,
+                                            _ungroup_rows)
 
 
 def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (scalar prefetch)
                 key_lo_ref, key_hi_ref,
                 lo_ref, hi_ref, q_ref, k_hbm, v_hbm,                 # VMEM blocks / HBM pools
-                *rest, scale, pages_per_block, max_pages, num_tiles):
+                *rest, scale, softcap, pages_per_block, max_pages, num_tiles):
     o_ref, k_buf, v_buf, sems = rest[-4:]
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     S = k_buf.shape[2]
@@ -79,7 +80,7 @@ def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (sca
             v_key = key0 + lax.broadcasted_iota(jnp.int32, v.shape, 0)
             v = jnp.where((v_key >= key_lo) & (v_key < key_hi), v, jnp.zeros_like(v))
             mask = (key >= lo) & (key < hi)
-            s = jnp.where(mask, s * scale, _NEG)
+            s = jnp.where(mask, _scores(s, scale, softcap), _NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             pr = jnp.where(mask, jnp.exp(s - m_new), 0.0)
             corr = jnp.exp(m - m_new)
@@ -97,11 +98,14 @@ def _tpu_kernel(layer_ref, bt_ref, blk_lo_ref, blk_hi_ref,           # SMEM (sca
 
 
 def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *, scale,
-                        sliding_window=None, layer=None, pages_per_block=None,
+                        sliding_window=None, softcap=None, layer=None, pages_per_block=None,
                         tokens_per_tile=None, interpret=False, poison=False):
     """k_pages/v_pages: the stacked pool [L, Hkv, N, S, D] with `layer`, or one layer's
-    [Hkv, N, S, D]."""
+    [Hkv, N, S, D]. sliding_window (None, an int or a traced int32 scalar) only moves the rows'
+    key intervals and the tiles' page ranges, computed here and scalar-prefetched; softcap (a
+    static float) caps the scores inside the kernel."""
     k_pages, v_pages, layer = _stacked_pool(k_pages, v_pages, layer)
+    softcap = _static_softcap(softcap)
     B, Tq, Hq, D = q.shape
     _, Hkv, num_pages, S, _ = k_pages.shape
     G = Hq // Hkv
@@ -140,8 +144,8 @@ def paged_attention_tpu(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
         in_specs.append(tile)
         args.append(jnp.full(qg.shape, jnp.nan, qg.dtype))
         aliases = {6 + len(args) - 1: 0}                    # index counts the 6 prefetch args
-    kernel = functools.partial(_tpu_kernel, scale=scale, pages_per_block=ppb, max_pages=Pp,
-                               num_tiles=nq)
+    kernel = functools.partial(_tpu_kernel, scale=scale, softcap=softcap, pages_per_block=ppb,
+                               max_pages=Pp, num_tiles=nq)
     out = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -33,10 +33,11 @@ from jaxserve.backends.base import XlaBackend
 from jaxserve.backends.cpu import cpu_attention
 from jaxserve.backends.cpu.backend import CpuBackend
 from jaxserve.config import ModelConfig
+from jaxserve.model.attention import FULL_WINDOW
 from jaxserve.model.kv_cache import KVPages, StepInput, stored
 from marks import fast_subset
 from pallas_kernels.paged_attention import paged_attention_ref
-from test_kernels_attention import fresh_seed, make_case
+from test_kernels_attention import CAP_SCALE, SOFTCAP, fresh_seed, make_case, stale_nan
 
 if not cpu_attention.available():
     pytest.skip(f"native CPU attention kernel unavailable: {cpu_attention.unavailable_reason()}",
@@ -360,3 +361,143 @@ def test_engine_greedy_matches_xla(tmp_path, head_dim):
         assert a.token_ids == b.token_ids
         assert a.new_logprobs and len(a.new_logprobs) == len(b.new_logprobs) == 10
         np.testing.assert_allclose(a.new_logprobs, b.new_logprobs, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- soft-capping, traced windows
+# Gemma 2/3: the window is an operand of the custom call (a traced int32 scalar: one compiled
+# program for every layer, FULL_WINDOW for a mixed model's full layers), the soft-cap an
+# attribute. SOFTCAP / CAP_SCALE as in test_kernels_attention: the cap saturates most scores.
+# Tolerances as above: the kernel's tanh (a rational approximation, a few ulp) has slope <= 1,
+# so a capped score is off by ~1e-6 at most, well inside TOL_F32.
+
+
+def traced_kernel(traces):
+    """The kernel jitted with the window a traced argument; each trace appends to `traces`."""
+    @functools.partial(jax.jit, static_argnames=("scale", "softcap"))
+    def f(window, q, k, v, bt, lens, pos, *, scale, softcap):
+        traces.append(window)
+        return cpu_attention.paged_decode_attention(q, k, v, bt, lens, pos, scale=scale,
+                                                    sliding_window=window, softcap=softcap)
+    return f
+
+
+def reference_capped(case, scale, window, softcap):
+    q, k, v, bt, lens, pos = case
+    f32 = lambda x: x.astype(jnp.float32)   # noqa: E731
+    return np.asarray(paged_attention_ref(f32(q), f32(k), f32(v), bt, lens, pos, scale=scale,
+                                          sliding_window=window, softcap=softcap))
+
+
+@pytest.mark.parametrize("dtype,q_dtype,softcap", [
+    (jnp.float32, jnp.float32, SOFTCAP),
+    (jnp.bfloat16, jnp.bfloat16, SOFTCAP),
+    (jnp.bfloat16, jnp.float32, None),
+])
+def test_softcap_and_traced_window(dtype, q_dtype, softcap):
+    """One trace of the kernel with a traced window serves windows 3, 9 and FULL_WINDOW (= no
+    window), soft-capped or not, over a pool whose non-token rows are NaN/inf."""
+    seed = fresh_seed()
+    S = 8
+    case = make_case(seed, dtype=dtype, batch=5, q_len=1, num_kv_heads=2, group=3, head_dim=64,
+                     page_size=S, max_pages=4, last_page="full")
+    case = (case[0].astype(q_dtype),) + case[1:]
+    q, k, v, bt, lens, pos = stale_nan(case, S)
+    pool = (bits(k), bits(v)) if dtype == jnp.bfloat16 else (k, v)
+    refs = {w: reference_capped(case, CAP_SCALE, None if w == FULL_WINDOW else w, softcap)
+            for w in (3, 9, FULL_WINDOW)}
+    assert np.abs(refs[3] - refs[FULL_WINDOW]).max() > 1e-2, f"seed={seed}"
+    if softcap is not None:
+        uncapped = reference_capped(case, CAP_SCALE, None, None)
+        assert np.abs(uncapped - refs[FULL_WINDOW]).max() > 1e-2, f"seed={seed}"
+    traces = []
+    kernel_w = traced_kernel(traces)
+    for w, ref in refs.items():
+        out = kernel_w(jnp.int32(w), q, *pool, bt, lens, pos, scale=CAP_SCALE,
+                            softcap=softcap)
+        out32 = np.asarray(out, np.float32)
+        assert out.dtype == q.dtype and np.isfinite(out32).all(), f"seed={seed}, window {w}"
+        assert (out32[np.asarray(pos)[:, 0] < 0] == 0).all(), f"seed={seed}"
+        tol = TOL_F32 + (2.0 ** -8 * np.abs(ref) if q_dtype == jnp.bfloat16 else 0)
+        err = np.abs(out32 - ref) - tol
+        assert (err <= 0).all(), f"seed={seed}, window {w}: off by {err.max():.2e} over tolerance"
+    assert len(traces) == 1, "the window must be an operand, not part of the program"
+    # FULL_WINDOW is no window, bit for bit (both see every causal key).
+    np.testing.assert_array_equal(
+        np.asarray(kernel_w(jnp.int32(FULL_WINDOW), q, *pool, bt, lens, pos,
+                                 scale=CAP_SCALE, softcap=softcap)),
+        np.asarray(cpu_attention.paged_decode_attention(q, *pool, bt, lens, pos, scale=CAP_SCALE,
+                                                        softcap=softcap)))
+
+
+def test_softcap_range():
+    """Scores from ~0 (tanh(t) = t) through the clamp (|s / c| > 7.9, tanh = 1 in float32), head
+    dims on both code paths: against the reference's jnp.tanh."""
+    for head_dim, softcap, scale in ((128, 2.0, 1.5), (64, 30.0, 1.5), (48, 0.5, 0.3),
+                                     (64, 1e4, 0.125)):
+        seed = fresh_seed()
+        case = make_case(seed, dtype=jnp.float32, batch=4, q_len=1, num_kv_heads=2, group=2,
+                         head_dim=head_dim, page_size=16, max_pages=6)
+        out = cpu_attention.paged_decode_attention(*case, scale=scale, softcap=softcap)
+        ref = reference_capped(case, scale, None, softcap)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=TOL_F32, rtol=0,
+                                   err_msg=f"seed={seed}, head_dim {head_dim}, cap {softcap}")
+
+
+def test_per_layer_windows_chosen_in_scan():
+    """As a mixed model runs it: a layer scan over the stacked pool, each layer's window picked
+    in-graph from the layer index (FULL_WINDOW for full layers), one custom call in the program."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    case = make_case(seed, dtype=jnp.float32, batch=4, q_len=1, num_kv_heads=2, group=2,
+                     head_dim=64, page_size=8, max_pages=5, last_page="full")
+    q, k, v, bt, lens, pos = case
+    ks = [k, (-v).astype(k.dtype), jnp.asarray(rng.standard_normal(k.shape), k.dtype)]
+    vs = [v, (k * 0.5).astype(k.dtype), jnp.asarray(rng.standard_normal(k.shape), k.dtype)]
+    windows = (4, FULL_WINDOW, 11)
+
+    def scan_layers(q, kl, vl):
+        table = jnp.asarray(windows, jnp.int32)
+
+        def body(c, layer):
+            return c, cpu_attention.paged_decode_attention(
+                q, kl, vl, bt, lens, pos, scale=CAP_SCALE, sliding_window=table[layer],
+                softcap=SOFTCAP, layer=layer)
+        return jax.lax.scan(body, 0, jnp.arange(3, dtype=jnp.int32))[1]
+
+    f = jax.jit(scan_layers)
+    outs = f(q, jnp.stack(ks), jnp.stack(vs))
+    assert f.lower(q, jnp.stack(ks), jnp.stack(vs)).as_text().count(cpu_attention.TARGET) == 1
+    for layer, w in enumerate(windows):
+        ref = reference_capped((q, ks[layer], vs[layer], bt, lens, pos), CAP_SCALE,
+                               None if w == FULL_WINDOW else w, SOFTCAP)
+        np.testing.assert_allclose(np.asarray(outs[layer]), ref, atol=TOL_F32, rtol=0,
+                                   err_msg=f"seed={seed}, layer {layer}")
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_backend_attention_softcap_traced_window(q_len):
+    """CpuBackend.attention (kernel for decode, XLA for prefill) = XlaBackend.attention with a
+    soft-cap and the window a traced argument of the jitted step."""
+    seed = fresh_seed()
+    for dtype in (jnp.float32, jnp.bfloat16):
+        q, k, v, bt, lens, pos = make_case(seed, batch=3, q_len=q_len, num_kv_heads=2, group=3,
+                                           head_dim=64, page_size=8, max_pages=4, dtype=dtype,
+                                           last_page="full")
+        cfg = _cfg(2, 3, 64)
+        cpu, xla = CpuBackend(cfg, dtype), XlaBackend(cfg, dtype)
+        kl, vl = jnp.stack([k, (-v).astype(dtype)]), jnp.stack([(k * 0.5).astype(dtype), v])
+        pools = {b.name: KVPages(k=stored(kl, b.pool_dtype()), v=stored(vl, b.pool_dtype()))
+                 for b in (cpu, xla)}
+        step = _attention_step(bt, lens, pos)
+
+        def attend(backend):
+            return jax.jit(lambda q, kv, layer, window, step: backend.attention(
+                q, kv, layer, step, scale=CAP_SCALE, sliding_window=window, softcap=SOFTCAP))
+
+        for layer, window in ((0, 3), (1, FULL_WINDOW)):
+            args = (jnp.int32(layer), jnp.int32(window), step)
+            out = attend(cpu)(q, pools["cpu"], *args)
+            ref = attend(xla)(q, pools["xla"], *args)
+            tol = TOL_F32 if dtype == jnp.float32 else 2.0 ** -7 * 4 + TOL_F32  # both rounded
+            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                                       atol=tol, rtol=0, err_msg=f"seed={seed}")

@@ -328,3 +328,140 @@ def test_compiled_kernel_on_device(q_len, dtype):
         # Device dots may use TF32 for f32 inputs: bf16-level tolerance for both dtypes.
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                    atol=3e-2, rtol=0)
+
+
+# --------------------------------------------------------------------------- soft-capping, traced windows
+# Gemma 2/3: a static soft-cap on the scores (s -> c * tanh(s / c) before masking), and each
+# layer's sliding window chosen in-graph from the layer index: a traced int32 scalar, FULL_WINDOW
+# for a mixed model's full-attention layers, one compiled program for every layer.
+# Scale 0.5 on N(0, 1) queries and keys of head_dim 16 spreads the scores over |s| ~ 2-8;
+# SOFTCAP = 2 saturates most of them, so an implementation that skipped (or misplaced) the cap
+# lands far outside tolerance (asserted on the reference itself). Tolerances as TOL above: the cap
+# is computed in float32 by every implementation and its slope is at most 1, so it adds no error
+# beyond ~1 ulp of a score.
+
+SOFTCAP = 2.0
+CAP_SCALE = 0.5
+
+
+def stale_nan(args, page_size):
+    """make_case's inputs with every pool row that holds no sequence's token (past each kv_len,
+    unused pages, the null page) set to NaN (even pages) or inf (odd pages): a key or value read
+    without its mask, or masked by multiplying with 0, makes the output non-finite."""
+    q, k, v, bt, lens, pos = args
+    live = np.zeros(k.shape[1:3], bool)                                   # [pages, page_size]
+    for b, L in enumerate(np.asarray(lens)):
+        for j in range(int(L)):
+            live[int(bt[b, j // page_size]), j % page_size] = True
+    bad = np.where(np.arange(k.shape[1])[:, None] % 2 == 0, np.nan, np.inf)  # [pages, 1]
+    stale = lambda x: jnp.asarray(np.where(live[None, :, :, None], np.asarray(x, np.float32),  # noqa: E731
+                                           bad[None, :, :, None]), x.dtype)
+    return (q, stale(k), stale(v), bt, lens, pos)
+
+
+def capped_implementations(q_len):
+    """Every attention implementation of the pool, called as f(*args, scale=, sliding_window=,
+    softcap=), in small tiles (several page blocks, splits, token tiles per call)."""
+    from jaxserve.model.attention import paged_attention_xla
+    from pallas_kernels.paged_attention_tpu import paged_attention_tpu
+    tiles = (dict(pages_per_block=2, num_splits=2) if q_len == 1 else
+             dict(pages_per_block=2, tokens_per_tile=4))
+    return {"xla": paged_attention_xla,
+            "pallas": functools.partial(pa.paged_attention, interpret=True, poison=True, **tiles),
+            "pallas-gpu-tiles": functools.partial(pa.paged_attention, interpret=True, poison=True,
+                                                  backend="gpu"),
+            "tpu": functools.partial(paged_attention_tpu, interpret=True, poison=True,
+                                     pages_per_block=2, tokens_per_tile=2)}
+
+
+@pytest.mark.parametrize("q_len,dtype,softcap", [
+    (1, jnp.float32, SOFTCAP),     # decode
+    (6, jnp.bfloat16, SOFTCAP),    # a chunk of prefill, ragged rows
+    (1, jnp.bfloat16, None),
+    (6, jnp.float32, None),
+])
+def test_softcap_and_traced_window(q_len, dtype, softcap):
+    """Each implementation under jit with the window a traced argument: one trace serves a
+    sliding layer (window 5) and a full layer (FULL_WINDOW, which must equal no window), with
+    and without the soft-cap, over a pool whose non-token rows are NaN/inf (selected out, never
+    multiplied by 0)."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jaxserve.model.attention import FULL_WINDOW
+    seed = fresh_seed()
+    S = 8
+    # Full last pages: every sequence holds >= 8 keys, so window 5 hides some of them.
+    args = make_case(seed, batch=3, q_len=q_len, num_kv_heads=2, group=2, head_dim=16,
+                     page_size=S, max_pages=4, dtype=dtype, last_page="full")
+    ref = functools.partial(pa.paged_attention_ref, *args, scale=CAP_SCALE)
+    refs = {w: np.asarray(ref(sliding_window=None if w == FULL_WINDOW else w, softcap=softcap),
+                          np.float32) for w in (5, FULL_WINDOW)}
+    # The case is one where each option matters.
+    assert np.abs(refs[5] - refs[FULL_WINDOW]).max() > 10 * TOL[dtype], f"seed={seed}"
+    if softcap is not None:
+        uncapped = np.asarray(ref(sliding_window=None), np.float32)
+        assert np.abs(uncapped - refs[FULL_WINDOW]).max() > 10 * TOL[dtype], f"seed={seed}"
+    nan_args = stale_nan(args, S)
+    pad = np.asarray(args[5]) < 0
+    for name, impl in capped_implementations(q_len).items():
+        traces = []
+
+        def attend(window, *a, impl=impl, traces=traces):
+            traces.append(window)
+            return impl(*a, scale=CAP_SCALE, sliding_window=window, softcap=softcap)
+
+        attend = jax.jit(attend)
+        try:
+            outs = {w: np.asarray(attend(jnp.int32(w), *nan_args), np.float32) for w in refs}
+        finally:
+            pltpu.reset_tpu_interpret_mode_state()
+        assert len(traces) == 1, f"{name}: the window must not be static (traced {len(traces)}x)"
+        for w, out in outs.items():
+            msg = f"{name}, window {w}, seed={seed}"
+            assert np.isfinite(out).all(), f"{msg}: non-finite output (a masked row leaked)"
+            assert (out[pad] == 0).all(), f"{msg}: padding queries must give exact zeros"
+            np.testing.assert_allclose(out, refs[w], atol=TOL[dtype], rtol=0, err_msg=msg)
+
+
+def test_xla_full_window_and_no_options_unchanged():
+    """The XLA path with FULL_WINDOW (traced) is no window, bit for bit, and window=None,
+    softcap=None compute what they did before the options existed: the reference's masked
+    softmax (tolerance) and a layer read in place (bit for bit against its own slice)."""
+    from jaxserve.model.attention import FULL_WINDOW, paged_attention_xla
+    seed = fresh_seed()
+    args = make_case(seed, batch=3, q_len=5, num_kv_heads=2, group=2, head_dim=16, page_size=8,
+                     max_pages=4, dtype=jnp.float32)
+    plain = jax.jit(functools.partial(paged_attention_xla, scale=CAP_SCALE))(*args)
+    full = jax.jit(lambda w, *a: paged_attention_xla(*a, scale=CAP_SCALE, sliding_window=w))(
+        jnp.int32(FULL_WINDOW), *args)
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(plain), err_msg=f"seed={seed}")
+    for softcap in (None, 50.0):   # Gemma 2's cap: barely bends scores this small
+        out = paged_attention_xla(*args, scale=CAP_SCALE, softcap=softcap)
+        ref = pa.paged_attention_ref(*args, scale=CAP_SCALE, softcap=softcap)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=TOL[jnp.float32],
+                                   rtol=0, err_msg=f"seed={seed}")
+
+
+def test_softcap_must_be_static():
+    args = make_case(0, batch=1, q_len=1, num_kv_heads=1, group=1, head_dim=16, page_size=8,
+                     max_pages=2, dtype=jnp.float32)
+    f = jax.jit(lambda c, *a: pa.paged_attention(*a, scale=0.1, softcap=c, interpret=True))
+    with pytest.raises(TypeError, match="softcap must be a static float"):
+        f(jnp.float32(2.0), *args)
+    with pytest.raises(ValueError, match="positive"):
+        pa.paged_attention(*args, scale=0.1, softcap=0.0, interpret=True)
+
+
+@pytest.mark.parametrize("q_len", [1, 32])
+def test_softcap_and_traced_window_lower_for_gpu_and_tpu(q_len):
+    """The soft-capped kernels with a traced window lower for Triton and Mosaic (tanh in both)."""
+    def f(window, *a, backend):
+        return pa.paged_attention(*a, scale=0.1, sliding_window=window, softcap=50.0,
+                                  backend=backend)
+    shapes = _shapes(4, q_len, 2, 4, 128, 16, 9, 80, jnp.bfloat16)
+    window = jax.ShapeDtypeStruct((), jnp.int32)
+    gpu = jax.jit(functools.partial(f, backend="gpu")).trace(window, *shapes).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "triton" in gpu
+    tpu = jax.jit(functools.partial(f, backend="tpu")).trace(window, *shapes).lower(
+        lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in tpu

@@ -11,12 +11,27 @@ Layout (shared by every implementation, and the same as jax's bundled paged-atte
 
 Query token at position p of sequence b sees keys j with j <= p, j < kv_lens[b], and, with a
 sliding window w, p - j < w. Decode is q_len == 1; prefill (also chunked) is q_len > 1.
+
+Every implementation (this one, pallas_kernels/paged_attention*.py, the CPU backend's native
+kernel) takes the same two per-layer options:
+  sliding_window  None (no window), a Python int, or an int32 scalar jax value that may be traced
+                  (a model whose layers differ picks each layer's window in-graph from the layer
+                  index, so one program serves every layer). A full-attention layer of such a
+                  model passes FULL_WINDOW, which no position difference reaches.
+  softcap         None, or a static float c: each score s (already multiplied by scale) becomes
+                  c * tanh(s / c) before masking (Gemma 2's attention logit soft-capping, as HF
+                  transformers computes it).
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from jaxserve.model.kv_cache import stored, values
+
+# The sliding window of a full-attention layer in a model that mixes windowed and full layers:
+# p - j < FULL_WINDOW holds for every position pair (positions stay far below 2**30), so such a
+# layer sees its whole causal context, and p - FULL_WINDOW + 1 does not overflow int32.
+FULL_WINDOW = 1 << 30
 
 
 def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets, layer=None):
@@ -37,8 +52,12 @@ def write_kv(k_pages, v_pages, k, v, slot_pages, slot_offsets, layer=None):
 
 
 def paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions, *,
-                        scale: float, sliding_window: int | None = None, layer=None):
+                        scale: float, sliding_window=None, softcap: float | None = None,
+                        layer=None):
     """Plain XLA path: gather each sequence's pages, then dense masked GQA attention.
+
+    sliding_window: None, an int or an int32 scalar (traced is fine); softcap: None or a float
+    (see the module docstring).
 
     With `layer`, the pool has a leading layers axis; indexing it inside the gather avoids
     copying the layer's whole pool.
@@ -64,10 +83,10 @@ def paged_attention_xla(q, k_pages, v_pages, block_tables, kv_lens, q_positions,
     mask = (key_pos <= qp) & (key_pos < kv_lens[:, None, None, None])         # [B, Tq, P, S]
     if sliding_window is not None:
         mask &= qp - key_pos < sliding_window
-    return _attend(q, k, v, mask, scale)
+    return _attend(q, k, v, mask, scale, softcap)
 
 
-def _attend(q, k, v, mask, scale):
+def _attend(q, k, v, mask, scale, softcap=None):
     """Masked GQA attention of q [B, Tq, Hq, D] over gathered pages k, v [B, P, Hkv, S, D].
 
     The contractions run on the gathered layout as it comes out of the gather (no transpose
@@ -78,6 +97,8 @@ def _attend(q, k, v, mask, scale):
     Hkv = k.shape[2]
     qg = q.reshape(B, Tq, Hkv, Hq // Hkv, D).astype(jnp.float32) * scale
     s = jnp.einsum("btkgd,bpksd->bkgtps", qg, k, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
     mask = mask[:, None, None]                                                 # [B,1,1,Tq,P,S]
     # Masked positions are excluded by selection (never by multiplying with 0): their scores
     # may be NaN (a stale key row), and v holds zeros past each row's kv_len.

@@ -122,13 +122,14 @@ class CpuBackend(XlaBackend):
             return cpu_matmul.matmul_t(h, params.embed)
         return super().lm_head(h, params)
 
-    def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window):
+    def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window,
+                  softcap=None):
         if q.shape[1] != 1:    # prefill: XLA
             return super().attention(q, kv, layer, step, scale=scale,
-                                     sliding_window=sliding_window)
+                                     sliding_window=sliding_window, softcap=softcap)
         return cpu_attention.paged_decode_attention(
             q, kv.k, kv.v, step.block_tables, step.kv_lens, step.positions, scale=scale,
-            sliding_window=sliding_window, layer=layer)
+            sliding_window=sliding_window, softcap=softcap, layer=layer)
 
     def min_decode_rows(self) -> int:
         # XLA:CPU runs a one-row bf16 matmul as a slow matrix-vector product: without the

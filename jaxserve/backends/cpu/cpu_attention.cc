@@ -5,20 +5,24 @@
 //   k_pool       [L, Hkv, N, S, D]     float32, or uint16/bfloat16 (bfloat16 bit patterns)
 //   v_pool       [L, Hkv, N, S, D]     same dtype and shape as k_pool
 //   layer        []                    int32, which of the L layers to read
+//   window       []                    int32, the sliding window (an operand, so one compiled
+//                                      program serves layers with different windows; no
+//                                      window is any value >= the context, e.g. INT32_MAX)
 //   block_tables [B, P]                int32, page of the sequence's j-th token is [b, j / S]
 //   kv_lens      [B]                   int32
 //   positions    [B]                   int32, position of the query token, -1 = padding row
-// Attributes: scale (f32), window (i64, <= 0 = no sliding window).
+// Attributes: scale (f32), softcap (f32, 0 = none: else each score s = scale * q.k becomes
+// softcap * tanh(s / softcap) before the softmax, Gemma 2's attention logit soft-capping).
 // Result: out [B, Hq, D] float32.
 //
-// Query of row b at position p sees key j iff j <= p, j < kv_lens[b], j < P * S and (without a
-// window, or) p - j < window. A row with no visible key writes exact zeros. GQA: query head h
-// reads kv head h / (Hq / Hkv).
+// Query of row b at position p sees key j iff j <= p, j < kv_lens[b], j < P * S and
+// p - j < window (a window <= 0 sees nothing). A row with no visible key writes exact zeros.
+// GQA: query head h reads kv head h / (Hq / Hkv).
 //
 // Work item = (row b, kv head): its G = Hq / Hkv query heads are processed together, so each K
 // and V row of the visible pages is read from memory once (later uses hit L1/L2). Keys go in
-// blocks of whole pages (kBlockKeys): scores of the block for all G heads, one online-softmax
-// step (running max, rescale), then the probability-weighted V rows. All float32. Only pages
+// blocks of whole pages (kBlockKeys): scores of the block for all G heads (soft-capped when
+// asked), one online-softmax step (running max, rescale), then the probability-weighted V rows. All float32. Only pages
 // holding visible keys are visited; the next page is prefetched while one is computed.
 //
 // Block table entries: every entry that would be read (the pages holding visible keys) is
@@ -184,6 +188,33 @@ inline void PrefetchL2(const void* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(c + i, 0, 2);
 }
 
+// x[i] <- cap * tanh(x[i] / cap), in a loop that vectorizes: tanh from the rational
+// approximation Eigen (and XLA:CPU) use for float32 (odd degree-13 / even degree-6 polynomials
+// on the argument clamped to +-7.9053, where tanh is 1 in float32; within a few ulp), and t
+// itself below 4e-4, where tanh(t) = t in float32. A NaN stays NaN.
+inline void SoftCap(float* __restrict x, int64_t n, float cap) {
+  constexpr float kClamp = 7.90531110763549805f;
+  const float inv = 1.0f / cap;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = x[i] * inv;
+    const float t = std::max(std::min(a, kClamp), -kClamp);  // NaN passes through
+    const float t2 = t * t;
+    float p = -2.76076847742355e-16f;
+    p = p * t2 + 2.00018790482477e-13f;
+    p = p * t2 + -8.60467152213735e-11f;
+    p = p * t2 + 5.12229709037114e-08f;
+    p = p * t2 + 1.48572235717979e-05f;
+    p = p * t2 + 6.37261928875436e-04f;
+    p = p * t2 + 4.89352455891786e-03f;
+    float q = 1.19825839466702e-06f;
+    q = q * t2 + 1.18534705686654e-04f;
+    q = q * t2 + 2.26843463243900e-03f;
+    q = q * t2 + 4.89352518554385e-03f;
+    const float th = (a < 4e-4f && a > -4e-4f) ? a : t * p / q;
+    x[i] = cap * th;
+  }
+}
+
 // ----------------------------------------------------------------------------- the problem
 
 struct Problem {
@@ -196,7 +227,8 @@ struct Problem {
   float* out;
   int64_t B, Hq, Hkv, G, D, N, S, P;
   float scale;
-  int64_t window;
+  float softcap;   // 0: none
+  int64_t window;  // from the window operand
 };
 
 // Visible key interval [lo, hi) of row b; empty (lo >= hi) for padding rows.
@@ -208,7 +240,7 @@ inline void Bounds(const Problem& pr, int64_t b, int64_t* lo, int64_t* hi) {
   int64_t h = std::min<int64_t>(p + 1, pr.kv_lens[b]);
   h = std::min<int64_t>(h, pr.P * pr.S);
   *hi = std::max<int64_t>(h, 0);
-  if (pr.window > 0) *lo = std::max<int64_t>(p - pr.window + 1, 0);
+  *lo = std::max<int64_t>(p - pr.window + 1, 0);  // window <= 0: lo > p >= hi - 1, empty
 }
 
 // Keys per softmax block (whole pages): the scores of a block are computed before one max /
@@ -367,6 +399,9 @@ void Item(const Problem& pr, int64_t item, Scratch& sc) {
       nb += n;
     }
     BlockScores<kD>(pr, sc, nb, SS);
+    if (pr.softcap != 0.0f) {
+      for (int64_t g = 0; g < G; ++g) SoftCap(sc.s.data() + g * SS, nb, pr.softcap);
+    }
     // Online softmax: new running max, rescale what was accumulated, exponentiate the block.
     for (int64_t g = 0; g < G; ++g) {
       float* sg = sc.s.data() + g * SS;
@@ -446,10 +481,10 @@ ffi::Error Fail(const std::string& msg) {
 bool IsBf16Bits(ffi::DataType t) { return t == ffi::DataType::U16 || t == ffi::DataType::BF16; }
 
 ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                                    ffi::AnyBuffer v, ffi::AnyBuffer layer, ffi::AnyBuffer bt,
-                                    ffi::AnyBuffer lens, ffi::AnyBuffer pos,
+                                    ffi::AnyBuffer v, ffi::AnyBuffer layer, ffi::AnyBuffer window,
+                                    ffi::AnyBuffer bt, ffi::AnyBuffer lens, ffi::AnyBuffer pos,
                                     ffi::Result<ffi::AnyBuffer> out, float scale,
-                                    int64_t window) {
+                                    float softcap) {
   using DT = ffi::DataType;
   // ---- validation
   if (q.element_type() != DT::F32 || q.dimensions().size() != 3)
@@ -474,6 +509,9 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi:
   if (S <= 0 || D <= 0) return Fail("page_size and head_dim must be positive");
   if (layer.element_type() != DT::S32 || layer.element_count() != 1)
     return Fail("layer must be an int32 scalar");
+  if (window.element_type() != DT::S32 || window.element_count() != 1)
+    return Fail("window must be an int32 scalar");
+  if (!(softcap >= 0.0f)) return Fail("softcap must be >= 0 (0: none)");
   if (bt.element_type() != DT::S32 || bt.dimensions().size() != 2 || bt.dimensions()[0] != B)
     return Fail("block_tables must be int32 [B=" + std::to_string(B) + ", P], got " +
                 Dims(bt.dimensions()));
@@ -504,7 +542,8 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi:
   pr.out = static_cast<float*>(out->untyped_data());
   pr.B = B, pr.Hq = Hq, pr.Hkv = Hkv, pr.G = Hq / Hkv, pr.D = D, pr.N = N, pr.S = S, pr.P = P;
   pr.scale = scale;
-  pr.window = window;
+  pr.softcap = softcap;
+  pr.window = *static_cast<const int32_t*>(window.untyped_data());
 
   // Every block-table entry that will be read must name a page of the pool.
   int64_t key_rows = 0;  // visible keys over all rows (per kv head)
@@ -550,9 +589,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePagedDecodeAttention, PagedDecodeAttention
                                   .Arg<ffi::AnyBuffer>()  // k_pool
                                   .Arg<ffi::AnyBuffer>()  // v_pool
                                   .Arg<ffi::AnyBuffer>()  // layer
+                                  .Arg<ffi::AnyBuffer>()  // window
                                   .Arg<ffi::AnyBuffer>()  // block_tables
                                   .Arg<ffi::AnyBuffer>()  // kv_lens
                                   .Arg<ffi::AnyBuffer>()  // positions
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("window"));
+                                  .Attr<float>("softcap"));

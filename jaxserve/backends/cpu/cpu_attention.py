@@ -52,14 +52,21 @@ def available() -> bool:
     return _LIB.available()
 
 
+_NO_WINDOW = (1 << 31) - 1   # the window operand of "no sliding window": beyond any context
+
+
 def paged_decode_attention(q, k_pool, v_pool, block_tables, kv_lens, q_positions, *, scale,
-                           sliding_window=None, layer=None):
+                           sliding_window=None, softcap=None, layer=None):
     """Decode attention over the paged pool; the calling convention of paged_attention_xla.
 
     q: [B, 1, Hq, D], any float dtype (the kernel computes in float32; the result is cast back
     to q.dtype). k_pool, v_pool: [L, Hkv, N, S, D] with `layer` (an int32 scalar, traced is fine),
     else [Hkv, N, S, D]; float32, bfloat16, or uint16 holding bfloat16 bits (kv_cache's CPU
     storage). block_tables [B, P], kv_lens [B], q_positions [B, 1] int32.
+    sliding_window: None, an int or an int32 scalar (traced is fine): it is an operand of the
+    custom call, so one compiled program serves layers with different windows (a window <= 0
+    sees nothing: zeros). softcap: None or a static float, an attribute (each score s ->
+    softcap * tanh(s / softcap) before the softmax).
 
     Raises RuntimeError when the kernel is not available (see available()), and an XLA runtime
     error if a block-table entry of a page with visible keys is outside [0, N).
@@ -75,14 +82,25 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, kv_lens, q_positions
     if k_pool.dtype != v_pool.dtype or not any(k_pool.dtype == d for d in _POOL_DTYPES):
         raise ValueError(f"pool dtype must be one of float32, bfloat16, uint16 (bf16 bits), got "
                          f"{k_pool.dtype} / {v_pool.dtype}")
-    if sliding_window is not None and sliding_window <= 0:   # no key is in an empty window
-        return jnp.zeros(q.shape, q.dtype)
+    if sliding_window is None:
+        window = jnp.int32(_NO_WINDOW)
+    elif isinstance(sliding_window, int):
+        window = jnp.int32(max(min(sliding_window, _NO_WINDOW), 0))
+    else:
+        window = jnp.asarray(sliding_window, jnp.int32).reshape(())
+    if softcap is not None:
+        try:
+            softcap = float(softcap)
+        except TypeError as e:   # a traced value
+            raise TypeError(f"softcap must be a static float, got {softcap!r}") from e
+        if not softcap > 0:
+            raise ValueError(f"softcap must be positive, got {softcap}")
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"native CPU paged attention unavailable: {reason}")
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((B, Hq, D), jnp.float32))
     out = call(q[:, 0].astype(jnp.float32), k_pool, v_pool,
-               jnp.asarray(layer, jnp.int32).reshape(()), block_tables.astype(jnp.int32),
+               jnp.asarray(layer, jnp.int32).reshape(()), window, block_tables.astype(jnp.int32),
                kv_lens.astype(jnp.int32), q_positions[:, 0].astype(jnp.int32),
-               scale=np.float32(scale), window=np.int64(sliding_window or 0))
+               scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
     return out[:, None].astype(q.dtype)
