@@ -465,3 +465,40 @@ def test_softcap_and_traced_window_lower_for_gpu_and_tpu(q_len):
     tpu = jax.jit(functools.partial(f, backend="tpu")).trace(window, *shapes).lower(
         lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in tpu
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_pallas_backend_softcap_traced_window(q_len):
+    """PallasBackend.attention (interpret mode; with and without a mesh, where the traced window
+    enters the shard_map as a replicated operand) = XlaBackend.attention, soft-capped, the layer
+    and the window traced arguments of the jitted step."""
+    from jaxserve import sharding
+    from jaxserve.backends.base import XlaBackend
+    from jaxserve.backends.pallas import PallasBackend
+    from jaxserve.config import ModelConfig
+    from jaxserve.model.attention import FULL_WINDOW
+    from jaxserve.model.kv_cache import KVPages, StepInput
+    seed = fresh_seed()
+    q, k, v, bt, lens, pos = make_case(seed, batch=2, q_len=q_len, num_kv_heads=2, group=2,
+                                       head_dim=16, page_size=8, max_pages=3,
+                                       dtype=jnp.float32, last_page="full")
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    kv = KVPages(k=jnp.stack([k, -v]), v=jnp.stack([k * 0.5, v]))
+    zeros = jnp.zeros((pos.size,), jnp.int32)
+    step = StepInput(tokens=jnp.zeros(pos.shape, jnp.int32), positions=pos, block_tables=bt,
+                     kv_lens=lens, slot_pages=zeros, slot_offsets=zeros,
+                     logits_index=jnp.zeros((pos.shape[0],), jnp.int32))
+
+    def attend(backend):
+        return jax.jit(lambda q, kv, layer, window, step: backend.attention(
+            q, kv, layer, step, scale=CAP_SCALE, sliding_window=window, softcap=SOFTCAP))
+
+    xla = attend(XlaBackend(cfg, jnp.float32))
+    for mesh in (None, sharding.make_mesh(1)):
+        pallas = attend(PallasBackend(cfg, jnp.float32, mesh=mesh, interpret=True))
+        for layer, window in ((1, 3), (0, FULL_WINDOW)):
+            args = (q, kv, jnp.int32(layer), jnp.int32(window), step)
+            np.testing.assert_allclose(np.asarray(pallas(*args)), np.asarray(xla(*args)),
+                                       atol=TOL[jnp.float32], rtol=0,
+                                       err_msg=f"seed={seed}, mesh {mesh}, layer {layer}")
