@@ -44,6 +44,17 @@ class Linear:
 
 @jax.tree_util.register_dataclass
 @dataclass
+class Experts:
+    """A mixture of experts' weights, one SwiGLU MLP per expert (stacked layers add a leading
+    [L] axis): the canonical arrays, which jaxserve/model/moe.py's grouped matmuls read as
+    they are."""
+    gate: jax.Array    # [E, H, Im]
+    up: jax.Array      # [E, H, Im]
+    down: jax.Array    # [E, Im, H]
+
+
+@jax.tree_util.register_dataclass
+@dataclass
 class LayerParams:
     attn_norm: jax.Array   # [H]
     qkv: Linear            # parts q, k, v: [H -> Hq*D, Hkv*D, Hkv*D]
@@ -82,6 +93,15 @@ def _linear(ws, bs, fuse: bool) -> Linear:
 _PROJECTIONS = {"qkv": (("wq", "wk", "wv"), ("bq", "bk", "bv")), "o": (("wo",), ("bo",)),
                 "gate_up": (("w_gate", "w_up"), (None, None)), "down": (("w_down",), (None,))}
 _NORMS = ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
+_DENSE_MLP = ("gate_up", "down")
+_EXPERTS = ("we_gate", "we_up", "we_down")
+
+
+def _projections(lw) -> dict:
+    """The projections this model has: a mixture of experts has no dense gate|up, down."""
+    if lw.w_gate is None:
+        return {k: v for k, v in _PROJECTIONS.items() if k not in _DENSE_MLP}
+    return _PROJECTIONS
 
 
 def _drop(lw, fields, consume: bool) -> None:
@@ -110,10 +130,13 @@ def from_weights(weights: Weights, fuse: bool, consume: bool = False) -> Params:
     once its Linear exists, so the fused copy and the parts are not all held at once."""
     lw = weights.layers
     linears = {}
-    for key, (ws, bs) in _PROJECTIONS.items():
+    for key, (ws, bs) in _projections(lw).items():
         linears[key] = _linear(tuple(getattr(lw, w) for w in ws),
                                tuple(None if b is None else getattr(lw, b) for b in bs), fuse)
         _drop(lw, ws + bs, consume)
+    if lw.router is not None:
+        linears.update(router=lw.router, experts=Experts(*(getattr(lw, w) for w in _EXPERTS)))
+        _drop(lw, ("router",) + _EXPERTS, consume)
     layers = LayerParams(**{n: getattr(lw, n) for n in _NORMS}, **linears)
     _drop(lw, _NORMS, consume)
     return Params(embed=weights.embed, layers=layers, final_norm=weights.final_norm,
@@ -135,7 +158,7 @@ def from_weights_per_layer(weights: Weights, consume: bool = False) -> Params:
     lw = weights.layers
     L = lw.attn_norm.shape[0]
     per_layer = [{} for _ in range(L)]
-    for key, (ws, bs) in _PROJECTIONS.items():
+    for key, (ws, bs) in _projections(lw).items():
         w_parts = tuple(getattr(lw, w) for w in ws)
         b_parts = tuple(None if b is None else getattr(lw, b) for b in bs)
         sizes = tuple(int(w.shape[-1]) for w in w_parts)
@@ -145,12 +168,15 @@ def from_weights_per_layer(weights: Weights, consume: bool = False) -> Params:
             per_layer[i][key] = Linear(w=_layer_of(w_parts, i), b=b, sizes=sizes)
         del w_parts, b_parts
         _drop(lw, ws + bs, consume)
-    for name in _NORMS:
+    for name in _NORMS + (("router",) + _EXPERTS if lw.router is not None else ()):
         a = getattr(lw, name)
         for i in range(L):
             per_layer[i][name] = None if a is None else _layer_of((a,), i)
         del a
         _drop(lw, (name,), consume)
+    if "router" in per_layer[0]:
+        for d in per_layer:
+            d["experts"] = Experts(*(d.pop(w) for w in _EXPERTS))
     return Params(embed=weights.embed, layers=tuple(LayerParams(**d) for d in per_layer),
                   final_norm=weights.final_norm, lm_head=weights.lm_head)
 
