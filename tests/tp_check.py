@@ -5,10 +5,12 @@ so tests/test_tp_*.py run this file as a subprocess and read one JSON object fro
     python tests/tp_check.py greedy --model tiny9 --tp 2 4 8 [--lora] [--backend pallas]
     python tests/tp_check.py lora --heads 9 3 --tp 2 4 8
     python tests/tp_check.py hlo --model tiny9 --tp 4 [--lora]
+    python tests/tp_check.py greedy --model moe --tp 2 4 --ep 2 4    (ep N: tp N with --ep N)
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -39,6 +41,9 @@ PAGE = 4
 TINY = {  # q heads / kv heads: 9/3 like the default model (pads), 8/2 (replicates KV at tp 4, 8)
     "tiny9": dict(num_heads=9, num_kv_heads=3),
     "tiny8": dict(num_heads=8, num_kv_heads=2),
+    # a Qwen3-MoE-shaped mixture of experts: 8 experts, top 2 (not renormalised), width 32
+    "moe": dict(num_heads=8, num_kv_heads=2, num_experts=8, experts_per_token=2,
+                moe_intermediate_size=32, moe_renormalize=False, architecture="qwen3_moe"),
 }
 
 
@@ -57,9 +62,9 @@ def prompts(cfg: ModelConfig, n: int = 3) -> list[list[int]]:
     return [rng.integers(1, cfg.vocab_size, 5 + 3 * i).tolist() for i in range(n)]
 
 
-def make_runner(cfg, weights, tp, backend="xla"):
+def make_runner(cfg, weights, tp, backend="xla", ep=1):
     return ModelRunner(cfg, weights, num_pages=32, page_size=PAGE, max_num_seqs=4,
-                       max_prefill_tokens=32, max_model_len=64, backend=backend, tp=tp)
+                       max_prefill_tokens=32, max_model_len=64, backend=backend, tp=tp, ep=ep)
 
 
 def max_steps(num_seqs: int, max_tokens: int) -> int:
@@ -95,7 +100,7 @@ def greedy(runner: ModelRunner, cfg, max_tokens: int):
     return [list(s.output_token_ids) for s in seqs], [lps[s.seq_id] for s in seqs]
 
 
-def forward_logits(cfg, weights, tp: int):
+def forward_logits(cfg, weights, tp: int, ep: int = 1):
     """All-position logits of a prefill then one decode step, through the sharded jit."""
     ps = prompts(cfg, 2)
     T = max(map(len, ps))
@@ -113,7 +118,8 @@ def forward_logits(cfg, weights, tp: int):
     dec_pos = lens[:, None]
     dec = StepInput(tok[:, :1] + 1, dec_pos, table, lens + 1,
                     table[np.arange(B), lens // PAGE], lens % PAGE, np.zeros(B, np.int32))
-    backend = XlaBackend(cfg, jnp.float32, mesh=sharding.make_mesh(tp))   # tp=1: a 1-device mesh
+    # tp=1: a 1-device mesh
+    backend = XlaBackend(cfg, jnp.float32, mesh=sharding.make_mesh(tp), ep=ep)
     vc, mesh = backend.run_config, backend.mesh
     w = backend.prepare(weights)
     kv = backend.init_pool(B * pages_per + 1, PAGE)
@@ -329,6 +335,8 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, nargs=2, default=[9, 3])
     ap.add_argument("--model", default="tiny9")
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--ep", type=int, nargs="*", default=[],
+                    help="mixture of experts: also run tp N with --ep N (result key epN)")
     ap.add_argument("--max-tokens", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--cached-rerun", action="store_true",
@@ -340,15 +348,22 @@ def main(argv=None):
         return 0
     cfg, weights = load(args.model)
     result = {"model": args.model, "devices": jax.device_count()}
+    # (result key, tp, ep): the tensor-parallel runs, then the expert-parallel ones
+    runs = [(f"tp{tp}", tp, 1) for tp in args.tp] + [(f"ep{ep}", ep, ep) for ep in args.ep]
     if args.check == "greedy":
         ref_tokens, ref_lps = greedy(make_runner(cfg, weights, 1), cfg, args.max_tokens)
         ref_logits = forward_logits(cfg, weights, 1)
         result["tp1"] = {"tokens": ref_tokens}
-        for tp in args.tp:
-            tokens, lps = greedy(make_runner(cfg, weights, tp, args.backend), cfg,
-                                 args.max_tokens)
-            logits = forward_logits(cfg, weights, tp)
-            result[f"tp{tp}"] = {
+        if cfg.num_experts:   # the experts must matter, or equality with tp=1 would prove nothing
+            no_experts = dataclasses.replace(weights, layers=dataclasses.replace(
+                weights.layers, we_down=jnp.zeros_like(weights.layers.we_down)))
+            result["experts_logit_effect"] = float(max(
+                np.abs(a - b).max() for a, b in zip(forward_logits(cfg, no_experts, 1), ref_logits)))
+        for key, tp, ep in runs:
+            runner = make_runner(cfg, weights, tp, args.backend, ep)
+            tokens, lps = greedy(runner, cfg, args.max_tokens)
+            logits = forward_logits(cfg, weights, tp, ep)
+            result[key] = {
                 "tokens": tokens,
                 "max_logprob_diff": float(max(abs(a - b) for x, y in zip(lps, ref_lps)
                                               for a, b in zip(x, y))),
@@ -356,12 +371,19 @@ def main(argv=None):
                 "logit_scale": float(max(np.abs(a).max() for a in ref_logits)),
                 "num_heads": sharding.head_layout(cfg, tp).config.num_heads,
                 "num_kv_heads": sharding.head_layout(cfg, tp).config.num_kv_heads,
+                "describe": runner.backend.describe(),
             }
+            if cfg.num_experts:   # what one device holds of the stacked expert weights
+                lp = runner.params.layers
+                shard = lambda a: list(a.addressable_shards[0].data.shape)  # noqa: E731
+                result[key]["device_shapes"] = {
+                    "router": shard(lp.router), "gate": shard(lp.experts.gate),
+                    "up": shard(lp.experts.up), "down": shard(lp.experts.down)}
     else:
-        for tp in args.tp:
-            runner = make_runner(cfg, weights, tp)
-            result[f"tp{tp}"] = {"collectives": collectives(decode_hlo(runner, args.batch)),
-                                 "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
+        for key, tp, ep in runs:
+            runner = make_runner(cfg, weights, tp, ep=ep)
+            result[key] = {"collectives": collectives(decode_hlo(runner, args.batch)),
+                           "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
     print(json.dumps(result))
 
 
