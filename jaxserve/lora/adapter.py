@@ -63,6 +63,38 @@ def _module_paths(cfg: ModelConfig) -> dict[str, tuple[int, str]]:
             for i in range(cfg.num_layers) for m in family.lora_modules}
 
 
+def _moe_paths(cfg: ModelConfig) -> list[str]:
+    """A mixture of experts' modules in every layer, which LoRA may not target: the router and
+    the experts (their container, e.g. model.layers.0.mlp.experts, and each expert's
+    projections, model.layers.0.mlp.experts.3.gate_proj)."""
+    out = []
+    for w in families.for_config(cfg).layer_weights:
+        if "experts" not in w.axes and "expert_logits" not in w.axes:
+            continue
+        for i in range(cfg.num_layers):
+            if not w.per_expert:
+                out.append(w.module_path(i))
+                continue
+            container = w.hf.split(".{e}")[0].format(i=i)
+            out += [container] + [w.hf.format(i=i, e=e).rsplit(".", 1)[0]
+                                  for e in range(cfg.num_experts)]
+    return list(dict.fromkeys(out))
+
+
+def _moe_module(cfg: ModelConfig, path: str) -> str | None:
+    """The mixture-of-experts module (router or experts) `path` is or lies in, or None."""
+    for p in _moe_paths(cfg):
+        if path == p or path.startswith(p + "."):
+            return p
+    return None
+
+
+def _moe_refusal(cfg: ModelConfig, path: str) -> str:
+    return (f"LoRA on {path} (a mixture of experts' router or experts) is not supported: "
+            f"adapters on this model may target only "
+            f"{', '.join(families.for_config(cfg).lora_modules)}")
+
+
 def _vocab_paths(cfg: ModelConfig) -> list[str]:
     """The embedding and LM head modules (over the vocabulary), which LoRA may not target."""
     return [w.module_path() for w in families.for_config(cfg).weights if "vocab" in w.axes]
@@ -231,10 +263,23 @@ def _targets(cfg: dict, model_cfg: ModelConfig, where: str) -> set[tuple[int, st
     if target is None:
         raise AdapterError(f"{where}: target_modules is missing")
     all_linear = isinstance(target, str) and target.lower() == "all-linear"
+    params = cfg.get("target_parameters")
+    if params:   # PEFT's LoRA on bare parameters (a mixture of experts' stacked experts, router)
+        for t in params if isinstance(params, list) else []:
+            module = t.rsplit(".", 1)[0] if isinstance(t, str) else None
+            for path in _moe_paths(model_cfg) if module else []:
+                if path == module or path.endswith("." + module):
+                    raise AdapterError(f"{where}: target_parameters {t!r:.80}: "
+                                       f"{_moe_refusal(model_cfg, path)}")
+        raise AdapterError(f"{where}: target_parameters={params!r:.120} (LoRA on parameters that "
+                           "are not nn.Linear projections) is not supported")
     if not all_linear:
         for path in _vocab_paths(model_cfg):
             if _matches(target, path):
                 raise AdapterError(f"{where}: LoRA on {path} (embedding / LM head) is not supported")
+        for path in _moe_paths(model_cfg):
+            if _matches(target, path) and not _matches(cfg.get("exclude_modules"), path):
+                raise AdapterError(f"{where}: {_moe_refusal(model_cfg, path)}")
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
@@ -270,6 +315,10 @@ def _explain_key(key: str, cfg: ModelConfig) -> str:
         return "a LoRA bias (not supported)"
     if any(p in key for p in _vocab_paths(cfg)):
         return "LoRA on the embedding or LM head (not supported)"
+    m = _KEY.match(key)
+    moe = _moe_module(cfg, m["path"]) if m is not None else None
+    if moe is not None:
+        return _moe_refusal(cfg, moe)
     return f"not a LoRA A/B weight of a projection jaxserve adapts ({', '.join(MODULES)})"
 
 
