@@ -37,7 +37,7 @@ def _embed(cfg, params: Params, step: StepInput):
     """Token embeddings, the step's RoPE tables (once, for all the layer calls) and the step
     (given without its LoRA batch) back as device arrays for the layer calls: the call's own
     transfer of its host arguments replaces a separate device_put of the step."""
-    return llama.embed(params, step), llama.step_rope(cfg, step), step
+    return llama.embed(params, cfg, step), llama.step_rope(cfg, step), step
 
 
 def _top(params: Params) -> Params:

@@ -70,5 +70,6 @@ class StepInput:
     lora_idx: jax.Array | None = None  # [B*T] int32: slot in `lora` of each token, -1 = base model
     lora: "LoraBatch | None" = None    # jaxserve.lora.pool.LoraBatch: this step's adapter slots
     # RoPE (cos, sin) [B, T, D/2] float32 of `positions`, computed once per step when the step
-    # runs layer by layer (llama.rope_tables); None: the step computes them itself.
+    # runs layer by layer (llama.step_rope); a model with local-RoPE layers (Gemma 3) holds both
+    # bases stacked, [2, B, T, D/2], and each layer takes its own. None: the step computes them.
     rope: tuple | None = None
