@@ -93,6 +93,16 @@ def main(argv=None):
     print(hdr)
     rng = np.random.default_rng(args.seed)
     rows = []
+
+    def save(rows):
+        if not args.out:
+            return
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=dev.device_kind, platform=jax.default_backend(),
+                           jax=jax.__version__, dtype=dtype.name, iters=args.iters,
+                           argv=sys.argv[1:] if argv is None else list(argv), rows=rows),
+                      fh, indent=1)
     for spec in args.widths.split(","):
         name, H, Im = spec.split(":")
         H, Im = int(H), int(Im)
@@ -133,13 +143,8 @@ def main(argv=None):
                           f"{routed:>12.4f} {routed / t_g:>8.1f} {f(row['dense_ms'], '.3f'):>9} "
                           f"{dense:>11.3f} {f(row['dense_over_grouped'], '.2f'):>6} "
                           f"{f(row['max_rel_diff'], '.1e'):>8}", flush=True)
+                    save(rows)    # after every row: a long sweep cut short keeps its rows
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(dict(device=dev.device_kind, platform=jax.default_backend(),
-                           jax=jax.__version__, dtype=dtype.name, iters=args.iters,
-                           argv=sys.argv[1:] if argv is None else list(argv), rows=rows),
-                      fh, indent=1)
         print(f"wrote {args.out}")
 
 
