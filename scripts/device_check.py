@@ -20,8 +20,16 @@ Steps, each under its own timeout, results in OUT_DIR/device_check.json and a su
   7. overlap  scripts/bench_host_overhead.py on the device: the serving loop's step period at
               batch 64 and 256, synchronous and overlapped, against the device time of the same
               decode step run back to back
+  8. families `jaxserve bench` (random weights, bfloat16) of a Qwen3-8B-shape (dense) and a
+              Qwen3-30B-A3B-shape (mixture of experts: 48 layers, hidden 2048, 32 q / 4 KV
+              heads, 128 experts top-8, expert width 768) model at batch 1, 64 and 256, one
+              process per (model, batch); each with its % of the HBM roofline: the bytes a
+              decode step must read (`decode_read_bytes`: the weights it uses, i.e. only the
+              experts its tokens are routed to, and each row's K/V) over the step time, against
+              the device's bandwidth
 Targets (issues 17, 23) are checked and printed; a missed target is reported, not an error.
 --cpu-smoke runs the same steps with a tiny model and tiny pools on CPU (CI runs it).
+--steps picks steps by name (e.g. `--steps families` alone fits a short device lease).
 """
 from __future__ import annotations
 
@@ -38,6 +46,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 GIB = 1 << 30
+STEPS = ("tests", "kernels", "bench", "pool", "hlo", "overlap", "families")
+
+# HF config.json of the families step's models (Qwen/Qwen3-8B's and Qwen/Qwen3-30B-A3B's
+# shapes; weights random), and the tiny stand-ins --cpu-smoke runs through the same code.
+_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu",
+              rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+              attention_bias=False, torch_dtype="bfloat16", max_position_embeddings=40960)
+_QWEN3_MOE = dict(_QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                  decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+FAMILY_MODELS = {
+    "qwen3-8b": dict(_QWEN3, vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128),
+    "qwen3-30b-a3b": dict(_QWEN3_MOE, vocab_size=151936, hidden_size=2048,
+                          intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
+}
+FAMILY_MODELS_SMOKE = {
+    "qwen3-tiny": dict(_QWEN3, vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16),
+    "qwen3-moe-tiny": dict(_QWEN3_MOE, vocab_size=512, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, num_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=32),
+}
 
 
 def plan(smoke: bool) -> dict:
@@ -49,12 +84,20 @@ def plan(smoke: bool) -> dict:
                     output_len=8,
                     pool_batch=4, pools_gb=[0.004, 0.06], kernels=["--quick"],
                     overlap_batches=[4], overlap_steps=8,
+                    families=FAMILY_MODELS_SMOKE, family_batches=[1, 4], family_input_len=24,
+                    family_output_len=8,
                     timeouts=dict(tests=300, kernels=300, bench=300, pool=300, hlo=300,
-                                  overlap=300))
+                                  overlap=300, family=300))
+    # families: 512 tokens of context (448 + 64 / 2 on average) keeps Qwen3-30B-A3B's batch-256
+    # pool (12.9 GB) beside its 61 GB of weights on one H200
     return dict(preset="llama3-8b", dtype="bfloat16", batches=[1, 64, 256], input_len=960,
                 output_len=64,
                 pool_batch=64, pools_gb=[4, 60], kernels=[],
-                timeouts=dict(tests=150, kernels=60, bench=180, pool=120, hlo=60))
+                overlap_batches=[64, 256], overlap_steps=200,
+                families=FAMILY_MODELS, family_batches=[1, 64, 256], family_input_len=480,
+                family_output_len=64,
+                timeouts=dict(tests=150, kernels=60, bench=180, pool=120, hlo=60, overlap=120,
+                              family=150))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -76,6 +119,17 @@ def write_tokenizer(out: str, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                             eos_token="<|end_of_text|>").save_pretrained(out)
+
+
+def write_config_dir(out: str, cfg: dict) -> dict:
+    """A model directory of config.json `cfg` and a trained tokenizer (no weights: the bench
+    makes them on the device with `--load-format dummy`)."""
+    os.makedirs(out, exist_ok=True)
+    write_tokenizer(out, min(2048, cfg["vocab_size"]))
+    cfg = dict(cfg, bos_token_id=0, eos_token_id=1)     # the trained tokenizer's specials
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return cfg
 
 
 def write_model_dir(out: str, preset: str) -> dict:
@@ -170,6 +224,70 @@ def hlo_check(model: str, p: dict, smoke: bool, pool_gb: float) -> dict:
                 step_bytes_vs_pool=growth, grows_with_pool=grows)
 
 
+def decode_read_bytes(cfg: dict, batch: int, context: float, itemsize: int = 2) -> dict:
+    """Bytes one decode step of `batch` rows must read from HBM at least, from an HF config:
+    each layer's attention weights and norms, its dense MLP or its router and the experts its
+    tokens use, the LM head, the batch's embedding rows, and each row's K/V for `context`
+    tokens. The experts used: k per token, distinct across the batch; with random weights the
+    router's picks are close to independent and uniform, so a batch of B uses
+    E (1 - (1 - k/E)^B) of each layer's E experts on average (exactly k at B = 1, all but
+    ~0.01% of them at B >= 256 for 128 experts top-8)."""
+    H, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    D = cfg.get("head_dim") or H // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * D, cfg["num_key_value_heads"] * D
+    attn = 2 * H * q + 2 * H * kv + 2 * H + 2 * D       # q, o, k, v; two norms; q/k norms
+    E = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    if E:
+        k, Im = cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+        used = E * (1 - (1 - k / E) ** batch)
+        mlp = H * E + used * 3 * H * Im
+    else:
+        used, mlp = 0, 3 * H * cfg["intermediate_size"]
+    weights = (L * (attn + mlp) + H * V + batch * H + H) * itemsize
+    kv_bytes = batch * context * 2 * L * kv * itemsize
+    return dict(weights=weights, kv=kv_bytes, total=weights + kv_bytes, experts_used=used)
+
+
+def family_rows(name: str, cfg: dict, results: list[dict], context: float,
+                itemsize: int) -> list[dict]:
+    """One row per measured batch: decode tok/s, step time, bytes read and % of roofline."""
+    rows = []
+    for r in results:
+        for row in r.get("rows", []):
+            B, step_ms = row["batch"], row["decode_step_ms"]
+            need = decode_read_bytes(cfg, B, context, itemsize)
+            bw = r["memory_bandwidth_gb_s"] * 1e9
+            rows.append(dict(model=name, batch=B, decode_tok_s=row["ours_decode_tok_s"],
+                             step_ms=step_ms, read_gb=need["total"] / 1e9,
+                             experts_used=need["experts_used"],
+                             hbm_roofline_pct=(100 * need["total"] / (step_ms / 1e3) / bw
+                                               if step_ms else None),
+                             bench_roofline_pct_all_weights=row["hbm_roofline_pct"],
+                             bandwidth=r["memory_bandwidth_source"]))
+    return rows
+
+
+def families_step(out: str, p: dict, smoke: bool, res: dict) -> list[dict]:
+    """Step 8: each family model at each batch size in its own bench process (a batch that
+    does not fit fails alone); rows with the roofline from `decode_read_bytes`."""
+    rows = []
+    for name, hf in p["families"].items():
+        model = os.path.join(out, name)
+        cfg = write_config_dir(model, hf)
+        context = p["family_input_len"] + p["family_output_len"] / 2   # bench's average
+        results = []
+        for B in p["family_batches"]:
+            bj = os.path.join(out, f"{name}_b{B}.json")
+            fp = dict(p, input_len=p["family_input_len"], output_len=p["family_output_len"])
+            res["steps"][f"{name}_b{B}"] = run(bench_cmd(model, bj, [B], fp, smoke),
+                                               p["timeouts"]["family"],
+                                               os.path.join(out, f"{name}_b{B}.log"))
+            if os.path.exists(bj):
+                results.append(json.load(open(bj)))
+        rows += family_rows(name, cfg, results, context, 2 if p["dtype"] == "bfloat16" else 4)
+    return rows
+
+
 # ----------------------------------------------------------------------------- targets
 
 def summarize(res: dict, smoke: bool) -> list[tuple[str, str, bool | None]]:
@@ -227,8 +345,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", default="device_check_out")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (CI)")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma-separated steps to run, of {','.join(STEPS)} (default: all)")
     args = ap.parse_args(argv)
     smoke = args.cpu_smoke
+    steps = args.steps.split(",")
+    if set(steps) - set(STEPS):
+        ap.error(f"unknown steps {sorted(set(steps) - set(STEPS))}; choose from {STEPS}")
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
     p = plan(smoke)
@@ -241,44 +364,53 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     T = p["timeouts"]
 
-    res["steps"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
-                                 "no:cacheprovider", "tests/test_kernels_attention.py",
-                                 "tests/test_kernels_lora.py", "tests/test_engine_pallas.py",
-                                 "tests/test_poison.py"],
-                                T["tests"], os.path.join(out, "tests.log"))
+    if "tests" in steps:
+        res["steps"]["tests"] = run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p",
+                                     "no:cacheprovider", "tests/test_kernels_attention.py",
+                                     "tests/test_kernels_lora.py", "tests/test_engine_pallas.py",
+                                     "tests/test_poison.py"],
+                                    T["tests"], os.path.join(out, "tests.log"))
     kj = os.path.join(out, "bench_kernels.json")
-    res["steps"]["kernels"] = run([sys.executable, "scripts/bench_kernels.py", *p["kernels"],
-                                   "--json", kj], T["kernels"], os.path.join(out, "kernels.log"))
-    if os.path.exists(kj):
-        res["kernels_json"] = json.load(open(kj))
+    if "kernels" in steps:
+        res["steps"]["kernels"] = run([sys.executable, "scripts/bench_kernels.py", *p["kernels"],
+                                       "--json", kj], T["kernels"],
+                                      os.path.join(out, "kernels.log"))
+        if os.path.exists(kj):
+            res["kernels_json"] = json.load(open(kj))
 
     model = os.path.join(out, "model")
-    write_model_dir(model, p["preset"])
+    if {"bench", "pool", "hlo", "overlap"} & set(steps):
+        write_model_dir(model, p["preset"])
     bj = os.path.join(out, "bench.json")
-    res["steps"]["bench"] = run(bench_cmd(model, bj, p["batches"], p, smoke), T["bench"],
-                                os.path.join(out, "bench.log"))
-    if os.path.exists(bj):
-        res["bench_json"] = json.load(open(bj))
+    if "bench" in steps:
+        res["steps"]["bench"] = run(bench_cmd(model, bj, p["batches"], p, smoke), T["bench"],
+                                    os.path.join(out, "bench.log"))
+        if os.path.exists(bj):
+            res["bench_json"] = json.load(open(bj))
     res["pool_json"] = []
-    for gb in p["pools_gb"]:
+    for gb in p["pools_gb"] if "pool" in steps else ():
         pj = os.path.join(out, f"pool_{gb}gb.json")
         res["steps"][f"pool_{gb}gb"] = run(bench_cmd(model, pj, [p["pool_batch"]], p, smoke,
                                                      pool_gb=gb), T["pool"],
                                            os.path.join(out, f"pool_{gb}gb.log"))
         res["pool_json"].append(json.load(open(pj)) if os.path.exists(pj) else {})
-    try:
-        res["hlo"] = hlo_check(model, p, smoke, p["pools_gb"][-1])
-    except Exception as e:            # reported, as a step that failed
-        res["hlo"] = {}
-        res["steps"]["hlo"] = dict(rc=f"{type(e).__name__}: {str(e)[:300]}")
+    if "hlo" in steps:
+        try:
+            res["hlo"] = hlo_check(model, p, smoke, p["pools_gb"][-1])
+        except Exception as e:            # reported, as a step that failed
+            res["hlo"] = {}
+            res["steps"]["hlo"] = dict(rc=f"{type(e).__name__}: {str(e)[:300]}")
     oj = os.path.join(out, "overlap.json")
-    res["steps"]["overlap"] = run(
-        [sys.executable, "scripts/bench_host_overhead.py", "--model", model, "--load-format",
-         "dummy", "--dtype", p["dtype"], "--prompt-len", str(p["input_len"]), "--batch",
-         *map(str, p["overlap_batches"]), "--steps", str(p["overlap_steps"]), "--out", oj]
-        + (["--cpu-smoke"] if smoke else []), T["overlap"], os.path.join(out, "overlap.log"))
-    if os.path.exists(oj):
-        res["overlap_json"] = json.load(open(oj))
+    if "overlap" in steps:
+        res["steps"]["overlap"] = run(
+            [sys.executable, "scripts/bench_host_overhead.py", "--model", model, "--load-format",
+             "dummy", "--dtype", p["dtype"], "--prompt-len", str(p["input_len"]), "--batch",
+             *map(str, p["overlap_batches"]), "--steps", str(p["overlap_steps"]), "--out", oj]
+            + (["--cpu-smoke"] if smoke else []), T["overlap"], os.path.join(out, "overlap.log"))
+        if os.path.exists(oj):
+            res["overlap_json"] = json.load(open(oj))
+    if "families" in steps:
+        res["families"] = families_step(out, p, smoke, res)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["targets"] = summarize(res, smoke)
 
@@ -293,6 +425,16 @@ def main(argv=None) -> int:
         for r in res["bench_json"]["rows"]:
             print(f"| {r['batch']} | {r['ours_decode_tok_s']:.1f} | {r['decode_step_ms']:.2f} | "
                   f"{r['hbm_roofline_pct']:.1f}% | {r['num_pages']} |")
+    if res.get("families"):
+        print("\n| model | batch | decode tok/s | step ms | bytes read per step | experts used "
+              "per layer | HBM roofline |\n|---|---|---|---|---|---|---|")
+        for r in res["families"]:
+            pct = "-" if r["hbm_roofline_pct"] is None else f"{r['hbm_roofline_pct']:.1f}%"
+            used = f"{r['experts_used']:.1f}" if r["experts_used"] else "-"
+            read = (f"{r['read_gb']:.2f} GB" if r["read_gb"] >= 0.1
+                    else f"{1e3 * r['read_gb']:.3f} MB")
+            print(f"| {r['model']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['step_ms']:.2f} | "
+                  f"{read} | {used} | {pct} |")
     print("\n| target | measured | met |\n|---|---|---|")
     for name, measured, met in res["targets"]:
         print(f"| {name} | {measured} | {'-' if met is None else ('yes' if met else 'NO')} |")
