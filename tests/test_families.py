@@ -113,3 +113,61 @@ def test_tp_greedy_matches_hf_and_peft(kind, tinies):
     assert res["devices"] == 8
     for tp, ep in fc.parallel_runs(kind):
         _assert_tokens(res[f"{tp}x{ep}"], c["refs"], f"{kind} tp={tp} ep={ep}")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_qwen3_gguf_reads_as_hf(bias, tmp_path):
+    """A Qwen3 GGUF written by llama.cpp's converter's rules (architecture "qwen3", the spec's
+    llama.cpp names, q/k rows as HF stores them: Qwen3 uses NEOX RoPE, so no permutation) reads,
+    in transformers' GGUF reader and in ours, as the same model: the same logits."""
+    import copy
+
+    import gguf
+    import torch
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from jaxserve.loader import load_gguf, load_hf_dir
+    from jaxserve.model import families
+    from tests.tiny_models import make_hf_model
+    hf = make_hf_model("qwen3", tmp_path / "hf", seed=3, attention_bias=bias)
+    cfg = load_hf_dir(str(tmp_path / "hf")).config
+    family = families.for_config(cfg)
+    assert family.gguf_architectures == ("qwen3",)
+    state = {k: v.numpy() for k, v in hf.state_dict().items()}
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen3")
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    table = gguf.TensorNameMap(gguf.MODEL_ARCH.QWEN3, cfg.num_layers)
+    for name, a in state.items():
+        gguf_name = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        w.add_tensor(gguf_name, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    # transformers' GGUF reader: its config (the fields its qwen3 table maps) and tensors, in a
+    # model of the checkpoint's shape (the reader takes vocab_size from a tokenizer and has no
+    # head_dim key, so its own config alone would not build this model)
+    read = load_gguf_checkpoint(str(tmp_path / "q.gguf"), return_tensors=True, model_to_load=hf)
+    c = read["config"]
+    assert (c["model_type"], c["num_hidden_layers"], c["num_attention_heads"],
+            c["num_key_value_heads"], c["hidden_size"], c["intermediate_size"]) == (
+        "qwen3", cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size,
+        cfg.intermediate_size)
+    theirs = copy.deepcopy(hf)
+    theirs.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in read["tensors"].items()},
+                           strict=True)
+    ours = load_gguf(str(tmp_path / "q.gguf"))
+    assert ours.config.qkv_bias == ours.config.o_bias == bias
+    ids = np.random.default_rng(3).integers(3, 512, sum(fc.CHUNKS)).tolist()
+    ref = fc.hf_logits(hf, ids)
+    np.testing.assert_allclose(fc.hf_logits(theirs, ids), ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(fc.paged_logits(ours, ids), ref, atol=fc.FP32_ATOL, rtol=0)
