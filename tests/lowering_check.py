@@ -4,7 +4,8 @@ report every place where the KV pool would be copied to feed a kernel.
 Run as a subprocess (tests/test_lowering.py): tensor parallelism needs 8 simulated devices,
 which must be set before JAX starts. Prints one JSON object on its last line:
     python tests/lowering_check.py [--backends pallas xla] [--platforms cuda tpu] [--tp 1 8]
-    -> {"cases": [{"backend", "platform", "tp", "kind", "lora", "problems": [...],
+    python tests/lowering_check.py --families qwen3 gemma2 ...   (FAMILY_CASES, tp 1, no LoRA)
+    -> {"cases": [{"family", "backend", "platform", "tp", "kind", "lora", "problems": [...],
                    "kernel_pool_operands": n, "donated": bool}, ...]}
 
 What counts as a problem, read from the lowered StableHLO:
@@ -47,6 +48,25 @@ from jaxserve.step_builder import BuiltStep  # noqa: E402
 CFG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=3,
                   num_heads=32, num_kv_heads=8, head_dim=16)
 NUM_PAGES, PAGE_SIZE = 96, 8
+# Each family's step, lowered at CFG's sizes with the family's own fields (windows shorter than a
+# sequence's pages, soft caps, local RoPE, 4 experts top-2): (backend, platform, kind) cases.
+# XLA lowers the same attention on both platforms; it runs on one.
+FAMILY_CASES = [("pallas", p, k) for p in ("cuda", "tpu") for k in ("decode", "prefill")] + [
+    ("xla", "tpu", k) for k in ("decode", "prefill")]
+
+
+def family_config(kind: str) -> ModelConfig:
+    """CFG's sizes with a family's fields, read through its HF config (transformers' own config
+    class, tests/tiny_models.py's family settings) as a checkpoint's config.json would be."""
+    from tests.family_check import HF_ARCH
+    from tests.tiny_models import FAMILY, _classes
+    cfg_cls, _ = _classes(kind)
+    hf = cfg_cls(**dict(FAMILY.get(kind, {}), vocab_size=CFG.vocab_size,
+                        hidden_size=CFG.hidden_size, intermediate_size=CFG.intermediate_size,
+                        num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads,
+                        num_key_value_heads=CFG.num_kv_heads, head_dim=CFG.head_dim,
+                        architectures=[HF_ARCH[kind]]))
+    return ModelConfig.from_hf_dict(hf.to_dict())
 KERNEL = re.compile(r"stablehlo\.custom_call @(__gpu\$xla\.gpu\.triton|tpu_custom_call)\(")
 SLICING = re.compile(r"stablehlo\.(dynamic_slice|slice|gather)\b")
 TENSOR = re.compile(r"tensor<([0-9x]+)x(?:bf16|f32|f16|u16|i8|f8\w*)>")
@@ -108,6 +128,7 @@ def _donated(text: str, pool: tuple[int, ...], tp: int) -> bool:
 
 
 def _step_inputs(backend, kind: str, lora: bool, B: int, T: int, P: int):
+    """The step's inputs; LoRA only for CFG (the Llama cases)."""
     built = BuiltStep.empty(kind == "prefill", B, T, P)
     from jaxserve.model.kv_cache import StepInput
     from jaxserve.sampling import SamplingInput
@@ -133,16 +154,17 @@ def _step_inputs(backend, kind: str, lora: bool, B: int, T: int, P: int):
     return step, samp
 
 
-def lower_case(name: str, platform: str, tp: int, kind: str, lora: bool) -> dict:
+def lower_case(name: str, platform: str, tp: int, kind: str, lora: bool,
+               cfg: ModelConfig = CFG) -> dict:
     mesh = sharding.make_mesh(tp) if tp > 1 else None
     if name == "pallas":
-        backend = PallasBackend(CFG, jnp.bfloat16, mesh=mesh, interpret=False,
+        backend = PallasBackend(cfg, jnp.bfloat16, mesh=mesh, interpret=False,
                                 platform={"cuda": "gpu"}.get(platform, platform))
     else:
-        backend = XlaBackend(CFG, jnp.bfloat16, mesh=mesh)
-    params = backend.prepare(init_random(CFG, dtype=jnp.bfloat16))
+        backend = XlaBackend(cfg, jnp.bfloat16, mesh=mesh)
+    params = backend.prepare(init_random(cfg, dtype=jnp.bfloat16))
     kv = backend.init_pool(NUM_PAGES, PAGE_SIZE)
-    programs = StepPrograms(backend, CFG, params, kv)
+    programs = StepPrograms(backend, cfg, params, kv)
     B, T, P = (16, 1, 4) if kind == "decode" else (2, 64, 9)
     step, samp = _step_inputs(backend, kind, lora, B, T, P)
     text = programs._step.trace(params, kv, step, samp).lower(
@@ -165,8 +187,24 @@ def main(argv=None):
     ap.add_argument("--tp", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--kinds", nargs="+", default=["decode", "prefill"])
     ap.add_argument("--lora", nargs="+", default=["no", "yes"])
+    ap.add_argument("--families", nargs="+", default=None,
+                    help="lower FAMILY_CASES for these tests/tiny_models.py kinds instead")
     args = ap.parse_args(argv)
     cases = []
+    if args.families:
+        for family in args.families:
+            cfg = family_config(family)
+            for name, platform, kind in FAMILY_CASES:
+                try:
+                    c = lower_case(name, platform, 1, kind, False, cfg)
+                except Exception as e:  # a case that cannot lower is a finding too
+                    c = dict(backend=name, platform=platform, tp=1, kind=kind, lora=False,
+                             problems=[f"lowering failed: {type(e).__name__}: {str(e)[:300]}"])
+                cases.append(dict(c, family=family, architecture=cfg.architecture,
+                                  layer_windows=list(cfg.layer_windows),
+                                  num_experts=cfg.num_experts))
+        print(json.dumps({"cases": cases}))
+        return
     for name in args.backends:
         for platform in args.platforms:
             for tp in args.tp:

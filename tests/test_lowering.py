@@ -12,16 +12,44 @@ import sys
 
 import pytest
 
-from lowering_check import analyse
+from family_check import HF_ARCH, MOE, registered
+from lowering_check import FAMILY_CASES, analyse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FAMILIES = [k for k in HF_ARCH if k != "llama"]     # llama: the cases above
+
+
+def _start(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "lowering_check.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc):
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])["cases"]
 
 
 @pytest.fixture(scope="module")
-def cases():
-    out = subprocess.run([sys.executable, os.path.join(HERE, "lowering_check.py")],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["cases"]
+def _procs():
+    """Both subprocesses start at once, so their lowerings overlap."""
+    fams = [k for k in FAMILIES if registered(k)]
+    procs = {"llama": _start(), "families": _start("--families", *fams) if fams else None}
+    yield procs
+    for p in procs.values():
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
+@pytest.fixture(scope="module")
+def cases(_procs):
+    return _result(_procs["llama"])
+
+
+@pytest.fixture(scope="module")
+def family_cases(_procs):
+    return _result(_procs["families"])
 
 
 def test_every_step_reads_the_pool_in_place(cases):
@@ -31,6 +59,24 @@ def test_every_step_reads_the_pool_in_place(cases):
     for c in cases:
         assert c["donated"], c
         if c["backend"] == "pallas":                  # k and v pools, whole, into the kernel
+            assert c["kernel_pool_operands"] >= 2, c
+
+
+@pytest.mark.parametrize("family", [pytest.param(k, marks=pytest.mark.skipif(
+    not registered(k), reason=f"no registered family serves {HF_ARCH[k]} yet")) for k in FAMILIES])
+def test_family_steps_read_the_pool_in_place(family, family_cases):
+    """Each family's decode and prefill step (its windows, soft caps, q/k norms, experts), lowered
+    for GPU and TPU with the Pallas kernels and with XLA: the pool in place as for Llama."""
+    mine = [c for c in family_cases if c["family"] == family]
+    assert [(c["backend"], c["platform"], c["kind"]) for c in mine] == FAMILY_CASES
+    bad = [c for c in mine if c["problems"]]
+    assert not bad, json.dumps(bad, indent=1)
+    for c in mine:
+        assert c["donated"] and c["architecture"] != "llama", c
+        assert (c["num_experts"] > 0) == (family in MOE), c
+        if family.startswith("gemma"):       # both layer types present
+            assert None in c["layer_windows"] and 5 in c["layer_windows"], c
+        if c["backend"] == "pallas":
             assert c["kernel_pool_operands"] >= 2, c
 
 
