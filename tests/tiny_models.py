@@ -11,14 +11,16 @@ BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             rms_norm_eps=1e-5, tie_word_embeddings=False, head_dim=8)
 
 # What each family adds. Gemma: a sliding window (5) shorter than the test prompts on some
-# layers and full attention on the others, query_pre_attn_scalar != head_dim, tied embeddings
-# (as Gemma ships); Gemma 2 soft caps low enough that tanh bends the values; Gemma 3 its two
+# layers and full attention on the others, query_pre_attn_scalar != head_dim, untied embeddings
+# (a tiny random Gemma with tied ones predicts its last token again and again: its embedding,
+# scaled by sqrt(hidden), dominates the residual stream; greedy checks would be weak); Gemma 2
+# soft caps low enough that tanh bends the values; Gemma 3 its two
 # RoPE bases (the full layers' with linear scaling). MoE: 4 experts, top-2.
 FAMILY = {
-    "gemma2": dict(sliding_window=5, query_pre_attn_scalar=12, tie_word_embeddings=True,
+    "gemma2": dict(sliding_window=5, query_pre_attn_scalar=12, tie_word_embeddings=False,
                    attn_logit_softcapping=4.0, final_logit_softcapping=15.0,
                    hidden_activation="gelu_pytorch_tanh"),   # layers: sliding, full, sliding
-    "gemma3": dict(sliding_window=5, query_pre_attn_scalar=12, tie_word_embeddings=True,
+    "gemma3": dict(sliding_window=5, query_pre_attn_scalar=12, tie_word_embeddings=False,
                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
                                                        "rope_theta": 1_000_000.0},
