@@ -22,7 +22,8 @@ KINDS = [pytest.param(k, marks=pytest.mark.skipif(
 def _selected(request, test=None) -> set:
     """The kinds this session runs tests of (of `test` only, if given)."""
     return {item.callspec.params["kind"] for item in request.session.items
-            if item.module is request.module and hasattr(item, "callspec")
+            if item.module is request.module
+            and "kind" in getattr(getattr(item, "callspec", None), "params", {})
             and (test is None or item.originalname == test)}
 
 
