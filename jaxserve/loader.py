@@ -381,33 +381,62 @@ def load_hf_dir(path: str, dtype=jnp.float32, *,
     lm_head = family.weight("lm_head")
     if lm_head.is_present(cfg) and _find(lm_head.hf, where) is None:
         raise CheckpointError(f"{lm_head.hf} missing in {path} (and tie_word_embeddings is false)")
-    # Every tensor the config implies, checked before anything is read.
+    # Every tensor the config implies, checked before anything is read. A per-expert weight
+    # is num_experts tensors per layer (each the weight's shape without the experts axis).
     names = {}
     for w in family.weights + family.layer_weights:
         if not w.is_present(cfg):
             continue
-        want = w.shape(cfg)[::-1] if w.transpose else w.shape(cfg)
+        shape = w.shape(cfg)[1:] if w.per_expert else w.shape(cfg)
+        want = shape[::-1] if w.transpose else shape
         for i in range(cfg.num_layers) if w in family.layer_weights else [None]:
-            name = located(w.hf.format(i=i))
-            got = where[name].shape(name)
-            if tuple(got) != tuple(want):
-                raise CheckpointError(
-                    f"weight {w.name} has shape {list(got)} in the checkpoint (tensor {name} "
-                    f"in {os.path.basename(where[name].path)}), the config implies {list(want)}")
-            names[(w.name, i)] = name
+            found = []
+            for e in range(cfg.num_experts) if w.per_expert else [None]:
+                name = located(w.hf.format(i=i, e=e))
+                got = where[name].shape(name)
+                if tuple(got) != tuple(want):
+                    raise CheckpointError(
+                        f"weight {w.name} has shape {list(got)} in the checkpoint (tensor "
+                        f"{name} in {os.path.basename(where[name].path)}), the config implies "
+                        f"{list(want)}")
+                found.append(name)
+            names[(w.name, i)] = found
 
     def layer_view(w: WeightSpec, layer: int | None):
-        name = names[(w.name, layer)]
-        a = where[name].tensor(name)
-        return a.T if w.transpose else a
+        views = [(lambda n=name: where[n].tensor(n).T if w.transpose else where[n].tensor(n))
+                 for name in names[(w.name, layer)]]
+        return _ExpertStack(views) if w.per_expert else views[0]()
 
     def done(w: WeightSpec):
-        for (wname, _), name in names.items():
+        for (wname, _), found in names.items():
             if wname == w.name:
-                where[name].release(name)
+                for name in found:
+                    where[name].release(name)
 
     weights = _placed_weights(cfg, dtype, placement, layer_view, done)
     return LoadedModel(cfg, weights, name=os.path.basename(os.path.normpath(path)), tokenizer_dir=path)
+
+
+class _ExpertStack:
+    """One layer's per-expert tensors as an [E, ...] array that slices lazily: indexing reads
+    only the experts (and, within them, the rows and columns) it selects, so a device holding
+    a slice of the experts reads only those."""
+
+    def __init__(self, views):
+        self._views = views                  # per expert: () -> its [in, out] array (a view)
+        first = views[0]()
+        self.shape = (len(views), *first.shape)
+        self.dtype = first.dtype
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        experts, rest = index[0], index[1:]
+        if not isinstance(experts, slice):
+            raise TypeError("an expert stack is indexed by a slice over its experts")
+        parts = [self._views[e]()[rest] for e in range(*experts.indices(len(self._views)))]
+        if not parts:
+            return np.zeros((0, *self._views[0]()[rest].shape), self.dtype)
+        return np.stack(parts)
 
 
 def _find(name: str, where: dict) -> str | None:
@@ -430,7 +459,11 @@ def hf_tensors(cfg: ModelConfig, weights: Weights) -> dict[str, np.ndarray]:
         w = family.weight(name)
         a = np.asarray(a, np.float32)
         for i, x in enumerate(a) if w in family.layer_weights else [(None, a)]:
-            out[w.hf.format(i=i)] = x.T if w.transpose else x
+            if w.per_expert:    # [E, ...] -> one tensor per expert
+                for e, xe in enumerate(x):
+                    out[w.hf.format(i=i, e=e)] = xe.T if w.transpose else xe
+            else:
+                out[w.hf.format(i=i)] = x.T if w.transpose else x
     return out
 
 
@@ -496,6 +529,8 @@ def load_gguf(path: str, dtype=jnp.float32, *,
             a = a.reshape(tuple(int(n) for n in reversed(t.shape)))
             if w.gguf_rope_heads is not None:
                 a = _unpermute_rope(a, getattr(cfg, w.gguf_rope_heads))
+            if w.gguf_shift:
+                a = a - np.float32(w.gguf_shift)
             cache[(w.name, layer)] = a
         a = cache[(w.name, layer)]
         return a.T if w.transpose else a

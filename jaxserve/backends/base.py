@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve import sharding
+from jaxserve.backends import moe_mesh
 from jaxserve.config import ModelConfig
 from jaxserve.lora.apply import lora_by_row_xla
 from jaxserve.model import params as params_lib
 from jaxserve.model.attention import paged_attention_xla, write_kv
 from jaxserve.model.kv_cache import KVPages, StepInput, init_kv_pages
-from jaxserve.model.norms import rms_norm
+from jaxserve.model import moe as moe_lib
+from jaxserve.model.norms import norm_weight, rms_norm
 from jaxserve.model.params import Linear, Params
 from jaxserve.model.weights import Weights
 
@@ -41,7 +43,7 @@ class XlaBackend:
     name = "xla"
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, mesh=None,
-                 layer_loop: str = "scan"):
+                 layer_loop: str = "scan", ep: int = 1):
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"unknown layer loop {layer_loop!r}; choose from {LAYER_LOOPS}")
         if layer_loop == "per-layer" and mesh is not None:
@@ -49,12 +51,17 @@ class XlaBackend:
         self.cfg, self.dtype, self.mesh, self.layer_loop = cfg, jnp.dtype(dtype), mesh, layer_loop
         self.why = "constructed directly"    # why this backend runs (set by select)
         self.tp = 1 if mesh is None else mesh.shape[sharding.TP]
+        # experts split by whole experts over the mesh (ep = tp) or inside each expert (ep 1)
+        sharding.check_parallel(cfg, self.tp, ep)
+        self.ep = ep
         # the model as run on the mesh: heads padded or replicated to divide tp
         self.run_config = cfg if mesh is None else sharding.head_layout(cfg, self.tp).config
 
     # -- what is in use, for the start-up log ----------------------------------------------------
     def describe(self) -> str:
         tp = f", tp={self.tp}" if self.mesh is not None else ""
+        if self.mesh is not None and self.cfg.num_experts:
+            tp += f", ep={self.ep}"
         return (f"{self.name} backend on {jax.default_backend()} ({self.dtype.name}, "
                 f"layers: {self.layer_loop}{tp}): {self.kernels()}")
 
@@ -78,7 +85,7 @@ class XlaBackend:
     def placement(self) -> sharding.Placement:
         """Where `prepare` wants the canonical weights: the loader creates them there
         (jaxserve.loader.load_model(placement=...)), so `prepare` moves nothing."""
-        return sharding.placement(self.cfg, self.mesh)
+        return sharding.placement(self.cfg, self.mesh, self.ep)
 
     def prepare(self, weights: Weights, *, consume: bool = False) -> Params:
         """Canonical weights -> what the layers read. One device: q|k|v and gate|up fused (fewer,
@@ -89,7 +96,7 @@ class XlaBackend:
         else still references stay alive)."""
         if self.mesh is not None:
             layout = sharding.head_layout(self.cfg, self.tp)
-            placed = sharding.shard_weights(weights, self.cfg, self.mesh, layout)
+            placed = sharding.shard_weights(weights, self.cfg, self.mesh, layout, ep=self.ep)
             if consume:
                 params_lib.empty(weights)
             return params_lib.from_weights(placed, fuse=False)
@@ -114,6 +121,26 @@ class XlaBackend:
         g, u = lora.project(modules, x, p, norm, self.linear)
         return act(g) * u
 
+    def moe(self, x, lp, cfg: ModelConfig):
+        """The mixture-of-experts MLP, in place of gated_mlp + down: x [B, T, H] -> [B, T, H] in
+        x's dtype. The pre-MLP norm, the router's logits (rounded to x's dtype, as the HF
+        layer's linear gives them), each token's top-k experts (jaxserve/model/moe.py route)
+        and their weighted SwiGLUs as grouped matmuls over the tokens sorted by expert
+        (moe.expert_mlp)."""
+        B, T, H = x.shape
+        h = rms_norm(x, norm_weight(lp.mlp_norm, cfg.norm_unit_offset), cfg.rms_norm_eps)
+        h = h.reshape(B * T, H)
+        logits = jnp.einsum("nh,he->ne", h, lp.router, preferred_element_type=jnp.float32)
+        weights, experts = moe_lib.route(logits.astype(x.dtype), cfg.experts_per_token,
+                                         cfg.moe_renormalize)
+        e = lp.experts
+        if self.mesh is None:
+            y = moe_lib.expert_mlp(h, weights, experts, e.gate, e.up, e.down, cfg.mlp_activation)
+        else:   # tokens and routing replicated; each device's experts (or slices), one psum
+            y = moe_mesh.expert_mlp(h, weights, experts, e.gate, e.up, e.down,
+                                    cfg.mlp_activation, mesh=self.mesh, ep=self.ep)
+        return y.astype(x.dtype).reshape(B, T, H)
+
     def lm_head(self, h, params: Params):
         """h [..., H] -> float32 logits [..., V] (tied: against the embedding, no transpose)."""
         if params.lm_head is None:
@@ -124,10 +151,15 @@ class XlaBackend:
         kp, vp = write_kv(kv.k, kv.v, k, v, step.slot_pages, step.slot_offsets, layer=layer)
         return KVPages(k=kp, v=vp)
 
-    def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window):
+    def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window,
+                  softcap=None):
+        """q [B, T, Hq, D] over layer `layer` of the pool -> [B, T, Hq, D] in q's dtype.
+        sliding_window: None, an int, or an int32 scalar that may be traced (a mixed model's
+        layer window, FULL_WINDOW for its full layers); softcap: None or a static float (each
+        score s -> softcap * tanh(s / softcap) before masking). See model/attention.py."""
         return paged_attention_xla(q, kv.k, kv.v, step.block_tables, step.kv_lens,
                                    step.positions, scale=scale, sliding_window=sliding_window,
-                                   layer=layer)
+                                   softcap=softcap, layer=layer)
 
     def lora_delta(self, x, a, b, idx, ranks, scales):
         """LoRA of each batch row's slot: x [B, T, in], a [B, R, in], b [B, R, out]."""

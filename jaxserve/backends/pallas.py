@@ -20,10 +20,10 @@ class PallasBackend(XlaBackend):
     name = "pallas"
 
     def __init__(self, cfg, dtype, *, mesh=None, layer_loop: str = "scan",
-                 interpret: bool | None = None, platform: str | None = None):
+                 interpret: bool | None = None, platform: str | None = None, ep: int = 1):
         """platform: "gpu", "tpu" or "cpu" (default: JAX's); given, it lets this process lower a
         step for a device it does not have. Pallas on CPU runs only in interpret mode."""
-        super().__init__(cfg, dtype, mesh=mesh, layer_loop=layer_loop)
+        super().__init__(cfg, dtype, mesh=mesh, layer_loop=layer_loop, ep=ep)
         self.platform = platform or jax.default_backend()
         self.interpret = (self.platform == "cpu") if interpret is None else interpret
         self.lora_kernels = not (self.platform == "tpu" and not self.interpret)
@@ -33,26 +33,31 @@ class PallasBackend(XlaBackend):
         return ("Pallas attention and LoRA kernels" if self.lora_kernels
                 else "Pallas attention kernel, LoRA as row-batched matmuls in XLA") + mode
 
-    def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window):
+    def attention(self, q, kv: KVPages, layer, step: StepInput, *, scale, sliding_window,
+                  softcap=None):
         """The kernel gets the whole stacked pool and the layer index and reads the layer's
         pages in place (a slice kv.k[layer] would be copied into a kernel operand: a layer's
         pool per layer per step). Under tensor parallelism each device runs the kernel on its
         own KV heads (shard_map): a kernel has no partitioning rule, so without it the pool
-        would be gathered onto every device."""
+        would be gathered onto every device. A traced sliding window enters the shard_map as
+        an operand, replicated like the layer index."""
         from pallas_kernels import paged_attention as pk
 
-        def attend(q, k, v, block_tables, kv_lens, positions, layer):
+        def attend(q, k, v, block_tables, kv_lens, positions, layer, *traced_window):
+            window = traced_window[0] if traced_window else sliding_window
             return pk.paged_attention(q, k, v, block_tables, kv_lens, positions, scale=scale,
-                                      sliding_window=sliding_window, layer=layer,
+                                      sliding_window=window, softcap=softcap, layer=layer,
                                       interpret=self.interpret, backend=self.platform)
         args = (q, kv.k, kv.v, step.block_tables, step.kv_lens, step.positions,
                 jnp.asarray(layer, jnp.int32))
+        if not (sliding_window is None or isinstance(sliding_window, int)):
+            args += (jnp.asarray(sliding_window, jnp.int32),)
         if self.mesh is None:
             return attend(*args)
         heads = P(None, None, sharding.TP, None)                  # q [B, T, Hq, D]
         pool = sharding.spec(KV_AXES, kv.k.shape, self.mesh)
         return jax.shard_map(attend, mesh=self.mesh, check_vma=False,
-                             in_specs=(heads, pool, pool, P(), P(), P(), P()),
+                             in_specs=(heads, pool, pool) + (P(),) * (len(args) - 3),
                              out_specs=heads)(*args)
 
     def attention_reads_padded_pages(self, prefill: bool) -> bool:

@@ -70,8 +70,8 @@ class CpuBackend(XlaBackend):
         if not self.amx:
             return params
 
-        def pack(p: Linear) -> Linear:
-            if p.w.dtype != jnp.bfloat16:
+        def pack(p: Linear | None) -> Linear | None:
+            if p is None or p.w.dtype != jnp.bfloat16:   # None: experts instead of an MLP
                 return p
             return Linear(w=cpu_matmul.pack_amx(p.w), b=p.b, sizes=p.sizes)
 
@@ -106,6 +106,9 @@ class CpuBackend(XlaBackend):
         return super().linear(x, p, norm)
 
     def gated_mlp(self, x, p: Linear, norm, lora, modules, act):
+        # The fused kernel computes SiLU only: GeGLU (Gemma) takes the packed matmul (with the
+        # fused norm) below and its activation in XLA. A unit-offset norm arrives as its float32
+        # factor 1 + w (norms.norm_weight), which the fused norm takes as it is.
         if (isinstance(p.w, cpu_matmul.AmxPacked) and act is jax.nn.silu
                 and x.dtype == jnp.bfloat16 and not lora.adapts(modules)):
             # norm, gate|up matmul and SwiGLU in one native call

@@ -8,13 +8,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from jaxserve.model.families.base import AXIS_SIZES, Family, WeightSpec, hf_common_fields
+from jaxserve.model.families.gemma import GEMMA2, GEMMA3
 from jaxserve.model.families.llama import LLAMA
+from jaxserve.model.families.mixtral import MIXTRAL
 from jaxserve.model.families.qwen3 import QWEN3
+from jaxserve.model.families.qwen3_moe import QWEN3_MOE
 
 if TYPE_CHECKING:
     from jaxserve.config import ModelConfig
 
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN3)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN3, GEMMA2, GEMMA3, MIXTRAL, QWEN3_MOE)
 
 # Every PEFT module any family adapts, in one order: the engine's per-module tables
 # (adapter ranks and scales, the LoRA pool's pages) are indexed by it.

@@ -25,6 +25,7 @@ AXIS_SIZES = {
     "head_dim": "head_dim",
     "experts": "num_experts",
     "moe_mlp": "moe_intermediate_size",
+    "expert_logits": "num_experts",   # the router's output columns (replicated under ep)
 }
 
 
@@ -43,6 +44,8 @@ class WeightSpec:
     transpose: bool = False      # checkpoint layout is [out, in]
     gguf_rope_heads: str | None = None  # ModelConfig head count whose rows llama.cpp permuted
     #                                     for its RoPE (q: "num_heads", k: "num_kv_heads")
+    gguf_shift: float = 0.0      # what llama.cpp's converter added to the values (Gemma's norm
+    #                              weights: +1); the GGUF loader subtracts it
     lora: str | None = None      # PEFT module (an nn.Linear) whose weight this is
     when: Callable[[ModelConfig], bool] | None = None   # optional weight: present iff when(cfg)
 
@@ -51,6 +54,13 @@ class WeightSpec:
 
     def shape(self, cfg: ModelConfig) -> tuple[int, ...]:
         return tuple(getattr(cfg, AXIS_SIZES[a]) for a in self.axes)
+
+    @property
+    def per_expert(self) -> bool:
+        """The checkpoint stores one tensor per expert, `hf` naming it with `{e}` (the expert
+        index) as well as `{i}`: the loaders stack them on the leading `experts` axis (each
+        tensor is the weight's shape without it, transposed when `transpose`)."""
+        return "{e}" in self.hf
 
     def module_path(self, layer: int | None = None) -> str:
         """The torch module holding this weight, e.g. model.layers.3.self_attn.q_proj (what
