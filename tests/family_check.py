@@ -44,7 +44,7 @@ PAGE = 4
 # (and past Gemma's window of 5), then a decode-shaped step; two shapes, two compiles
 CHUNKS = (8, 1, 8)
 
-# HF class of each kind: a family is registered when one of its architectures is.
+# HF class of each kind.
 HF_ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
            "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -52,12 +52,6 @@ KINDS = tuple(HF_ARCH)
 MOE = ("mixtral", "qwen3_moe")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DENSE_MLP = ["gate_proj", "up_proj", "down_proj"]
-
-
-def registered(kind: str) -> bool:
-    """Whether jaxserve has a family serving this kind's HF architecture."""
-    from jaxserve.model.families import FAMILIES
-    return any(HF_ARCH[kind] in f.architectures for f in FAMILIES)
 
 
 def lora_targets(kind: str) -> list[str]:

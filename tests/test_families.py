@@ -4,8 +4,7 @@ check does and why its tolerances are what they are): a tiny random checkpoint o
 greedy tokens through the real engine with and without a PEFT adapter, and the same tokens at
 tp 2 and 4 (ep 4 for mixtures of experts) on simulated CPU devices.
 
-Kinds whose family is not registered in jaxserve.model.families.FAMILIES are skipped (checked
-at collection). The tp subprocesses start together when the module's fixture builds the
+The tp subprocesses start together when the module's fixture builds the
 checkpoints, so their compiles overlap the in-process checks.
 """
 import jax.numpy as jnp
@@ -14,9 +13,7 @@ import pytest
 
 from tests import family_check as fc
 
-KINDS = [pytest.param(k, marks=pytest.mark.skipif(
-    not fc.registered(k), reason=f"no registered family serves {fc.HF_ARCH[k]} yet"))
-    for k in fc.KINDS]
+KINDS = list(fc.KINDS)
 
 
 def _selected(request, test=None) -> set:

@@ -26,7 +26,7 @@ from jaxserve.config import ConfigError, ModelConfig
 from jaxserve.loader import CheckpointError, hf_tensors, load_hf_dir
 from jaxserve.lora.adapter import AdapterError, from_peft_arrays, load_peft
 from jaxserve.model import moe
-from tests.test_model_hf import hf_greedy, hf_logits, paged_prefill_logits
+from tests.test_model_hf import hf_logits, paged_prefill_logits
 
 ATOL = 1e-3
 VOCAB = 256
@@ -269,58 +269,6 @@ def test_logits_match_hf(case, tmp_path):
 
 
 # -- the engine: greedy decoding, adapters, backends -----------------------------------------
-
-def _engine(root, backend="xla", **kw):
-    from jaxserve.engine import EngineConfig, LLMEngine
-    return LLMEngine(EngineConfig(model=str(root / "base"), dtype="float32", page_size=4,
-                                  num_pages=200, max_num_seqs=4, max_prefill_tokens=16,
-                                  max_model_len=128, max_loras=2, max_lora_rank=8,
-                                  backend=backend, **kw))
-
-
-def _greedy(engine, prompt, n, adapter=None):
-    from jaxserve.sampling_params import SamplingParams
-    engine.add_request("r", prompt, SamplingParams(max_tokens=n, temperature=0.0,
-                                                   ignore_eos=True), adapter=adapter)
-    out = None
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                out = o.token_ids
-    return out
-
-
-def test_greedy_64_tokens_match_hf_and_peft(tiny):
-    """64 greedy tokens (prompt 11 tokens, prefill chunks of 16, decode one token per step:
-    the experts see 1-token and many-token batches) equal HF's with its cache, and with a
-    PEFT adapter on q/k/v/o PEFT's."""
-    kind, root, hf, peft_model = tiny
-    prompt = np.random.default_rng(1).integers(3, VOCAB, size=11).tolist()
-    ref = hf_greedy(hf, prompt, 64)
-    ref_lora = hf_greedy(peft_model, prompt, 64)
-    assert ref_lora != ref      # the adapter matters
-    engine = _engine(root)
-    engine.add_lora("a", str(root / "lora"))
-    assert _greedy(engine, prompt, 64) == ref
-    assert _greedy(engine, prompt, 64, adapter="a") == ref_lora
-
-
-@pytest.mark.parametrize("backend", ["cpu", "pallas"])
-def test_kernel_backends_short_greedy(tiny, backend):
-    """The CPU backend (per-layer programs) and Pallas (interpret mode) run the experts through
-    the XLA backend's moe: 12 greedy tokens with and without the adapter as HF/PEFT."""
-    kind, root, hf, peft_model = tiny
-    if backend == "cpu":
-        from jaxserve.backends.cpu.backend import unavailable_reason
-        if (why := unavailable_reason()) is not None:
-            pytest.skip(f"cpu backend unavailable: {why}")
-    prompt = np.random.default_rng(2).integers(3, VOCAB, size=9).tolist()
-    ref, ref_lora = hf_greedy(hf, prompt, 12), hf_greedy(peft_model, prompt, 12)
-    engine = _engine(root, backend=backend)
-    engine.add_lora("a", str(root / "lora"))
-    assert _greedy(engine, prompt, 12) == ref
-    assert _greedy(engine, prompt, 12, adapter="a") == ref_lora
-
 
 def test_adapters_on_router_or_experts_refused(tiny, tmp_path):
     """PEFT adapters that touch the router or the experts are refused at load, naming the

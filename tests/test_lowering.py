@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from family_check import HF_ARCH, MOE, registered
+from family_check import HF_ARCH, MOE
 from lowering_check import FAMILY_CASES, analyse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,8 +33,7 @@ def _result(proc):
 @pytest.fixture(scope="module")
 def _procs():
     """Both subprocesses start at once, so their lowerings overlap."""
-    fams = [k for k in FAMILIES if registered(k)]
-    procs = {"llama": _start(), "families": _start("--families", *fams) if fams else None}
+    procs = {"llama": _start(), "families": _start("--families", *FAMILIES)}
     yield procs
     for p in procs.values():
         if p is not None and p.poll() is None:
@@ -62,8 +61,7 @@ def test_every_step_reads_the_pool_in_place(cases):
             assert c["kernel_pool_operands"] >= 2, c
 
 
-@pytest.mark.parametrize("family", [pytest.param(k, marks=pytest.mark.skipif(
-    not registered(k), reason=f"no registered family serves {HF_ARCH[k]} yet")) for k in FAMILIES])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_steps_read_the_pool_in_place(family, family_cases):
     """Each family's decode and prefill step (its windows, soft caps, q/k norms, experts), lowered
     for GPU and TPU with the Pallas kernels and with XLA: the pool in place as for Llama."""
