@@ -80,8 +80,8 @@ class ModelConfig:
 
     @property
     def sliding_window(self) -> int | None:
-        """The window every layer shares (None: full attention). The forward pass runs one
-        window for all layers, so layers that differ are refused here."""
+        """The window every layer shares (None: full attention); refused when layers differ.
+        The layer math reads the per-layer windows (jaxserve/model/llama.py layer_window)."""
         windows = set(self.layer_windows) or {None}
         if len(windows) > 1:
             raise ConfigError(f"layers with different sliding windows {sorted(windows, key=str)} "
@@ -99,7 +99,13 @@ class ModelConfig:
     def flops_per_token(self, context_len: int = 0) -> float:
         """Forward FLOPs for one token: 2 x matmul parameters (incl. the LM head) + attention."""
         H, I, L = self.hidden_size, self.intermediate_size, self.num_layers
-        matmul = L * (H * (self.q_size + 2 * self.kv_size) + self.q_size * H + 3 * H * I)
+        if self.num_experts:     # the experts a token is routed to, and the router
+            I = self.experts_per_token * self.moe_intermediate_size
+            router = H * self.num_experts
+        else:
+            router = 0
+        matmul = L * (H * (self.q_size + 2 * self.kv_size) + self.q_size * H + 3 * H * I
+                      + router)
         matmul += self.vocab_size * H
         attn = L * 2 * self.num_heads * self.head_dim * context_len
         return 2.0 * matmul + 2.0 * attn
