@@ -381,7 +381,7 @@ def backend_logits(cfg, backend, params, ids_chunks, page_size=4, seed=0):
                          logits_index=jnp.array([n - 1], jnp.int32))
         if per_layer:
             step = dataclasses.replace(step, rope=llama.step_rope(cfg, step))
-            x = llama.embed(params, step)
+            x = llama.embed(params, cfg, step)
             for i, lp in enumerate(params.layers):
                 x, kv = layer_fn(cfg, backend, lp, x, kv, jnp.int32(i), step)
             logits = head_fn(params, cfg, backend, x, step, all_logits=True)
