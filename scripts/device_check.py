@@ -269,19 +269,21 @@ def family_rows(name: str, cfg: dict, results: list[dict], context: float,
 
 def families_step(out: str, p: dict, smoke: bool, res: dict) -> list[dict]:
     """Step 8: each family model at each batch size in its own bench process (a batch that
-    does not fit fails alone); rows with the roofline from `decode_read_bytes`."""
+    does not fit fails alone; --cpu-smoke runs a family's batches in one process); rows with
+    the roofline from `decode_read_bytes`."""
     rows = []
+    groups = [p["family_batches"]] if smoke else [[B] for B in p["family_batches"]]
     for name, hf in p["families"].items():
         model = os.path.join(out, name)
         cfg = write_config_dir(model, hf)
         context = p["family_input_len"] + p["family_output_len"] / 2   # bench's average
         results = []
-        for B in p["family_batches"]:
-            bj = os.path.join(out, f"{name}_b{B}.json")
+        for batches in groups:
+            tag = f"{name}_b{'-'.join(map(str, batches))}"
+            bj = os.path.join(out, f"{tag}.json")
             fp = dict(p, input_len=p["family_input_len"], output_len=p["family_output_len"])
-            res["steps"][f"{name}_b{B}"] = run(bench_cmd(model, bj, [B], fp, smoke),
-                                               p["timeouts"]["family"],
-                                               os.path.join(out, f"{name}_b{B}.log"))
+            res["steps"][tag] = run(bench_cmd(model, bj, batches, fp, smoke),
+                                    p["timeouts"]["family"], os.path.join(out, f"{tag}.log"))
             if os.path.exists(bj):
                 results.append(json.load(open(bj)))
         rows += family_rows(name, cfg, results, context, 2 if p["dtype"] == "bfloat16" else 4)

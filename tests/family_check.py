@@ -10,8 +10,9 @@ For a tiny random HF checkpoint of a kind and a PEFT LoRA adapter made on it:
   bfloat16    our model in bfloat16 (weights, activations, KV pool) against HF fp32;
   backends    the same logits on the CPU native backend and on Pallas (interpret mode);
   tp          tests/family_tp_check.py, in a subprocess with simulated devices: the engine at
-              tp 2 and 4 (MoE kinds: tp 2 with ep 1, tp 4 with ep 4) reads the same checkpoint
-              and adapter; its greedy tokens are compared to the same HF / PEFT references.
+              tp 2 or 4 (MoE kinds: both, one with ep = tp; PARALLEL_RUNS) reads the same
+              checkpoint and adapter; its greedy tokens are compared to the same HF / PEFT
+              references.
 
 Tolerances (fp32): both sides compute in float32 and differ only in summation order (XLA vs
 torch matmul blocking, attention over pages vs dense, a softmax over experts then top-k): ~1e-5
@@ -198,21 +199,38 @@ def references(t: Tiny, n: int = NUM_TOKENS) -> dict:
 
 # ----------------------------------------------------------------------------- tp / ep
 
+# (tp, ep) runs of each kind. The tiny models have 8 q / 2 KV heads: tp 2 splits the KV heads,
+# tp 4 replicates each over two devices. A dense family runs one of the two (between them the
+# dense families run both; tests/test_tp_base.py runs Llama at 2, 4 and 8); a mixture of experts
+# runs both, its experts split inside (tp 2, ep 1) and whole (tp 4, ep 4); tests/test_tp_moe.py
+# runs tp 4 with ep 1 and tp 2 with ep 2.
+PARALLEL_RUNS = {"llama": [(2, 1)], "qwen3": [(4, 1)], "gemma2": [(2, 1)], "gemma3": [(4, 1)],
+                 "mixtral": [(2, 1), (4, 4)], "qwen3_moe": [(2, 1), (4, 4)]}
+
+
 def parallel_runs(kind: str) -> list[tuple[int, int]]:
-    """(tp, ep) runs of a kind: tp 2 and 4; a mixture of experts also splits whole experts
-    over the devices at tp 4 (ep 4)."""
-    return [(2, 1), (4, 4)] if kind in MOE else [(2, 1), (4, 1)]
+    return PARALLEL_RUNS[kind]
 
 
-def start_tp(t: Tiny) -> subprocess.Popen:
-    """tests/family_tp_check.py on this checkpoint and adapter (simulated 8-device CPU)."""
-    runs = [f"{tp}x{ep}" for tp, ep in parallel_runs(t.kind)]
+def start_tp(tinies: list[Tiny]) -> subprocess.Popen:
+    """tests/family_tp_check.py on these checkpoints and adapters, one process for all of them
+    (simulated 8-device CPU)."""
+    jobs = [dict(kind=t.kind, path=t.path, adapter=t.adapter_path, prompts=t.prompts,
+                 runs=[f"{tp}x{ep}" for tp, ep in parallel_runs(t.kind)]) for t in tinies]
     return subprocess.Popen([sys.executable, os.path.join(HERE, "family_tp_check.py"),
-                             t.kind, t.path, t.adapter_path, json.dumps(t.prompts), *runs],
+                             json.dumps(jobs)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def tp_result(proc: subprocess.Popen) -> dict:
-    out, err = proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+_TP_OUTPUT: dict = {}   # start_tp's process -> its JSON line, read when first asked
+
+
+def tp_result(proc: subprocess.Popen, kind: str) -> dict:
+    """That kind's runs from the process's output."""
+    if proc not in _TP_OUTPUT:
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+        _TP_OUTPUT[proc] = json.loads(out.strip().splitlines()[-1])
+    res = _TP_OUTPUT[proc][kind]
+    assert "error" not in res, res["error"]
+    return res

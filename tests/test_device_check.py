@@ -28,6 +28,9 @@ def test_device_check_cpu_smoke(tmp_path):
     assert [(r["batch"], r["loop"]) for r in res["overlap_json"]["rows"]] == [(4, "sync"),
                                                                             (4, "overlap")]
     assert all(r["period_ms"] > 0 and r["device_ms"] > 0 for r in res["overlap_json"]["rows"])
+    fams = {(r["model"], r["batch"]) for r in res["families"]}
+    assert fams == {(m, b) for m in ("qwen3-tiny", "qwen3-moe-tiny") for b in (1, 4)}
+    assert all(r["decode_tok_s"] > 0 and r["hbm_roofline_pct"] > 0 for r in res["families"])
     targets = {name: met for name, _, met in res["targets"]}
     assert len(targets) == 8
     assert targets["decode step memory does not grow with the pool"] is True

@@ -174,12 +174,15 @@ def _greedy(engine, prompt, n, adapter=None):
     return out
 
 
+@pytest.mark.parametrize("tiny", ["gemma3"], indirect=True)
 @pytest.mark.parametrize("layer_loop", ["per-layer"])
 def test_greedy_64_tokens_match_hf_and_peft(tiny, layer_loop):
     """64 greedy tokens (prompt 11 tokens, longer than the window; prefill chunks of 16) equal
     HF's greedy decoding with its cache, and with a PEFT adapter on every projection PEFT's, with
-    one program per layer (the layer index a traced argument; tests/test_families.py runs the
-    scan, the bfloat16 check and the CPU / Pallas backends for every family)."""
+    one program per layer (the layer index a traced argument, so the layer's window and RoPE
+    base are looked up from it). Gemma 3 only: its layers differ in both (Gemma 2's only in the
+    window); tests/test_families.py runs the scan, the bfloat16 check and the CPU / Pallas
+    backends for every family."""
     kind, root, hf, peft_model = tiny
     prompt = np.random.default_rng(1).integers(3, VOCAB, size=11).tolist()
     ref = hf_greedy(hf, prompt, 64)

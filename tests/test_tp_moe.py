@@ -3,19 +3,20 @@ inside each expert (tp, `--ep 1`) or by whole experts (`--ep N`).
 
 The checks run tests/tp_check.py in subprocesses started together (as test_tp_base.py does).
 A tiny random Qwen3-MoE-shaped model (8 experts, top 2, expert width 32, 8 q / 2 KV heads):
-greedy tokens at tp 2, 4 and ep 2, 4 identical to tp=1, logits within the dense models'
-3e-5 x max|logit| (observed 1.2e-6 on logits of magnitude 2.4); each device holding its part of
-the expert weights and the whole router; and the decode step's collectives: exactly one
-all-reduce per MoE layer beyond the dense model's, nothing gathered.
+greedy tokens at tp 4 (experts split inside) and ep 2 (whole experts split) identical to tp=1,
+logits within the dense models' 3e-5 x max|logit| (observed 1.2e-6 on logits of magnitude 2.4);
+each device holding its part of the expert weights and the whole router; and the decode step's
+collectives: exactly one all-reduce per MoE layer beyond the dense model's, nothing gathered.
+(tests/test_families.py runs Mixtral and Qwen3-MoE at tp 2 and at tp 4 with ep 4 against HF.)
 """
 import pytest
 
 from tp_procs import result, start_all, stop_all
 
 REL_TOL = 3e-5
-CHECKS = [("greedy", "--model", "moe", "--tp", "2", "4", "--ep", "2", "4"),
-          ("hlo", "--model", "moe", "--tp", "2", "4", "--ep", "2", "4", "--batch", "4")]
-RUNS = ("tp2", "tp4", "ep2", "ep4")
+CHECKS = [("greedy", "--model", "moe", "--tp", "4", "--ep", "2"),
+          ("hlo", "--model", "moe", "--tp", "4", "--ep", "2", "--batch", "4")]
+RUNS = ("tp4", "ep2")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_moe_weights_placed_per_device():
     whole everywhere."""
     res = result(*CHECKS[0])
     L, H, E, Im = 2, 64, 8, 32
-    for run, n in (("tp2", 2), ("tp4", 4), ("ep2", 2), ("ep4", 4)):
+    for run, n in (("tp4", 4), ("ep2", 2)):
         e, im = (E, Im // n) if run.startswith("tp") else (E // n, Im)
         assert res[run]["device_shapes"] == {"router": [L, H, E], "gate": [L, e, H, im],
                                              "up": [L, e, H, im], "down": [L, e, im, H]}, run

@@ -189,9 +189,14 @@ def _workload(engine):
     return steps
 
 
-def test_nothing_compiles_after_warmup(lora_engine):
+def test_nothing_compiles_after_warmup(lora_engine, monkeypatch):
     engine = lora_engine
     runner = engine.runner
+    # What is checked here is that the bucket set is closed. Programs the runner drops when
+    # the process nears vm.max_map_count (and rebuilds: test_engine_batching checks that) depend
+    # on what else this process compiled, so that budget is lifted for this test.
+    import jaxserve.runner as runner_mod
+    monkeypatch.setattr(runner_mod, "_map_budget", lambda: None)
     programs, _ = runner.warmup(lora=True)
     assert programs == len(runner.builder.shapes(lora=True))
     compiled0 = len(runner._compiled) + runner.num_programs_dropped
