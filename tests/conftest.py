@@ -17,25 +17,6 @@ settings.register_profile("jaxserve", deadline=None, suppress_health_check=[Heal
 settings.load_profile("jaxserve")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_dead_executables():
-    """After each module: when the process holds more than a quarter of vm.max_map_count
-    memory mappings, drop JAX's caches of executables whose engines are gone. Every compiled
-    program keeps hundreds of mappings; over a whole suite the dead ones would otherwise pile
-    up until the runner's own map budget starts dropping live programs mid-test."""
-    yield
-    import sys
-    if "jax" not in sys.modules:
-        return
-    from jaxserve.runner import _map_budget, _num_maps
-    budget, n = _map_budget(), _num_maps()
-    if budget is not None and n is not None and n > budget // 2:
-        import gc
-        import jax
-        gc.collect()
-        jax.clear_caches()
-
-
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M-Instruct (GGUF, dequantized to fp32)."""
