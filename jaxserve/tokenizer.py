@@ -76,40 +76,77 @@ class Tokenizer:
         twin._bytes_table = self._bytes_table
         return twin
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; text that is not valid Unicode (a lone surrogate, which the
-        server's parser already refuses) is an AdmissionError, not an encoder crash."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` (without the tokenizer's BOS/EOS with add_special_tokens=False);
+        text that is not valid Unicode (a lone surrogate, which the server's parser already
+        refuses) is an AdmissionError, not an encoder crash."""
         try:
+            if not add_special_tokens:
+                return list(self.hf(text, add_special_tokens=False)["input_ids"])
             return list(self.hf(text)["input_ids"])
         except UnicodeError as e:
             raise AdmissionError(f"the prompt is not valid Unicode text: {e}",
                                  param="prompt", code="invalid_unicode") from None
 
-    def chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of `messages` under the model's chat template, with the generation prompt."""
-        if not getattr(self.hf, "chat_template", None):
-            raise AdmissionError("this model has no chat template; use /v1/completions",
-                                 param="messages")
+    def chat(self, messages: list[dict], *, tools: list[dict] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             template_kwargs: dict | None = None) -> list[int]:
+        """Token ids of `messages` under the chat template (`chat_template`, else the model's),
+        as transformers' apply_chat_template writes them: with the generation prompt, or with
+        the last message left open (`continue_final_message`); `tools` and `template_kwargs`
+        (e.g. enable_thinking) reach the template. Errors are AdmissionErrors naming the
+        request field at fault (chat_template, chat_template_kwargs, continue_final_message,
+        else messages)."""
+        template = chat_template or getattr(self.hf, "chat_template", None)
+        if not template:
+            raise AdmissionError("this model has no chat template; use /v1/completions or "
+                                 "send 'chat_template'", param="messages")
+        if chat_template is not None:
+            _check_template_syntax(chat_template)
+        # only what differs from the defaults: tokenizers that are not transformers' (the
+        # tests' fakes) take just the messages and add_generation_prompt
+        kw = dict(template_kwargs or {})
+        if tools:
+            kw["tools"] = tools
+        if chat_template is not None:
+            kw["chat_template"] = chat_template
+        if continue_final_message:
+            kw["continue_final_message"] = True
         try:
-            ids = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                              tokenize=True, **kw)
         except Exception as e:  # the template raises on shapes it does not accept
-            raise AdmissionError(f"the chat template rejected these messages: {e}",
-                                 param="messages") from None
+            raise AdmissionError(f"the chat template rejected these messages: "
+                                 f"{type(e).__name__}: {e}",
+                                 param=_template_error_param(e, chat_template, template_kwargs,
+                                                             continue_final_message)) from None
         if hasattr(ids, "keys"):  # transformers may return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:
+        # spaces_between_special_tokens reaches slow (Python) tokenizers; fast ones take no
+        # such option and write special tokens without added spaces (as vLLM does with them).
+        if spaces_between_special_tokens:
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens,
+                                  clean_up_tokenization_spaces=False)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens,
-                              clean_up_tokenization_spaces=False)
+                              clean_up_tokenization_spaces=False,
+                              spaces_between_special_tokens=False)
 
     def byte_table(self) -> "ByteTable | None":
         """The fast path's table (built on the first call), or None where it does not apply."""
         return self._bytes_table.get()
 
-    def detokenizer(self, prompt_ids: list[int]) -> "IncrementalDetokenizer":
-        """The fast path where the byte table applies and the prompt's context window ends on
-        a character boundary; otherwise the windowed method."""
+    def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool = True,
+                    spaces_between_special_tokens: bool = True) -> "IncrementalDetokenizer":
+        """The fast path where the byte table applies (special tokens skipped) and the prompt's
+        context window ends on a character boundary; otherwise the windowed method."""
+        if not skip_special_tokens or not spaces_between_special_tokens:
+            return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens,
+                                          spaces_between_special_tokens)
         table = self.byte_table()
         if table is not None:
             det = ByteDetokenizer.start(table, prompt_ids)
@@ -118,17 +155,49 @@ class Tokenizer:
         return IncrementalDetokenizer(self, prompt_ids)
 
 
+def _check_template_syntax(template: str) -> None:
+    """A Jinja syntax error in a request's template names `chat_template` (400)."""
+    import jinja2
+    try:   # transformers' own environment (its extensions: loop controls, {% generation %})
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        _compile_jinja_template = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise AdmissionError(f"'chat_template' is not a valid Jinja template: {e} (line "
+                             f"{e.lineno})", param="chat_template") from None
+
+
+def _template_error_param(e: Exception, chat_template, template_kwargs,
+                          continue_final_message) -> str:
+    """The request field a failed render is blamed on."""
+    text = str(e)
+    if continue_final_message and "continue_final_message" in text:
+        return "continue_final_message"
+    if template_kwargs and (isinstance(e, TypeError)
+                            or any(repr(k) in text or k in text for k in template_kwargs)):
+        return "chat_template_kwargs"
+    return "chat_template" if chat_template is not None else "messages"
+
+
 class IncrementalDetokenizer:
     """Feed it the full token list (prompt + output) after each new token; get text deltas.
     This class is the general (windowed) method; `ByteDetokenizer` is the fast path."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int],
+                 skip_special_tokens: bool = True, spaces_between_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.prefix_offset = max(0, len(prompt_ids) - CONTEXT_TOKENS)
         self.read_offset = len(prompt_ids)
+        self._options = dict(skip_special_tokens=skip_special_tokens,
+                             spaces_between_special_tokens=spaces_between_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, **self._options)
 
     def step(self, all_ids: list[int]) -> str:
-        decode = self.tokenizer.decode
+        decode = self.decode
         prefix_text = decode(all_ids[self.prefix_offset:self.read_offset])
         new_text = decode(all_ids[self.prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
@@ -140,7 +209,7 @@ class IncrementalDetokenizer:
 
     def flush(self, all_ids: list[int]) -> str:
         """At the end of a request: whatever is still held back (even an incomplete char)."""
-        decode = self.tokenizer.decode
+        decode = self.decode
         prefix_text = decode(all_ids[self.prefix_offset:self.read_offset])
         new_text = decode(all_ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(all_ids)

@@ -19,7 +19,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from jaxserve.admission import AdmissionError
 from jaxserve.async_engine import AsyncEngine, EngineStopped
-from server import lora, native_api, openai_api
+from server import endpoints, fields, lora, native_api, openai_api, request_fields
 from server.config import ServerConfig
 from server.connections import ServingRunner, raise_open_files_limit
 from server.context import CTX_KEY, ServerContext, ctx_of
@@ -29,7 +29,7 @@ from server.streaming import DISCONNECTED
 
 log = logging.getLogger("jaxserve.server")
 
-AUTH_PREFIXES = ("/v1/", "/generate")
+AUTH_PREFIXES = ("/v1/", "/generate", "/tokenize", "/detokenize")
 
 
 @web.middleware
@@ -129,6 +129,7 @@ async def _answer_and_close(request: web.Request, resp: web.StreamResponse) -> N
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while the engine thread runs and admits requests, else 503."""
     ctx = ctx_of(request)
     if ctx.engine.is_running and not ctx.engine.is_accepting:
         return web.json_response({"status": "draining", "in_flight": ctx.engine.num_in_flight},
@@ -139,6 +140,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text (with API keys: an admin or metrics key)."""
     ctx = ctx_of(request)
     ctx.require_metrics(request)   # with API keys: admin or metrics role (401 / 403)
     try:
@@ -228,15 +230,25 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig = ServerConfig(),
     app = web.Application(client_max_size=config.max_request_bytes,
                           middlewares=[errors_and_auth])
     app[CTX_KEY] = ServerContext(async_engine, config, m)
-    app.router.add_post("/v1/completions", openai_api.completions)
-    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
-    app.router.add_get("/v1/models", openai_api.list_models)
+    app.router.add_post("/v1/completions",
+                        request_fields.guard(openai_api.completions, fields.COMPLETIONS))
+    app.router.add_post("/v1/chat/completions",
+                        request_fields.guard(openai_api.chat_completions, fields.CHAT))
+    app.router.add_get("/v1/models", endpoints.list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", endpoints.retrieve_model)
     app.router.add_post("/v1/load_lora_adapter", lora.load_lora_handler)
     app.router.add_post("/v1/unload_lora_adapter", lora.unload_lora_handler)
     app.router.add_post("/generate", native_api.generate)
     app.router.add_post("/generate_stream", native_api.generate_stream)
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)
+    app.router.add_post("/ping", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/tokenize", endpoints.tokenize)
+    app.router.add_post("/detokenize", endpoints.detokenize)
+    app.router.add_get("/version", endpoints.version)
+    app.router.add_get("/openapi.json", endpoints.openapi)
+    app.on_response_prepare.append(request_fields.on_prepare)
     app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
     return app

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from aiohttp import web
 
@@ -11,6 +10,7 @@ from jaxserve.sampling_params import SamplingParams
 from server.protocol import (GenRequest, bad, finite_or_none, get_bool, get_int, get_str,
                              json_dumps, parse_json_object, refuse_unsupported, sampling_fields,
                              stream_fields)
+from server.request_fields import response_id
 from server.streaming import run_request
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -140,7 +140,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ctx = ctx_of(request)
     body = parse_json_object(await request.read())
     req = parse_completion(ctx, body)
-    rid = f"cmpl-{uuid.uuid4().hex}"
+    rid = response_id(request, "cmpl-")
     created = int(time.time())
     lp = _Logprobs(ctx)
 
@@ -173,7 +173,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = ctx_of(request)
     body = parse_json_object(await request.read())
     req = parse_chat(ctx, body)
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    rid = response_id(request, "chatcmpl-")
     created = int(time.time())
     lp = _Logprobs(ctx)
     base = {"id": rid, "object": "chat.completion.chunk", "created": created,
@@ -203,17 +203,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     return await run_request(request, ctx, req, rid, first=first, chunk=chunk, full=full,
                              usage_chunk=usage_chunk)
-
-
-async def list_models(request: web.Request) -> web.Response:
-    ctx = ctx_of(request)
-    base = ctx.model_name
-    data = [{"id": base, "object": "model", "created": ctx.created, "owned_by": "jaxserve",
-             "root": ctx.model_root, "parent": None, "max_model_len": ctx.max_model_len}]
-    for name, path in sorted((await ctx.adapters()).items()):
-        data.append({"id": name, "object": "model", "created": ctx.created,
-                     "owned_by": "jaxserve", "root": path, "parent": base})
-    return web.json_response({"object": "list", "data": data})
 
 
 def dumps(obj) -> str:

@@ -251,7 +251,10 @@ def sampling_fields(body: dict, stop_name: str = "stop") -> dict:
                 top_p=get_float(body, "top_p", 1.0),
                 top_k=0 if top_k == -1 else top_k,   # -1 disables, as in vLLM
                 seed=get_int(body, "seed", None), stop=get_stop(body, stop_name),
-                ignore_eos=get_bool(body, "ignore_eos", False))
+                ignore_eos=get_bool(body, "ignore_eos", False),
+                skip_special_tokens=get_bool(body, "skip_special_tokens", True),
+                spaces_between_special_tokens=get_bool(body, "spaces_between_special_tokens",
+                                                       True))
 
 
 def stream_fields(body: dict) -> tuple[bool, bool]:

@@ -13,6 +13,7 @@ from aiohttp import web
 from jaxserve.async_engine import EngineError, EngineStopped, RequestCut, RequestStream
 from jaxserve.outputs import RequestOutput
 from server.context import ServerContext, ctx_of
+from server import request_fields
 from server.protocol import ApiError, GenRequest, json_dumps
 
 log = logging.getLogger("jaxserve.server")
@@ -88,7 +89,8 @@ def sse(obj) -> bytes:
 async def admit(request: web.Request, ctx: ServerContext, req: GenRequest, rid: str) -> RequestStream:
     """Submit to the engine; its AdmissionError (400/404/429) and EngineStopped (503) reach
     the error middleware (server/app.py)."""
-    return await ctx.engine.submit(rid, req.prompt_ids, req.params,
+    return await ctx.engine.submit(request_fields.engine_request_id(request, rid),
+                                   req.prompt_ids, req.params,
                                    client_id=ctx.client_id(request, req.user),
                                    adapter=ctx.adapter_of(req.model),
                                    cache_salt=req.cache_salt)
@@ -97,10 +99,16 @@ async def admit(request: web.Request, ctx: ServerContext, req: GenRequest, rid: 
 async def run_request(request: web.Request, ctx: ServerContext, req: GenRequest, rid: str, *,
                       first: Callable[[], dict] | None, chunk: Callable, full: Callable,
                       usage_chunk: Callable) -> web.StreamResponse:
+    req = request_fields.prepare(request, req, ctx.max_model_len)
     stream = await admit(request, ctx, req, rid)
+    fp = request_fields.fingerprint(ctx.model_name)
+
+    def whole(last, logprobs) -> dict:
+        return request_fields.annotate(request, full(last, last.text, last.token_ids, logprobs),
+                                       [last], req.prompt_ids, fp)
     try:
         if req.stream:
-            return await _stream(request, ctx, req, stream, first, chunk, usage_chunk)
+            return await _stream(request, ctx, req, stream, first, chunk, usage_chunk, fp)
         last, logprobs = None, [] if req.logprobs else None
         try:
             async for out in stream:
@@ -111,41 +119,50 @@ async def run_request(request: web.Request, ctx: ServerContext, req: GenRequest,
             raise ApiError(500, str(e), code="engine_error") from None
         except RequestCut as e:   # the drain's grace ran out: answer with what there is
             last = cut_output(rid, last, len(req.prompt_ids))
-            body = full(last, last.text, last.token_ids, logprobs)
+            body = whole(last, logprobs)
             body["error"] = cut_error(e)
             return web.json_response(body, dumps=json_dumps)
         except EngineStopped as e:
             raise ApiError(503, str(e), code="unavailable") from None
         if last.finish_reason == "error":   # this request alone failed (engine's RequestOutput)
             raise ApiError(422, last.error, code=last.error_code)
-        return web.json_response(full(last, last.text, last.token_ids, logprobs),
-                                 dumps=json_dumps)
+        return web.json_response(whole(last, logprobs), dumps=json_dumps)
     finally:
         stream.close()  # aborts in the engine (frees KV pages) if it did not finish
 
 
-async def _stream(request, ctx, req, stream, first, chunk, usage_chunk) -> web.StreamResponse:
+async def _stream(request, ctx, req, stream, first, chunk, usage_chunk, fp
+                  ) -> web.StreamResponse:
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     observe = ctx.metrics.on_delivery
     stall_s = ctx.config.stream_stall_timeout_s
     last = None
+    prompt_ids = req.prompt_ids   # vLLM's return_token_ids: the prompt's ids go in one chunk
+    every_token = req.logprobs or request_fields.options(request).return_token_ids
+
+    def annotated(obj, out):
+        nonlocal prompt_ids
+        obj = request_fields.annotate_chunk(request, obj, out, prompt_ids, fp)
+        prompt_ids = None
+        return obj
     try:
         if first is not None:
-            await send(request, resp, sse(_with_usage(first(), req)), stall_s)
+            await send(request, resp, sse(_with_usage(annotated(first(), None), req)), stall_s)
         async for out in stream:
             last = out
             if out.finish_reason == "error":   # this request alone failed: a last error event
                 await send(request, resp, sse({"error": request_error(out)}), stall_s)
                 await send(request, resp, DONE, stall_s)
                 return resp
-            if out.new_text or out.finished or (req.logprobs and out.new_token_ids):
-                await send(request, resp, sse(_with_usage(chunk(out, out.finished), req)),
+            if out.new_text or out.finished or (every_token and out.new_token_ids):
+                await send(request, resp,
+                           sse(_with_usage(annotated(chunk(out, out.finished), out), req)),
                            stall_s)
                 if out.new_token_ids:
                     observe(time.perf_counter() - stream.last_emit_at, len(out.new_token_ids))
             if out.finished and req.include_usage:
-                await send(request, resp, sse(usage_chunk(out)), stall_s)
+                await send(request, resp, sse(annotated(usage_chunk(out), None)), stall_s)
         await send(request, resp, DONE, stall_s)
     except DISCONNECTED:
         log.debug("client went away during %s", stream.request_id)
@@ -153,7 +170,8 @@ async def _stream(request, ctx, req, stream, first, chunk, usage_chunk) -> web.S
     except RequestCut as e:   # the drain's grace ran out: finish the stream with "abort"
         out = cut_output(stream.request_id, last, len(req.prompt_ids))
         try:
-            await send(request, resp, sse(_with_usage(chunk(out, True), req)), stall_s)
+            await send(request, resp, sse(_with_usage(annotated(chunk(out, True), out), req)),
+                       stall_s)
             if req.include_usage:
                 await send(request, resp, sse(usage_chunk(out)), stall_s)
             await send(request, resp, sse({"error": cut_error(e)}), stall_s)

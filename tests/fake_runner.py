@@ -33,7 +33,7 @@ class CharTokenizer:
     def __len__(self) -> int:
         return 0x110000
 
-    def __call__(self, text: str) -> dict:
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": [ord(c) for c in text]}
 
     def decode(self, ids, skip_special_tokens: bool = False, **kw) -> str:

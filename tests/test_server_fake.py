@@ -112,7 +112,7 @@ def test_chat_default_max_tokens_is_the_remaining_context(srv):
 def test_stop_string_and_logprobs(srv):
     text = expected_text("hello", 10)
     stop = text[4:6]
-    _, body = completion(srv, prompt="hello", max_tokens=10, stop=[stop], logprobs=1)
+    _, body = completion(srv, prompt="hello", max_tokens=10, stop=[stop], logprobs=0)
     choice = body["choices"][0]
     assert choice["text"] == text[:4] and choice["finish_reason"] == "stop"
     assert choice["logprobs"]["token_logprobs"] == [LOGPROB] * 6
