@@ -12,6 +12,7 @@ from server.protocol import (GenRequest, bad, finite_or_none, get_bool, get_int,
                              stream_fields)
 from server.request_fields import response_id
 from server.streaming import run_request
+from server.structured import structured_fields
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -22,7 +23,7 @@ def _common(ctx: ServerContext, body: dict) -> dict:
     stream, include_usage = stream_fields(body)
     return dict(model=get_str(body, "model"), stream=stream, include_usage=include_usage,
                 user=get_str(body, "user"), cache_salt=get_str(body, "cache_salt"),
-                fields=sampling_fields(body))
+                fields=sampling_fields(body) | structured_fields(body))
 
 
 def parse_completion(ctx: ServerContext, body: dict) -> GenRequest:
