@@ -66,7 +66,7 @@ class EngineLike(Protocol):
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                     client_id: str = ..., adapter: str | None = ...,
-                    cache_salt: str | None = ...) -> None: ...
+                    cache_salt: str | None = ..., fork_of: str | None = ...) -> None: ...
     def abort(self, request_id: str) -> None: ...
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished(self) -> bool: ...
@@ -232,9 +232,10 @@ class AsyncEngine:
     # ---------------------------------------------------------------- requests (event loop)
     async def submit(self, request_id: str | None, prompt_ids: list[int], params: SamplingParams,
                      client_id: str = "anonymous", adapter: str | None = None,
-                     cache_salt: str | None = None) -> RequestStream:
+                     cache_salt: str | None = None, fork_of: str | None = None) -> RequestStream:
         """Admit a request; raises EngineStopped or AdmissionError (the queue bound here, the
-        engine's checks). The returned stream yields RequestOutputs until one is finished."""
+        engine's checks). The returned stream yields RequestOutputs until one is finished.
+        fork_of: another sample of the same prompt, submitted before (LLMEngine.add_request)."""
         if not self._accepting or not self.is_running:
             raise EngineStopped(
                 f"the engine thread died: {self._dead!r}" if self._dead is not None else
@@ -252,7 +253,7 @@ class AsyncEngine:
         self._num_waiting += 1
         admitted = self._loop.create_future()
         self._commands.put(("add", rid, prompt_ids, params, client_id, adapter, cache_salt,
-                            admitted))
+                            fork_of, admitted))
         try:
             await admitted
         except BaseException:
@@ -350,10 +351,11 @@ class AsyncEngine:
         """Run one command on the engine thread; False means stop."""
         kind = cmd[0]
         if kind == "add":
-            _, rid, prompt_ids, params, client_id, adapter, cache_salt, fut = cmd
+            _, rid, prompt_ids, params, client_id, adapter, cache_salt, fork_of, fut = cmd
             try:
+                kw = {} if fork_of is None else {"fork_of": fork_of}
                 self.engine.add_request(rid, prompt_ids, params, client_id=client_id,
-                                        adapter=adapter, cache_salt=cache_salt)
+                                        adapter=adapter, cache_salt=cache_salt, **kw)
             except Exception as e:  # AdmissionError: the request's fault
                 self._reply(fut, exc=e)
             else:

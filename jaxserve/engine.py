@@ -46,6 +46,7 @@ from jaxserve.outputs import NON_FINITE_LOGITS, RequestOutput
 from jaxserve.runner import ModelRunner
 from jaxserve.sampling import NON_FINITE
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.scoring import MAX_PROMPT_LOGPROBS, PromptScoreBuffer
 from jaxserve.sharding import head_layout
 from jaxserve.tokenizer import Tokenizer
 from scheduler import FinishReason, Scheduler, SchedulerConfig
@@ -221,6 +222,8 @@ class LLMEngine:
         self.overlap = (config.async_scheduling and hasattr(self.runner, "launch")
                         and jax.process_count() == 1)
         self._inflight = None     # (plan, launched step) whose tokens are not processed yet
+        # prompt logprobs being gathered: seq_id -> (request id, PromptScoreBuffer)
+        self._score_bufs: dict[int, tuple[str, PromptScoreBuffer]] = {}
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_prompt_tokens_total = 0
@@ -285,16 +288,30 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams, *,
                     client_id: str = "anonymous", adapter: str | None = None,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, fork_of: str | None = None) -> None:
         """Admit a request (token ids; text is encoded here, for offline use); raises
         AdmissionError (a ValueError) when it is refused. Requests share cached prefix pages
-        only with requests of the same `cache_salt`."""
+        only with requests of the same `cache_salt`. `fork_of`: the id of another sample of
+        the same prompt (n / best_of, same adapter and salt): this one starts from its prompt
+        pages while it runs (scheduler/scheduler.py, "Samples")."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        parent = self.output.sequence(fork_of) if fork_of is not None else None
+        if parent is not None and (parent.prompt_token_ids != list(ids)
+                                   or (parent.adapter, parent.cache_salt) != (adapter, cache_salt)):
+            raise AdmissionError(f"request {request_id!r} is not a sample of {fork_of!r}: its "
+                                 "prompt, adapter or cache salt differ")
         seq = admit(self.scheduler, ids, params, request_id=request_id, running=self.output,
                     seq_id=next(self._ids), client_id=client_id, adapter=adapter,
                     cache_salt=cache_salt, adapters=self.loras,
                     vocab_size=self.model_config.vocab_size,
                     max_model_len=self.max_model_len, rng=self._rng, now=time.monotonic())
+        # (read by the scheduler when it admits seq, never before the next schedule())
+        seq.fork_parent = parent
+        num_top = getattr(params, "prompt_logprobs", None)
+        if num_top is not None:
+            seq.needs_prompt_scores = True
+            self._score_bufs[seq.seq_id] = (request_id, PromptScoreBuffer(
+                seq.num_prompt_tokens, min(num_top, MAX_PROMPT_LOGPROBS)))
         self.output.add(request_id, seq, params)
         self.num_prompt_tokens_total += seq.num_prompt_tokens
 
@@ -302,6 +319,7 @@ class LLMEngine:
         seq = self.output.pop(request_id)
         if seq is not None:
             self.scheduler.abort(seq.seq_id)
+            self._score_bufs.pop(seq.seq_id, None)
         if not self.output:        # nobody reads the launched step's tokens
             self._inflight = None
 
@@ -355,20 +373,21 @@ class LLMEngine:
         self.num_preemptions_total += len(plan.preempted)
         prev, self._inflight = self._inflight, None
         try:
-            now = None     # (plan, result) of this step when it is processed now (synchronous)
+            now = None     # (plan, result, scores) of this step when processed now (synchronous)
             if not plan.is_empty:
                 if not hasattr(self.runner, "launch"):
-                    now = (plan, self.runner.run(plan))
+                    now = (plan, self.runner.run(plan), {})
                 else:
                     launched = self.runner.launch(plan, prev[1] if prev is not None else None,
                                                   feed=self.overlap)
                     if self.overlap:
                         self._inflight = (plan, launched)
                     else:
-                        now = (plan, self.runner.collect(launched))
+                        now = (plan, self.runner.collect(launched), self._prompt_scores(launched))
             outputs = []
             if prev is not None:
-                outputs = self._process(prev[0], self.runner.collect(prev[1]))
+                outputs = self._process(prev[0], self.runner.collect(prev[1]),
+                                        self._prompt_scores(prev[1]))
             if now is not None:
                 outputs += self._process(*now)
             if not self.output:    # every request is done: the launched step has no reader
@@ -378,9 +397,18 @@ class LLMEngine:
             self._inflight = None    # its tokens are lost with the failure
             raise
 
-    def _process(self, plan, result) -> list[RequestOutput]:
+    def _prompt_scores(self, launched) -> dict:
+        """The prompt scores a launched step computed (seq_id -> runner.prompt_scores' tuple)."""
+        return self.runner.prompt_scores(launched) if getattr(launched, "scores", None) else {}
+
+    def _process(self, plan, result, scores=None) -> list[RequestOutput]:
         """A step's tokens -> the scheduler, the output processor, finishes. A sequence whose
-        logits were not finite (its token is NON_FINITE) is finished with an error first."""
+        logits were not finite (its token is NON_FINITE) is finished with an error first.
+        `scores`: prompt scores by seq_id (jaxserve/scoring.py), handed to a request with its
+        first output."""
+        for seq_id, sc in (scores or {}).items():
+            if seq_id in self._score_bufs:
+                self._score_bufs[seq_id][1].add(*sc)
         tokens, logprobs = result
         failed = []
         if NON_FINITE in tokens:
@@ -395,9 +423,20 @@ class LLMEngine:
         self.num_generation_tokens_total += len(produced)
         lp = {s.seq_id: logprobs[i] for i, s in enumerate(plan.seqs) if tokens[i] is not None}
         outputs, finished = self.output.process(produced, lp)
+        if self._score_bufs:
+            self._attach_prompt_logprobs(outputs)
         for seq, reason in finished:
             self.scheduler.finish(seq, reason)
         return failed + outputs
+
+    def _attach_prompt_logprobs(self, outputs: list[RequestOutput]) -> None:
+        """A request's first output carries its prompt logprobs (every prompt position was
+        scored by the time its first token is sampled: the same step scores its last chunk)."""
+        by_request = {rid: seq_id for seq_id, (rid, _) in self._score_bufs.items()}
+        for out in outputs:
+            seq_id = by_request.get(out.request_id)
+            if seq_id is not None:
+                out.prompt_logprobs = self._score_bufs.pop(seq_id)[1].result()
 
     def _fail(self, seq) -> RequestOutput | None:
         """Finish seq's request alone, with finish_reason "error": its logits went NaN or
@@ -413,6 +452,7 @@ class LLMEngine:
                     out.request_id, under, len(out.token_ids))
         self.scheduler.allocator.forget(seq.block_table[:seq.num_registered_pages])
         self.scheduler.finish(seq, FinishReason.ABORT)
+        self._score_bufs.pop(seq.seq_id, None)
         return out
 
     # -- convenience ---------------------------------------------------------------------------
@@ -425,15 +465,19 @@ class LLMEngine:
             self.add_request(rid, prompt, p, **kw)
         final: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[float]] = {rid: [] for rid in ids}
+        prompt_lps: dict[str, list] = {}
         while any(rid not in final for rid in ids):
             for out in self.step():
                 if out.new_logprobs:
                     logprobs[out.request_id].extend(out.new_logprobs)
+                if out.prompt_logprobs is not None:
+                    prompt_lps[out.request_id] = out.prompt_logprobs
                 if out.finished:
                     final[out.request_id] = out
         for rid in ids:
             if logprobs[rid]:
                 final[rid].new_logprobs = logprobs[rid]
+            final[rid].prompt_logprobs = prompt_lps.get(rid)
         return [final[rid] for rid in ids]
 
     def stats(self) -> dict:
@@ -453,6 +497,8 @@ class LLMEngine:
             "num_free_pages": alloc.num_free,
             "num_cached_pages": alloc.num_cached,
             "prefix_cache": self.scheduler.prefix_cache_stats(),
+            # prompt tokens samples of one prompt (n / best_of) took from a sibling's pages
+            "forked_prompt_tokens": self.scheduler.num_forked_tokens,
             "num_total_pages": alloc.num_usable,
             "kv_usage": alloc.num_used / alloc.num_usable,
             "prompt_tokens_total": self.num_prompt_tokens_total,

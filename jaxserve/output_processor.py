@@ -84,6 +84,11 @@ class OutputProcessor:
         del self._by_seq[req.seq.seq_id]
         return req.seq
 
+    def sequence(self, request_id: str) -> Sequence | None:
+        """The sequence of an unfinished request (None if it is not known)."""
+        req = self._by_id.get(request_id)
+        return None if req is None else req.seq
+
     def __contains__(self, request_id) -> bool:
         return request_id in self._by_id
 

@@ -102,6 +102,8 @@ class Launched:
     plan: StepPlan
     calls: list            # (BuiltStep, tokens [B], logprobs [B]) on device
     feed: jax.Array | None = None
+    # (BuiltStep, PromptScores on device) of the calls that scored prompt positions
+    scores: list = dataclasses.field(default_factory=list)
     feed_index: dict = dataclasses.field(default_factory=dict)   # seq_id -> index in feed
 
 
@@ -225,8 +227,10 @@ class ModelRunner:
                 for row, seq_id in built.from_device:
                     src[row] = prev.feed_index[seq_id]
                 tokens_in = _feed_take(built.tokens, prev.feed, src)
-            tokens, logprobs = self._launch(built, tokens_in)
+            tokens, logprobs, scores = self._launch(built, tokens_in)
             out.calls.append((built, tokens, logprobs))
+            if scores is not None:
+                out.scores.append((built, scores))
             if feed:
                 self._feed(out, built, tokens)
         if later:
@@ -270,6 +274,22 @@ class ModelRunner:
                     out_t[i], out_l[i] = int(tokens[j]), float(logprobs[j])
         return out_t, out_l
 
+    def prompt_scores(self, launched: Launched) -> dict[int, tuple]:
+        """Wait for a launched step's prompt scores (jaxserve/scoring.py): seq_id -> (positions
+        [n], logprob [n], rank [n], top ids [n, K], top logprobs [n, K]) of the positions it
+        scored; empty when no call of the step scored any."""
+        out: dict[int, tuple] = {}
+        for built, sc in launched.scores:
+            lp, rank, ids, tlp = (np.asarray(a) for a in (sc.logprob, sc.rank, sc.top_ids,
+                                                          sc.top_logprobs))
+            for row, i in zip(built.rows, built.seqs):
+                at = np.nonzero(built.score_targets[row] >= 0)[0]
+                if at.size:
+                    out[launched.plan.seqs[i].seq_id] = (
+                        built.positions[row, at], lp[row, at], rank[row, at], ids[row, at],
+                        tlp[row, at])
+        return out
+
     def _inputs(self, built: BuiltStep, tokens=None) -> tuple[StepInput, SamplingInput]:
         """A BuiltStep as the program's inputs (host arrays, the call transfers them; `tokens`:
         the input tokens already on the device, in place of built.tokens)."""
@@ -277,7 +297,7 @@ class ModelRunner:
                          positions=built.positions,
                          block_tables=built.block_tables, kv_lens=built.kv_lens,
                          slot_pages=built.slot_pages, slot_offsets=built.slot_offsets,
-                         logits_index=built.logits_index)
+                         logits_index=built.logits_index, score_targets=built.score_targets)
         if built.lora is not None:
             step.lora_idx = built.lora.idx
             step.lora = LoraBatch.from_slots(built.lora, self.backend.mesh)
@@ -287,16 +307,22 @@ class ModelRunner:
         return step, samp
 
     def _launch(self, built: BuiltStep, tokens=None):
-        """Start one device call; returns its (tokens, logprobs) on device."""
+        """Start one device call; returns its (tokens, logprobs, PromptScores or None) on
+        device."""
         step, samp = self._inputs(built, tokens)
         if self.backend.mesh is not None and jax.process_count() > 1:
             step, samp = sharding.put_replicated((step, samp), self.backend.mesh)
         if step.lora is not None and self.backend.mesh is None:   # see LoraRuntime.slot_weights
             step.lora = dataclasses.replace(step.lora, weights=self.lora.slot_weights(
                 self.kv, step.lora, built.lora.row_keys, cache=not built.is_prefill))
-        tokens, logprobs, self.kv = self._program(built.shape, step, samp)(
-            self.params, self.kv, step, samp)
-        return tokens, logprobs
+        scores = None
+        if built.score_targets is None:
+            tokens, logprobs, self.kv = self._program(built.shape, step, samp)(
+                self.params, self.kv, step, samp)
+        else:   # a program of its own (backends/programs.py), compiled when first needed
+            tokens, logprobs, self.kv, scores = self._program(
+                built.shape + ("scores",), step, samp)(self.params, self.kv, step, samp)
+        return tokens, logprobs, scores
 
     def _program(self, bucket: tuple, step: StepInput, samp: SamplingInput):
         """The compiled step for this bucket, most recently used kept last.
@@ -311,8 +337,10 @@ class ModelRunner:
         if prog is not None:
             self._compiled.move_to_end(bucket)
             return prog
-        log.info("compiling %s bucket batch=%d tokens=%d pages=%d%s", *bucket[:4],
-                 f" lora rank={bucket[4]} modules={','.join(bucket[5])}" if len(bucket) > 4 else "")
+        lora = [b for b in bucket[4:] if b != "scores"]
+        log.info("compiling %s bucket batch=%d tokens=%d pages=%d%s%s", *bucket[:4],
+                 f" lora rank={lora[0]} modules={','.join(lora[1])}" if lora else "",
+                 " scoring prompt positions" if bucket[-1] == "scores" else "")
         prog = self.programs.compile(self.params, self.kv, step, samp)
         self.num_programs_compiled += 1
         self._compiled[bucket] = prog
@@ -341,7 +369,7 @@ class ModelRunner:
             built = BuiltStep.empty(kind == "prefill", B, T, P)
             if len(shape) > 4:
                 built.lora = self.lora.empty_slots(B, T, *shape[4:])
-            tokens, _ = self._launch(built)
+            tokens, _, _ = self._launch(built)
             feed = _feed_put(self._empty_feed(), np.full((B,), self.feed_size, np.int32), tokens)
             if kind == "decode":
                 _feed_take(built.tokens, feed, np.full((B,), -1, np.int32))

@@ -26,6 +26,16 @@ import numpy as np
 from scheduler import StepPlan
 
 
+def targets_for(prompt_ids, start: int, num: int) -> np.ndarray:
+    """Prompt logprobs' score targets of positions start .. start+num-1 of a sequence with
+    prompt `prompt_ids`: the next prompt token, or -1 past the prompt's second to last position."""
+    out = np.full((num,), -1, np.int32)
+    end = min(start + num, len(prompt_ids) - 1)
+    if end > start:
+        out[:end - start] = prompt_ids[start + 1:end + 1]
+    return out
+
+
 def pow2_at_least(n: int, lo: int = 1) -> int:
     """The smallest power of two >= max(n, lo, 1)."""
     return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -122,6 +132,9 @@ class BuiltStep:
     # (row, seq_id) of decodes whose input token was sampled by the previous step and is not
     # known on the host yet (tokens[row] is 0): the executor takes it on the device
     from_device: list = field(default_factory=list)
+    # [B, T] int32 when a row's prompt positions are scored (prompt logprobs, jaxserve/scoring.py):
+    # the next prompt token of each position, -1 where none; None otherwise
+    score_targets: np.ndarray | None = None
 
     @classmethod
     def empty(cls, is_prefill: bool, B: int, T: int, P: int) -> "BuiltStep":
@@ -371,6 +384,11 @@ class StepBuilder:
             # from the scheduler (`sampled` set) already counts it as pending in
             # num_total_tokens, with any earlier token still pending.
             out.counters[i] = seq.num_total_tokens - seq.num_prompt_tokens - (samples and counted)
+            if (is_prefill and seq.needs_prompt_scores and not seq.output_token_ids
+                    and st < seq.num_prompt_tokens - 1):
+                if out.score_targets is None:
+                    out.score_targets = np.full((B, T), -1, np.int32)
+                out.score_targets[i, :k] = targets_for(seq.prompt_token_ids, st, k)
         if self.lora is not None and plan.adapter_pages:
             sub = plan if len(idx) == len(plan.seqs) and plan.decode is None else StepPlan(
                 is_prefill=is_prefill, seqs=seqs, num_new_tokens=chunks,

@@ -131,6 +131,15 @@ class BlockAllocator:
                 del self._evictable[p]
                 self._refs[p] = 1
 
+    def share(self, pages: list[int]) -> None:
+        """One more reference to each of these referenced pages (a sample taking its sibling's
+        prompt pages; they hold K/V whether or not they are cached)."""
+        for p in pages:
+            if p not in self._refs:
+                raise ValueError(f"page {p} shared but not referenced")
+        for p in pages:
+            self._refs[p] += 1
+
     def register(self, page: int, block_hash: bytes, tag: object = None) -> bool:
         """Record that referenced `page` holds the K/V named by `block_hash`. False (nothing
         recorded) when another page already holds it: the first one stays the cached copy."""

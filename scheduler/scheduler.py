@@ -33,6 +33,19 @@ preempted request also resumes from its own pages if they are still cached. Page
 reference-counted; a cached page nobody holds stays in the pool until an allocation needs it
 (BlockAllocator: least recently released first, a request's tail before its head).
 
+Samples (n / best_of): the samples of one prompt are sequences of their own, the first one
+admitted as any request, each other one with `fork_parent` set to it. Such a sample starts from
+its parent's full prompt pages (referenced once more, shared; never the page holding the last
+prompt token, which each sample computes itself to sample its own first token), so a prompt of
+P tokens is computed once plus at most `page_size` tokens per further sample. It waits at the
+head of the queue while its parent is still planning those pages (a parent chunk planned in the
+same step may run in a later device call than the sample's); when the parent is not running
+(waiting, finished) the sample is admitted as any request (prefix cache, else computed whole).
+Its shared prompt tokens count as cached ones for fairness (`num_cached_tokens`).
+
+Prompt logprobs (`needs_prompt_scores`): such a sequence takes no cached or shared pages until
+it has its first token, so every prompt position is computed (and scored) by its own steps.
+
 LoRA adapters (optional, `adapter_pages=`): adapter weights take pages of the same pool
 (`AdapterCache`). Admission pins the request's adapter (loading it, evicting unpinned adapters
 LRU-first, if needed) before taking its KV pages; KV growth reclaims unpinned adapters before it
@@ -155,6 +168,7 @@ class Scheduler:
                                       adapters_first=config.cache_eviction_order == "adapters-first")
                          if adapter_pages is not None else None)
         self.prefix_stats = PrefixCacheStats()
+        self.num_forked_tokens = 0    # prompt tokens samples took from a sibling's pages
         self.max_adapters_per_batch = max_adapters_per_batch
         self.num_prefetch = num_prefetch
         self.running: list[Sequence] = []          # in admission order (preempt from the back)
@@ -317,21 +331,28 @@ class Scheduler:
                 # (a preempted sequence whose last token is still being sampled resumes once
                 # the host knows it: at most one step later)
                 break
-            # cached pages are taken (referenced) first, so nothing below evicts them
-            hit = self._take_cached_prefix(seq)
+            # cached (or a sibling's) pages are taken (referenced) first, so nothing below
+            # evicts them
+            hit, forked = self._reused_pages(seq, plan)
+            if hit is None:     # a sample waits for its sibling's prompt pages
+                break
             needed = self.pages_for(seq.num_tokens) - len(hit)
             # (_pin_adapter checks the KV pages fit with the adapter, and unpins on failure)
             if not (self._pin_adapter(seq, needed) and self._can_take(needed)):
                 self.allocator.free(hit[::-1])
                 break
             num_hit = len(hit) * cfg.page_size
-            if cfg.enable_prefix_caching:
+            if forked:
+                self.num_forked_tokens += num_hit
+            elif cfg.enable_prefix_caching and not seq.needs_prompt_scores:
                 self.prefix_stats.record(seq.adapter, seq.num_tokens, num_hit)
             if not seq.is_prefill_charged:
                 seq.num_cached_tokens = min(num_hit, seq.num_prompt_tokens)
             self.policy.pop(seq, now)
             seq.block_table = hit + self.allocator.allocate(needed)
-            seq.num_registered_pages = len(hit)
+            # (a sibling's pages are registered by it, or by this sample: register() keeps
+            # the first)
+            seq.num_registered_pages = 0 if forked else len(hit)
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = num_hit
             if seq.admit_time is None:
@@ -384,7 +405,29 @@ class Scheduler:
         if samples:
             seq.num_pending_tokens += 1
 
-    # -- prefix caching ----------------------------------------------------------------------
+    # -- prefix caching and samples ---------------------------------------------------------
+    def _reused_pages(self, seq: Sequence, plan: StepPlan) -> tuple[list[int] | None, bool]:
+        """(pages seq starts from, referenced for it; whether they are its parent sample's),
+        or (None, False) when seq is a sample that must wait for its parent's prompt pages."""
+        if seq.needs_prompt_scores and not seq.output_token_ids:
+            return [], False
+        parent = seq.fork_parent
+        if parent is not None and parent.status is SequenceStatus.RUNNING:
+            S = self.config.page_size
+            k = min(seq.num_prompt_tokens, seq.num_tokens - 1) // S
+            if k > 0:
+                # the parent's chunks writing those pages must have been planned in an earlier
+                # step: a later device call of this step could run before the sample's
+                pending = parent.num_computed_tokens < k * S or any(
+                    s is parent and not plan.is_decode(i) and plan.start_positions[i] < k * S
+                    for i, s in enumerate(plan.seqs))
+                if pending:
+                    return None, False
+                pages = parent.block_table[:k]
+                self.allocator.share(pages)
+                return pages, True
+        return self._take_cached_prefix(seq), False
+
     def _take_cached_prefix(self, seq: Sequence) -> list[int]:
         """The cached pages of seq's longest cached prefix, referenced for it; at most up to the
         page before the one holding its last token (which must be computed)."""

@@ -56,6 +56,12 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_pages: int = 0
     is_prefill_charged: bool = False     # fairness: prefill is charged once, even if recomputed
+    # Several samples of one prompt (n / best_of): a sample admitted after its sibling
+    # `fork_parent` starts from the sibling's full prompt pages (Scheduler, "Samples").
+    fork_parent: "Sequence | None" = None
+    # Prompt logprobs: every prompt position is computed by this sequence (no cached or shared
+    # pages) until its first token, so the step program can score each one.
+    needs_prompt_scores: bool = False
     admit_time: float | None = None
     first_token_time: float | None = None
     extra: dict = field(default_factory=dict)  # per-policy bookkeeping (e.g. predicted length)

@@ -1,7 +1,9 @@
 """How a step runs on the device: one scanned program, or one call per layer.
 
 Either way a compiled step is called as step(params, kv, step_input, sampling_input) ->
-(tokens [B], logprobs [B], kv), with the pool donated.
+(tokens [B], logprobs [B], kv), with the pool donated; a step whose input carries
+`score_targets` (prompt logprobs, jaxserve/scoring.py) takes the logits of every position and
+returns (tokens, logprobs, kv, PromptScores).
 
   scan       the whole step is one program, a lax.scan over the stacked layer params (one
              compiled layer body; GPU/TPU, tensor parallel)
@@ -22,14 +24,20 @@ from jaxserve.model import llama
 from jaxserve.model.kv_cache import KVPages, StepInput
 from jaxserve.model.params import Params
 from jaxserve.sampling import SamplingInput, sample
+from jaxserve.scoring import at_index, prompt_scores
 
 
 def _whole_step(cfg, backend, logits_shardings, params: Params, kv: KVPages, step: StepInput,
                 samp: SamplingInput):
-    logits, kv = llama.forward(params, cfg, backend, step, kv)
+    scoring = step.score_targets is not None
+    logits, kv = llama.forward(params, cfg, backend, step, kv, all_logits=scoring)
+    if scoring:
+        every, logits = logits, at_index(logits, step.logits_index)
     for s in logits_shardings:   # tp: vocab-split logits, all-gathered once before sampling
         logits = jax.lax.with_sharding_constraint(logits, s)
     tokens, logprobs = sample(logits, samp)
+    if scoring:
+        return tokens, logprobs, kv, prompt_scores(every, step.score_targets)
     return tokens, logprobs, kv
 
 
@@ -47,7 +55,11 @@ def _top(params: Params) -> Params:
 
 
 def _head(cfg, backend, params: Params, x, step: StepInput):
-    return llama.head(params, cfg, backend, x, step)
+    """The logits at each row's logits_index; with score targets also the PromptScores."""
+    if step.score_targets is None:
+        return llama.head(params, cfg, backend, x, step)
+    every = llama.head(params, cfg, backend, x, step, all_logits=True)
+    return at_index(every, step.logits_index), prompt_scores(every, step.score_targets)
 
 
 class _LayerByLayer:
@@ -67,7 +79,12 @@ class _LayerByLayer:
         step = dataclasses.replace(meta, rope=rope, lora=lora)
         for lp, i in zip(params.layers, self.layer_ids):
             x, kv = self.layer(lp, x, kv, i, step)
-        tokens, logprobs = self.sample(self.logits(top, x, step), samp)
+        logits = self.logits(top, x, step)
+        if step.score_targets is not None:
+            logits, scores = logits
+            tokens, logprobs = self.sample(logits, samp)
+            return tokens, logprobs, kv, scores
+        tokens, logprobs = self.sample(logits, samp)
         return tokens, logprobs, kv
 
 
@@ -88,10 +105,14 @@ class StepPrograms:
                 shardings = dict(in_shardings=(jax.tree.map(lambda a: a.sharding, params), kv_sh,
                                                rep, rep),
                                  out_shardings=(rep, rep, kv_sh))
-            self._step = jax.jit(functools.partial(
+            whole = functools.partial(
                 _whole_step, run_cfg, backend,
-                sharding.logits_shardings(mesh, cfg) if mesh is not None else ()),
-                donate_argnums=(1,), **shardings)
+                sharding.logits_shardings(mesh, cfg) if mesh is not None else ())
+            self._step = jax.jit(whole, donate_argnums=(1,), **shardings)
+            self._score_step = self._step
+            if mesh is not None:   # one more output (the PromptScores, replicated)
+                shardings["out_shardings"] += (rep,)
+                self._score_step = jax.jit(whole, donate_argnums=(1,), **shardings)
         else:
             self._layer_ids = [jnp.int32(i) for i in range(cfg.num_layers)]
             self._embed = jax.jit(functools.partial(_embed, run_cfg))
@@ -102,11 +123,14 @@ class StepPrograms:
 
     def compile(self, params: Params, kv: KVPages, step: StepInput, samp: SamplingInput):
         if self.backend.layer_loop == "scan":
-            return self._step.lower(params, kv, step, samp).compile()
+            prog = self._step if step.score_targets is None else self._score_step
+            return prog.lower(params, kv, step, samp).compile()
         bare, top = dataclasses.replace(step, lora=None), _top(params)
         x, rope, _ = jax.eval_shape(self._embed, top, bare)
         lstep = dataclasses.replace(step, rope=rope)   # as _LayerByLayer passes it on
         logits = jax.eval_shape(self._logits, top, x, lstep)
+        if step.score_targets is not None:
+            logits = logits[0]
         return _LayerByLayer(
             self._embed.lower(top, bare).compile(),
             self._layer.lower(params.layers[0], x, kv, self._layer_ids[0], lstep).compile(),

@@ -73,3 +73,6 @@ class StepInput:
     # runs layer by layer (llama.step_rope); a model with local-RoPE layers (Gemma 3) holds both
     # bases stacked, [2, B, T, D/2], and each layer takes its own. None: the step computes them.
     rope: tuple | None = None
+    # Prompt logprobs (jaxserve/scoring.py): [B, T] int32, the token each position's logits are
+    # scored against (-1: none). None (the usual case) leaves the step program as it is.
+    score_targets: jax.Array | None = None
