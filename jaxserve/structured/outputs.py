@@ -96,9 +96,11 @@ class StructuredOutputs:
         out = np.zeros((self._words if m is not None else self.num_words,), np.uint32)
         if m is not None and not m.is_error():
             m.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
-        elif m is not None and st.error is None:
-            st.error = f"structured output ({st.constraint.param}): {m.get_error()}"
-        return out[:self.num_words]
+        row = out[:self.num_words]
+        if m is not None and st.error is None and (m.is_error() or not row.any()):
+            st.error = (f"structured output ({st.constraint.param}): "
+                        f"{m.get_error() or 'no token of the vocabulary can continue the output'}")
+        return row
 
     def advance(self, seq, token: int) -> bool:
         """Feed seq's sampled token to its matcher; False if the grammar did not accept it
