@@ -74,6 +74,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=ServerConfig.stream_stall_timeout_s, metavar="S",
                    help="abort a streamed request (freeing its decode slot) when its client "
                         "has not taken a write for S seconds")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="the chat template (a Jinja file, or the template itself) instead of "
+                        "the model's")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests send their own 'chat_template' (refused otherwise, as "
+                        "in vLLM: a template is code the server runs)")
+    g.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json",
+                                                                "mistral"),
+                   help="the model's tool-call format, read from its output into tool_calls "
+                        "(hermes: Qwen / Hermes <tool_call>; llama3_json: Llama 3.1+; "
+                        "mistral: [TOOL_CALLS])")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="allow tool_choice \"auto\" (the model decides whether to call a "
+                        "tool); needs --tool-call-parser")
     g.add_argument("--warmup", default=ServerConfig.warmup, choices=WARMUP_MODES,
                    help="compile every step program before listening (full), or compile each "
                         "when first needed (off); auto: full on GPU/TPU, off on CPU, where the "
@@ -158,6 +172,7 @@ def build_configs(args):
 
     from jaxserve.async_engine import AsyncEngineConfig
     from jaxserve.cli import engine_config_from_args
+    from server.chat import load_chat_template
     from server.config import ServerConfig
 
     engine_cfg = engine_config_from_args(args)
@@ -188,7 +203,11 @@ def build_configs(args):
                               body_read_timeout_s=args.body_read_timeout_s,
                               keep_alive_timeout_s=args.keep_alive_timeout_s,
                               max_connections=args.max_connections,
-                              stream_stall_timeout_s=args.stream_stall_timeout_s)
+                              stream_stall_timeout_s=args.stream_stall_timeout_s,
+                              chat_template=load_chat_template(args.chat_template),
+                              trust_request_chat_template=args.trust_request_chat_template,
+                              tool_call_parser=args.tool_call_parser,
+                              enable_auto_tool_choice=args.enable_auto_tool_choice)
     async_cfg = AsyncEngineConfig(max_waiting=args.max_waiting,
                                   shutdown_grace_s=args.shutdown_grace)
     return engine_cfg, async_cfg, server_cfg

@@ -29,6 +29,11 @@ class ServerConfig:
     max_loaded_adapters: int | None = None           # all adapters, start-up modules included
     max_adapter_host_bytes: int | None = None        # host memory of all loaded adapters
     metrics_max_clients: int = 20                    # per-client series in /metrics (+ "other")
+    # chat (server/chat.py, server/tools.py)
+    chat_template: str | None = None                 # the template's text; None: the model's
+    trust_request_chat_template: bool = False        # requests may send their own template
+    tool_call_parser: str | None = None              # hermes | llama3_json | mistral
+    enable_auto_tool_choice: bool = False            # tool_choice "auto" (needs the parser)
 
     def __post_init__(self):
         if not isinstance(self.port, int) or not 0 <= self.port < 65536:
@@ -69,5 +74,12 @@ class ServerConfig:
                                  f"{'>= 0' if name == 'shutdown_grace_s' else '> 0'}, got {v!r}")
         if not isinstance(self.max_connections, int) or self.max_connections < 1:
             raise ValueError(f"max_connections must be an integer >= 1, got {self.max_connections!r}")
+        if self.tool_call_parser is not None:
+            from server.tools import PARSERS
+            if self.tool_call_parser not in PARSERS:
+                raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got "
+                                 f"{self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be >= 1024")
