@@ -294,3 +294,101 @@ def test_mixed_batch_unconstrained_rows_unchanged(engine):
     for out in mixed[4:6] + mixed[7:]:
         assert out.finish_reason == "stop" and conforms(json.loads(out.text), schema), out.text
     assert mixed[6].text in ("on", "off")
+
+
+# ------------------------------------------------------------------ the server, real clients
+@pytest.fixture(scope="module")
+def srv(engine):
+    from server_harness import ServerThread
+    with ServerThread(engine) as s:
+        s.model = engine.model_name
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    import openai
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key="test-key", max_retries=0,
+                         timeout=None)
+
+
+def test_openai_parse_returns_a_valid_object(srv, client):
+    """`client.chat.completions.parse(response_format=PydanticModel)`: the json_schema the
+    client derives (strict) constrains the tiny random model into a valid object."""
+    from typing import Literal
+    from pydantic import BaseModel, Field
+
+    class Address(BaseModel):
+        city: Literal["Paris", "Oslo", "Lima"]
+        zip: str = Field(max_length=5)
+
+    class Person(BaseModel):
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=120)
+        role: Literal["admin", "user"]
+        tags: list[Literal["a", "b", "c"]] = Field(max_length=3)
+        active: bool
+        address: Address
+
+    for temperature in (0.0, 1.0):
+        done = client.chat.completions.parse(
+            model=srv.model, messages=[{"role": "user", "content": "Describe a person."}],
+            response_format=Person, max_completion_tokens=300, temperature=temperature, seed=3)
+        choice = done.choices[0]
+        assert choice.finish_reason == "stop"
+        person = choice.message.parsed
+        assert isinstance(person, Person) and person.address.city in ("Paris", "Oslo", "Lima")
+        assert Person.model_validate_json(choice.message.content) == person
+
+
+def test_server_fields_constrain_the_output(srv, client):
+    """vLLM's fields through the openai client's extra_body, on both endpoints, streamed and
+    not: choice, regex, JSON schema (guided_json), json_object."""
+    msgs = [{"role": "user", "content": "Pick one."}]
+    out = client.chat.completions.create(model=srv.model, messages=msgs, max_tokens=10,
+                                         extra_body={"structured_outputs": {
+                                             "choice": ["alpha", "beta gamma"]}})
+    assert out.choices[0].message.content in ("alpha", "beta gamma")
+    kw = dict(model=srv.model, prompt="id:", max_tokens=20, temperature=1.0, seed=5,
+              extra_body={"guided_regex": r"[A-F]{3}-[0-9]{4}"})
+    full = client.completions.create(**kw)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
+    assert re.fullmatch(r"[A-F]{3}-[0-9]{4}", full.choices[0].text)
+    assert streamed == full.choices[0].text and full.choices[0].finish_reason == "stop"
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                     "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    out = client.completions.create(model=srv.model, prompt="x", max_tokens=30,
+                                    extra_body={"guided_json": schema,
+                                                "guided_decoding_backend": "guidance"})
+    assert 1 <= json.loads(out.choices[0].text)["n"] <= 9
+    out = client.chat.completions.create(
+        model=srv.model, messages=msgs, max_tokens=40, temperature=1.0, seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        extra_body={"guided_whitespace_pattern": "[ ]?"})
+    assert 1 <= json.loads(out.choices[0].message.content)["n"] <= 9
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objekt"}}}}, "response_format.json_schema.schema"),
+    ({"guided_json": {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}},
+     "guided_json"),
+    ({"guided_regex": "a(b"}, "guided_regex"),
+    ({"structured_outputs": {"grammar": "start: undefined_rule"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "structured_outputs.regex"),
+    ({"guided_choice": ["a"], "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    ({"guided_regex": "a", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+    ({"structured_outputs": {"json": {}, "bogus": 1}}, "structured_outputs.bogus"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+])
+def test_invalid_constraints_are_400_naming_the_field(srv, body, param):
+    from test_server_fake import http
+    for path, base in (("/v1/completions", {"prompt": "x"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        status, resp = http(srv.url, path, {"model": srv.model, "max_tokens": 4, **base, **body})
+        assert status == 400, resp
+        assert resp["error"]["param"] == param, resp
