@@ -20,10 +20,15 @@ class RequestOutput:
     # "stop" | "length" | "abort" | "error" (None while running)
     finish_reason: str | None = None
     new_logprobs: list[float] | None = None  # log p of each new token, when requested
+    # per new token, its top_logprobs most likely alternatives as (token id, log p), most
+    # likely first, when requested (SamplingParams.top_logprobs > 0)
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
     # With SamplingParams.prompt_logprobs, on the request's first output only: per prompt token
     # None for the first, then (log p of the token, its rank (1: most likely), [(token id, log
     # p)] of the prompt_logprobs most likely tokens at that position) (jaxserve/scoring.py)
     prompt_logprobs: list | None = None
+    # With finish_reason "stop": the stop string or stop token id that ended it (None for EOS)
+    stop_reason: int | str | None = None
     # With finish_reason "error": what went wrong for this request alone, and a code for it
     # (NON_FINITE_LOGITS); the text and tokens are what it had produced until then.
     error: str | None = None

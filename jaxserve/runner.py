@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import time
 
@@ -33,7 +34,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.lora.pool import LoraBatch
 from jaxserve.model.kv_cache import KVPages, StepInput
 from jaxserve.model.weights import Weights
-from jaxserve.sampling import SamplingInput
+from jaxserve.sampling import MAX_BANS, MAX_LOGIT_BIAS, SamplingInput
 from jaxserve.step_builder import BuiltStep, StepBuilder, pow2_at_least
 from scheduler import StepPlan
 
@@ -95,6 +96,30 @@ def _feed_take(tokens, buf, src):
     return jnp.where((src >= 0)[:, None], buf[jnp.maximum(src, 0)][:, None], tokens)
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _count_put(counts, slots, tokens):
+    """The penalty table counts [S, V] with 1 added at (slots[r], tokens[r]) for each row r
+    with a slot (>= 0) that sampled a token (not NON_FINITE)."""
+    slots = jnp.where((slots >= 0) & (tokens >= 0), slots, counts.shape[0])   # S: dropped
+    return counts.at[slots, jnp.maximum(tokens, 0)].add(1, mode="drop")
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _slot_write(counts, prompt_mask, slot, row, mask_row):
+    """A penalty slot written whole: its output-token counts and its prompt's token mask."""
+    return counts.at[slot].set(row), prompt_mask.at[slot].set(mask_row)
+
+
+class TokenLogprobs(tuple):
+    """A chosen token's log-probability with its top alternatives: (logprob, [(token id,
+    logprob), ...] most likely first); what `collect` gives in place of the plain float for a
+    request that asks for top_logprobs."""
+    __slots__ = ()
+
+    def __new__(cls, logprob: float, top: list):
+        return super().__new__(cls, (logprob, top))
+
+
 @dataclasses.dataclass
 class Launched:
     """A step on its way: its calls' device outputs, and where each sequence's sampled token
@@ -132,7 +157,7 @@ class ModelRunner:
         self.builder = StepBuilder(
             page_size=page_size, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
             max_model_len=max_model_len, min_decode_rows=backend.min_decode_rows(), lora=lora,
-            bucket_pages=(reads_padding(False), reads_padding(True)))
+            bucket_pages=(reads_padding(False), reads_padding(True)), vocab_size=cfg.vocab_size)
         # The programs need only the pool's sharding, the same for any number of pages.
         self.programs = StepPrograms(backend, cfg, self.params, self.pool_spec(2))
         if num_pages is not None:
@@ -142,6 +167,13 @@ class ModelRunner:
         self.num_programs_compiled = 0   # step programs compiled since start (warm-up included)
         self.num_steps = 0
         self._feed_zeros = None   # see _empty_feed
+        # The penalty table (jaxserve/sampling.py): output-token counts and prompt-token masks
+        # of max_num_seqs slots, on the device for the runner's life; and the device-held
+        # arrays a call passes for the sampling set's inputs no row of it uses (`_absent`).
+        W = -(-cfg.vocab_size // 32)
+        self._pen_counts = self._device(np.zeros((max_num_seqs, cfg.vocab_size), np.int32))
+        self._pen_prompt = self._device(np.zeros((max_num_seqs, W), np.uint32))
+        self._absent_cache: dict = {}
 
     # -- the pool ----------------------------------------------------------------------------
     def init_pool(self, num_pages: int) -> None:
@@ -217,7 +249,12 @@ class ModelRunner:
             if now:
                 self.kv = self.lora.write(self.kv, self.lora.stage(now))
         out = Launched(plan, [])
-        for built in self.builder.build(plan):
+        calls = self.builder.build(plan)
+        for slot, counts, prompt in self.builder.slot_writes:    # slots taken by this plan
+            self._pen_counts, self._pen_prompt = _slot_write(
+                self._pen_counts, self._pen_prompt, np.int32(slot), counts, prompt)
+        self.builder.slot_writes.clear()
+        for built in calls:
             tokens_in = None
             if built.from_device:
                 if prev is None or prev.feed is None:
@@ -228,6 +265,8 @@ class ModelRunner:
                     src[row] = prev.feed_index[seq_id]
                 tokens_in = _feed_take(built.tokens, prev.feed, src)
             tokens, logprobs, scores = self._launch(built, tokens_in)
+            if (built.pen_slots >= 0).any():   # count the tokens for the next steps' penalties
+                self._pen_counts = _count_put(self._pen_counts, built.pen_slots, tokens)
             out.calls.append((built, tokens, logprobs))
             if scores is not None:
                 out.scores.append((built, scores))
@@ -261,17 +300,27 @@ class ModelRunner:
                 jax.device_put(zeros, sharding.replicated(self.backend.mesh))
         return self._feed_zeros
 
-    def collect(self, launched: Launched) -> tuple[list[int | None], list[float | None]]:
+    def collect(self, launched: Launched) -> tuple[list[int | None], list]:
         """Wait for a launched step: per plan sequence, its sampled token and log-probability
-        (None where its chunk does not reach its last token)."""
+        (None where its chunk does not reach its last token); for a request that asks for
+        top_logprobs, a TokenLogprobs (the log-probability and its alternatives)."""
         plan = launched.plan
         out_t: list[int | None] = [None] * len(plan.seqs)
-        out_l: list[float | None] = [None] * len(plan.seqs)
+        out_l: list = [None] * len(plan.seqs)
         for built, tokens, logprobs in launched.calls:
+            top = None
+            if isinstance(logprobs, tuple):   # (chosen, top ids [B, K], top logprobs [B, K])
+                logprobs, top_ids, top_lps = logprobs
+                if built.want_top:
+                    top = np.asarray(top_ids)[built.rows], np.asarray(top_lps)[built.rows]
             tokens, logprobs = np.asarray(tokens)[built.rows], np.asarray(logprobs)[built.rows]
             for j, i in enumerate(built.seqs):
                 if built.samples[j]:
                     out_t[i], out_l[i] = int(tokens[j]), float(logprobs[j])
+                    n = plan.seqs[i].sampling.top_logprobs
+                    if n and top is not None:
+                        out_l[i] = TokenLogprobs(out_l[i], list(zip(
+                            top[0][j, :n].tolist(), top[1][j, :n].tolist())))
         return out_t, out_l
 
     def prompt_scores(self, launched: Launched) -> dict[int, tuple]:
@@ -303,8 +352,50 @@ class ModelRunner:
             step.lora = LoraBatch.from_slots(built.lora, self.backend.mesh)
         samp = SamplingInput(temperature=built.temperature, top_k=built.top_k, top_p=built.top_p,
                              seeds=built.seeds, counters=built.counters,
-                             logprobs=np.bool_(built.want_logprobs))
+                             logprobs=np.bool_(built.want_logprobs), **self._sampling_set(built, tokens))
         return step, samp
+
+    def _sampling_set(self, built: BuiltStep, tokens=None) -> dict:
+        """SamplingInput's fields of the full sampling set: the call's own arrays, the penalty
+        table, and device-held defaults for what no row of the call uses (no transfer)."""
+        B = built.tokens.shape[0]
+        last = None
+        if built.ban_ids is not None:    # bans after a given token: each row's last token
+            if built.is_prefill:
+                last = built.tokens[np.arange(B), built.logits_index][:, None]
+            else:
+                last = built.tokens if tokens is None else tokens
+        absent = self._absent
+        return dict(
+            top_logprobs=np.bool_(built.want_top), min_p=built.min_p, presence=built.presence,
+            frequency=built.frequency, repetition=built.repetition, pen_slots=built.pen_slots,
+            counts=self._pen_counts, prompt_mask=self._pen_prompt,
+            bias_ids=absent("bias_ids", B) if built.bias_ids is None else built.bias_ids,
+            bias_vals=absent("bias_vals", B) if built.bias_vals is None else built.bias_vals,
+            ban_ids=absent("ban", B) if built.ban_ids is None else built.ban_ids,
+            ban_if=absent("ban", B) if built.ban_if is None else built.ban_if,
+            last_tokens=absent("last", B) if last is None else last,
+            allowed=absent("allowed", B) if built.allowed is None else built.allowed,
+            use_allowed=np.bool_(built.allowed is not None))
+
+    def _absent(self, name: str, B: int):
+        """The device-held value of a sampling-set input no row uses, for B rows."""
+        key = (name, B)
+        if key not in self._absent_cache:
+            V = self.cfg.vocab_size
+            host = {"bias_ids": lambda: np.full((B, MAX_LOGIT_BIAS), -1, np.int32),
+                    "bias_vals": lambda: np.zeros((B, MAX_LOGIT_BIAS), np.float32),
+                    "ban": lambda: np.full((B, MAX_BANS), -1, np.int32),
+                    "last": lambda: np.zeros((B, 1), np.int32),
+                    "allowed": lambda: np.full((B, -(-V // 32)), 0xFFFFFFFF, np.uint32)}[name]()
+            self._absent_cache[key] = self._device(host)
+        return self._absent_cache[key]
+
+    def _device(self, x: np.ndarray):
+        """x on the device (replicated over the mesh under tp)."""
+        if self.backend.mesh is None:
+            return jax.device_put(x)
+        return jax.device_put(x, sharding.replicated(self.backend.mesh))
 
     def _launch(self, built: BuiltStep, tokens=None):
         """Start one device call; returns its (tokens, logprobs, PromptScores or None) on
@@ -370,6 +461,7 @@ class ModelRunner:
             if len(shape) > 4:
                 built.lora = self.lora.empty_slots(B, T, *shape[4:])
             tokens, _, _ = self._launch(built)
+            self._pen_counts = _count_put(self._pen_counts, built.pen_slots, tokens)
             feed = _feed_put(self._empty_feed(), np.full((B,), self.feed_size, np.int32), tokens)
             if kind == "decode":
                 _feed_take(built.tokens, feed, np.full((B,), -1, np.int32))
@@ -378,6 +470,11 @@ class ModelRunner:
             if on_progress is not None:
                 jax.block_until_ready(self.kv.k)
                 on_progress(i + 1, len(shapes), time.perf_counter() - t0)
+        # a penalty slot's write (runs before any request takes one: slot 0 stays zeros)
+        self._pen_counts, self._pen_prompt = _slot_write(
+            self._pen_counts, self._pen_prompt, np.int32(0),
+            np.zeros(self._pen_counts.shape[1:], np.int32),
+            np.zeros(self._pen_prompt.shape[1:], np.uint32))
         if self.lora is not None and any(len(s) > 4 for s in shapes):
             # after a step: the pool as a step leaves it is what loads are written into
             self.kv = self.lora.warm_loads(self.kv)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scheduler import StepPlan
+from jaxserve.sampling_params import MAX_BANS, MAX_LOGIT_BIAS
+from scheduler import SequenceStatus, StepPlan
 
 
 def targets_for(prompt_ids, start: int, num: int) -> np.ndarray:
@@ -132,6 +133,19 @@ class BuiltStep:
     # (row, seq_id) of decodes whose input token was sampled by the previous step and is not
     # known on the host yet (tokens[row] is 0): the executor takes it on the device
     from_device: list = field(default_factory=list)
+    # The full sampling set (jaxserve/sampling.py has what each means on the device)
+    min_p: np.ndarray | None = None        # [B] float32
+    presence: np.ndarray | None = None     # [B] float32
+    frequency: np.ndarray | None = None    # [B] float32
+    repetition: np.ndarray | None = None   # [B] float32
+    pen_slots: np.ndarray | None = None    # [B] int32: the row's penalty slot, -1 = none
+    want_top: bool = False                 # some row wants top logprobs
+    # None where no row of the call needs them (the executor passes a device-held default):
+    bias_ids: np.ndarray | None = None     # [B, MAX_LOGIT_BIAS] int32, -1 = unused
+    bias_vals: np.ndarray | None = None    # [B, MAX_LOGIT_BIAS] float32
+    ban_ids: np.ndarray | None = None      # [B, MAX_BANS] int32, -1 = unused
+    ban_if: np.ndarray | None = None       # [B, MAX_BANS] int32: the token it follows, -1 = any
+    allowed: np.ndarray | None = None      # [B, ceil(V/32)] uint32 token bitmask, all bits = free
     # [B, T] int32 when a row's prompt positions are scored (prompt logprobs, jaxserve/scoring.py):
     # the next prompt token of each position, -1 where none; None otherwise
     score_targets: np.ndarray | None = None
@@ -148,7 +162,9 @@ class BuiltStep:
             logits_index=np.zeros((B,), np.int32), temperature=np.zeros((B,), np.float32),
             top_k=np.zeros((B,), np.int32), top_p=np.ones((B,), np.float32),
             seeds=np.zeros((B,), np.uint32), counters=np.zeros((B,), np.int32),
-            want_logprobs=False)
+            want_logprobs=False, min_p=np.zeros((B,), np.float32),
+            presence=np.zeros((B,), np.float32), frequency=np.zeros((B,), np.float32),
+            repetition=np.ones((B,), np.float32), pen_slots=np.full((B,), -1, np.int32))
 
     @property
     def shape(self) -> tuple:
@@ -176,7 +192,7 @@ class StepBuilder:
 
     def __init__(self, *, page_size: int, max_num_seqs: int, max_prefill_tokens: int,
                  max_model_len: int, min_decode_rows: int = 1, lora=None,
-                 bucket_pages: tuple[bool, bool] = (True, True)):
+                 bucket_pages: tuple[bool, bool] = (True, True), vocab_size: int | None = None):
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -193,6 +209,20 @@ class StepBuilder:
         # happens before the step after next is built.
         self._decode_bufs: tuple[dict, dict] = ({}, {})
         self._parity = 0
+        # The full sampling set (jaxserve/sampling.py). vocab_size: the token masks' width
+        # (None: a builder for plans without penalties, masks or bans). Each penalised sequence
+        # has a slot of the device's count table while it runs; `slot_writes` lists the slots
+        # (re)written from the host, for the executor to write before the step's calls.
+        self.vocab_size = vocab_size
+        self.num_pen_slots = max_num_seqs
+        self._slots: dict[int, tuple[int, object]] = {}   # seq_id -> (slot, Sequence)
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.slot_writes: list[tuple[int, np.ndarray, np.ndarray]] = []   # slot, counts, prompt
+        self._fixed_masks: dict[int, tuple[object, np.ndarray]] = {}   # allowed_token_ids
+        # Structured output's hook (LLMEngine.mask_provider): seq -> a [ceil(V/32)] uint32
+        # bitmask of the tokens its next token may be, or None (unconstrained); asked for every
+        # row that samples, each step.
+        self.mask_provider = None
 
     def build(self, plan: StepPlan) -> list[BuiltStep]:
         """The device calls of one plan: the decode call (its decodes, if any), then the
@@ -294,7 +324,7 @@ class StepBuilder:
             buf.clear(r)
         counted = plan.sampled is not None
         samples = [plan.samples(i) for i in idx]
-        from_device, counters = [], []
+        from_device, counters, constrained = [], [], []
         bt, tokens = out.block_tables, out.tokens
         for seq, r, st, smp in zip(seqs, rows, starts, samples):
             key = (seq.seq_id, seq.num_preemptions)   # a resumed sequence has new pages
@@ -308,6 +338,10 @@ class StepBuilder:
                 out.temperature[r], out.top_k[r], out.top_p[r] = p.temperature, p.top_k, p.top_p
                 out.seeds[r] = p.seed
                 buf.logprobs[r] = p.logprobs
+                buf.top[r] = p.top_logprobs > 0
+                if r in buf.bias_rows:     # the row's last occupant's biases
+                    buf.clear_bias(r)
+                self._set_params(out, r, seq, buf)
             elif len(table) != buf.table_len[r]:
                 bt[r, buf.table_len[r]:len(table)] = table[buf.table_len[r]:P]
                 buf.table_len[r] = len(table)
@@ -320,6 +354,9 @@ class StepBuilder:
                 tokens[r, 0] = 0
                 from_device.append((r, seq.seq_id))
             counters.append(seq.num_total_tokens - n_prompt - (smp and counted))
+            if seq.sampling.has_bans or self.mask_provider is not None:
+                constrained.append((r, seq, st, None if from_device and from_device[-1][0] == r
+                                    else int(tokens[r, 0]), counters[-1]))
         ra, sa = np.asarray(rows, np.intp), np.asarray(starts, np.int32)
         out.positions[ra, 0] = sa
         out.kv_lens[ra] = sa + 1
@@ -329,6 +366,16 @@ class StepBuilder:
         buf.active = set(rows)
         out.seqs, out.rows, out.samples, out.from_device = idx, rows, samples, from_device
         out.want_logprobs = bool(buf.logprobs[ra].any())
+        out.want_top = bool(buf.top[ra].any())
+        out.bias_ids, out.bias_vals = (buf.bias_ids, buf.bias_vals) if buf.bias_rows else (None, None)
+        out.allowed, out.ban_ids, out.ban_if = None, None, None
+        masked = set()
+        for r, seq, st, last, counter in constrained:
+            if self._set_constraints(out, r, seq, st, last, counter, buf):
+                masked.add(r)
+        for r in buf.masked - masked:      # rows that held a mask and hold none now
+            buf.allowed[r] = ALL_ALLOWED
+        buf.masked = masked
         out.lora = None
         if self.lora is not None and plan.adapter_pages:
             sub = StepPlan(is_prefill=False, seqs=seqs, num_new_tokens=[1] * len(seqs),
@@ -361,6 +408,7 @@ class StepBuilder:
         out = BuiltStep.empty(is_prefill, B, T, P)
         out.seqs, out.rows, out.samples = idx, rows, [plan.samples(i) for i in idx]
         out.want_logprobs = any(seq.sampling.logprobs for seq in seqs)
+        out.want_top = any(seq.sampling.top_logprobs for seq in seqs)
         slot_pages, slot_offsets = out.slot_pages.reshape(B, T), out.slot_offsets.reshape(B, T)
         counted = plan.sampled is not None
         for seq, i, st, k, samples in zip(seqs, rows, starts, chunks, out.samples):
@@ -384,6 +432,11 @@ class StepBuilder:
             # from the scheduler (`sampled` set) already counts it as pending in
             # num_total_tokens, with any earlier token still pending.
             out.counters[i] = seq.num_total_tokens - seq.num_prompt_tokens - (samples and counted)
+            if samples:
+                self._set_params(out, i, seq)
+                last = None if out.from_device and out.from_device[-1][0] == i else \
+                    int(out.tokens[i, k - 1])
+                self._set_constraints(out, i, seq, st + k - 1, last, int(out.counters[i]))
             if (is_prefill and seq.needs_prompt_scores and not seq.output_token_ids
                     and st < seq.num_prompt_tokens - 1):
                 if out.score_targets is None:
@@ -397,13 +450,142 @@ class StepBuilder:
         return out
 
 
+    # -- the full sampling set ------------------------------------------------------------------
+    def _set_params(self, out: BuiltStep, r: int, seq, buf: "_DecodeRows | None" = None) -> None:
+        """Row r's per-request sampling parameters (a row that samples): min_p, penalties
+        and their slot, logit biases."""
+        p = seq.sampling
+        out.min_p[r] = p.min_p
+        out.presence[r], out.frequency[r] = p.presence_penalty, p.frequency_penalty
+        out.repetition[r] = p.repetition_penalty
+        out.pen_slots[r] = self._pen_slot(seq) if p.uses_penalties else -1
+        if p.logit_bias:
+            if buf is not None:
+                if buf.bias_ids is None:
+                    buf.bias_ids, buf.bias_vals = _bias_arrays(out.tokens.shape[0])
+                out.bias_ids, out.bias_vals = buf.bias_ids, buf.bias_vals
+                buf.bias_rows.add(r)
+            elif out.bias_ids is None:
+                out.bias_ids, out.bias_vals = _bias_arrays(out.tokens.shape[0])
+            ids, vals = zip(*p.logit_bias)
+            out.bias_ids[r, :len(ids)] = ids
+            out.bias_vals[r, :len(ids)] = vals
+
+    def _pen_slot(self, seq) -> int:
+        """seq's slot in the device's penalty table, kept while it runs (through preemption:
+        its tokens stand). A slot taken is written whole from the host: the prompt, and the
+        output tokens so far, all known then (a sequence takes one when it first samples, or
+        when it resumes after a preemption, which waits for its pending token)."""
+        hit = self._slots.get(seq.seq_id)
+        if hit is not None and hit[1] is seq:
+            return hit[0]
+        if not self._free_slots:      # reclaim the slots of sequences not running
+            for sid, (slot, s) in list(self._slots.items()):
+                if s.status is not SequenceStatus.RUNNING:
+                    del self._slots[sid]
+                    self._free_slots.append(slot)
+        slot = self._free_slots.pop()
+        self._slots[seq.seq_id] = (slot, seq)
+        V = self.vocab_size
+        counts = np.bincount(np.asarray(seq.output_token_ids, np.int64), minlength=V)[:V]
+        self.slot_writes.append((slot, counts.astype(np.int32),
+                                 pack_mask(seq.prompt_token_ids, V)))
+        return slot
+
+    def _fixed_mask(self, seq) -> np.ndarray:
+        """The token mask of seq's allowed_token_ids (made once per sequence)."""
+        hit = self._fixed_masks.get(seq.seq_id)
+        if hit is not None and hit[0] is seq:
+            return hit[1]
+        if len(self._fixed_masks) >= 4 * self.max_num_seqs:
+            self._fixed_masks = {k: v for k, v in self._fixed_masks.items()
+                                 if v[0].status is SequenceStatus.RUNNING}
+        mask = pack_mask(seq.sampling.allowed_token_ids, self.vocab_size)
+        self._fixed_masks[seq.seq_id] = (seq, mask)
+        return mask
+
+    def _set_constraints(self, out: BuiltStep, r: int, seq, last_pos: int, last: int | None,
+                         counter: int, buf: "_DecodeRows | None" = None) -> bool:
+        """Row r's token mask and bans for the token after position last_pos (the row's last
+        token: `last`, None while it is on the device); `counter`: output tokens before it.
+        Returns whether the row got a mask."""
+        p = seq.sampling
+        bans: list[tuple[int, int]] = []     # (trigger: the last token it needs, -1 = any; token)
+        if p.min_tokens and counter < p.min_tokens:
+            bans += [(-1, t) for t in p.min_tokens_ban]
+        n_prompt = seq.num_prompt_tokens
+        for w in p.bad_words:    # vLLM: the word's tokens before its last, at the output's end
+            k = len(w)
+            if k == 1:
+                bans.append((-1, w[0]))
+                continue
+            start = last_pos - (k - 2)     # the word's first token would sit here
+            if start < n_prompt or any(_token_at(seq, start + j) != w[j] for j in range(k - 2)):
+                continue
+            if last is None:
+                bans.append((w[k - 2], w[k - 1]))
+            elif last == w[k - 2]:
+                bans.append((-1, w[k - 1]))
+        mask = self._fixed_mask(seq) if p.allowed_token_ids is not None else None
+        if self.mask_provider is not None:
+            m = self.mask_provider(seq)
+            if m is not None:
+                mask = m if mask is None else mask & m
+        if len(bans) > MAX_BANS:     # unconditional bans beyond the sparse list: into the mask
+            cond = [b for b in bans if b[0] >= 0]
+            free = [t for c, t in bans if c < 0]
+            room = MAX_BANS - len(cond)
+            bans = cond + [(-1, t) for t in free[:room]]
+            mask = np.full(-(-self.vocab_size // 32), ALL_ALLOWED) if mask is None else mask.copy()
+            spill = np.asarray(free[room:], np.int64)
+            np.bitwise_and.at(mask, spill >> 5, ~(np.uint32(1) << (spill & 31).astype(np.uint32)))
+        if bans:
+            if out.ban_ids is None:
+                B = out.tokens.shape[0]
+                out.ban_ids = np.full((B, MAX_BANS), -1, np.int32)
+                out.ban_if = np.full((B, MAX_BANS), -1, np.int32)
+            out.ban_if[r, :len(bans)], out.ban_ids[r, :len(bans)] = zip(*bans)
+        if mask is None:
+            return False
+        if out.allowed is None:
+            if buf is not None and buf.allowed is not None:
+                out.allowed = buf.allowed
+            else:
+                out.allowed = np.full((out.tokens.shape[0], mask.shape[0]), ALL_ALLOWED)
+                if buf is not None:
+                    buf.allowed = out.allowed
+        out.allowed[r] = mask
+        return True
+
+
+ALL_ALLOWED = np.uint32(0xFFFFFFFF)   # a token mask word allowing all of its 32 tokens
+
+
+def pack_mask(token_ids, vocab_size: int) -> np.ndarray:
+    """[ceil(V/32)] uint32 bitmask with bit t % 32 of word t // 32 set for each token t."""
+    W = -(-vocab_size // 32)
+    bits = np.zeros(W * 32, bool)
+    bits[np.asarray(token_ids, np.int64)] = True
+    return np.packbits(bits, bitorder="little").view("<u4").astype(np.uint32)
+
+
+def _bias_arrays(B: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((B, MAX_LOGIT_BIAS), -1, np.int32), np.zeros((B, MAX_LOGIT_BIAS), np.float32)
+
+
+def _token_at(seq, pos: int) -> int:
+    """seq's token at a position the host knows (without building prompt + output)."""
+    n = seq.num_prompt_tokens
+    return seq.prompt_token_ids[pos] if pos < n else seq.output_token_ids[pos - n]
+
+
 class _DecodeRows:
     """A decode bucket's arrays kept between steps, and what each row holds."""
 
     # the per-row arrays of a decode BuiltStep (T = 1: the flat [B*T] ones are per row too)
     ROW_ARRAYS = ("tokens", "positions", "block_tables", "kv_lens", "slot_pages",
                   "slot_offsets", "logits_index", "temperature", "top_k", "top_p", "seeds",
-                  "counters")
+                  "counters", "min_p", "presence", "frequency", "repetition", "pen_slots")
 
     def __init__(self, step: BuiltStep):
         B, P = step.block_tables.shape
@@ -412,13 +594,27 @@ class _DecodeRows:
         self.key: list = [None] * B          # (seq_id, preemptions) of each row's sequence
         self.table_len = [0] * B             # block-table entries written for it
         self.logprobs = np.zeros((B,), bool)
+        self.top = np.zeros((B,), bool)
         self.active: set[int] = set()
+        # the sampling set's wide arrays, made when a row first needs them, and their rows in use
+        self.bias_ids = self.bias_vals = self.allowed = None
+        self.bias_rows: set[int] = set()
+        self.masked: set[int] = set()
 
     def clear(self, r: int) -> None:
         """Row r back to padding."""
-        self.key[r], self.table_len[r], self.logprobs[r] = None, 0, False
+        self.key[r], self.table_len[r], self.logprobs[r], self.top[r] = None, 0, False, False
         for name in self.ROW_ARRAYS:
             getattr(self.step, name)[r] = getattr(self.pad, name)[0]
+        if r in self.bias_rows:
+            self.clear_bias(r)
+        if r in self.masked:
+            self.allowed[r] = ALL_ALLOWED
+            self.masked.discard(r)
+
+    def clear_bias(self, r: int) -> None:
+        self.bias_ids[r], self.bias_vals[r] = -1, 0.0
+        self.bias_rows.discard(r)
 
 
 def _least_inputs(bucket_fn, ns) -> dict[int, int]:

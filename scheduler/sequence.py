@@ -26,6 +26,28 @@ class SamplingOptions:
     top_p: float = 1.0            # 1 disables
     seed: int = 0                 # with the output position: the sampling key of each token
     logprobs: bool = False        # return the chosen token's log-probability
+    # The full sampling set (jaxserve/sampling.py applies it; token ids checked at admission)
+    top_logprobs: int = 0         # alternatives returned per token (0..20)
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias), clamped
+    min_tokens: int = 0
+    min_tokens_ban: tuple[int, ...] = ()   # banned while fewer than min_tokens: EOS + stop ids
+    bad_words: tuple[tuple[int, ...], ...] = ()    # token sequences never to complete
+    allowed_token_ids: tuple[int, ...] | None = None
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+    @property
+    def has_bans(self) -> bool:
+        """Whether some step may ban tokens for it (min_tokens, bad words, allowed ids)."""
+        return bool((self.min_tokens and self.min_tokens_ban) or self.bad_words
+                    or self.allowed_token_ids is not None)
 
 
 @dataclass(eq=False)
