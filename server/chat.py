@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from jaxserve.admission import AdmissionError
 from server.protocol import bad, get_bool, get_str
 from server.tools import (Delta, ToolParser, ToolRequest, get_parser, output_parser,
                           parse_tools, tool_call_constraint)
@@ -107,7 +108,6 @@ def chat_messages(body: dict) -> list[dict]:
 def load_chat_template(value: str | None) -> str | None:
     """--chat-template: a file's path, or the template itself (as vLLM: text with Jinja's
     characters that opens as no file is the template)."""
-    from jaxserve.admission import AdmissionError
     from jaxserve.tokenizer import check_template_syntax
     if value is None:
         return None
@@ -216,10 +216,15 @@ def parse_chat_prompt(ctx, body: dict) -> tuple[list[int], ChatTurn, object | No
                         auto_enabled=cfg.enable_auto_tool_choice)
     if documents:
         kwargs = dict(kwargs or {}, documents=documents)
-    ids = ctx.tokenizer.chat(
-        messages, tools=tools.template_tools if tools else None,
-        chat_template=template or cfg.chat_template, add_generation_prompt=add_generation,
-        continue_final_message=continue_final, template_kwargs=kwargs)
+    try:
+        ids = ctx.tokenizer.chat(
+            messages, tools=tools.template_tools if tools else None,
+            chat_template=template or cfg.chat_template, add_generation_prompt=add_generation,
+            continue_final_message=continue_final, template_kwargs=kwargs)
+    except AdmissionError as e:
+        if template is None and e.param == "chat_template":   # the server's own template
+            raise AdmissionError(str(e), param="messages", code=e.code) from None
+        raise
     role = "assistant" if add_generation else body["messages"][-1]["role"]
     echo = ""
     if get_bool(body, "echo", False) and body["messages"][-1].get("role") == role:
