@@ -58,28 +58,13 @@ async def _check_model(ctx: ServerContext, body: dict) -> None:
 
 # ------------------------------------------------------------------ tokenize / detokenize
 def _chat_ids(ctx: ServerContext, body: dict) -> list[int]:
-    """The prompt ids a chat request with these messages and options would have."""
-    from server.openai_api import _message_text   # the chat endpoint's own message reader
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("'messages' must be a non-empty list", "messages")
-    clean = [_message_text(i, m) for i, m in enumerate(messages)]
-    accepted = inspect.signature(ctx.tokenizer.chat).parameters
-    kw = {}
-    for name, default in (("add_generation_prompt", True), ("continue_final_message", False),
-                          ("chat_template", None), ("chat_template_kwargs", None),
-                          ("tools", None)):
-        v = body.get(name)
-        if v is None or v == default:
-            continue
-        if name not in accepted:
-            raise bad(f"'{name}' is not supported by this server", name,
-                      code="unsupported_field")
-        kw[name] = v
+    """The prompt ids the chat endpoint would feed the model for this body (its messages,
+    tools, documents, template and template options, read by the chat endpoint's parser)."""
+    from server.chat import parse_chat_prompt
     if get_bool(body, "add_special_tokens", False):
         raise bad("'add_special_tokens' is not supported for messages: the chat template "
                   "places the special tokens", "add_special_tokens", code="unsupported_field")
-    return ctx.tokenizer.chat(clean, **kw)
+    return parse_chat_prompt(ctx, body)[0]
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -163,7 +163,8 @@ def test_new_routes_behind_auth_and_counted(tmp_path):
 def test_error_code_is_always_a_string(srv):
     cases = [http(srv.url, "/nope"), http(srv.url, "/version", method="POST"),
              http(srv.url, "/v1/completions", raw=b"[1]"),
-             completion(srv, prompt="a", max_tokens=0), completion(srv, prompt="a", n=3),
+             completion(srv, prompt="a", max_tokens=-1), completion(srv, prompt="a", priority=3),
+             completion(srv, prompt="a", temperature="hot"),
              completion(srv, prompt="a", model="missing"),
              http(srv.url, "/v1/models/missing")]
     for status, body in cases:
