@@ -358,10 +358,69 @@ def test_tool_request_errors_over_http(srv):
                          ({"tools": TOOLS, "tool_choice": {"type": "function",
                                                            "function": {"name": "x"}}},
                           "tool_choice"),
-                         ({"tools": [{"type": "code_interpreter"}]}, "tools")]:
+                         ({"tools": [{"type": "code_interpreter"}]}, "tools"),
+                         ({"tools": TOOLS, "tool_choice": "required",
+                           "response_format": {"type": "json_object"}}, "tool_choice")]:
         status, body = http(srv.url, "/v1/chat/completions",
                             {"messages": MSGS, "max_tokens": 2, **extra})
         assert status == 400 and body["error"]["param"] == param, (extra, body)
+
+
+FORCED = ('Checking.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": true}}\n'
+          '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", '
+          '"unit": "c"}}\n</tool_call>')
+
+
+def test_auto_parses_calls_streamed_and_not(client, srv):
+    """tool_choice auto with the hermes parser, on an output forced to hold text and two calls
+    (structured_outputs choice): the message has the text as content and both calls; the
+    stream's content deltas carry no markup and its call deltas assemble to the same calls."""
+    kw = dict(model=srv.model, messages=MSGS, tools=TOOLS, max_tokens=96, temperature=0,
+              extra_body={"structured_outputs": {"choice": [FORCED]}})
+    r = client.chat.completions.create(**kw)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Checking.\n"
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] \
+        == [("add", {"a": 2, "b": True}), ("get_weather", {"city": "Oslo", "unit": "c"})]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    content = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert content == "Checking.\n"
+    calls = {}
+    for ch in chunks:
+        for d in ch.choices[0].delta.tool_calls or []:
+            if d.id:
+                calls[d.index] = [d.function.name, d.function.arguments, d.id]
+            else:
+                calls[d.index][1] += d.function.arguments
+    assert [(n, a) for n, a, _ in calls.values()] == \
+        [(t.function.name, t.function.arguments) for t in c.message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # parallel_tool_calls false: the first call only
+    one = client.chat.completions.create(**kw, parallel_tool_calls=False).choices[0]
+    assert [t.function.name for t in one.message.tool_calls] == ["add"]
+    # tool_choice none: the same text is content
+    none = client.chat.completions.create(**kw, tool_choice="none").choices[0]
+    assert none.message.content == FORCED and not none.message.tool_calls
+    assert none.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_parse_chat_sets_what_the_parser_needs(tool_hf, parser):
+    """Parsers whose marker is a special token decode with special tokens kept; required
+    carries the parser's constraint."""
+    import types
+    from jaxserve.tokenizer import Tokenizer
+    from server.config import ServerConfig
+    from server.openai_api import parse_chat
+    ctx = types.SimpleNamespace(config=ServerConfig(tool_call_parser=parser),
+                                tokenizer=Tokenizer(tool_hf, {2}))
+    req, turn = parse_chat(ctx, {"messages": MSGS, "tools": TOOLS, "tool_choice": "required"})
+    assert req.params.skip_special_tokens is (parser == "hermes")
+    assert req.params.structured == tool_call_constraint(turn.tools.tools, "required", parser)
+    assert turn.parser.name == parser
+    req, turn = parse_chat(ctx, {"messages": MSGS, "tools": TOOLS, "tool_choice": "none"})
+    assert req.params.structured is None and turn.parser is None
+    assert req.params.skip_special_tokens
 
 
 def test_auto_needs_the_flag(tool_model):
