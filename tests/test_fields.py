@@ -425,3 +425,27 @@ def test_docs_table_is_generated_from_the_registry():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "gen_field_table.py"),
                            "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_tokenize_gives_the_chat_endpoints_prompt(srv):
+    """/tokenize with messages (and tools, documents, template options) counts what the chat
+    endpoint feeds the model; with a prompt, what completions feeds it."""
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]
+    for extra in ({}, {"tools": [EMPTY_TOOL], "tool_choice": "none"},
+                  {"documents": [{"title": "t", "text": "d"}]},
+                  {"add_generation_prompt": False},
+                  {"messages": msgs + [{"role": "assistant", "content": "ok"}],
+                   "add_generation_prompt": False, "continue_final_message": True}):
+        body = {"model": srv.model, "messages": msgs, **extra}
+        status, tok = http(srv.url, "/tokenize", body)
+        assert status == 200, tok
+        status, out = http(srv.url, "/v1/chat/completions", {**body, "max_tokens": 1})
+        assert status == 200, out
+        assert tok["count"] == len(tok["tokens"]) == out["usage"]["prompt_tokens"], extra
+    _, tok = http(srv.url, "/tokenize", {"prompt": "héllo", "return_token_strs": True})
+    _, out = http(srv.url, "/v1/completions", {"prompt": "héllo", "max_tokens": 1,
+                                               "return_token_ids": True})
+    assert tok["tokens"] == out["choices"][0]["prompt_token_ids"] == list("héllo".encode())
+    assert tok["token_strs"] == srv.hf.convert_ids_to_tokens(tok["tokens"])
+    _, det = http(srv.url, "/detokenize", {"tokens": tok["tokens"] + [258]})
+    assert det == {"prompt": "héllo<|im_start|>"}
