@@ -245,3 +245,9 @@ def _special_id(hf, text: str) -> int | None:
     except Exception:
         return None
     return added.get(text)
+
+
+def chat_prompt_ids(ctx, body: dict) -> list[int]:
+    """The prompt ids a chat request with this body would have, with the same checks (vLLM's
+    /tokenize with messages)."""
+    return parse_chat_prompt(ctx, body)[0]
