@@ -449,3 +449,31 @@ def test_tokenize_gives_the_chat_endpoints_prompt(srv):
     assert tok["token_strs"] == srv.hf.convert_ids_to_tokens(tok["tokens"])
     _, det = http(srv.url, "/detokenize", {"tokens": tok["tokens"] + [258]})
     assert det == {"prompt": "héllo<|im_start|>"}
+
+
+def test_detokenizer_options(srv):
+    """skip_special_tokens=False: the incremental text is the whole decode with the special
+    tokens; spaces_between_special_tokens reaches the tokenizer's decode (slow tokenizers read
+    it; a fast one has no such option)."""
+    import random
+
+    from jaxserve.tokenizer import Tokenizer
+    tok = Tokenizer(srv.hf, frozenset({257}))
+    rng = random.Random(0)
+    ids = list(range(32, 127)) + list(range(256, 272))   # ASCII (no char split by the prompt)
+    for _ in range(20):
+        prompt = [rng.choice(ids) for _ in range(rng.randrange(1, 8))]
+        out = [rng.choice(ids) for _ in range(rng.randrange(1, 30))]
+        for skip in (True, False):
+            det = tok.detokenizer(prompt, skip_special_tokens=skip)
+            text = "".join(det.step(prompt + out[:i + 1]) for i in range(len(out)))
+            text += det.flush(prompt + out)
+            assert text == srv.hf.decode(out, skip_special_tokens=skip), (prompt, out, skip)
+
+    class Recorder:
+        def decode(self, ids, **kw):
+            self.kw = kw
+            return ""
+    rec = Recorder()
+    Tokenizer(rec, frozenset()).decode([1], spaces_between_special_tokens=False)
+    assert rec.kw["spaces_between_special_tokens"] is False
