@@ -339,6 +339,8 @@ def test_openai_parse_returns_a_valid_object(srv, client):
         person = choice.message.parsed
         assert isinstance(person, Person) and person.address.city in ("Paris", "Oslo", "Lima")
         assert Person.model_validate_json(choice.message.content) == person
+        # written in the model's field order (the schema's property order is kept)
+        assert list(json.loads(choice.message.content)) == list(Person.model_fields)
 
 
 def test_server_fields_constrain_the_output(srv, client):

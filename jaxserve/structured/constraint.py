@@ -41,7 +41,7 @@ def _refuse(message: str, param: str):
 @dataclass(frozen=True)
 class Constraint:
     kind: str        # one of KINDS
-    # json_schema: the schema as canonical JSON (sorted keys); regex: the pattern; choice: the
+    # json_schema: the schema as JSON (its own key order); regex: the pattern; choice: the
     # strings as a JSON list; grammar: the grammar text; json_object: ""
     spec: str
     whitespace_pattern: str | None = None   # JSON kinds: whitespace allowed between tokens
@@ -73,8 +73,9 @@ class Constraint:
             schema = {} if schema else {"not": {}}
         if not isinstance(schema, dict):
             _refuse(f"'{param}' must be a JSON schema (an object)", param)
-        return cls("json_schema", json.dumps(schema, sort_keys=True, ensure_ascii=False),
-                   whitespace_pattern, param)
+        # keys in the schema's order: llguidance writes properties in that order
+        return cls("json_schema", json.dumps(schema, ensure_ascii=False), whitespace_pattern,
+                   param)
 
     @classmethod
     def json_object(cls, *, whitespace_pattern: str | None = None,
