@@ -165,11 +165,14 @@ class _ObjectScanner:
         self._key: str | None = None
 
     def feed(self, text: str) -> None:
-        for ch in text:
+        """Scan `text`; the text kept ends at the character that failed or closed the object."""
+        base = len(self.text)
+        self.text += text
+        for k, ch in enumerate(text):
             if self.error or self.done:
+                self.text = self.text[:base + k]
                 return
-            self.text += ch
-            self._char(ch, len(self.text) - 1)
+            self._char(ch, base + k)
 
     def _fail(self):
         self.error = True
