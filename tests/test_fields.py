@@ -250,6 +250,32 @@ def _choice(s, ep, b, body):
     assert text_of(body) in ("w5", "w6")
 
 
+def _supported(name: str, endpoint: str) -> bool:
+    return any(f.status == "supported" and endpoint in f.endpoints
+               for f in fields.BY_NAME.get(name, ()))
+
+
+def _ignore_eos(s, ep, body):
+    assert body["choices"][0]["finish_reason"] == "length"
+    if _supported("logit_bias", ep):   # EOS made the likeliest token: only ignore_eos runs on
+        eos = {"logit_bias": {"257": 100}}
+        assert send(s, ep, eos)[1]["usage"]["completion_tokens"] == MAX_TOKENS
+        assert send(s, ep, {**eos, "ignore_eos": False})[1]["usage"]["completion_tokens"] == 1
+
+
+def _logprobs(s, ep, body):
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs" if ep == fields.COMPLETIONS else "content"]) == MAX_TOKENS
+    only = next(f.only for f in fields.BY_NAME["logprobs"] if ep in f.endpoints)
+    if ep == fields.COMPLETIONS and only is None:   # N alternatives per token
+        status, out = send(s, ep, {"logprobs": 2})
+        assert status == 200, out
+        tops = out["choices"][0]["logprobs"]["top_logprobs"]
+        # keyed by text: byte tokens that decode alike ("\ufffd") share a key
+        assert len(tops) == MAX_TOKENS and all(1 <= len(t) <= 3 for t in tops), tops
+        assert sum(len(t) >= 2 for t in tops) >= MAX_TOKENS // 2, tops
+
+
 def _tool_calls(body):
     return body["choices"][0]["message"]["tool_calls"]
 
@@ -280,7 +306,7 @@ EFFECTS = {
     "stop_token_ids": lambda s, ep, b, body: (body["usage"]["completion_tokens"] == 3
                                               and body["choices"][0]["stop_reason"] == b.ids[2]),
     "min_tokens": lambda s, ep, b, body: b.ids[0] not in ids_of(body)[:4],
-    "ignore_eos": lambda s, ep, b, body: body["choices"][0]["finish_reason"] == "length",
+    "ignore_eos": lambda s, ep, b, body: _ignore_eos(s, ep, body),
     "logit_bias": lambda s, ep, b, body: set(ids_of(body)) == {120},
     "allowed_token_ids": lambda s, ep, b, body: set(ids_of(body)) <= {97, 98},
     "bad_words": lambda s, ep, b, body: ord(ascii_char(b, 0)) not in ids_of(body),
@@ -301,9 +327,7 @@ EFFECTS = {
     "best_of": lambda s, ep, b, body: len(body["choices"]) == 1,
     "echo": lambda s, ep, b, body: text_of(body).startswith(
         s.prompt[ep] if ep == fields.COMPLETIONS else "xy"),
-    "logprobs": lambda s, ep, b, body: len(
-        body["choices"][0]["logprobs"]["token_logprobs" if ep == fields.COMPLETIONS
-                                       else "content"]) == MAX_TOKENS,
+    "logprobs": lambda s, ep, b, body: _logprobs(s, ep, body),
     "top_logprobs": lambda s, ep, b, body: all(
         len(c["top_logprobs"]) == 2 for c in body["choices"][0]["logprobs"]["content"]),
     "prompt_logprobs": lambda s, ep, b, body: len(
