@@ -74,6 +74,9 @@ async def tokenize(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     body = parse_json_object(await request.read())
     await _check_model(ctx, body)
+    if body.get("mm_processor_kwargs"):
+        raise bad("'mm_processor_kwargs' is not supported: text-only models",
+                  "mm_processor_kwargs", code="unsupported_field")
     if "messages" in body:
         ids = _chat_ids(ctx, body)
     elif "prompt" in body:

@@ -85,6 +85,8 @@ def test_tokenize_errors(srv):
     assert_error(*http(srv.url, "/tokenize", {"messages": []}), 400, "messages")
     assert_error(*http(srv.url, "/tokenize", {"prompt": "a", "model": "nope"}), 404, "model")
     assert_error(*http(srv.url, "/tokenize", raw=b"{not json"), 400)
+    assert_error(*http(srv.url, "/tokenize", {"prompt": "a", "mm_processor_kwargs": {"x": 1}}),
+                 400, "mm_processor_kwargs")
     status, body = http(srv.url, "/tokenize", {"prompt": "a", "model": "sql"})   # an adapter
     assert status == 200 and body["tokens"] == [97]
 
