@@ -133,6 +133,8 @@ class ChatTurn:
     echo: str = ""                     # text that starts the output (echo)
     tools: ToolRequest | None = None
     parser: ToolParser | None = None   # reads tool calls in the output (None: text only)
+    # the parser's call markers are special tokens here: the output is decoded with them
+    keep_special_tokens: bool = False
 
     def stream(self) -> "ChatStream":
         return ChatStream(self)
@@ -229,22 +231,24 @@ def parse_chat_prompt(ctx, body: dict) -> tuple[list[int], ChatTurn, object | No
     echo = ""
     if get_bool(body, "echo", False) and body["messages"][-1].get("role") == role:
         echo = messages[-1]["content"]
+    reader = output_parser(tools, parser)
+    special = special_tokens(ctx.tokenizer.hf) if reader is not None else {}
     constraint = None
     if tools is not None and tools.choice in ("required", "named"):
-        hf = ctx.tokenizer.hf
         constraint = tool_call_constraint(
             tools.tools, tools.name or "required", cfg.tool_call_parser,
-            parallel=tools.parallel, special_token_id=lambda s: _special_id(hf, s))
-    return ids, ChatTurn(role, echo, tools, output_parser(tools, parser)), constraint
+            parallel=tools.parallel, special_token_id=special.get)
+    keep = reader is not None and any(m in special for m in reader.markers)
+    return ids, ChatTurn(role, echo, tools, reader, keep), constraint
 
 
-def _special_id(hf, text: str) -> int | None:
-    """The id of the special token spelled `text`, or None where the tokenizer has none."""
+def special_tokens(hf) -> dict[str, int]:
+    """The tokenizer's special tokens (those decode skips): text -> id."""
     try:
-        added = hf.get_added_vocab()
-    except Exception:
-        return None
-    return added.get(text)
+        added = hf.added_tokens_decoder
+    except AttributeError:
+        return {}
+    return {tok.content: i for i, tok in added.items() if getattr(tok, "special", False)}
 
 
 def chat_prompt_ids(ctx, body: dict) -> list[int]:

@@ -417,7 +417,7 @@ class ToolParser:
     start = ""                     # the marker before a call (or the calls)
     name_key = "name"
     args_keys: tuple[str, ...] = ("arguments",)
-    needs_special_tokens = False   # the marker is a special token: decode must keep it
+    markers: tuple[str, ...] = ()  # what decode must keep where the tokenizer makes it special
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         raise NotImplementedError
@@ -434,6 +434,7 @@ class ToolParser:
 class HermesParser(ToolParser):
     name = "hermes"
     start, end = "<tool_call>", "</tool_call>"
+    markers = (start, end)
 
     def extract(self, text):
         content, calls, i = [], [], 0
@@ -470,7 +471,7 @@ class Llama3JsonParser(ToolParser):
     name = "llama3_json"
     start = "<|python_tag|>"
     args_keys = ("parameters", "arguments")
-    needs_special_tokens = True
+    markers = (start,)
 
     def extract(self, text):
         i = _lstrip_ws(text, 0)
@@ -500,7 +501,7 @@ class Llama3JsonParser(ToolParser):
 class MistralParser(ToolParser):
     name = "mistral"
     start = "[TOOL_CALLS]"
-    needs_special_tokens = True
+    markers = (start,)
 
     def extract(self, text):
         j = text.find(self.start)
@@ -815,7 +816,7 @@ class JsonArrayParser(MistralParser):
     name = "json"
     start = ""
     args_keys = ("parameters",)
-    needs_special_tokens = False
+    markers = ()
 
 
 class NamedArgsParser(ToolParser):
@@ -883,8 +884,9 @@ def tool_call_constraint(tools, tool_choice, parser: str | None, *, parallel: bo
     `parallel`) in `parser`'s format, or None where nothing is enforced (tool_choice none /
     auto). `tools`: Tool tuples; `tool_choice`: "required", or a tool's name. The JSON is
     written compactly (", " and ": " between items), "name" before the arguments.
-    `special_token_id(text) -> int | None`: the id of a marker that is one special token
-    (Mistral's [TOOL_CALLS]), so the grammar asks for that token, not its spelling.
+    `special_token_id(text) -> int | None`: the id of a marker that is one special token of
+    the tokenizer (Mistral's [TOOL_CALLS], Hermes 3's <tool_call>), so the grammar asks for
+    that token, not its spelling.
     Without a parser, vLLM's formats: a named tool's arguments alone, or for "required" a
     JSON array of {"name", "parameters"}."""
     from jaxserve.structured import Constraint
@@ -919,13 +921,16 @@ def tool_call_constraint(tools, tool_choice, parser: str | None, *, parallel: bo
         rules.append(f"a{i}: %json {json.dumps(_args_schema(t), ensure_ascii=False)}")
     def repeated(item: str, sep: str) -> str:   # one item, or several with `parallel`
         return f"{item} ({_lark(sep)} {item})*" if parallel else item
+
+    def marker(text: str) -> str:
+        tid = special_token_id(text) if special_token_id else None
+        return f"<[{tid}]>" if tid is not None else _lark(text)
     if parser == "hermes":
         top = [f"start: {repeated('call', chr(10))}",
-               f"call: {_lark('<tool_call>' + chr(10))} body {_lark(chr(10) + '</tool_call>')}"]
+               f"call: {marker(HermesParser.start)} {_lark(chr(10))} body {_lark(chr(10))} "
+               f"{marker(HermesParser.end)}"]
     elif parser == "llama3_json":
         top = [f"start: {repeated('body', '; ')}"]
     else:   # mistral
-        tid = special_token_id(MistralParser.start) if special_token_id else None
-        marker = f"<[{tid}]>" if tid is not None else _lark(MistralParser.start)
-        top = [f"start: {marker} \"[\" {repeated('body', ', ')} \"]\""]
+        top = [f"start: {marker(MistralParser.start)} \"[\" {repeated('body', ', ')} \"]\""]
     return Constraint.grammar("\n".join(top + rules) + "\n", param="tools")

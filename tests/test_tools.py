@@ -415,7 +415,7 @@ def test_parse_chat_sets_what_the_parser_needs(tool_hf, parser):
     ctx = types.SimpleNamespace(config=ServerConfig(tool_call_parser=parser),
                                 tokenizer=Tokenizer(tool_hf, {2}))
     req, turn = parse_chat(ctx, {"messages": MSGS, "tools": TOOLS, "tool_choice": "required"})
-    assert req.params.skip_special_tokens is (parser == "hermes")
+    assert req.params.skip_special_tokens   # no marker is a special token of this tokenizer
     assert req.params.structured == tool_call_constraint(turn.tools.tools, "required", parser)
     assert turn.parser.name == parser
     req, turn = parse_chat(ctx, {"messages": MSGS, "tools": TOOLS, "tool_choice": "none"})
@@ -434,3 +434,35 @@ def test_auto_needs_the_flag(tool_model):
             status, body = http(s.url, "/v1/chat/completions",
                                 {"messages": MSGS, "max_tokens": 2, **extra})
             assert status == 400 and "--enable-auto-tool-choice" in body["error"]["message"]
+
+
+def test_markers_that_are_special_tokens(tool_hf):
+    """Where the tokenizer makes a call marker one special token (Mistral's [TOOL_CALLS],
+    Llama's <|python_tag|>, Hermes 3's <tool_call>): the output is decoded with special tokens
+    kept, and the constraint asks for that token, so the model writes it as it was trained."""
+    import copy
+    import types
+
+    import llguidance
+    from jaxserve.tokenizer import Tokenizer
+    from server.config import ServerConfig
+    from server.openai_api import parse_chat
+    hf = copy.deepcopy(tool_hf)
+    markers = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "<|python_tag|>"]
+    hf.add_tokens(markers, special_tokens=True)
+    special = {m: hf.convert_tokens_to_ids(m) for m in markers}
+    ll = llguidance.LLTokenizer(hf.backend_tokenizer.to_str())
+    for parser in PARSERS:
+        ctx = types.SimpleNamespace(config=ServerConfig(tool_call_parser=parser),
+                                    tokenizer=Tokenizer(hf, {2}))
+        req, turn = parse_chat(ctx, {"messages": MSGS, "tools": TOOLS,
+                                     "tool_choice": "required"})
+        assert req.params.skip_special_tokens is False and turn.keep_special_tokens
+        text = FORMATS[parser]
+        ids = hf(text, add_special_tokens=False)["input_ids"]
+        if parser != "llama3_json":
+            assert set(ids) & set(special.values())
+        assert _accepts(ll, hf, req.params.structured, text)
+        decoded = hf.decode(ids, skip_special_tokens=False)
+        assert decoded == text
+        assert [c.name for c in turn.parser.extract(decoded)[1]] == ["add"]
