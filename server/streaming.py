@@ -103,7 +103,11 @@ async def run_request(request: web.Request, ctx: ServerContext, req: GenRequest,
     stream = await admit(request, ctx, req, rid)
     fp = request_fields.fingerprint(ctx.model_name)
 
+    tops: list = []    # each output token's top alternatives, when the request asks for them
+
     def whole(last, logprobs) -> dict:
+        if tops:
+            last = dataclasses.replace(last, new_top_logprobs=tops)
         return request_fields.annotate(request, full(last, last.text, last.token_ids, logprobs),
                                        [last], req.prompt_ids, fp)
     try:
@@ -115,6 +119,8 @@ async def run_request(request: web.Request, ctx: ServerContext, req: GenRequest,
                 last = out
                 if logprobs is not None and out.new_logprobs:
                     logprobs.extend(out.new_logprobs)
+                if out.new_top_logprobs:
+                    tops.extend(out.new_top_logprobs)
         except EngineError as e:
             raise ApiError(500, str(e), code="engine_error") from None
         except RequestCut as e:   # the drain's grace ran out: answer with what there is
