@@ -103,7 +103,7 @@ class Tokenizer:
             raise AdmissionError("this model has no chat template; use /v1/completions or "
                                  "send 'chat_template'", param="messages")
         if chat_template is not None:
-            _check_template_syntax(chat_template)
+            check_template_syntax(chat_template)
         # only what differs from the defaults: tokenizers that are not transformers' (the
         # tests' fakes) take just the messages and add_generation_prompt
         kw = dict(template_kwargs or {})
@@ -155,8 +155,8 @@ class Tokenizer:
         return IncrementalDetokenizer(self, prompt_ids)
 
 
-def _check_template_syntax(template: str) -> None:
-    """A Jinja syntax error in a request's template names `chat_template` (400)."""
+def check_template_syntax(template: str) -> None:
+    """A Jinja syntax error in a chat template: an AdmissionError naming `chat_template`."""
     import jinja2
     try:   # transformers' own environment (its extensions: loop controls, {% generation %})
         from transformers.utils.chat_template_utils import _compile_jinja_template
