@@ -250,8 +250,3 @@ def special_tokens(hf) -> dict[str, int]:
         return {}
     return {tok.content: i for i, tok in added.items() if getattr(tok, "special", False)}
 
-
-def chat_prompt_ids(ctx, body: dict) -> list[int]:
-    """The prompt ids a chat request with this body would have, with the same checks (vLLM's
-    /tokenize with messages)."""
-    return parse_chat_prompt(ctx, body)[0]
