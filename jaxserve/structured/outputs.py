@@ -4,8 +4,9 @@ before every sampled token, and its advance after.
 A constrained request's life (jaxserve/engine.py calls each step):
   1. `add_request`: `check` refuses an invalid constraint (AdmissionError naming the field),
      then, once the request is admitted, `add` starts its compilation (compiler.py).
-  2. Each step that samples its next token: the step builder asks `mask(seq)` (the engine's
-     `mask_provider`) for the row's bitmask, uint32 [ceil(V/32)], bit t % 32 of word t // 32
+  2. Each step that samples its next token: the engine has `prepare` make the step's masks
+     at once (in parallel), then the step builder asks `mask(seq)` (the engine's
+     `mask_provider`) for each row's bitmask, uint32 [ceil(V/32)], bit t % 32 of word t // 32
      set where token t is allowed: what the grammar accepts next, and the EOS tokens once it
      may end. The first call copies the compiled template (waiting for it if it is still
      compiling). The device applies the mask inside sampling (jaxserve/sampling.py).
@@ -13,7 +14,7 @@ A constrained request's life (jaxserve/engine.py calls each step):
      that is complete allows only EOS, so the request ends with finish_reason "stop".
   4. `release` when the request ends (finished, aborted or failed).
 A constrained row's next mask needs the token sampled before it, so a step holding a
-constrained sequence is run synchronously (the engine's `_needs_sync`); steps of
+constrained sequence is run synchronously (LLMEngine.step); steps of
 unconstrained requests only stay overlapped.
 """
 from __future__ import annotations
@@ -46,6 +47,8 @@ class StructuredOutputs:
         self.compiler = compiler or GrammarCompiler(tokenizer, vocab_size, tokenizer.eos_ids)
         self._states: dict[int, _State] = {}
         self._words = 0              # llguidance's mask width in words (>= num_words)
+        self._ready: dict[int, np.ndarray] = {}   # seq_id -> its mask made by `prepare`
+        self._pool = None            # llguidance's LLExecutor (its own threads), made on need
         self.wait_s = 0.0            # time steps spent waiting for compilations
 
     def check(self, c: Constraint) -> None:
@@ -56,6 +59,7 @@ class StructuredOutputs:
 
     def release(self, seq_id: int) -> None:
         self._states.pop(seq_id, None)
+        self._ready.pop(seq_id, None)
 
     def __len__(self) -> int:
         return len(self._states)
@@ -86,6 +90,28 @@ class StructuredOutputs:
             self.wait_s += time.perf_counter() - t
         return st.matcher
 
+    def prepare(self, seqs) -> None:
+        """Compute the masks of the constrained sequences among `seqs` (a step's) in one call,
+        on llguidance's thread pool, for `mask` to hand out: one row's mask costs from ~10 µs
+        to a few 100 µs (bounded strings make more lexer states), so a batch's masks are made
+        in parallel rather than one by one as the step builder asks."""
+        self._ready = {}
+        todo = []
+        for s in seqs:
+            st = self._states.get(s.seq_id)
+            m = None if st is None else self._matcher(st)
+            if m is not None and not m.is_error():
+                todo.append((s.seq_id, m))
+        if len(todo) < 2:
+            return
+        if self._pool is None:
+            import llguidance
+            self._pool = llguidance.LLExecutor()
+        buf = np.zeros((len(todo), self._words), np.uint32)
+        self._pool.unsafe_compute_mask_ptr([(m, i) for i, (_, m) in enumerate(todo)],
+                                           buf.ctypes.data, self._words * 4, len(todo))
+        self._ready = {seq_id: buf[i] for i, (seq_id, _) in enumerate(todo)}
+
     def mask(self, seq) -> np.ndarray | None:
         """seq's allowed-token bitmask for its next token (uint32 [num_words]), or None when it
         is not constrained. A failed grammar allows nothing (the request is then failed)."""
@@ -93,9 +119,11 @@ class StructuredOutputs:
         if st is None:
             return None
         m = self._matcher(st)
-        out = np.zeros((self._words if m is not None else self.num_words,), np.uint32)
-        if m is not None and not m.is_error():
-            m.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+        out = self._ready.pop(seq.seq_id, None)
+        if out is None:
+            out = np.zeros((self._words if m is not None else self.num_words,), np.uint32)
+            if m is not None and not m.is_error():
+                m.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
         row = out[:self.num_words]
         if m is not None and st.error is None and (m.is_error() or not row.any()):
             st.error = (f"structured output ({st.constraint.param}): "
@@ -105,6 +133,7 @@ class StructuredOutputs:
     def advance(self, seq, token: int) -> bool:
         """Feed seq's sampled token to its matcher; False if the grammar did not accept it
         (the request must fail: the mask should have made that impossible)."""
+        self._ready.pop(seq.seq_id, None)
         st = self._states.get(seq.seq_id)
         if st is None or st.matcher is None:
             return st is None
