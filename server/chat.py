@@ -237,7 +237,8 @@ def parse_chat_prompt(ctx, body: dict) -> tuple[list[int], ChatTurn, object | No
     if tools is not None and tools.choice in ("required", "named"):
         constraint = tool_call_constraint(
             tools.tools, tools.name or "required", cfg.tool_call_parser,
-            parallel=tools.parallel, special_token_id=special.get)
+            parallel=tools.parallel and tools.choice == "required",   # named: one call (vLLM)
+            special_token_id=special.get)
     keep = reader is not None and any(m in special for m in reader.markers)
     return ids, ChatTurn(role, echo, tools, reader, keep), constraint
 
