@@ -898,19 +898,17 @@ def tool_call_constraint(tools, tool_choice, parser: str | None, *, parallel: bo
                   "tool_choice")
     if parser is None:
         if tool_choice != "required":
-            schema = _args_schema(chosen[0])
+            schema = chosen[0].parameters or {"type": "object"}
         else:
             item = {"anyOf": [{"type": "object", "properties": {
-                "name": {"type": "string", "enum": [t.name]}, "parameters": _args_schema(t)},
+                "name": {"type": "string", "enum": [t.name]},
+                "parameters": t.parameters or {"type": "object"}},
                 "required": ["name", "parameters"], "additionalProperties": False}
                 for t in chosen]}
-            schema = {"type": "array", "minItems": 1, "items": item, "x-guidance": _JSON_OPTIONS}
+            schema = {"type": "array", "minItems": 1, "items": item}
             if not parallel:
                 schema["maxItems"] = 1
-        # a grammar, not Constraint.json_schema: that one sorts the schema's keys, and
-        # llguidance writes properties in the schema's order
-        return Constraint.grammar(f"start: %json {json.dumps(schema, ensure_ascii=False)}\n",
-                                  param="tools")
+        return Constraint.json_schema(schema, param="tools")
     if parser not in PARSER_CLASSES:
         raise ValueError(f"unknown tool-call parser {parser!r}")
     args_key = "parameters" if parser == "llama3_json" else "arguments"
