@@ -3,11 +3,15 @@
 A request asking for them (SamplingParams.prompt_logprobs = N) has each of its prompt positions
 computed by its own prefill steps (the scheduler gives it no cached or shared pages before its
 first token), and the prefill calls holding such a row carry `StepInput.score_targets`: per
-position, the next prompt token (-1 where there is none). Only then does the step program take
-the logits of every position ([B, T, V] float32, against [B, V] for sampling alone) and return
-`PromptScores` beside the sampled tokens; a step without score targets is the program it always
-was (the field is None, so it is not part of the program's inputs). The scores are computed on
-the raw model's distribution (no temperature or other sampling setting), as vLLM's.
+position, the next prompt token (-1 where there is none; jaxserve/step_builder.py targets_for).
+Only then does the step program take the logits of every position ([B, T, V] float32, against
+[B, V] for sampling alone) and return `PromptScores` beside the sampled tokens; a step without
+score targets is the program it always was (the field is None, so it is not part of the
+program's inputs). Such a program is compiled when a bucket first needs it (warm-up does not
+compile it), and the memory plan (jaxserve/memory.py) does not count its [B, T, V] logits: with
+a 512-token prefill bucket and a 128k vocabulary they are 256 MiB beside the planned step. The
+scores are computed on the raw model's distribution (no temperature or other sampling setting),
+as vLLM's.
 
 On the host, `PromptScoreBuffer` (engine) gathers a request's scores by position across its
 chunks (a position computed again after a preemption overwrites its entry) and turns them into
@@ -38,15 +42,17 @@ class PromptScores:
 def prompt_scores(logits, targets, k: int = MAX_PROMPT_LOGPROBS) -> PromptScores:
     """logits [B, T, V] (every position of the step), targets [B, T] int32 (-1: none)."""
     with jax.named_scope("prompt_scores"):
+        # on the logits themselves (no [B, T, V] array of log-probabilities is made): each
+        # value below is shifted by the position's log-sum-exp at the end
         logits = logits.astype(jnp.float32)
-        lp = logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-        chosen = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-        rank = jnp.sum(lp > chosen[..., None], axis=-1, dtype=jnp.int32) + 1
-        top_lp, top_ids = jax.lax.top_k(lp, min(k, lp.shape[-1]))
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        chosen = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+        rank = jnp.sum(logits > chosen[..., None], axis=-1, dtype=jnp.int32) + 1
+        top, top_ids = jax.lax.top_k(logits, min(k, logits.shape[-1]))
         valid = targets >= 0
-        return PromptScores(logprob=jnp.where(valid, chosen, jnp.nan),
+        return PromptScores(logprob=jnp.where(valid, chosen - lse, jnp.nan),
                             rank=jnp.where(valid, rank, 0),
-                            top_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)
+                            top_ids=top_ids.astype(jnp.int32), top_logprobs=top - lse[..., None])
 
 
 def at_index(logits, index):
