@@ -48,6 +48,7 @@ from jaxserve.sampling import NON_FINITE
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scoring import MAX_PROMPT_LOGPROBS, PromptScoreBuffer
 from jaxserve.sharding import head_layout
+from jaxserve.structured import StructuredOutputs
 from jaxserve.tokenizer import Tokenizer
 from scheduler import FinishReason, Scheduler, SchedulerConfig
 from scheduler.factory import make_policy
@@ -217,6 +218,10 @@ class LLMEngine:
             adapter_pages=self.loras.pages_needed,
             max_adapter_pages=config.lora_max_pages, max_adapters_per_batch=config.max_loras)
         self.output = OutputProcessor(tokenizer)
+        # Structured output (jaxserve/structured/outputs.py): each constrained row's token mask,
+        # asked for by the step builder through mask_provider(seq) -> uint32 bitmask | None.
+        self.structured = StructuredOutputs(tokenizer, model_config.vocab_size)
+        self.mask_provider = self.structured.mask
         # Overlap needs a runner that can launch without waiting, and one process (a pending
         # token is a device array; across processes the plan's inputs are host data).
         self.overlap = (config.async_scheduling and hasattr(self.runner, "launch")
@@ -300,11 +305,15 @@ class LLMEngine:
                                    or (parent.adapter, parent.cache_salt) != (adapter, cache_salt)):
             raise AdmissionError(f"request {request_id!r} is not a sample of {fork_of!r}: its "
                                  "prompt, adapter or cache salt differ")
+        constraint = getattr(params, "structured", None)
+        if constraint is not None:
+            self.structured.check(constraint)     # an invalid grammar: AdmissionError here
         seq = admit(self.scheduler, ids, params, request_id=request_id, running=self.output,
                     seq_id=next(self._ids), client_id=client_id, adapter=adapter,
                     cache_salt=cache_salt, adapters=self.loras,
                     vocab_size=self.model_config.vocab_size,
-                    max_model_len=self.max_model_len, rng=self._rng, now=time.monotonic())
+                    max_model_len=self.max_model_len, rng=self._rng, now=time.monotonic(),
+                    tokenizer=self.tokenizer)
         # (read by the scheduler when it admits seq, never before the next schedule())
         seq.fork_parent = parent
         num_top = getattr(params, "prompt_logprobs", None)
@@ -312,12 +321,15 @@ class LLMEngine:
             seq.needs_prompt_scores = True
             self._score_bufs[seq.seq_id] = (request_id, PromptScoreBuffer(
                 seq.num_prompt_tokens, min(num_top, MAX_PROMPT_LOGPROBS)))
+        if constraint is not None:
+            self.structured.add(seq, constraint)  # compiled on the grammar thread meanwhile
         self.output.add(request_id, seq, params)
         self.num_prompt_tokens_total += seq.num_prompt_tokens
 
     def abort(self, request_id: str) -> None:
         seq = self.output.pop(request_id)
         if seq is not None:
+            self.structured.release(seq.seq_id)
             self.scheduler.abort(seq.seq_id)
             self._score_bufs.pop(seq.seq_id, None)
         if not self.output:        # nobody reads the launched step's tokens
@@ -378,9 +390,18 @@ class LLMEngine:
                 if not hasattr(self.runner, "launch"):
                     now = (plan, self.runner.run(plan), {})
                 else:
+                    # a constrained row's next mask needs this step's token: run it now
+                    constrained = self.structured.any_constrained(plan.seqs)
+                    if constrained:
+                        self.structured.prepare(   # the step's masks, in parallel
+                            [s for i, s in enumerate(plan.seqs) if plan.samples(i)])
+                    overlap = self.overlap and not constrained
+                    builder = getattr(self.runner, "builder", None)
+                    if builder is not None:   # asked per sampling row only while any is constrained
+                        builder.mask_provider = self.mask_provider if len(self.structured) else None
                     launched = self.runner.launch(plan, prev[1] if prev is not None else None,
-                                                  feed=self.overlap)
-                    if self.overlap:
+                                                  feed=overlap)
+                    if overlap:
                         self._inflight = (plan, launched)
                     else:
                         now = (plan, self.runner.collect(launched), self._prompt_scores(launched))
@@ -420,14 +441,30 @@ class LLMEngine:
                     if out is not None:
                         failed.append(out)
         produced = self.scheduler.update(plan, tokens, time.monotonic())
+        if len(self.structured):
+            produced = self._advance_grammars(produced, failed)
         self.num_generation_tokens_total += len(produced)
         lp = {s.seq_id: logprobs[i] for i, s in enumerate(plan.seqs) if tokens[i] is not None}
         outputs, finished = self.output.process(produced, lp)
         if self._score_bufs:
             self._attach_prompt_logprobs(outputs)
         for seq, reason in finished:
+            self.structured.release(seq.seq_id)
             self.scheduler.finish(seq, reason)
         return failed + outputs
+
+    def _advance_grammars(self, produced: list, failed: list) -> list:
+        """Feed each constrained sequence's new token to its grammar; one the grammar refuses
+        (it broke the mask) fails its request. Returns the sequences still produced."""
+        kept = []
+        for seq in produced:
+            if self.structured.advance(seq, seq.output_token_ids[-1]):
+                kept.append(seq)
+            else:
+                out = self._fail(seq)
+                if out is not None:
+                    failed.append(out)
+        return kept
 
     def _attach_prompt_logprobs(self, outputs: list[RequestOutput]) -> None:
         """A request's first output carries its prompt logprobs (every prompt position was
@@ -443,9 +480,11 @@ class LLMEngine:
         infinite. Its pages are released as an abort's, and none it registered stays in the
         prefix cache (its K/V may be non-finite as well). None if the request is already gone."""
         under = f" under adapter {seq.adapter!r}" if seq.adapter else ""
+        why = self.structured.error(seq)    # its grammar failed: the mask allowed nothing
+        self.structured.release(seq.seq_id)
         out = self.output.fail(
-            seq, f"the model's output became non-finite (NaN or infinity){under}; the request "
-            "was stopped", NON_FINITE_LOGITS)
+            seq, why or f"the model's output became non-finite (NaN or infinity){under}; the "
+            "request was stopped", "structured_output_failed" if why else NON_FINITE_LOGITS)
         if out is None:
             return None
         log.warning("request %s: non-finite logits%s after %d tokens; finished with an error",
@@ -466,10 +505,13 @@ class LLMEngine:
         final: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[float]] = {rid: [] for rid in ids}
         prompt_lps: dict[str, list] = {}
+        tops: dict[str, list] = {}
         while any(rid not in final for rid in ids):
             for out in self.step():
                 if out.new_logprobs:
                     logprobs[out.request_id].extend(out.new_logprobs)
+                if out.new_top_logprobs:
+                    tops.setdefault(out.request_id, []).extend(out.new_top_logprobs)
                 if out.prompt_logprobs is not None:
                     prompt_lps[out.request_id] = out.prompt_logprobs
                 if out.finished:
@@ -478,6 +520,8 @@ class LLMEngine:
             if logprobs[rid]:
                 final[rid].new_logprobs = logprobs[rid]
             final[rid].prompt_logprobs = prompt_lps.get(rid)
+            if rid in tops:
+                final[rid].new_top_logprobs = tops[rid]
         return [final[rid] for rid in ids]
 
     def stats(self) -> dict:

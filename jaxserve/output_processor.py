@@ -70,7 +70,9 @@ class OutputProcessor:
         stop_ids = frozenset(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.tokenizer.eos_ids
-        req = _Request(request_id, seq, params, self.tokenizer.detokenizer(seq.prompt_token_ids),
+        detok = self.tokenizer.detokenizer(seq.prompt_token_ids, params.skip_special_tokens,
+                                           params.spaces_between_special_tokens)
+        req = _Request(request_id, seq, params, detok,
                        longest_stop=max((len(x) for x in params.stop), default=0),
                        stop_ids=stop_ids)
         self._by_id[request_id] = req
@@ -117,18 +119,24 @@ class OutputProcessor:
     def _step(self, req: _Request, logprob: float | None
               ) -> tuple[RequestOutput, FinishReason | None]:
         seq, p = req.seq, req.params
+        top = None
+        if isinstance(logprob, tuple):    # runner.TokenLogprobs: with top alternatives
+            logprob, top = logprob
         tok = seq.output_token_ids[-1]
-        reason, shown = None, True
+        reason, shown, stop_reason = None, True, None
         # As vLLM: an EOS or stop token wins over the length limit it also reaches.
         if tok in req.stop_ids:
             reason, shown = FinishReason.STOP, False
+            stop_reason = tok if tok in p.stop_token_ids else None
         elif seq.num_output_tokens >= seq.max_tokens:
             reason = FinishReason.LENGTH
         if shown:
             req.text += req.detok.step(_AllIds(seq))
-        cut = self._find_stop(req) if req.longest_stop else None
+        # (as vLLM: no stop string before min_tokens; the device bans EOS and stop tokens)
+        cut, stop = (self._find_stop(req) if req.longest_stop
+                     and seq.num_output_tokens > getattr(p, "min_tokens", 0) else (None, None))
         if cut is not None:
-            req.text, reason = req.text[:cut], FinishReason.STOP
+            req.text, reason, stop_reason = req.text[:cut], FinishReason.STOP, stop
         elif reason is not None and shown:
             req.text += req.detok.flush(_AllIds(seq))
         # Hold back a tail that might still become a stop string.
@@ -141,7 +149,8 @@ class OutputProcessor:
             text=req.text[:upto], token_ids=list(seq.output_token_ids),
             num_prompt_tokens=seq.num_prompt_tokens, finished=reason is not None,
             finish_reason=reason.value if reason is not None else None,
-            new_logprobs=[logprob] if p.logprobs else None)
+            new_logprobs=[logprob] if p.logprobs else None, stop_reason=stop_reason,
+            new_top_logprobs=[top or []] if getattr(p, "top_logprobs", 0) else None)
         return out, reason
 
     def fail(self, seq: Sequence, message: str, code: str) -> RequestOutput | None:
@@ -160,14 +169,16 @@ class OutputProcessor:
             error=message, error_code=code)
 
     @staticmethod
-    def _find_stop(req: _Request) -> int | None:
-        """Index where the output text must be cut, if a stop string appeared."""
+    def _find_stop(req: _Request) -> tuple[int | None, str | None]:
+        """(index where the output text must be cut, the stop string found there), or
+        (None, None) when no stop string appeared."""
         p = req.params
         start = max(0, req.emitted_chars - req.longest_stop)
-        best = None
+        best, found = None, None
         for s in p.stop:
             i = req.text.find(s, start)
             if i >= 0:
                 cut = i + len(s) if p.include_stop_str_in_output else i
-                best = cut if best is None else min(best, cut)
-        return best
+                if best is None or cut < best:
+                    best, found = cut, s
+        return best, found

@@ -104,10 +104,10 @@ def _count_put(counts, slots, tokens):
     return counts.at[slots, jnp.maximum(tokens, 0)].add(1, mode="drop")
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _slot_write(counts, prompt_mask, slot, row, mask_row):
-    """A penalty slot written whole: its output-token counts and its prompt's token mask."""
-    return counts.at[slot].set(row), prompt_mask.at[slot].set(mask_row)
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _slot_write(counts, slot, row):
+    """A penalty slot written whole: its output-token counts, PROMPT_BIT on its prompt's."""
+    return counts.at[slot].set(row)
 
 
 class TokenLogprobs(tuple):
@@ -167,12 +167,10 @@ class ModelRunner:
         self.num_programs_compiled = 0   # step programs compiled since start (warm-up included)
         self.num_steps = 0
         self._feed_zeros = None   # see _empty_feed
-        # The penalty table (jaxserve/sampling.py): output-token counts and prompt-token masks
-        # of max_num_seqs slots, on the device for the runner's life; and the device-held
-        # arrays a call passes for the sampling set's inputs no row of it uses (`_absent`).
-        W = -(-cfg.vocab_size // 32)
+        # The penalty table (jaxserve/sampling.py): output-token counts and prompt tokens of
+        # max_num_seqs slots, on the device for the runner's life; and the device-held arrays
+        # a call passes for the sampling set's inputs no row of it uses (`_absent`).
         self._pen_counts = self._device(np.zeros((max_num_seqs, cfg.vocab_size), np.int32))
-        self._pen_prompt = self._device(np.zeros((max_num_seqs, W), np.uint32))
         self._absent_cache: dict = {}
 
     # -- the pool ----------------------------------------------------------------------------
@@ -250,9 +248,8 @@ class ModelRunner:
                 self.kv = self.lora.write(self.kv, self.lora.stage(now))
         out = Launched(plan, [])
         calls = self.builder.build(plan)
-        for slot, counts, prompt in self.builder.slot_writes:    # slots taken by this plan
-            self._pen_counts, self._pen_prompt = _slot_write(
-                self._pen_counts, self._pen_prompt, np.int32(slot), counts, prompt)
+        for slot, row in self.builder.slot_writes:    # slots taken by this plan
+            self._pen_counts = _slot_write(self._pen_counts, np.int32(slot), row)
         self.builder.slot_writes.clear()
         for built in calls:
             tokens_in = None
@@ -369,7 +366,7 @@ class ModelRunner:
         return dict(
             top_logprobs=np.bool_(built.want_top), min_p=built.min_p, presence=built.presence,
             frequency=built.frequency, repetition=built.repetition, pen_slots=built.pen_slots,
-            counts=self._pen_counts, prompt_mask=self._pen_prompt,
+            counts=self._pen_counts,
             bias_ids=absent("bias_ids", B) if built.bias_ids is None else built.bias_ids,
             bias_vals=absent("bias_vals", B) if built.bias_vals is None else built.bias_vals,
             ban_ids=absent("ban", B) if built.ban_ids is None else built.ban_ids,
@@ -471,10 +468,8 @@ class ModelRunner:
                 jax.block_until_ready(self.kv.k)
                 on_progress(i + 1, len(shapes), time.perf_counter() - t0)
         # a penalty slot's write (runs before any request takes one: slot 0 stays zeros)
-        self._pen_counts, self._pen_prompt = _slot_write(
-            self._pen_counts, self._pen_prompt, np.int32(0),
-            np.zeros(self._pen_counts.shape[1:], np.int32),
-            np.zeros(self._pen_prompt.shape[1:], np.uint32))
+        self._pen_counts = _slot_write(self._pen_counts, np.int32(0),
+                                       np.zeros(self._pen_counts.shape[1:], np.int32))
         if self.lora is not None and any(len(s) > 4 for s in shapes):
             # after a step: the pool as a step leaves it is what loads are written into
             self.kv = self.lora.warm_loads(self.kv)

@@ -13,6 +13,7 @@ MAX_LOGIT_BIAS = 300       # logit_bias entries (OpenAI's cap)
 LOGIT_BIAS_LIMIT = 100.0   # biases are clamped to [-100, 100] (OpenAI's range; vLLM clamps)
 MAX_BAD_WORDS = 32         # bad_words strings (each tokenized with and without a leading space)
 MAX_BANS = 2 * MAX_BAD_WORDS   # sparse bans per row and step (more spill into the token mask)
+PROMPT_BIT = 1 << 30       # in the device's penalty table: the token is in the prompt
 
 
 def _is_int(v) -> bool:

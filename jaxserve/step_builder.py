@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jaxserve.sampling_params import MAX_BANS, MAX_LOGIT_BIAS
+from jaxserve.sampling_params import MAX_BANS, MAX_LOGIT_BIAS, PROMPT_BIT
 from scheduler import SequenceStatus, StepPlan
 
 
@@ -217,7 +217,7 @@ class StepBuilder:
         self.num_pen_slots = max_num_seqs
         self._slots: dict[int, tuple[int, object]] = {}   # seq_id -> (slot, Sequence)
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
-        self.slot_writes: list[tuple[int, np.ndarray, np.ndarray]] = []   # slot, counts, prompt
+        self.slot_writes: list[tuple[int, np.ndarray]] = []   # (slot, its [V] int32 entries)
         self._fixed_masks: dict[int, tuple[object, np.ndarray]] = {}   # allowed_token_ids
         # Structured output's hook (LLMEngine.mask_provider): seq -> a [ceil(V/32)] uint32
         # bitmask of the tokens its next token may be, or None (unconstrained); asked for every
@@ -487,9 +487,10 @@ class StepBuilder:
         slot = self._free_slots.pop()
         self._slots[seq.seq_id] = (slot, seq)
         V = self.vocab_size
-        counts = np.bincount(np.asarray(seq.output_token_ids, np.int64), minlength=V)[:V]
-        self.slot_writes.append((slot, counts.astype(np.int32),
-                                 pack_mask(seq.prompt_token_ids, V)))
+        row = np.bincount(np.asarray(seq.output_token_ids, np.int64), minlength=V)[:V]
+        row = row.astype(np.int32)
+        row[np.asarray(seq.prompt_token_ids, np.int64)] |= PROMPT_BIT
+        self.slot_writes.append((slot, row))
         return slot
 
     def _fixed_mask(self, seq) -> np.ndarray:

@@ -37,17 +37,17 @@ class SamplingOptions:
     min_tokens_ban: tuple[int, ...] = ()   # banned while fewer than min_tokens: EOS + stop ids
     bad_words: tuple[tuple[int, ...], ...] = ()    # token sequences never to complete
     allowed_token_ids: tuple[int, ...] | None = None
+    # derived once (the step builder reads them per row and step)
+    uses_penalties: bool = field(init=False, repr=False, compare=False)
+    has_bans: bool = field(init=False, repr=False, compare=False)   # min_tokens, bad words,
+    #                                                                 allowed ids
 
-    @property
-    def uses_penalties(self) -> bool:
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0
-                or self.repetition_penalty != 1)
-
-    @property
-    def has_bans(self) -> bool:
-        """Whether some step may ban tokens for it (min_tokens, bad words, allowed ids)."""
-        return bool((self.min_tokens and self.min_tokens_ban) or self.bad_words
-                    or self.allowed_token_ids is not None)
+    def __post_init__(self):
+        object.__setattr__(self, "uses_penalties", self.presence_penalty != 0
+                           or self.frequency_penalty != 0 or self.repetition_penalty != 1)
+        object.__setattr__(self, "has_bans", bool((self.min_tokens and self.min_tokens_ban)
+                                                  or self.bad_words
+                                                  or self.allowed_token_ids is not None))
 
 
 @dataclass(eq=False)

@@ -3,7 +3,9 @@
 For each engine and tokenizer: the time to compile a JSON schema for the vocabulary, and the
 time to compute one token mask (the host work a constrained row adds to every decode step),
 walking valid JSON documents of the schema token by token and timing the mask before each
-token. docs/structured_output.md has the results and the commands.
+token; with --walks, also random walks (each token drawn from the mask, as a random model
+would) under scripts/bench_structured.py's schema, whose strings are length-bounded.
+docs/structured_output.md has the results and the commands.
 
 Runs in a scratch virtual environment holding the three engines (xgrammar pulls in torch,
 which the server must not need), e.g.:
@@ -242,6 +244,36 @@ def measure(engine: Engine, hf_tok, docs: list[str], eos: int, repeats: int) -> 
             "mask_us_p99": times[int(len(times) * 0.99)] * 1e6}
 
 
+def allowed_ids(buf) -> np.ndarray:
+    """Token ids whose bit is set in a bitmask (numpy, or a torch tensor: xgrammar's)."""
+    words = np.ascontiguousarray(buf.numpy() if hasattr(buf, "numpy") else buf).reshape(-1)
+    return np.nonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))[0]
+
+
+def walk(engine: Engine, schema: dict, walks: int, length: int, seed: int = 0) -> dict:
+    """What a random model costs: `walks` walks of `length` tokens, each token drawn uniformly
+    from the mask (so strings fill with arbitrary characters up to their bounds)."""
+    rng = random.Random(seed)
+    t = time.perf_counter()
+    compiled = engine.compile(json.dumps(schema))
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(walks):
+        m = engine.matcher(compiled)
+        for _ in range(length):
+            t = time.perf_counter()
+            engine.mask(m)
+            times.append(time.perf_counter() - t)
+            ids = allowed_ids(engine.buf)
+            if not len(ids) or not engine.accept(m, int(rng.choice(ids))):
+                break
+    times.sort()
+    return {"compile_ms": compile_s * 1e3, "tokens": len(times),
+            "mask_us_mean": statistics.fmean(times) * 1e6,
+            "mask_us_p50": times[len(times) // 2] * 1e6,
+            "mask_us_p99": times[int(len(times) * 0.99)] * 1e6}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokenizer", action="append", default=[],
@@ -250,6 +282,9 @@ def main(argv=None) -> None:
     ap.add_argument("--engines", default="llguidance,xgrammar,outlines-core")
     ap.add_argument("--docs", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--walks", type=int, default=0,
+                    help="also: this many random walks of 128 tokens under scripts/"
+                         "bench_structured.py's schema (bounded strings)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     from tokenizers import Tokenizer
@@ -268,10 +303,18 @@ def main(argv=None) -> None:
             r = measure(engine, hf, documents(args.docs), eos, args.repeats)
             r.update(engine=name, vocab=vocab, tokenizer_setup_ms=setup * 1e3)
             rows.append(r)
-            print(f"{name:14s} vocab {vocab:6d}  tokenizer setup {setup * 1e3:8.1f} ms  "
-                  f"compile {r['compile_ms']:8.1f} ms  mask mean {r['mask_us_mean']:7.1f} us  "
-                  f"p50 {r['mask_us_p50']:7.1f} us  p99 {r['mask_us_p99']:7.1f} us  "
-                  f"({r['tokens']} masks)", flush=True)
+            runs = [("documents", r)]
+            if args.walks:
+                from bench_structured import SCHEMA as BENCH_SCHEMA
+                w = walk(engine, BENCH_SCHEMA, args.walks, 128)
+                w.update(engine=name, vocab=vocab, mode="walk")
+                rows.append(w)
+                runs.append(("random walk", w))
+            for what, x in runs:
+                print(f"{name:14s} vocab {vocab:6d} {what:11s} tokenizer setup "
+                      f"{setup * 1e3:7.1f} ms  compile {x['compile_ms']:8.1f} ms  mask mean "
+                      f"{x['mask_us_mean']:7.1f} us  p50 {x['mask_us_p50']:7.1f} us  p99 "
+                      f"{x['mask_us_p99']:7.1f} us  ({x['tokens']} masks)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -6,8 +6,8 @@ checked once, elsewhere: sampling fields by `SamplingParams`, the prompt, the ad
 context length by `jaxserve.admission`; their AdmissionError becomes an ApiError through
 `admission_error` (400, 404 for an unknown model, 429 for overload).
 Unknown fields are ignored (clients send many optional extras); fields we cannot honour with a
-non-default value (echo, suffix, best_of > 1, penalties, logit_bias, top alternatives in logprobs)
-are refused with a message rather than silently dropped.
+non-default value (echo, suffix, best_of > 1) are refused with a message rather than silently
+dropped.
 """
 from __future__ import annotations
 
@@ -208,23 +208,9 @@ def get_stop(body: dict, name: str = "stop") -> tuple[str, ...]:
 
 
 def refuse_unsupported(body: dict) -> None:
-    """Fields whose non-default values we cannot honour: refuse them instead of ignoring them."""
-    n = get_int(body, "n", 1, lo=1, hi=128)
-    if n != 1:
-        raise bad("n > 1 is not supported; send n separate requests", "n")
-    best_of = get_int(body, "best_of", 1, lo=1, hi=128)
-    if best_of != 1:
-        raise bad("best_of > 1 is not supported", "best_of")
-    for pen in ("presence_penalty", "frequency_penalty"):
-        if get_float(body, pen, 0.0, -2.0, 2.0) != 0.0:
-            raise bad(f"'{pen}' is not supported (only 0)", pen)
-    if get_float(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True) != 1.0:
-        raise bad("'repetition_penalty' is not supported (only 1)", "repetition_penalty")
-    lb = body.get("logit_bias")
-    if lb is not None and not isinstance(lb, dict):
-        raise bad("'logit_bias' must be an object", "logit_bias")
-    if lb:
-        raise bad("'logit_bias' is not supported", "logit_bias")
+    """Fields whose non-default values we cannot honour: refuse them instead of ignoring them.
+    (None left here: n / best_of are read by the endpoints, server/choices.py; the registry,
+    server/fields.py, refuses what is not served.)"""
 
 
 # ------------------------------------------------------------------ common request shape
@@ -243,11 +229,56 @@ class GenRequest:
     cache_salt: str | None = None
 
 
+def get_token_ids(body: dict, name: str) -> tuple[int, ...] | None:
+    """A list of token ids (integers >= 0; the vocabulary bound is admission's)."""
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(type(t) is int and t >= 0 for t in v):
+        raise bad(f"'{name}' must be a list of token ids (integers >= 0)", name)
+    return tuple(v)
+
+
+def get_logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: an object of token ids (as strings) to biases in [-100, 100]."""
+    v = body.get("logit_bias")
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise bad("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    out = {}
+    for k, b in v.items():
+        if not (k.isascii() and k.isdigit()):
+            raise bad(f"'logit_bias' keys must be token ids, got {k[:40]!r}", "logit_bias")
+        if not isinstance(b, (int, float)) or isinstance(b, bool):
+            raise bad(f"'logit_bias' values must be numbers, got {b!r} for {k!r}", "logit_bias")
+        if not -100 <= b <= 100:
+            raise bad(f"'logit_bias' values must be in [-100, 100], got {b!r} for {k!r}",
+                      "logit_bias")
+        out[int(k)] = float(b)
+    return out or None
+
+
 def sampling_fields(body: dict, stop_name: str = "stop") -> dict:
     """SamplingParams keywords from the fields completions, chat and /generate share (their
-    values are checked by SamplingParams; max_tokens is read by the caller)."""
+    values are checked by SamplingParams; max_tokens and the logprobs counts are read by the
+    caller)."""
     top_k = get_int(body, "top_k", 0)
-    return dict(temperature=get_float(body, "temperature", 1.0),
+    bad_words = body.get("bad_words")
+    if bad_words is not None and (not isinstance(bad_words, list)
+                                  or not all(isinstance(w, str) for w in bad_words)):
+        raise bad("'bad_words' must be a list of strings", "bad_words")
+    return dict(stop_token_ids=get_token_ids(body, "stop_token_ids") or (),
+                include_stop_str_in_output=get_bool(body, "include_stop_str_in_output", False),
+                presence_penalty=get_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+                frequency_penalty=get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                repetition_penalty=get_float(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
+                logit_bias=get_logit_bias(body),
+                min_p=get_float(body, "min_p", 0.0, 0.0, 1.0),
+                min_tokens=get_int(body, "min_tokens", 0, lo=0),
+                bad_words=tuple(bad_words or ()),
+                allowed_token_ids=get_token_ids(body, "allowed_token_ids"),
+                temperature=get_float(body, "temperature", 1.0),
                 top_p=get_float(body, "top_p", 1.0),
                 top_k=0 if top_k == -1 else top_k,   # -1 disables, as in vLLM
                 seed=get_int(body, "seed", None), stop=get_stop(body, stop_name),

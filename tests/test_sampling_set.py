@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from jaxserve.sampling import NON_FINITE, SamplingInput, _process, sample, unpack_bits
-from jaxserve.sampling_params import MAX_BANS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
+from jaxserve.sampling_params import (MAX_BANS, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, PROMPT_BIT,
+                                      SamplingParams)
 from jaxserve.step_builder import StepBuilder, pack_mask
 from scheduler import SamplingOptions, Sequence, StepPlan
 
@@ -59,7 +60,6 @@ def batch_input(rows: list[dict], V: int, S: int = 4, **base) -> SamplingInput:
     """A SamplingInput with every field, from per-row dicts as ref_process reads them."""
     B, W = len(rows), -(-V // 32)
     counts = np.zeros((S, V), np.int32)
-    prompt = np.zeros((S, W), np.uint32)
     f = lambda k, d: np.array([r.get(k, d) for r in rows], np.float32)   # noqa: E731
     slots = np.full(B, -1, np.int32)
     bias_ids = np.full((B, MAX_LOGIT_BIAS), -1, np.int32)
@@ -71,7 +71,7 @@ def batch_input(rows: list[dict], V: int, S: int = 4, **base) -> SamplingInput:
         if row.get("counts") is not None:
             slots[r] = row["slot"]
             counts[row["slot"]] = row["counts"]
-            prompt[row["slot"]] = pack_mask(sorted(row.get("prompt") or ()), V)
+            counts[row["slot"], sorted(row.get("prompt") or ())] |= PROMPT_BIT
         for j, (t, b) in enumerate(row.get("bias", {}).items()):
             bias_ids[r, j], bias_vals[r, j] = t, b
         for j, (c, t) in enumerate(row.get("bans", ())):
@@ -85,7 +85,7 @@ def batch_input(rows: list[dict], V: int, S: int = 4, **base) -> SamplingInput:
     return SamplingInput(
         **kw, top_logprobs=np.bool_(False), min_p=f("min_p", 0.0),
         presence=f("presence", 0.0), frequency=f("frequency", 0.0),
-        repetition=f("repetition", 1.0), pen_slots=slots, counts=counts, prompt_mask=prompt,
+        repetition=f("repetition", 1.0), pen_slots=slots, counts=counts,
         bias_ids=bias_ids, bias_vals=bias_vals, ban_ids=ban_ids, ban_if=ban_if,
         last_tokens=np.array([[r.get("last", 0)] for r in rows], np.int32), allowed=allowed,
         use_allowed=np.bool_(any(r.get("allowed") is not None for r in rows)))
@@ -192,7 +192,7 @@ def test_a_row_allowing_no_token_samples_non_finite_alone():
 
 def test_top_logprobs_are_the_models_most_likely_tokens():
     rng = np.random.default_rng()
-    B, V = 4, 500
+    B, V = 4, 5000           # > 20 blocks of 128: the two-level top-k
     logits = rng.normal(0, 2, (B, V)).astype(np.float32)
     s = batch_input([{}] * B, V, temperature=np.array([0, 0.9, 0, 1.0], np.float32))
     s.top_logprobs = np.bool_(True)
@@ -207,6 +207,25 @@ def test_top_logprobs_are_the_models_most_likely_tokens():
     toks2, (_, ids2, _) = _sample(jnp.asarray(logits), s)
     assert np.asarray(toks).tolist() == np.asarray(toks2).tolist()
     assert not np.asarray(ids2).any()
+
+
+def test_two_level_top_k_is_lax_top_k():
+    """The k largest of rows whose largest values crowd one block, spread over blocks, sit in
+    the padded last block, or tie (values; ids where there are no ties)."""
+    from jaxserve.sampling import _top_k_blocks
+    rng = np.random.default_rng()
+    for V in (49152, 5001, 2600):
+        x = rng.standard_normal((5, V)).astype(np.float32)
+        x[0, 256:276] += 20.0                        # all in one block
+        x[1, rng.choice(V, 20, replace=False)] += 20.0
+        x[2, V - 15:] += 20.0                        # the partial last block
+        x[3] = np.round(x[3])                        # ties
+        vals, ids = _top_k_blocks(jnp.asarray(x), 20)
+        want_vals, want_ids = jax.lax.top_k(jnp.asarray(x), 20)
+        np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
+        rows = [0, 1, 2, 4]
+        np.testing.assert_array_equal(np.asarray(ids)[rows], np.asarray(want_ids)[rows])
+        np.testing.assert_array_equal(np.take_along_axis(x, np.asarray(ids), 1), np.asarray(vals))
 
 
 def test_a_rows_token_does_not_depend_on_the_other_rows():
@@ -509,8 +528,8 @@ def test_overlapped_steps_equal_synchronous_ones_with_the_sampling_set(tiny):
 
 def test_device_counts_follow_each_penalised_sequence(tiny):
     """After every synchronous step, each penalised running sequence's slot of the device's
-    table holds the counts of its output tokens, and its prompt's mask (slots move through
-    preemption and reuse)."""
+    table holds the counts of its output tokens and PROMPT_BIT on its prompt's tokens (slots
+    move through preemption and reuse)."""
     e = _engine(tiny, num_pages=14, async_scheduling=False)
     b, runner = e.runner.builder, e.runner
     rng = random.Random(2)
@@ -522,16 +541,14 @@ def test_device_counts_follow_each_penalised_sequence(tiny):
     checked = 0
     while e.has_unfinished():
         e.step()
-        counts = np.asarray(runner._pen_counts)
-        prompt = np.asarray(runner._pen_prompt)
+        table = np.asarray(runner._pen_counts)
         for seq in e.scheduler.running:
             hit = b._slots.get(seq.seq_id)
             if hit is None or not seq.output_token_ids:
                 continue
-            want = np.bincount(seq.output_token_ids, minlength=counts.shape[1])
-            np.testing.assert_array_equal(counts[hit[0]], want)
-            np.testing.assert_array_equal(prompt[hit[0]], pack_mask(seq.prompt_token_ids,
-                                                                     counts.shape[1]))
+            want = np.bincount(seq.output_token_ids, minlength=table.shape[1]).astype(np.int32)
+            want[seq.prompt_token_ids] |= PROMPT_BIT
+            np.testing.assert_array_equal(table[hit[0]], want)
             checked += 1
     assert checked > 20 and e.num_preemptions_total > 0
 
