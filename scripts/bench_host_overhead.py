@@ -219,11 +219,11 @@ def measure_real(batch: int, loops: list[str], steps: int, args) -> list[dict]:
         rows.append({"batch": batch, "loop": loop, "steps": steps,
                      "period_ms": round(period * 1e3, 3)})
     runner, built = engine.runner, last["decode"]
-    tokens, _ = runner._launch(built)
+    tokens = runner._launch(built)[0]
     jax.block_until_ready(tokens)
     t0 = time.perf_counter()
     for _ in range(steps):
-        tokens, _ = runner._launch(built)
+        tokens = runner._launch(built)[0]
     jax.block_until_ready((tokens, runner.kv.k))
     device = (time.perf_counter() - t0) / steps
     for r in rows:

@@ -4,7 +4,7 @@ For each engine and tokenizer: the time to compile a JSON schema for the vocabul
 time to compute one token mask (the host work a constrained row adds to every decode step),
 walking valid JSON documents of the schema token by token and timing the mask before each
 token; with --walks, also random walks (each token drawn from the mask, as a random model
-would) under scripts/bench_structured.py's schema, whose strings are length-bounded.
+would) under scripts/bench_sampling.py's schema, whose strings are length-bounded.
 docs/structured_output.md has the results and the commands.
 
 Runs in a scratch virtual environment holding the three engines (xgrammar pulls in torch,
@@ -284,7 +284,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--walks", type=int, default=0,
                     help="also: this many random walks of 128 tokens under scripts/"
-                         "bench_structured.py's schema (bounded strings)")
+                         "bench_sampling.py's schema (bounded strings)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     from tokenizers import Tokenizer
@@ -305,7 +305,7 @@ def main(argv=None) -> None:
             rows.append(r)
             runs = [("documents", r)]
             if args.walks:
-                from bench_structured import SCHEMA as BENCH_SCHEMA
+                from bench_sampling import SCHEMA as BENCH_SCHEMA
                 w = walk(engine, BENCH_SCHEMA, args.walks, 128)
                 w.update(engine=name, vocab=vocab, mode="walk")
                 rows.append(w)
