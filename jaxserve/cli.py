@@ -79,6 +79,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fair-weights", default=None, help="client=weight,... for weighted VTC")
     g.add_argument("--seed", type=int, default=C.seed)
     g.add_argument("--tp", type=int, default=C.tp, help="tensor-parallel degree (devices in the mesh)")
+    g.add_argument("--dp", type=int, default=C.dp,
+                   help="data-parallel replicas, each on --tp devices with its own KV pool, all "
+                        "planned by one scheduler (global VTC counters and adapter placement); "
+                        "--dp x --tp must be the device count (docs/parallelism.md)")
     g.add_argument("--ep", type=int, default=C.ep,
                    help="expert parallelism for mixture-of-experts models: 1 splits each expert "
                         "over the --tp devices; --ep equal to --tp places whole experts, "
@@ -122,7 +126,7 @@ def engine_config_from_args(args):
         cached_token_weight=args.cached_token_weight, backend=args.backend, layer_loop=args.layer_loop, scheduler=args.scheduler,
         fair_weights=tuple(sorted(parse_fair_weights(args.fair_weights).items())), seed=args.seed,
         **lora_engine_kwargs(args),
-        tp=args.tp, ep=args.ep)
+        tp=args.tp, ep=args.ep, dp=args.dp)
 
 
 def _cmd_generate(args) -> int:

@@ -22,6 +22,7 @@ runner and tokenizer (tests/fake_runner.py) it loads and compiles nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -42,6 +43,7 @@ from jaxserve.lora.store import AdapterLimitError
 from jaxserve.model.kv_cache import bytes_per_page
 from jaxserve.model.weights import cast
 from jaxserve.output_processor import OutputProcessor
+from jaxserve.replicas import ReplicaRunner, replica_devices
 from jaxserve.outputs import NON_FINITE_LOGITS, RequestOutput
 from jaxserve.runner import ModelRunner
 from jaxserve.sampling import NON_FINITE
@@ -50,7 +52,7 @@ from jaxserve.scoring import MAX_PROMPT_LOGPROBS, PromptScoreBuffer
 from jaxserve.sharding import head_layout
 from jaxserve.structured import StructuredOutputs
 from jaxserve.tokenizer import Tokenizer
-from scheduler import FinishReason, Scheduler, SchedulerConfig
+from scheduler import FinishReason, ReplicaScheduler, Scheduler, SchedulerConfig
 from scheduler.factory import make_policy
 
 log = logging.getLogger("jaxserve.engine")
@@ -91,7 +93,10 @@ class EngineConfig:
     scheduler: str = "fcfs"
     fair_weights: tuple[tuple[str, float], ...] = ()
     seed: int = 0
-    tp: int = 1                       # tensor-parallel degree (devices in the mesh)
+    tp: int = 1                       # tensor-parallel degree (devices per replica)
+    # data-parallel replicas, each on its own tp devices with its own KV pool and batch rows,
+    # all planned by one scheduler (jaxserve/replicas.py, scheduler/replicas.py)
+    dp: int = 1
     # expert parallelism: 1 (each expert split over the tp devices) or tp (whole experts per
     # device); mixture-of-experts models only (jaxserve/sharding.py check_parallel)
     ep: int = 1
@@ -116,7 +121,7 @@ class EngineConfig:
             object.__setattr__(self, "fair_weights", tuple(sorted(self.fair_weights.items())))
         if self.cached_token_weight is not None and not 0 <= self.cached_token_weight <= 1:
             raise ValueError(f"cached_token_weight must be in [0, 1], got {self.cached_token_weight}")
-        for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp",
+        for f in ("page_size", "max_num_seqs", "max_prefill_tokens", "max_model_len", "tp", "dp",
                   "max_loras", "max_lora_rank", "max_num_batched_tokens"):
             if getattr(self, f) is not None and getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be positive")
@@ -145,11 +150,17 @@ def load_for_backend(config: EngineConfig):
     loaded straight into that backend's placement (sharded under tp, nothing staged whole on
     one device; random on the devices for load_format "dummy")."""
     dtype = DTYPES[config.dtype]
-    backend = backends.select(config.backend, load_config(config.model), dtype, tp=config.tp,
-                              layer_loop=config.layer_loop, ep=config.ep)
+    backend = _select_backend(config, load_config(config.model),
+                              replica_devices(config.dp, config.tp)[0] if config.dp > 1 else None)
     model = load_model(config.model, dtype, placement=backend.placement(),
                        load_format=config.load_format, seed=config.seed)
     return model, backend
+
+
+def _select_backend(config: EngineConfig, model_config: ModelConfig, devices=None):
+    """config's backend for the model, on `devices` (one replica's, under dp) or the default."""
+    return backends.select(config.backend, model_config, DTYPES[config.dtype], tp=config.tp,
+                           layer_loop=config.layer_loop, ep=config.ep, devices=devices)
 
 
 def _shape_words(shape: tuple) -> str:
@@ -205,7 +216,10 @@ class LLMEngine:
             num_pages = self._plan_pool(page_bytes, memory_devices)
             self.runner.init_pool(num_pages)
             self.loras.max_pages = make_lora_store(model_config, config, num_pages).max_pages
-        self.scheduler = Scheduler(
+        # dp > 1: one scheduler plans every replica's pool (num_pages: each replica's)
+        make_scheduler = (Scheduler if config.dp == 1 else
+                          functools.partial(ReplicaScheduler, num_replicas=config.dp))
+        self.scheduler = make_scheduler(
             SchedulerConfig(num_pages=num_pages, page_size=config.page_size,
                             max_num_seqs=config.max_num_seqs,
                             max_prefill_tokens=config.max_prefill_tokens,
@@ -283,12 +297,31 @@ class LLMEngine:
 
     def _make_runner(self, weights, num_pages: int | None, backend) -> ModelRunner:
         config = self.config
+        if config.dp > 1:
+            return self._make_replicas(weights, num_pages, backend)
         return ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
             max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=backend,
             tp=config.tp, layer_loop=config.layer_loop, ep=config.ep,
             lora=LoraRuntime(self.loras), consume_weights=True)
+
+    def _make_replicas(self, weights, num_pages: int | None, backend) -> ReplicaRunner:
+        """One ModelRunner per replica, each on its own tp devices (a mesh even at tp 1), each
+        with its own copy of the weights, pool, step builder and LoRA slots; the adapters'
+        host store is shared. Replica 0's backend may be the one the weights were loaded for;
+        the others copy them from there, and replica 0 (made last) consumes them."""
+        config, groups = self.config, replica_devices(self.config.dp, self.config.tp)
+        runners = {}
+        for r in reversed(range(config.dp)):
+            b = (backend if r == 0 and not isinstance(backend, str) else
+                 _select_backend(config, self.model_config, groups[r]))
+            runners[r] = ModelRunner(
+                self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
+                max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
+                max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=b,
+                lora=LoraRuntime(self.loras), consume_weights=r == 0)
+        return ReplicaRunner([runners[r] for r in range(config.dp)])
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams, *,
@@ -365,7 +398,7 @@ class LLMEngine:
         if users:
             raise AdmissionError(f"adapter {name!r} is in use by {users} unfinished request(s); "
                                  "remove it after they finish or abort them", param="lora_name")
-        self.scheduler.adapters.evict(name)
+        self.scheduler.evict_adapter(name)
         # its cached prefixes' K/V were computed with its weights; a new adapter may take the name
         self.scheduler.forget_cached(name)
         self.loras.remove(name)
@@ -489,7 +522,7 @@ class LLMEngine:
             return None
         log.warning("request %s: non-finite logits%s after %d tokens; finished with an error",
                     out.request_id, under, len(out.token_ids))
-        self.scheduler.allocator.forget(seq.block_table[:seq.num_registered_pages])
+        self.scheduler.allocator_of(seq).forget(seq.block_table[:seq.num_registered_pages])
         self.scheduler.finish(seq, FinishReason.ABORT)
         self._score_bufs.pop(seq.seq_id, None)
         return out

@@ -9,8 +9,10 @@ from scheduler.block_allocator import BlockAllocator, OutOfPages
 from scheduler.sequence import FinishReason, SamplingOptions, Sequence, SequenceStatus
 from scheduler.policy import FCFSPolicy, Policy, RequestRejected
 from scheduler.scheduler import Scheduler, SchedulerConfig, StepPlan
+from scheduler.replicas import ReplicaPlan, ReplicaScheduler
 
 __all__ = [
     "AdapterCache", "BlockAllocator", "OutOfPages", "FinishReason", "SamplingOptions", "Sequence", "SequenceStatus",
     "FCFSPolicy", "Policy", "RequestRejected", "Scheduler", "SchedulerConfig", "StepPlan",
+    "ReplicaPlan", "ReplicaScheduler",
 ]

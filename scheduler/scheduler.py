@@ -157,11 +157,13 @@ class StepPlan:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, policy: Policy | None = None, *,
                  adapter_pages=None, max_adapter_pages: int | None = None,
-                 max_adapters_per_batch: int | None = None, num_prefetch: int = 2):
+                 max_adapters_per_batch: int | None = None, num_prefetch: int = 2,
+                 replica: int = 0):
         """adapter_pages: name -> pages its weights take (enables adapter accounting; without
         it `Sequence.adapter` is ignored). max_adapters_per_batch: distinct adapters running at
-        once (the runner's slot count)."""
-        self.config = config
+        once (the runner's slot count). replica: this pool's index among data-parallel
+        replicas planned together (scheduler/replicas.py); 0 alone."""
+        self.config, self.replica = config, replica
         self.policy = policy if policy is not None else FCFSPolicy()  # an empty policy is falsy
         self.allocator = BlockAllocator(config.num_pages)
         self.adapters = (AdapterCache(self.allocator, adapter_pages, max_pages=max_adapter_pages,
@@ -261,10 +263,14 @@ class Scheduler:
                 self._schedule_decode(plan)
         if self.adapters is not None:
             self._prefetch()
-            plan.adapter_loads = self.adapters.drain_loads()
-            plan.adapter_pages = {s.adapter: self.adapters.pages_of(s.adapter)
-                                  for s in plan.seqs if self._uses_adapter(s)}
+            self._add_adapters(plan)
         return plan
+
+    def _add_adapters(self, plan: StepPlan) -> None:
+        """The adapter loads the step must write first, and the pages of those it uses."""
+        plan.adapter_loads = self.adapters.drain_loads()
+        plan.adapter_pages = {s.adapter: self.adapters.pages_of(s.adapter)
+                              for s in plan.seqs if self._uses_adapter(s)}
 
     # -- adapters ---------------------------------------------------------------------------
     def _uses_adapter(self, seq: Sequence) -> bool:
@@ -297,6 +303,15 @@ class Scheduler:
             return False
         return True
 
+    def evict_adapter(self, name: str) -> None:
+        """Drop an (unpinned) adapter from the pool: it is being removed."""
+        if self.adapters is not None:
+            self.adapters.evict(name)
+
+    def allocator_of(self, seq: Sequence) -> BlockAllocator:
+        """The allocator holding seq's pages (one pool here; per replica in ReplicaScheduler)."""
+        return self.allocator
+
     def _unpin_adapter(self, seq: Sequence) -> None:
         if self._uses_adapter(seq):
             self.adapters.release(seq.adapter)
@@ -314,8 +329,27 @@ class Scheduler:
                 break
 
     def _schedule_prefill(self, plan: StepPlan, now: float, budget: int) -> None:
-        cfg = self.config
-        # Unfinished chunked prefills first: they already hold pages.
+        budget = self._continue_prefills(plan, budget)
+        # Admit new requests in the policy's order; stop at the first that does not fit
+        # (no skipping ahead, so the policy's order is the service order).
+        while budget > 0 and self.has_room:
+            seq = self.policy.peek()
+            if seq is None or seq.num_pending_tokens:
+                # (a preempted sequence whose last token is still being sampled resumes once
+                # the host knows it: at most one step later)
+                break
+            n = self._admit(seq, plan, now, budget)
+            if n is None:
+                break
+            budget -= n
+
+    @property
+    def has_room(self) -> bool:
+        """Another request may run (the batch is not full)."""
+        return len(self.running) < self.config.max_num_seqs
+
+    def _continue_prefills(self, plan: StepPlan, budget: int) -> int:
+        """Plan unfinished chunked prefills (they already hold pages); returns the budget left."""
         for seq in self.running:
             if budget <= 0:
                 break
@@ -323,44 +357,44 @@ class Scheduler:
                 n = min(seq.num_total_tokens - seq.num_computed_tokens, budget)
                 self._add_to_plan(plan, seq, n, decode=False)
                 budget -= n
-        # Admit new requests in the policy's order; stop at the first that does not fit
-        # (no skipping ahead, so the policy's order is the service order).
-        while budget > 0 and len(self.running) < cfg.max_num_seqs:
-            seq = self.policy.peek()
-            if seq is None or seq.num_pending_tokens:
-                # (a preempted sequence whose last token is still being sampled resumes once
-                # the host knows it: at most one step later)
-                break
-            # cached (or a sibling's) pages are taken (referenced) first, so nothing below
-            # evicts them
-            hit, forked = self._reused_pages(seq, plan)
-            if hit is None:     # a sample waits for its sibling's prompt pages
-                break
-            needed = self.pages_for(seq.num_tokens) - len(hit)
-            # (_pin_adapter checks the KV pages fit with the adapter, and unpins on failure)
-            if not (self._pin_adapter(seq, needed) and self._can_take(needed)):
-                self.allocator.free(hit[::-1])
-                break
-            num_hit = len(hit) * cfg.page_size
-            if forked:
-                self.num_forked_tokens += num_hit
-            elif cfg.enable_prefix_caching and not seq.needs_prompt_scores:
-                self.prefix_stats.record(seq.adapter, seq.num_tokens, num_hit)
-            if not seq.is_prefill_charged:
-                seq.num_cached_tokens = min(num_hit, seq.num_prompt_tokens)
-            self.policy.pop(seq, now)
-            seq.block_table = hit + self.allocator.allocate(needed)
-            # (a sibling's pages are registered by it, or by this sample: register() keeps
-            # the first)
-            seq.num_registered_pages = 0 if forked else len(hit)
-            seq.status = SequenceStatus.RUNNING
-            seq.num_computed_tokens = num_hit
-            if seq.admit_time is None:
-                seq.admit_time = now
-            self.running.append(seq)
-            n = min(seq.num_tokens - num_hit, budget)
-            self._add_to_plan(plan, seq, n, decode=False)
-            budget -= n
+        return budget
+
+    def _admit(self, seq: Sequence, plan: StepPlan, now: float, budget: int) -> int | None:
+        """Admit the policy's head `seq` into this pool and plan its first chunk (at most
+        `budget` tokens); returns the tokens planned, or None when it does not fit (nothing
+        taken)."""
+        cfg = self.config
+        # cached (or a sibling's) pages are taken (referenced) first, so nothing below
+        # evicts them
+        hit, forked = self._reused_pages(seq, plan)
+        if hit is None:     # a sample waits for its sibling's prompt pages
+            return None
+        needed = self.pages_for(seq.num_tokens) - len(hit)
+        # (_pin_adapter checks the KV pages fit with the adapter, and unpins on failure)
+        if not (self._pin_adapter(seq, needed) and self._can_take(needed)):
+            self.allocator.free(hit[::-1])
+            return None
+        num_hit = len(hit) * cfg.page_size
+        if forked:
+            self.num_forked_tokens += num_hit
+        elif cfg.enable_prefix_caching and not seq.needs_prompt_scores:
+            self.prefix_stats.record(seq.adapter, seq.num_tokens, num_hit)
+        if not seq.is_prefill_charged:
+            seq.num_cached_tokens = min(num_hit, seq.num_prompt_tokens)
+        self.policy.pop(seq, now)
+        seq.block_table = hit + self.allocator.allocate(needed)
+        # (a sibling's pages are registered by it, or by this sample: register() keeps
+        # the first)
+        seq.num_registered_pages = 0 if forked else len(hit)
+        seq.status = SequenceStatus.RUNNING
+        seq.replica = self.replica
+        seq.num_computed_tokens = num_hit
+        if seq.admit_time is None:
+            seq.admit_time = now
+        self.running.append(seq)
+        n = min(seq.num_tokens - num_hit, budget)
+        self._add_to_plan(plan, seq, n, decode=False)
+        return n
 
     @staticmethod
     def _decodes(seq: Sequence) -> bool:
@@ -412,7 +446,8 @@ class Scheduler:
         if seq.needs_prompt_scores and not seq.output_token_ids:
             return [], False
         parent = seq.fork_parent
-        if parent is not None and parent.status is SequenceStatus.RUNNING:
+        if (parent is not None and parent.status is SequenceStatus.RUNNING
+                and parent.replica == self.replica):
             S = self.config.page_size
             k = min(seq.num_prompt_tokens, seq.num_tokens - 1) // S
             if k > 0:

@@ -71,6 +71,8 @@ class Sequence:
     # step N+1 while step N runs: N's token is the input of N+1's decode, taken on the device)
     num_pending_tokens: int = 0
     num_preemptions: int = 0
+    # the data-parallel replica whose pool holds block_table (scheduler/replicas.py; 0 alone)
+    replica: int = 0
     # prefix caching: prompt tokens served from cache at first admission (what fairness charges
     # at the cached-token weight), the chained hash of each full page of token_ids known so far,
     # and how many leading pages of block_table are registered in (or taken from) the cache
