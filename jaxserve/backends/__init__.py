@@ -51,8 +51,10 @@ def select(name: str, cfg, dtype, *, tp: int = 1, layer_loop: str = "auto",
     from jaxserve import sharding
     sharding.check_parallel(cfg, tp, ep)      # before any device or mesh is touched
     mesh = None
-    if tp > 1 or devices is not None:
+    if devices is not None:
         mesh = sharding.make_mesh(tp, devices)
+    elif tp > 1:
+        mesh = sharding.make_mesh(tp)
     if layer_loop == "auto":   # XLA:CPU: a scan copies each layer's weights out of the stack
         layer_loop = "per-layer" if platform == "cpu" and mesh is None else "scan"
     if name == "cpu":
