@@ -151,6 +151,7 @@ class ModelRunner:
         self.cfg, self.backend, self.lora = cfg, backend, lora   # lora: LoraRuntime or None
         self.params = backend.prepare(weights, consume=consume_weights)
         self.page_size, self.kv = page_size, None
+        self.recorder = None   # multi-host leader: (name, args) -> None, see `call`
         # Where attention reads only up to each row's kv_len, block tables are one width (pages
         # drop out of the program shapes).
         reads_padding = backend.attention_reads_padded_pages
@@ -176,6 +177,9 @@ class ModelRunner:
     # -- the pool ----------------------------------------------------------------------------
     def init_pool(self, num_pages: int) -> None:
         """Create the (empty) KV pool of num_pages pages."""
+        if self.recorder is not None:
+            self.recorder("init_pool", (num_pages,))
+        self.kv = None   # a pool made again: the old one freed first
         self.kv = self.backend.init_pool(num_pages, self.page_size)
 
     def pool_spec(self, num_pages: int) -> KVPages:
@@ -245,11 +249,11 @@ class ModelRunner:
             now = [x for x in plan.adapter_loads if x[0] in plan.adapter_pages]
             later = [x for x in plan.adapter_loads if x[0] not in plan.adapter_pages]
             if now:
-                self.kv = self.lora.write(self.kv, self.lora.stage(now))
+                self.write_adapters(self.lora.stage_host(now))
         out = Launched(plan, [])
         calls = self.builder.build(plan)
         for slot, row in self.builder.slot_writes:    # slots taken by this plan
-            self._pen_counts = _slot_write(self._pen_counts, np.int32(slot), row)
+            self.write_slot(slot, row)
         self.builder.slot_writes.clear()
         for built in calls:
             tokens_in = None
@@ -261,18 +265,44 @@ class ModelRunner:
                 for row, seq_id in built.from_device:
                     src[row] = prev.feed_index[seq_id]
                 tokens_in = _feed_take(built.tokens, prev.feed, src)
-            tokens, logprobs, scores = self._launch(built, tokens_in)
-            if (built.pen_slots >= 0).any():   # count the tokens for the next steps' penalties
-                self._pen_counts = _count_put(self._pen_counts, built.pen_slots, tokens)
+            tokens, logprobs, scores = self.call(built, tokens_in)
             out.calls.append((built, tokens, logprobs))
             if scores is not None:
                 out.scores.append((built, scores))
             if feed:
                 self._feed(out, built, tokens)
         if later:
-            self.kv = self.lora.write(self.kv, self.lora.stage(later))
+            self.write_adapters(self.lora.stage_host(later))
         self.num_steps += 1
         return out
+
+    # -- the device calls a step makes with host inputs: what a multi-host leader records ------
+    # (jaxserve/distributed.py: `recorder(name, args)` is called before each, and the other
+    # processes replay the same call on their shards, so the programs' collectives pair up)
+    def call(self, built: BuiltStep, tokens=None):
+        """One device call of a step, and its penalty counts; returns its (tokens, logprobs,
+        PromptScores or None) on device. `tokens`: input tokens already on the device."""
+        if self.recorder is not None:
+            if tokens is not None:
+                raise RuntimeError("a recorded step cannot take its tokens from the device")
+            self.recorder("call", (built,))
+        tokens, logprobs, scores = self._launch(built, tokens)
+        if (built.pen_slots >= 0).any():   # count the tokens for the next steps' penalties
+            self._pen_counts = _count_put(self._pen_counts, built.pen_slots, tokens)
+        return tokens, logprobs, scores
+
+    def write_slot(self, slot: int, row: np.ndarray) -> None:
+        """A penalty slot written whole (jaxserve/sampling.py)."""
+        if self.recorder is not None:
+            self.recorder("write_slot", (slot, row))
+        self._pen_counts = _slot_write(self._pen_counts, np.int32(slot), row)
+
+    def write_adapters(self, staged: list) -> None:
+        """Adapter loads (LoraRuntime.stage_host's host arrays) written into the pool."""
+        if self.recorder is not None:
+            self.recorder("write_adapters", (staged,))
+        put = self._device if jax.process_count() > 1 else jax.device_put
+        self.kv = self.lora.write(self.kv, [(n, put(i), put(b)) for n, i, b in staged])
 
     def _feed(self, out: Launched, built: BuiltStep, tokens) -> None:
         """Write the call's sampled tokens into out.feed, for the next step's decodes."""
@@ -451,6 +481,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         if shapes is None:
             shapes = self.builder.shapes(lora=lora and self.lora is not None)
+        if self.recorder is not None:
+            self.recorder("warmup", (lora, list(shapes)))
         before = len(self._compiled) + self.num_programs_dropped
         for i, shape in enumerate(shapes):
             kind, B, T, P = shape[:4]

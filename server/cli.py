@@ -214,15 +214,33 @@ def build_configs(args):
 
 
 def run(args) -> int:
+    """Serve; with --distributed (every process of a jax.distributed group runs this), process
+    0 serves and the others replay its device calls (jaxserve/distributed.py)."""
+    from jaxserve import distributed
+    from jaxserve.engine import LLMEngine
+
+    engine_cfg, async_cfg, server_cfg = build_configs(args)
+    multi = distributed.enabled(getattr(args, "distributed", False))
+    if multi:   # every process of the group runs this; process 0 serves, the others follow
+        distributed.check_group(engine_cfg.tp)
+    log.warning("loading %s ...", engine_cfg.model or "the embedded default model")
+    engine = LLMEngine(engine_cfg)
+    if multi and distributed.is_follower():
+        return distributed.follow(engine)
+    leader = distributed.Leader(engine) if multi else None
+    try:
+        return _serve(engine, async_cfg, server_cfg)
+    finally:
+        if leader is not None:
+            leader.close()
+
+
+def _serve(engine, async_cfg, server_cfg) -> int:
     import asyncio
 
     from jaxserve.async_engine import AsyncEngine
-    from jaxserve.engine import LLMEngine
     from server.app import create_app, serve
 
-    engine_cfg, async_cfg, server_cfg = build_configs(args)
-    log.warning("loading %s ...", engine_cfg.model or "the embedded default model")
-    engine = LLMEngine(engine_cfg)
     app = create_app(AsyncEngine(engine, async_cfg), server_cfg)
     backend = engine.runner.backend
     print(f"jaxserve: {backend.describe()} [{backend.why}]", file=sys.stderr, flush=True)
@@ -285,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     set_jax_memory_fraction(args)
     from jaxserve import compile_cache
     compile_cache.enable(args.compilation_cache_dir)   # before anything compiles
+    from jaxserve.sharding import initialize_distributed
+    initialize_distributed(True if args.distributed else None)
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:

@@ -45,12 +45,17 @@ class LoraRuntime:
 
     # -- loads ------------------------------------------------------------------------------
     def stage(self, loads: list[tuple[str, list[int]]]):
+        return [(name, jax.device_put(idx), jax.device_put(buf))
+                for name, idx, buf in self.stage_host(loads)]
+
+    def stage_host(self, loads: list[tuple[str, list[int]]]):
+        """The loads as host arrays: (name, page indices [n], packed pages [L, n, page_elems])."""
         staged = []
         for name, pages in loads:
             n = pow2_at_least(len(pages))           # few write shapes; padding goes to the null page
             idx = np.zeros((n,), np.int32)
             idx[:len(pages)] = pages
-            staged.append((name, jax.device_put(idx), jax.device_put(self.store.packed(name, n))))
+            staged.append((name, idx, self.store.packed(name, n)))
             self.num_pages_written += len(pages)
             self._generation[name] = self._generation.get(name, 0) + 1
         return staged

@@ -1,0 +1,344 @@
+"""Multi-host serving: process 0 leads, the other processes replay its device calls.
+
+A serving group's life (`jaxserve serve --distributed` on every host):
+  1. every process joins jax.distributed, loads the checkpoint into its own shards and builds
+     the same engine (jaxserve/engine.py); the mesh spans every device of every process;
+  2. each follower connects to the leader's step channel (TCP, `step_address`) and sends a
+     hello: its process id and the fingerprint of what it loaded (`fingerprint`); the leader
+     refuses the group, naming what differs, unless every fingerprint equals its own;
+  3. the leader serves HTTP, tokenizes, schedules and builds each step (host only); its
+     ModelRunner calls `recorder(name, args)` before every device call it makes with host
+     inputs (a step's call, a penalty-slot write, adapter writes, warm-up, the pool), and the
+     leader sends that call to every follower as one message (`encode`: a pickle whose numpy
+     arrays travel raw, out of band), in order;
+  4. a follower replays each call on its own runner (`follow`): the same compiled program on
+     its shards, so every collective has all its participants. Followers never read results:
+     the sampled tokens are replicated global arrays, and the leader reads its own copy;
+  5. failure: a follower's reader sees the leader's socket close (or no message, not even a
+     heartbeat, for `timeout_s`) and exits; the leader's watchdog, one thread per follower,
+     sees a follower's socket close (or no heartbeat for `timeout_s`) and exits non-zero,
+     naming the process. Either way the process exits at once (os._exit): a device call
+     waiting on a dead peer's collective would never return.
+The channel is not authenticated, like jax.distributed's coordinator: keep its port on the
+cluster's own network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import queue
+import socket
+import struct
+import sys
+import threading
+import time
+
+from jaxserve.fingerprint import differences, fingerprint
+
+log = logging.getLogger("jaxserve.distributed")
+
+HEARTBEAT_S = 1.0          # a message (or a heartbeat) at least this often, each way
+DEFAULT_TIMEOUT_S = 60.0   # silence after which a peer is taken for dead
+CONNECT_TIMEOUT_S = 600.0  # how long the leader waits for every follower (they load the model)
+EXIT_CODE = 3              # a process that stops because another one failed
+_HEADER = struct.Struct("<QI")   # pickle bytes, number of raw buffers
+_LEN = struct.Struct("<Q")
+_PING, _MSG = b"p", b"m"   # each message's first byte: a heartbeat, or encode's frames
+
+
+def enabled(flag: bool = False) -> bool:
+    """--distributed, or JAXSERVE_DISTRIBUTED=1."""
+    return flag or os.environ.get("JAXSERVE_DISTRIBUTED", "0").lower() in ("1", "true", "yes")
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("JAXSERVE_STEP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+
+
+def step_address() -> tuple[str, int]:
+    """Where the leader listens: JAXSERVE_STEP_ADDRESS (host:port), else the coordinator's host
+    (process 0 runs it) and JAXSERVE_STEP_PORT, else the coordinator's port + 1."""
+    if os.environ.get("JAXSERVE_STEP_ADDRESS"):
+        host, _, port = os.environ["JAXSERVE_STEP_ADDRESS"].rpartition(":")
+        return host.strip("[]"), int(port)
+    from jax._src import distributed   # the address jax.distributed used (given or detected)
+    coord = distributed.global_state.coordinator_address or \
+        os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    host, _, port = coord.rpartition(":")
+    if not host:
+        raise ValueError("--distributed: no coordinator address is known; set "
+                         "JAX_COORDINATOR_ADDRESS (host:port of process 0) or "
+                         "JAXSERVE_STEP_ADDRESS")
+    step_port = os.environ.get("JAXSERVE_STEP_PORT")
+    return host.strip("[]"), int(step_port) if step_port else int(port) + 1
+
+
+def is_follower() -> bool:
+    import jax
+    return jax.process_index() != 0
+
+
+def check_group(tp: int) -> None:
+    """Refuse a group the server cannot run on: one process, or a mesh that leaves some
+    process without devices (it would have nothing to replay)."""
+    import jax
+    n = jax.process_count()
+    if n < 2:
+        raise ValueError("--distributed: this is the only process (jax.process_count() is 1); "
+                         "start one process per host with JAX_COORDINATOR_ADDRESS, "
+                         "JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or on an auto-detected "
+                         "cluster), or serve without --distributed")
+    if tp != jax.device_count():
+        raise ValueError(f"--distributed: --tp {tp} must span every device of the "
+                         f"{n} processes ({jax.device_count()} devices)")
+
+
+# ----------------------------------------------------------------------------- messages
+
+def encode(obj) -> list:
+    """obj as the frames of one message: a header, the pickle, then each numpy buffer raw."""
+    bufs: list = []
+    body = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    raws = [b.raw() for b in bufs]
+    head = _MSG + _HEADER.pack(len(body), len(raws)) + b"".join(_LEN.pack(r.nbytes) for r in raws)
+    return [head, body, *raws]
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("closed")
+        got += k
+    return buf
+
+
+def decode(sock: socket.socket):
+    """One message read from sock (encode's frames); a heartbeat byte gives None."""
+    kind = bytes(_recv_exact(sock, 1))
+    if kind == _PING:
+        return None
+    if kind != _MSG:
+        raise ConnectionError(f"a message starting with {kind!r}")
+    body_len, num_raw = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    sizes = [_LEN.unpack(_recv_exact(sock, _LEN.size))[0] for _ in range(num_raw)]
+    body = _recv_exact(sock, body_len)
+    return pickle.loads(body, buffers=[_recv_exact(sock, n) for n in sizes])
+
+
+def _send_json(sock: socket.socket, obj) -> None:
+    data = json.dumps(obj).encode()
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def _recv_json(sock: socket.socket, limit: int = 1 << 20):
+    n = _LEN.unpack(_recv_exact(sock, _LEN.size))[0]
+    if n > limit:
+        raise ConnectionError(f"a hello of {n} bytes")
+    return json.loads(bytes(_recv_exact(sock, n)))
+
+
+def die(message: str) -> None:
+    """Stop this process now, with the message: other threads may be inside a device call that
+    waits for a dead peer, and would never return."""
+    print(f"jaxserve: error: {message}", file=sys.stderr, flush=True)
+    os._exit(EXIT_CODE)
+
+
+# ----------------------------------------------------------------------------- the leader
+
+class Leader:
+    """The step channel's sending side: one socket per follower, a watchdog thread each."""
+
+    def __init__(self, engine, address: tuple[str, int] | None = None, *,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        import jax
+        self.num_followers = jax.process_count() - 1
+        self.timeout_s = timeout_s()
+        self._lock = threading.Lock()      # one message at a time on the sockets
+        self._last_send = time.monotonic()
+        self._closed = False
+        self.socks: dict[int, socket.socket] = {}
+        host, port = address or step_address()
+        srv = socket.create_server(("", port), reuse_port=False)
+        log.info("step channel: waiting for %d followers on port %d", self.num_followers, port)
+        srv.settimeout(connect_timeout_s)
+        mine = fingerprint(engine)
+        hellos = {}
+        deadline = time.monotonic() + connect_timeout_s
+        try:
+            while len(hellos) < self.num_followers:
+                srv.settimeout(max(0.1, deadline - time.monotonic()))
+                try:
+                    conn, _ = srv.accept()
+                except socket.timeout:
+                    missing = sorted(set(range(1, self.num_followers + 1)) - set(hellos))
+                    raise ValueError(f"--distributed: processes {missing} did not connect to "
+                                     f"the step channel (port {port}) within "
+                                     f"{connect_timeout_s:g} s") from None
+                conn.settimeout(self.timeout_s)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                hello = _recv_json(conn)
+                pid = int(hello["process_id"])
+                self.socks[pid] = conn
+                hellos[pid] = hello["fingerprint"]
+        finally:
+            srv.close()
+        bad = {pid: differences(mine, fp, pid) for pid, fp in sorted(hellos.items())}
+        bad = {pid: d for pid, d in bad.items() if d}
+        if bad:
+            why = "; ".join(f"process {pid} differs from process 0 in {', '.join(d)}"
+                            for pid, d in bad.items())
+            why = f"--distributed: the processes did not load the same model and config: {why}"
+            for conn in self.socks.values():
+                _send_json(conn, {"refused": why})
+                conn.close()
+            raise ValueError(why)
+        for conn in self.socks.values():
+            _send_json(conn, {"num_pages": engine.runner.kv.num_pages})
+        for pid, conn in self.socks.items():
+            threading.Thread(target=self._watch, args=(pid, conn), daemon=True,
+                             name=f"jaxserve-watch-{pid}").start()
+        threading.Thread(target=self._heartbeat, daemon=True, name="jaxserve-heartbeat").start()
+        self.num_messages = self.num_bytes = 0
+        engine.runner.recorder = self.send
+
+    def send(self, name: str, args: tuple) -> None:
+        """Send one device call to every follower (the runner's recorder)."""
+        data = b"".join(encode((name, args)))
+        with self._lock:
+            for pid, conn in self.socks.items():
+                try:
+                    conn.sendall(data)
+                except OSError as e:
+                    die(f"process {pid} (a follower) is unreachable ({e}): the serving group "
+                        "stops")
+            self._last_send = time.monotonic()
+            self.num_messages += 1
+            self.num_bytes += len(data)
+
+    def close(self) -> None:
+        """Tell the followers to stop (a clean shutdown), then close the sockets."""
+        with self._lock:
+            self._closed = True
+            for conn in self.socks.values():
+                try:
+                    conn.sendall(b"".join(encode(("stop", ()))))
+                    conn.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+    def _heartbeat(self) -> None:
+        while not self._closed:
+            time.sleep(HEARTBEAT_S / 2)
+            with self._lock:
+                if self._closed or time.monotonic() - self._last_send < HEARTBEAT_S:
+                    continue
+                for pid, conn in self.socks.items():
+                    try:
+                        conn.sendall(_PING)
+                    except OSError as e:
+                        die(f"process {pid} (a follower) is unreachable ({e}): the serving "
+                            "group stops")
+                self._last_send = time.monotonic()
+
+    def _watch(self, pid: int, conn: socket.socket) -> None:
+        """A follower sends only heartbeats: silence or a closed socket means it is gone."""
+        while True:
+            try:
+                if not conn.recv(64):
+                    raise ConnectionError("its step channel closed")
+            except socket.timeout:
+                why = f"it sent no heartbeat for {self.timeout_s:g} s"
+            except OSError as e:
+                why = str(e) if not isinstance(e, ConnectionError) or str(e) else "closed"
+            else:
+                continue
+            if self._closed:
+                return
+            die(f"process {pid} (a follower) stopped: {why}; the serving group stops "
+                "(see that process's log for its cause)")
+
+
+# ----------------------------------------------------------------------------- a follower
+
+def follow(engine, address: tuple[str, int] | None = None, *,
+           connect_timeout_s: float = CONNECT_TIMEOUT_S) -> int:
+    """Connect to the leader, then replay its device calls on this process's runner until it
+    says stop (returns 0); a refusal raises ValueError; a lost leader ends the process."""
+    import jax
+    host, port = address or step_address()
+    pid = jax.process_index()
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=5)
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ValueError(f"--distributed: process {pid} could not reach the leader's "
+                                 f"step channel at {host}:{port} ({e})") from None
+            time.sleep(0.2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _send_json(sock, {"process_id": pid, "fingerprint": fingerprint(engine)})
+    sock.settimeout(None)    # the leader compares every process's hello first
+    try:
+        reply = _recv_json(sock)
+    except ConnectionError:
+        die(f"process {pid}: the leader (process 0) closed the step channel before serving")
+    if "refused" in reply:
+        raise ValueError(reply["refused"])
+    runner = engine.runner
+    if runner.kv is None or runner.kv.num_pages != reply["num_pages"]:
+        runner.init_pool(reply["num_pages"])   # the leader's pool, whatever this host planned
+    calls: queue.Queue = queue.Queue()
+    limit = timeout_s()
+    sock.settimeout(limit)
+    threading.Thread(target=_read, args=(sock, calls, pid, limit), daemon=True,
+                     name="jaxserve-step-reader").start()
+    threading.Thread(target=_ping, args=(sock,), daemon=True, name="jaxserve-heartbeat").start()
+    log.warning("process %d follows the leader at %s:%d", pid, host, port)
+    replays = {"call": runner.call, "write_slot": runner.write_slot,
+               "write_adapters": runner.write_adapters, "init_pool": runner.init_pool,
+               "warmup": runner.warmup}
+    while True:
+        name, args = calls.get()
+        if name == "stop":
+            jax.block_until_ready(runner.kv.k)
+            sock.close()
+            return 0
+        try:
+            replays[name](*args)
+        except BaseException as e:   # the leader's call did not fail: the group cannot go on
+            log.exception("replaying %s", name)
+            die(f"process {pid}: replaying the leader's {name} failed ({e!r})")
+
+
+def _read(sock: socket.socket, calls: queue.Queue, pid: int, limit: float) -> None:
+    """The follower's reader: messages into `calls`, in order; a lost leader ends the process."""
+    while True:
+        try:
+            msg = decode(sock)
+        except socket.timeout:
+            die(f"process {pid}: no message from the leader (process 0) for {limit:g} s: "
+                "the serving group stops")
+        except (OSError, EOFError) as e:
+            die(f"process {pid}: the leader (process 0) closed the step channel "
+                f"({e or 'closed'}): it exited or its host is gone; the serving group stops")
+        if msg is not None:
+            calls.put(msg)
+            if msg[0] == "stop":
+                return
+
+
+def _ping(sock: socket.socket) -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        try:
+            sock.sendall(_PING)
+        except OSError:
+            return   # the reader reports a lost leader

@@ -1,0 +1,170 @@
+"""Multi-host serving (jaxserve/distributed.py) on localhost: `jaxserve serve --distributed` in
+2 and 4 processes of one CPU device each, against one process holding as many simulated
+devices (the same tp program); a lost process stops the group; the startup check.
+
+The 2-process group serves one batch of requests (greedy and seeded sampling, base and
+adapter, penalties and log-probs) at once; the 4-process group, to bound its compiles, one
+adapter request with seeded sampling and log-probs, checked against the same request in the
+one-process batch. Each group is then stopped by a signal: every wait is a hang guard only."""
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import pytest
+
+from tests.dist_procs import Group, free_port
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+PROMPTS = ["w3 w4 w5", "w10 w11 w12 w13 w14 w15", "w40 w7", "w99 w98 w97 w96", "w5"]
+REQUESTS = [   # sent at once, so that they share steps
+    dict(model="base", prompt=PROMPTS[0], max_tokens=12, temperature=0),
+    dict(model="ad", prompt=PROMPTS[1], max_tokens=12, temperature=0),
+    dict(model="base", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, top_p=0.9, seed=7),
+    dict(model="ad", prompt=PROMPTS[3], max_tokens=12, temperature=0.8, seed=11, logprobs=2),
+    dict(model="base", prompt=PROMPTS[4], max_tokens=12, temperature=0.7, seed=3,
+         frequency_penalty=0.5, repetition_penalty=1.2),
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tests.lora_helpers import make_adapter, make_base
+    root = tmp_path_factory.mktemp("dist")
+    base = make_base(root / "base")
+    make_adapter(base, root / "ad", seed=3, r=8, lora_alpha=16,
+                 target_modules=["q_proj", "v_proj"])
+    other = root / "other"   # same architecture, other weights: the startup check refuses it
+    make_base(other, seed=1)
+    return root
+
+
+def args(root, tp: int) -> list[str]:
+    return ["--model", str(root / "base"), "--tp", str(tp), "--dtype", "float32",
+            "--num-pages", "64", "--max-num-seqs", "8", "--max-model-len", "128",
+            "--max-prefill-tokens", "64", "--lora-modules", f"ad={root / 'ad'}"]
+
+
+@pytest.fixture(scope="module")
+def groups(models, tmp_path_factory):
+    """Started together, so that their start-ups and compiles overlap on the cores."""
+    logs = tmp_path_factory.mktemp("logs")
+    g = {"ref": Group(logs, args(models, 2), 1, devices=2),
+         "dist2": Group(logs, args(models, 2), 2),
+         "dist4": Group(logs, args(models, 4), 4)}
+    yield g
+    for group in g.values():
+        group.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(groups) -> list[dict]:
+    return serve_batch(groups["ref"])
+
+
+def serve_batch(group: Group, requests=REQUESTS) -> list[dict]:
+    group.wait_ready()
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        out = list(pool.map(lambda r: group.post("/v1/completions", r), requests))
+    return [o["choices"][0] for o in out]
+
+
+def assert_same(got: list[dict], want: list[dict], requests=REQUESTS) -> None:
+    for g, w, req in zip(got, want, requests, strict=True):
+        assert g["text"] == w["text"], req
+        assert g["finish_reason"] == w["finish_reason"], req
+        if req.get("logprobs"):
+            assert g["logprobs"]["tokens"] == w["logprobs"]["tokens"]
+            assert g["logprobs"]["token_logprobs"] == pytest.approx(
+                w["logprobs"]["token_logprobs"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_serve_as_one_then_stop_cleanly(groups, reference):
+    """Same outputs as one process; SIGTERM on the leader drains it and stops the follower."""
+    assert len({c["text"] for c in reference}) == len(reference)   # the requests do differ
+    assert_same(serve_batch(groups["dist2"]), reference)
+    g = groups["dist2"]
+    assert "follows the leader" in g.log(1) and "serving base" not in g.log(1)
+    g.signal(0, signal.SIGTERM)
+    assert g.wait(0) == 0, g.log(0)[-3000:]
+    assert g.wait(1) == 0, g.log(1)[-3000:]
+
+
+@pytest.mark.slow
+def test_four_processes_serve_as_one_and_a_lost_follower_stops_them(groups, reference):
+    """Same output as one process; SIGKILL on process 3: the leader exits non-zero naming it,
+    and the other followers exit on the leader's loss."""
+    assert_same(serve_batch(groups["dist4"], [REQUESTS[3]]), [reference[3]], [REQUESTS[3]])
+    g = groups["dist4"]
+    g.signal(3, signal.SIGKILL)
+    assert g.wait(0) not in (0, -signal.SIGKILL)
+    assert "process 3 (a follower) stopped" in g.log(0)
+    for i in (1, 2):
+        assert g.wait(i) != 0
+        assert f"process {i}: the leader (process 0) closed the step channel" in g.log(i)
+
+
+def test_startup_refuses_another_checkpoint(models, tmp_path):
+    """A follower that loaded other weights (same architecture and files' names): both exit,
+    naming what differs, before serving."""
+    other = args(models, 2)
+    other[1] = str(models / "other")
+    g = Group(tmp_path, args(models, 2), 2, args_of={1: other})
+    try:
+        assert g.wait(0) == 2 and g.wait(1) == 2
+        why = ("process 1 differs from process 0 in checkpoint files (model.safetensors), "
+               "replicated weights' checksum")
+        assert why in g.log(0) and why in g.log(1)
+    finally:
+        g.stop()
+
+
+def test_one_process_is_refused(models, tmp_path):
+    g = Group(tmp_path, args(models, 1), 1, env={
+        "JAXSERVE_DISTRIBUTED": "1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}"})
+    assert g.wait(0) == 2, g.log(0)
+    assert "this is the only process" in g.log(0)
+
+
+def test_messages_round_trip_with_arrays_raw():
+    """encode/decode over a socket: a step's call (numpy arrays, LoRA slots) arrives equal,
+    heartbeats between messages read as None; numpy data travels out of band (not pickled)."""
+    import socket
+
+    import numpy as np
+
+    from jaxserve.distributed import _PING, decode, encode
+    from jaxserve.step_builder import BuiltStep, LoraSlots
+    built = BuiltStep.empty(False, 8, 1, 4)
+    built.tokens[:] = np.arange(8)[:, None]
+    built.lora = LoraSlots(idx=np.arange(8, dtype=np.int32), pages=(np.ones((8, 2), np.int32),),
+                           ranks=np.ones((2, 1, 8), np.int32),
+                           scales=np.full((2, 1, 8), 0.5, np.float32), modules=("q",),
+                           max_rank=8, row_keys=[("ad", 1)] * 8)
+    frames = encode(("call", (built,)))
+    assert len(frames) > 10 and len(frames[1]) < 4000   # the pickle holds no array data
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(_PING + b"".join(frames) + _PING + b"".join(encode(("stop", ()))))
+        assert decode(b) is None
+        name, (got,) = decode(b)
+        assert decode(b) is None and decode(b) == ("stop", ())
+    assert name == "call" and got.shape == built.shape
+    for f in ("tokens", "positions", "block_tables", "seeds", "pen_slots"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(built, f))
+    np.testing.assert_array_equal(got.lora.scales, built.lora.scales)
+    assert got.lora.row_keys == built.lora.row_keys
+
+
+def test_fingerprint_differences_are_named():
+    from jaxserve.fingerprint import differences
+    mine = {"engine config": '{"seed": 0, "tp": 2}', "model config": "A",
+            "checkpoint files": {"config.json": "1:aa", "model.safetensors": "9:bb"}}
+    assert differences(mine, dict(mine)) == []
+    theirs = {"engine config": '{"seed": 1, "tp": 2}', "model config": "A",
+              "checkpoint files": {"config.json": "1:aa", "model.safetensors": "9:cc"}}
+    assert differences(mine, theirs, 2) == [
+        "engine config (seed: 0 on process 0, 1 on process 2)",
+        "checkpoint files (model.safetensors)"]
