@@ -168,3 +168,18 @@ def test_fingerprint_differences_are_named():
     assert differences(mine, theirs, 2) == [
         "engine config (seed: 0 on process 0, 1 on process 2)",
         "checkpoint files (model.safetensors)"]
+
+
+def test_bench_broadcast_runs(tmp_path):
+    """scripts/bench_broadcast.py end to end at 2 repetitions: its table's rows and sizes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "b.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_broadcast.py"),
+                    "--reps", "2", "--out", str(out)], check=True, capture_output=True)
+    rows = {r["message"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["decode 256"]["bytes"] > 256 * 128 * 4 > rows["decode 64"]["bytes"]
+    assert all(r["send_replay_receive_ms"] > 0 for r in rows.values())
