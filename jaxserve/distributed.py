@@ -182,10 +182,18 @@ class Leader:
                                      f"{connect_timeout_s:g} s") from None
                 conn.settimeout(self.timeout_s)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                hello = _recv_json(conn)
-                pid = int(hello["process_id"])
+                try:
+                    hello = _recv_json(conn)
+                    pid, fp = int(hello["process_id"]), dict(hello["fingerprint"])
+                    if not 0 < pid <= self.num_followers or pid in hellos:
+                        raise ValueError(f"process id {pid}")
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    # not a follower of this group (a stray connection): ignored
+                    log.warning("step channel: ignored a connection with a bad hello (%s)", e)
+                    conn.close()
+                    continue
                 self.socks[pid] = conn
-                hellos[pid] = hello["fingerprint"]
+                hellos[pid] = fp
         finally:
             srv.close()
         bad = {pid: differences(mine, fp, pid) for pid, fp in sorted(hellos.items())}
