@@ -310,9 +310,6 @@ def follow(engine, address: tuple[str, int] | None = None, *,
                      name="jaxserve-step-reader").start()
     threading.Thread(target=_ping, args=(sock,), daemon=True, name="jaxserve-heartbeat").start()
     log.warning("process %d follows the leader at %s:%d", pid, host, port)
-    replays = {"call": runner.call, "write_slot": runner.write_slot,
-               "write_adapters": runner.write_adapters, "init_pool": runner.init_pool,
-               "warmup": runner.warmup}
     while True:
         name, args = calls.get()
         if name == "stop":
@@ -320,10 +317,20 @@ def follow(engine, address: tuple[str, int] | None = None, *,
             sock.close()
             return 0
         try:
-            replays[name](*args)
+            replay(runner, name, args)
         except BaseException as e:   # the leader's call did not fail: the group cannot go on
             log.exception("replaying %s", name)
             die(f"process {pid}: replaying the leader's {name} failed ({e!r})")
+
+
+REPLAYED = ("call", "write_slot", "write_adapters", "warmup", "init_pool")
+
+
+def replay(runner, name: str, args: tuple) -> None:
+    """Make one recorded call (ModelRunner.recorder's name and args) on this runner."""
+    if name not in REPLAYED:
+        raise ValueError(f"not a recorded runner call: {name!r}")
+    getattr(runner, name)(*args)
 
 
 def _read(sock: socket.socket, calls: queue.Queue, pid: int, limit: float) -> None:

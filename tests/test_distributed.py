@@ -183,3 +183,43 @@ def test_bench_broadcast_runs(tmp_path):
     rows = {r["message"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["decode 256"]["bytes"] > 256 * 128 * 4 > rows["decode 64"]["bytes"]
     assert all(r["send_replay_receive_ms"] > 0 for r in rows.values())
+
+
+def test_replaying_the_log_rebuilds_the_device_state(models):
+    """Everything a runner does on the device is in its recorder's log: a second runner that
+    replays the log (through the channel's codec) ends with the same KV pool (adapter pages
+    included) and penalty counts, bit for bit. One process, no collectives: what a follower
+    does, without the network."""
+    import socket
+    import threading
+
+    import numpy as np
+
+    from jaxserve.distributed import decode, encode, replay
+    from jaxserve.engine import EngineConfig, LLMEngine
+    from jaxserve.sampling_params import SamplingParams
+    cfg = EngineConfig(model=str(models / "base"), dtype="float32", num_pages=32,
+                       max_num_seqs=4, max_model_len=128, max_prefill_tokens=32,
+                       async_scheduling=False)
+    leader, follower = LLMEngine(cfg), LLMEngine(cfg)
+    log = []
+    leader.runner.recorder = lambda name, args: log.append(b"".join(encode((name, args))))
+    leader.add_lora("ad", str(models / "ad"))
+    params = [SamplingParams(max_tokens=6, temperature=0),
+              SamplingParams(max_tokens=6, temperature=0.8, seed=5, frequency_penalty=0.5)]
+    leader.generate(PROMPTS[:2], params)
+    leader.generate(PROMPTS[2:4], params, adapter="ad")
+    names = []
+    a, b = socket.socketpair()
+    with a, b:
+        threading.Thread(target=a.sendall, args=(b"".join(log),), daemon=True).start()
+        for _ in log:
+            name, args = decode(b)
+            names.append(name)
+            replay(follower.runner, name, args)
+    assert {"call", "write_slot", "write_adapters"} <= set(names)
+    for x, y in ((leader.runner.kv.k, follower.runner.kv.k),
+                 (leader.runner.kv.v, follower.runner.kv.v),
+                 (leader.runner._pen_counts, follower.runner._pen_counts)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert np.asarray(leader.runner.kv.k).any()
