@@ -105,6 +105,7 @@ def test_four_processes_serve_as_one_and_a_lost_follower_stops_them(groups, refe
         assert f"process {i}: the leader (process 0) closed the step channel" in g.log(i)
 
 
+@pytest.mark.slow
 def test_startup_refuses_another_checkpoint(models, tmp_path):
     """A follower that loaded other weights (same architecture and files' names): both exit,
     naming what differs, before serving."""
