@@ -57,6 +57,10 @@ def timeout_s() -> float:
     return float(os.environ.get("JAXSERVE_STEP_TIMEOUT_S", DEFAULT_TIMEOUT_S))
 
 
+def connect_timeout_s() -> float:
+    return float(os.environ.get("JAXSERVE_STEP_CONNECT_TIMEOUT_S", CONNECT_TIMEOUT_S))
+
+
 def step_address() -> tuple[str, int]:
     """Where the leader listens: JAXSERVE_STEP_ADDRESS (host:port), else the coordinator's host
     (process 0 runs it) and JAXSERVE_STEP_PORT, else the coordinator's port + 1."""
@@ -155,7 +159,9 @@ class Leader:
     """The step channel's sending side: one socket per follower, a watchdog thread each."""
 
     def __init__(self, engine, address: tuple[str, int] | None = None, *,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
+                 wait_s: float | None = None):
+        """Wait up to wait_s (default JAXSERVE_STEP_CONNECT_TIMEOUT_S, 600) for every
+        follower's hello, check the fingerprints, then record the engine's runner."""
         import jax
         self.num_followers = jax.process_count() - 1
         self.timeout_s = timeout_s()
@@ -163,13 +169,14 @@ class Leader:
         self._last_send = time.monotonic()
         self._closed = False
         self.socks: dict[int, socket.socket] = {}
-        host, port = address or step_address()
+        _, port = address or step_address()   # listens on every interface
+        self.port = port
+        wait_s = wait_s or connect_timeout_s()
         srv = socket.create_server(("", port), reuse_port=False)
         log.info("step channel: waiting for %d followers on port %d", self.num_followers, port)
-        srv.settimeout(connect_timeout_s)
         mine = fingerprint(engine)
         hellos = {}
-        deadline = time.monotonic() + connect_timeout_s
+        deadline = time.monotonic() + wait_s
         try:
             while len(hellos) < self.num_followers:
                 srv.settimeout(max(0.1, deadline - time.monotonic()))
@@ -179,7 +186,7 @@ class Leader:
                     missing = sorted(set(range(1, self.num_followers + 1)) - set(hellos))
                     raise ValueError(f"--distributed: processes {missing} did not connect to "
                                      f"the step channel (port {port}) within "
-                                     f"{connect_timeout_s:g} s") from None
+                                     f"{wait_s:g} s") from None
                 conn.settimeout(self.timeout_s)
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 try:
@@ -275,13 +282,13 @@ class Leader:
 # ----------------------------------------------------------------------------- a follower
 
 def follow(engine, address: tuple[str, int] | None = None, *,
-           connect_timeout_s: float = CONNECT_TIMEOUT_S) -> int:
+           wait_s: float | None = None) -> int:
     """Connect to the leader, then replay its device calls on this process's runner until it
     says stop (returns 0); a refusal raises ValueError; a lost leader ends the process."""
     import jax
     host, port = address or step_address()
     pid = jax.process_index()
-    deadline = time.monotonic() + connect_timeout_s
+    deadline = time.monotonic() + (wait_s or connect_timeout_s())
     while True:
         try:
             sock = socket.create_connection((host, port), timeout=5)

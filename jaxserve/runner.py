@@ -301,7 +301,10 @@ class ModelRunner:
         """Adapter loads (LoraRuntime.stage_host's host arrays) written into the pool."""
         if self.recorder is not None:
             self.recorder("write_adapters", (staged,))
-        put = self._device if jax.process_count() > 1 else jax.device_put
+        if jax.process_count() > 1:   # every process passes the same arrays: no equality check
+            put = functools.partial(sharding.put_replicated, mesh=self.backend.mesh)
+        else:
+            put = jax.device_put
         self.kv = self.lora.write(self.kv, [(n, put(i), put(b)) for n, i, b in staged])
 
     def _feed(self, out: Launched, built: BuiltStep, tokens) -> None:

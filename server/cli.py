@@ -228,6 +228,9 @@ def run(args) -> int:
     if multi and distributed.is_follower():
         return distributed.follow(engine)
     leader = distributed.Leader(engine) if multi else None
+    if leader is not None:
+        print(f"jaxserve: distributed: process 0 of {leader.num_followers + 1}; the others "
+              f"replay its steps (step channel port {leader.port})", file=sys.stderr, flush=True)
     try:
         return _serve(engine, async_cfg, server_cfg)
     finally:

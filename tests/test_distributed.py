@@ -86,6 +86,7 @@ def test_two_processes_serve_as_one_then_stop_cleanly(groups, reference):
     assert_same(serve_batch(groups["dist2"]), reference)
     g = groups["dist2"]
     assert "follows the leader" in g.log(1) and "serving base" not in g.log(1)
+    assert "distributed: process 0 of 2" in g.log(0)
     g.signal(0, signal.SIGTERM)
     assert g.wait(0) == 0, g.log(0)[-3000:]
     assert g.wait(1) == 0, g.log(1)[-3000:]
