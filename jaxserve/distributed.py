@@ -84,9 +84,10 @@ def is_follower() -> bool:
     return jax.process_index() != 0
 
 
-def check_group(tp: int) -> None:
-    """Refuse a group the server cannot run on: one process, or a mesh that leaves some
-    process without devices (it would have nothing to replay)."""
+def check_group(config) -> None:
+    """Refuse a group the server cannot run on (config: the EngineConfig): one process,
+    data-parallel replicas, or a mesh that leaves some process without devices (it would
+    have nothing to replay)."""
     import jax
     n = jax.process_count()
     if n < 2:
@@ -94,8 +95,11 @@ def check_group(tp: int) -> None:
                          "start one process per host with JAX_COORDINATOR_ADDRESS, "
                          "JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or on an auto-detected "
                          "cluster), or serve without --distributed")
-    if tp != jax.device_count():
-        raise ValueError(f"--distributed: --tp {tp} must span every device of the "
+    if getattr(config, "dp", 1) > 1:
+        raise ValueError(f"--distributed: --dp {config.dp} runs in one process only; across "
+                         "processes use --tp over every device")
+    if config.tp != jax.device_count():
+        raise ValueError(f"--distributed: --tp {config.tp} must span every device of the "
                          f"{n} processes ({jax.device_count()} devices)")
 
 

@@ -222,7 +222,7 @@ def run(args) -> int:
     engine_cfg, async_cfg, server_cfg = build_configs(args)
     multi = distributed.enabled(getattr(args, "distributed", False))
     if multi:   # every process of the group runs this; process 0 serves, the others follow
-        distributed.check_group(engine_cfg.tp)
+        distributed.check_group(engine_cfg)
     log.warning("loading %s ...", engine_cfg.model or "the embedded default model")
     engine = LLMEngine(engine_cfg)
     if multi and distributed.is_follower():

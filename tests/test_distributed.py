@@ -122,6 +122,17 @@ def test_startup_refuses_another_checkpoint(models, tmp_path):
         g.stop()
 
 
+@pytest.mark.slow
+def test_a_mesh_short_of_the_devices_is_refused(models, tmp_path):
+    g = Group(tmp_path, args(models, 1), 2)
+    try:
+        for i in (0, 1):
+            assert g.wait(i) == 2
+            assert "--tp 1 must span every device of the 2 processes (2 devices)" in g.log(i)
+    finally:
+        g.stop()
+
+
 def test_one_process_is_refused(models, tmp_path):
     g = Group(tmp_path, args(models, 1), 1, env={
         "JAXSERVE_DISTRIBUTED": "1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0",
