@@ -84,6 +84,14 @@ class ReplicaRunner:
     def num_programs_compiled(self) -> int:
         return sum(r.num_programs_compiled for r in self.runners)
 
+    @property
+    def num_programs_dropped(self) -> int:
+        return sum(r.num_programs_dropped for r in self.runners)
+
+    @property
+    def num_steps(self) -> int:
+        return self.runners[0].num_steps
+
     def init_pool(self, num_pages: int) -> None:
         for r in self.runners:
             r.init_pool(num_pages)

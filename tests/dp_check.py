@@ -154,6 +154,13 @@ def main() -> int:
         "pages_after": replica_pages(dp2), "outputs": outs,
         "lora_ref": solo[0].generate([prompt], short, adapter="a1")[0].token_ids,
         "base_ref": solo[0].generate([prompt], long)[0].token_ids}
+    # what the server and bench read from an engine's runner and stats, summed over replicas
+    stats = dp2.stats()
+    res["stats"] = {k: stats[k] for k in ("num_total_pages", "num_free_pages", "num_running",
+                                          "num_waiting", "num_programs_compiled")}
+    res["runner"] = {"dropped": dp2.runner.num_programs_dropped,
+                     "shapes": len(dp2.runner.builder.shapes(lora=False)),
+                     "num_pages": dp2.runner.kv.num_pages}
     print(json.dumps(res))
     return 0
 

@@ -194,3 +194,14 @@ def test_dp2_adapter_locality_and_outputs(dp):
     assert outs["lora-1"] == outs["lora-2"] == loc["lora_ref"]
     assert outs["base-1"] == outs["base-2"] == loc["base_ref"]
     assert loc["lora_ref"] != loc["base_ref"][:len(loc["lora_ref"])]
+
+
+def test_dp2_engine_stats_sum_the_replicas(dp):
+    st = dp["stats"]
+    assert st["num_total_pages"] == 2 * 11          # 12 pages each, page 0 reserved
+    assert st["num_free_pages"] == st["num_total_pages"] - dp["locality"]["pages_after"][0][
+        "adapter_pages"]
+    assert st["num_running"] == st["num_waiting"] == 0
+    assert st["num_programs_compiled"] > 0
+    assert dp["runner"]["num_pages"] == 12 and dp["runner"]["dropped"] == 0
+
