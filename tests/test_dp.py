@@ -160,6 +160,7 @@ def dp(tmp_path_factory) -> dict:
     return res
 
 
+@pytest.mark.slow   # a subprocess compiling 3 engines (~60 s on 2 cores)
 def test_dp2_global_vtc_is_fair_where_round_robin_is_not(dp):
     glob, rr = dp["global"], dp["round_robin"]
     assert min(glob["service"].values()) > 0
@@ -170,11 +171,13 @@ def test_dp2_global_vtc_is_fair_where_round_robin_is_not(dp):
     assert abs(total - sum(rr["service"].values())) <= 0.15 * total
 
 
+@pytest.mark.slow   # a subprocess compiling 3 engines (~60 s on 2 cores)
 def test_dp2_greedy_outputs_equal_dp1(dp):
     g = dp["greedy"]
     assert g["dp2"] == g["dp1"]
 
 
+@pytest.mark.slow   # a subprocess compiling 3 engines (~60 s on 2 cores)
 def test_dp2_pages_freed_after_requests_finish(dp):
     g = dp["greedy"]
     assert [p["used"] for p in g["dp2_pages"]] == [0, 0]
@@ -183,6 +186,7 @@ def test_dp2_pages_freed_after_requests_finish(dp):
     assert [p["used"] - p["adapter_pages"] for p in after] == [0, 0]   # only a1's pages stay
 
 
+@pytest.mark.slow   # a subprocess compiling 3 engines (~60 s on 2 cores)
 def test_dp2_adapter_locality_and_outputs(dp):
     loc = dp["locality"]
     assert loc["first"] == {"lora-1": 0}
@@ -196,6 +200,7 @@ def test_dp2_adapter_locality_and_outputs(dp):
     assert loc["lora_ref"] != loc["base_ref"][:len(loc["lora_ref"])]
 
 
+@pytest.mark.slow   # a subprocess compiling 3 engines (~60 s on 2 cores)
 def test_dp2_engine_stats_sum_the_replicas(dp):
     st = dp["stats"]
     assert st["num_total_pages"] == 2 * 11          # 12 pages each, page 0 reserved
