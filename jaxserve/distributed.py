@@ -230,15 +230,18 @@ class Leader:
         """Send one device call to every follower (the runner's recorder)."""
         data = b"".join(encode((name, args)))
         with self._lock:
-            for pid, conn in self.socks.items():
-                try:
-                    conn.sendall(data)
-                except OSError as e:
-                    die(f"process {pid} (a follower) is unreachable ({e}): the serving group "
-                        "stops")
-            self._last_send = time.monotonic()
+            self._broadcast(data)
             self.num_messages += 1
             self.num_bytes += len(data)
+
+    def _broadcast(self, data: bytes) -> None:
+        """data to every follower (under self._lock); one unreachable stops the group."""
+        for pid, conn in self.socks.items():
+            try:
+                conn.sendall(data)
+            except OSError as e:
+                die(f"process {pid} (a follower) is unreachable ({e}): the serving group stops")
+        self._last_send = time.monotonic()
 
     def close(self) -> None:
         """Tell the followers to stop (a clean shutdown), then close the sockets."""
@@ -257,13 +260,7 @@ class Leader:
             with self._lock:
                 if self._closed or time.monotonic() - self._last_send < HEARTBEAT_S:
                     continue
-                for pid, conn in self.socks.items():
-                    try:
-                        conn.sendall(_PING)
-                    except OSError as e:
-                        die(f"process {pid} (a follower) is unreachable ({e}): the serving "
-                            "group stops")
-                self._last_send = time.monotonic()
+                self._broadcast(_PING)
 
     def _watch(self, pid: int, conn: socket.socket) -> None:
         """A follower sends only heartbeats: silence or a closed socket means it is gone."""
