@@ -296,15 +296,21 @@ class LLMEngine:
         return self.memory_plan.num_pages
 
     def _make_runner(self, weights, num_pages: int | None, backend) -> ModelRunner:
-        config = self.config
-        if config.dp > 1:
+        if self.config.dp > 1:
             return self._make_replicas(weights, num_pages, backend)
+        return self._runner(weights, num_pages, backend, consume_weights=True)
+
+    def _runner(self, weights, num_pages: int | None, backend, *,
+                consume_weights: bool) -> ModelRunner:
+        """One ModelRunner on `backend` (an object, or a name resolved with the config's tp,
+        layer loop and ep)."""
+        config = self.config
         return ModelRunner(
             self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
             max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=backend,
             tp=config.tp, layer_loop=config.layer_loop, ep=config.ep,
-            lora=LoraRuntime(self.loras), consume_weights=True)
+            lora=LoraRuntime(self.loras), consume_weights=consume_weights)
 
     def _make_replicas(self, weights, num_pages: int | None, backend) -> ReplicaRunner:
         """One ModelRunner per replica, each on its own tp devices (a mesh even at tp 1), each
@@ -316,11 +322,7 @@ class LLMEngine:
         for r in reversed(range(config.dp)):
             b = (backend if r == 0 and not isinstance(backend, str) else
                  _select_backend(config, self.model_config, groups[r]))
-            runners[r] = ModelRunner(
-                self.model_config, weights, num_pages=num_pages, page_size=config.page_size,
-                max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
-                max_model_len=self.max_model_len, dtype=DTYPES[config.dtype], backend=b,
-                lora=LoraRuntime(self.loras), consume_weights=r == 0)
+            runners[r] = self._runner(weights, num_pages, b, consume_weights=r == 0)
         return ReplicaRunner([runners[r] for r in range(config.dp)])
 
     # -- requests ------------------------------------------------------------------------------
