@@ -12,8 +12,13 @@ A serving group's life (`jaxserve serve --distributed` on every host):
      leader sends that call to every follower as one message (`encode`: a pickle whose numpy
      arrays travel raw, out of band), in order;
   4. a follower replays each call on its own runner (`follow`): the same compiled program on
-     its shards, so every collective has all its participants. Followers never read results:
-     the sampled tokens are replicated global arrays, and the leader reads its own copy;
+     its shards, so every collective has all its participants. Where the leader holds
+     devices of the program, followers read no results: the sampled tokens are replicated
+     global arrays, and the leader reads its own copy;
+  4b. with data-parallel replicas (`--dp R`, jaxserve/replicas.py) each message names its
+     replica and goes only to the processes holding that replica's devices; a replica with
+     no device on the leader is built there as a RemoteRunner, and its first process sends
+     each call's outputs back over its socket (`result` messages, host arrays);
   5. failure: a follower's reader sees the leader's socket close (or no message, not even a
      heartbeat, for `timeout_s`) and exits; the leader's watchdog, one thread per follower,
      sees a follower's socket close (or no heartbeat for `timeout_s`) and exits non-zero,
@@ -24,6 +29,7 @@ cluster's own network.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -85,9 +91,9 @@ def is_follower() -> bool:
 
 
 def check_group(config) -> None:
-    """Refuse a group the server cannot run on (config: the EngineConfig): one process,
-    data-parallel replicas, or a mesh that leaves some process without devices (it would
-    have nothing to replay)."""
+    """Refuse a group the server cannot run on (config: the EngineConfig): one process, or
+    replicas that leave some device out (a process without devices would have nothing to
+    replay); jaxserve/replicas.py refuses a replica that takes part of a process's devices."""
     import jax
     n = jax.process_count()
     if n < 2:
@@ -95,12 +101,10 @@ def check_group(config) -> None:
                          "start one process per host with JAX_COORDINATOR_ADDRESS, "
                          "JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or on an auto-detected "
                          "cluster), or serve without --distributed")
-    if getattr(config, "dp", 1) > 1:
-        raise ValueError(f"--distributed: --dp {config.dp} runs in one process only; across "
-                         "processes use --tp over every device")
-    if config.tp != jax.device_count():
-        raise ValueError(f"--distributed: --tp {config.tp} must span every device of the "
-                         f"{n} processes ({jax.device_count()} devices)")
+    dp = getattr(config, "dp", 1)
+    if dp * config.tp != jax.device_count():
+        raise ValueError(f"--distributed: --dp {dp} x --tp {config.tp} must span every device "
+                         f"of the {n} processes ({jax.device_count()} devices)")
 
 
 # ----------------------------------------------------------------------------- messages
@@ -170,7 +174,6 @@ class Leader:
         self.num_followers = jax.process_count() - 1
         self.timeout_s = timeout_s()
         self._lock = threading.Lock()      # one message at a time on the sockets
-        self._last_send = time.monotonic()
         self._closed = False
         self.socks: dict[int, socket.socket] = {}
         _, port = address or step_address()   # listens on every interface
@@ -217,31 +220,48 @@ class Leader:
                 _send_json(conn, {"refused": why})
                 conn.close()
             raise ValueError(why)
-        for conn in self.socks.values():
-            _send_json(conn, {"num_pages": engine.runner.kv.num_pages})
+        # who gets each replica's calls, and who returns a remote replica's outputs
+        runners = getattr(engine.runner, "runners", [engine.runner])
+        procs = getattr(engine.runner, "processes", [list(range(self.num_followers + 1))])
+        self.results: dict[int, queue.Queue] = {}
+        self._last_send = {pid: time.monotonic() for pid in self.socks}
+        for pid, conn in self.socks.items():
+            _send_json(conn, {"num_pages": engine.runner.kv.num_pages,
+                              "report": [r for r, ps in enumerate(procs)
+                                         if 0 not in ps and ps[0] == pid]})
         for pid, conn in self.socks.items():
             threading.Thread(target=self._watch, args=(pid, conn), daemon=True,
                              name=f"jaxserve-watch-{pid}").start()
         threading.Thread(target=self._heartbeat, daemon=True, name="jaxserve-heartbeat").start()
         self.num_messages = self.num_bytes = 0
-        engine.runner.recorder = self.send
+        for r, (runner, ps) in enumerate(zip(runners, procs)):
+            to = [p for p in ps if p != 0]
+            send = functools.partial(self.send, replica=r, to=to)
+            if 0 in ps:
+                runner.recorder = send if to else None
+            else:   # a RemoteRunner (jaxserve/replicas.py): its outputs come back
+                self.results[r] = runner.results = queue.Queue()
+                runner.send = send
 
-    def send(self, name: str, args: tuple) -> None:
-        """Send one device call to every follower (the runner's recorder)."""
-        data = b"".join(encode((name, args)))
+    def send(self, name: str, args: tuple, replica: int = 0, to=None) -> None:
+        """Send one device call of `replica` to the followers `to` (default: all); a runner's
+        recorder."""
+        data = b"".join(encode((replica, name, args)))
         with self._lock:
-            self._broadcast(data)
+            self._broadcast(data, to)
             self.num_messages += 1
             self.num_bytes += len(data)
 
-    def _broadcast(self, data: bytes) -> None:
-        """data to every follower (under self._lock); one unreachable stops the group."""
-        for pid, conn in self.socks.items():
+    def _broadcast(self, data: bytes, to=None) -> None:
+        """data to the followers `to` (default: all; under self._lock); one unreachable stops
+        the group."""
+        now = time.monotonic()
+        for pid in self.socks if to is None else to:
             try:
-                conn.sendall(data)
+                self.socks[pid].sendall(data)
             except OSError as e:
                 die(f"process {pid} (a follower) is unreachable ({e}): the serving group stops")
-        self._last_send = time.monotonic()
+            self._last_send[pid] = now
 
     def close(self) -> None:
         """Tell the followers to stop (a clean shutdown), then close the sockets."""
@@ -249,31 +269,38 @@ class Leader:
             self._closed = True
             for conn in self.socks.values():
                 try:
-                    conn.sendall(b"".join(encode(("stop", ()))))
+                    conn.sendall(b"".join(encode((None, "stop", ()))))
                     conn.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
 
     def _heartbeat(self) -> None:
+        """A heartbeat to each follower that was sent nothing for HEARTBEAT_S (a replica's
+        processes hear only its calls: an idle replica's would hear nothing)."""
         while not self._closed:
             time.sleep(HEARTBEAT_S / 2)
             with self._lock:
-                if self._closed or time.monotonic() - self._last_send < HEARTBEAT_S:
-                    continue
-                self._broadcast(_PING)
+                now = time.monotonic()
+                idle = [p for p, t in self._last_send.items() if now - t >= HEARTBEAT_S]
+                if not self._closed and idle:
+                    self._broadcast(_PING, idle)
 
     def _watch(self, pid: int, conn: socket.socket) -> None:
-        """A follower sends only heartbeats: silence or a closed socket means it is gone."""
+        """A follower sends heartbeats, and a remote replica's first process the outputs of
+        its calls: silence or a closed socket means it is gone."""
         while True:
             try:
-                if not conn.recv(64):
-                    raise ConnectionError("its step channel closed")
+                msg = decode(conn)
+                if msg is not None:
+                    kind, replica, outputs = msg
+                    if kind != "result" or replica not in self.results:
+                        raise ConnectionError(f"an unexpected message {kind!r} ({replica})")
+                    self.results[replica].put(outputs)
+                continue
             except socket.timeout:
                 why = f"it sent no heartbeat for {self.timeout_s:g} s"
-            except OSError as e:
+            except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
                 why = str(e) if not isinstance(e, ConnectionError) or str(e) else "closed"
-            else:
-                continue
             if self._closed:
                 return
             die(f"process {pid} (a follower) stopped: {why}; the serving group stops "
@@ -308,37 +335,63 @@ def follow(engine, address: tuple[str, int] | None = None, *,
         die(f"process {pid}: the leader (process 0) closed the step channel before serving")
     if "refused" in reply:
         raise ValueError(reply["refused"])
-    runner = engine.runner
-    if runner.kv is None or runner.kv.num_pages != reply["num_pages"]:
-        runner.init_pool(reply["num_pages"])   # the leader's pool, whatever this host planned
+    runners = getattr(engine.runner, "runners", [engine.runner])
+    local = getattr(engine.runner, "local", runners)
+    for runner in local:
+        if runner.kv is None or runner.kv.num_pages != reply["num_pages"]:
+            runner.init_pool(reply["num_pages"])   # the leader's pool, whatever this planned
+    reports = set(reply.get("report", ()))   # replicas whose outputs this process returns
     calls: queue.Queue = queue.Queue()
     limit = timeout_s()
     sock.settimeout(limit)
+    send_lock = threading.Lock()   # the heartbeat thread writes to the socket too
     threading.Thread(target=_read, args=(sock, calls, pid, limit), daemon=True,
                      name="jaxserve-step-reader").start()
-    threading.Thread(target=_ping, args=(sock,), daemon=True, name="jaxserve-heartbeat").start()
-    log.warning("process %d follows the leader at %s:%d", pid, host, port)
+    threading.Thread(target=_ping, args=(sock, send_lock), daemon=True,
+                     name="jaxserve-heartbeat").start()
+    log.warning("process %d follows the leader at %s:%d%s", pid, host, port,
+                f"; returns the outputs of replicas {sorted(reports)}" if reports else "")
     while True:
-        name, args = calls.get()
+        replica, name, args = calls.get()
         if name == "stop":
-            jax.block_until_ready(runner.kv.k)
+            jax.block_until_ready([r.kv.k for r in local])
             sock.close()
             return 0
         try:
-            replay(runner, name, args)
+            out = replay(runners[replica], name, args)
+            if name == "call" and replica in reports:
+                data = b"".join(encode(("result", replica, host_outputs(out))))
+                with send_lock:
+                    sock.sendall(data)
+        except OSError:
+            die(f"process {pid}: the leader (process 0) closed the step channel: it exited or "
+                "its host is gone; the serving group stops")
         except BaseException as e:   # the leader's call did not fail: the group cannot go on
             log.exception("replaying %s", name)
-            die(f"process {pid}: replaying the leader's {name} failed ({e!r})")
+            die(f"process {pid}: replaying the leader's {name} of replica {replica} failed "
+                f"({e!r})")
 
 
 REPLAYED = ("call", "write_slot", "write_adapters", "warmup", "init_pool")
 
 
-def replay(runner, name: str, args: tuple) -> None:
-    """Make one recorded call (ModelRunner.recorder's name and args) on this runner."""
+def replay(runner, name: str, args: tuple):
+    """Make one recorded call (ModelRunner.recorder's name and args) on this runner; its
+    result (a call's device outputs)."""
+    from jaxserve.replicas import RemoteRunner
     if name not in REPLAYED:
         raise ValueError(f"not a recorded runner call: {name!r}")
-    getattr(runner, name)(*args)
+    if isinstance(runner, RemoteRunner):
+        raise ValueError(f"replica {runner.replica} has no device on this process")
+    return getattr(runner, name)(*args)
+
+
+def host_outputs(outputs):
+    """A call's (tokens, logprobs, prompt scores) as numpy arrays (each replicated over the
+    replica's devices: this process's copy)."""
+    import numpy as np
+    import jax
+    return jax.tree.map(np.asarray, outputs)
 
 
 def _read(sock: socket.socket, calls: queue.Queue, pid: int, limit: float) -> None:
@@ -354,14 +407,15 @@ def _read(sock: socket.socket, calls: queue.Queue, pid: int, limit: float) -> No
                 f"({e or 'closed'}): it exited or its host is gone; the serving group stops")
         if msg is not None:
             calls.put(msg)
-            if msg[0] == "stop":
+            if msg[1] == "stop":
                 return
 
 
-def _ping(sock: socket.socket) -> None:
+def _ping(sock: socket.socket, lock: threading.Lock) -> None:
     while True:
         time.sleep(HEARTBEAT_S)
         try:
-            sock.sendall(_PING)
+            with lock:
+                sock.sendall(_PING)
         except OSError:
             return   # the reader reports a lost leader

@@ -43,7 +43,7 @@ from jaxserve.lora.store import AdapterLimitError
 from jaxserve.model.kv_cache import bytes_per_page
 from jaxserve.model.weights import cast
 from jaxserve.output_processor import OutputProcessor
-from jaxserve.replicas import ReplicaRunner, replica_devices
+from jaxserve.replicas import RemoteRunner, ReplicaRunner, is_local, processes, replica_devices
 from jaxserve.outputs import NON_FINITE_LOGITS, RequestOutput
 from jaxserve.runner import ModelRunner
 from jaxserve.sampling import NON_FINITE
@@ -151,10 +151,16 @@ def load_for_backend(config: EngineConfig):
     one device; random on the devices for load_format "dummy")."""
     dtype = DTYPES[config.dtype]
     backend = _select_backend(config, load_config(config.model),
-                              replica_devices(config.dp, config.tp)[0] if config.dp > 1 else None)
+                              _first_local(config) if config.dp > 1 else None)
     model = load_model(config.model, dtype, placement=backend.placement(),
                        load_format=config.load_format, seed=config.seed)
     return model, backend
+
+
+def _first_local(config: EngineConfig) -> list:
+    """The devices of the first replica this process holds devices of (its weights are
+    loaded there; its other replicas copy them)."""
+    return next(g for g in replica_devices(config.dp, config.tp) if is_local(g))
 
 
 def _select_backend(config: EngineConfig, model_config: ModelConfig, devices=None):
@@ -315,15 +321,25 @@ class LLMEngine:
     def _make_replicas(self, weights, num_pages: int | None, backend) -> ReplicaRunner:
         """One ModelRunner per replica, each on its own tp devices (a mesh even at tp 1), each
         with its own copy of the weights, pool, step builder and LoRA slots; the adapters'
-        host store is shared. Replica 0's backend may be the one the weights were loaded for;
-        the others copy them from there, and replica 0 (made last) consumes them."""
+        host store is shared. The first replica this process holds devices of may have the
+        backend the weights were loaded for; its other replicas copy them from there, and
+        that first one (made last) consumes them. A replica on other processes only (under
+        --distributed) is a RemoteRunner: host state here, devices there."""
         config, groups = self.config, replica_devices(self.config.dp, self.config.tp)
+        local = [r for r, g in enumerate(groups) if is_local(g)]
         runners = {}
         for r in reversed(range(config.dp)):
-            b = (backend if r == 0 and not isinstance(backend, str) else
+            b = (backend if r == local[0] and not isinstance(backend, str) else
                  _select_backend(config, self.model_config, groups[r]))
-            runners[r] = self._runner(weights, num_pages, b, consume_weights=r == 0)
-        return ReplicaRunner([runners[r] for r in range(config.dp)])
+            if r not in local:
+                runners[r] = RemoteRunner(
+                    self.model_config, b, page_size=config.page_size,
+                    max_num_seqs=config.max_num_seqs, max_prefill_tokens=config.max_prefill_tokens,
+                    max_model_len=self.max_model_len, lora=LoraRuntime(self.loras), replica=r)
+            else:
+                runners[r] = self._runner(weights, num_pages, b, consume_weights=r == local[0])
+        return ReplicaRunner([runners[r] for r in range(config.dp)],
+                             [processes(g) for g in groups])
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: list[int] | str, params: SamplingParams, *,
@@ -589,4 +605,6 @@ class LLMEngine:
             "max_loras": self.config.max_loras if self.config.max_loras is not None
             else len(self.loras),
             "scheduler": self.scheduler.policy.stats(),
+            # --dp: the steps each replica ran (a replica on other processes counted here)
+            "replica_steps": [r.num_steps for r in getattr(self.runner, "runners", ())],
         }

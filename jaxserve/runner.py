@@ -132,6 +132,18 @@ class Launched:
     feed_index: dict = dataclasses.field(default_factory=dict)   # seq_id -> index in feed
 
 
+def step_builder_for(backend, cfg: ModelConfig, *, page_size: int, max_num_seqs: int,
+                     max_prefill_tokens: int, max_model_len: int, lora) -> StepBuilder:
+    """The step builder of a runner on `backend` (host only: it needs no device)."""
+    # Where attention reads only up to each row's kv_len, block tables are one width (pages
+    # drop out of the program shapes).
+    reads_padding = backend.attention_reads_padded_pages
+    return StepBuilder(
+        page_size=page_size, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
+        max_model_len=max_model_len, min_decode_rows=backend.min_decode_rows(), lora=lora,
+        bucket_pages=(reads_padding(False), reads_padding(True)), vocab_size=cfg.vocab_size)
+
+
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, weights: Weights, *, num_pages: int | None, page_size: int,
                  max_num_seqs: int, max_prefill_tokens: int, max_model_len: int,
@@ -152,13 +164,10 @@ class ModelRunner:
         self.params = backend.prepare(weights, consume=consume_weights)
         self.page_size, self.kv = page_size, None
         self.recorder = None   # multi-host leader: (name, args) -> None, see `call`
-        # Where attention reads only up to each row's kv_len, block tables are one width (pages
-        # drop out of the program shapes).
-        reads_padding = backend.attention_reads_padded_pages
-        self.builder = StepBuilder(
-            page_size=page_size, max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens,
-            max_model_len=max_model_len, min_decode_rows=backend.min_decode_rows(), lora=lora,
-            bucket_pages=(reads_padding(False), reads_padding(True)), vocab_size=cfg.vocab_size)
+        self.builder = step_builder_for(backend, cfg, page_size=page_size,
+                                        max_num_seqs=max_num_seqs,
+                                        max_prefill_tokens=max_prefill_tokens,
+                                        max_model_len=max_model_len, lora=lora)
         # The programs need only the pool's sharding, the same for any number of pages.
         self.programs = StepPrograms(backend, cfg, self.params, self.pool_spec(2))
         if num_pages is not None:

@@ -284,9 +284,9 @@ def logits_shardings(mesh: Mesh, cfg: ModelConfig) -> tuple[NamedSharding, Named
 def put_replicated(tree, mesh: Mesh):
     """Host arrays -> replicated global arrays. Multi-host needs every process to pass the same
     values (the engine loop is deterministic, so it does)."""
-    if jax.process_count() == 1:
-        return jax.device_put(tree, replicated(mesh))
     s = replicated(mesh)
+    if jax.process_count() == 1 or s.is_fully_addressable:   # this process's devices only
+        return jax.device_put(tree, s)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(s, np.asarray(x)), tree)
 
 

@@ -9,6 +9,9 @@ executor's real calls (StepBuilder buckets, BuiltStep arrays) of the default mod
   decode B all  the same with every optional sampling-set array (bias, bans, a structured-
                 output token mask per row) and LoRA slots (rank 16, 7 modules);
   prefill chunk a 512-token prefill call (4 rows x 128 tokens);
+  result B      what a remote data-parallel replica's first process sends back per call
+                (--dp across processes): B sampled tokens and log-probs (top-20: with 20
+                alternatives each); timed the same way, leader to follower;
   slot write    a penalty slot's counts (one vocabulary row, sent when a request with
                 penalties starts);
   adapter load  one rank-16 adapter on all 7 modules written into pool pages.
@@ -71,7 +74,7 @@ def prefill_call(B: int = 4, T: int = 128) -> BuiltStep:
 
 def messages() -> dict[str, tuple]:
     pages = 32   # 3 pages per module x 7, padded to a power of two (LoraRuntime.stage_host)
-    return {
+    calls = {
         "decode 64": ("call", (decode_call(64),)),
         "decode 256": ("call", (decode_call(256),)),
         "decode 64 all": ("call", (decode_call(64, True),)),
@@ -81,6 +84,15 @@ def messages() -> dict[str, tuple]:
         "adapter load": ("write_adapters", ([("ad", np.arange(pages, dtype=np.int32),
                                               np.zeros((LAYERS, pages, PAGE_ELEMS), np.float32))],)),
     }
+    out = {name: (0, kind, args) for name, (kind, args) in calls.items()}
+    # what a remote data-parallel replica's first process sends back per call (--dp across
+    # processes): tokens and log-probs, with 20 top log-probs in the "all" rows
+    for B in (64, 256):
+        out[f"result {B}"] = ("result", 1, (np.zeros(B, np.int32), np.zeros(B, np.float32), None))
+        out[f"result {B} top-20"] = ("result", 1, (np.zeros(B, np.int32), (
+            np.zeros(B, np.float32), np.zeros((B, 20), np.int32),
+            np.zeros((B, 20), np.float32)), None))
+    return out
 
 
 def _follower(port: int) -> None:
@@ -88,7 +100,7 @@ def _follower(port: int) -> None:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while True:
             msg = decode(s)
-            if msg[0] == "stop":
+            if msg[1] == "stop":
                 return
             s.sendall(b"k")
 
@@ -120,7 +132,7 @@ def main() -> int:
                          encode_ms=1e3 * statistics.median(encode_s),
                          send_replay_receive_ms=1e3 * statistics.median(times),
                          p90_ms=1e3 * sorted(times)[int(0.9 * len(times))]))
-    conn.sendall(b"".join(encode(("stop", ()))))
+    conn.sendall(b"".join(encode((None, "stop", ()))))
     child.join(10)
     host = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     print(f"step channel over loopback TCP ({host}); median of {args.reps}")

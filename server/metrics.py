@@ -197,6 +197,10 @@ class ServingMetrics:
                [(m, num("num_free_pages"))])
         metric("jaxserve:num_total_pages", "gauge", "KV-cache pages in the pool.",
                [(m, num("num_total_pages"))])
+        if stats.get("replica_steps"):
+            metric("jaxserve:replica_steps_total", "counter",
+                   "Steps each data-parallel replica ran (--dp).",
+                   [(f'{m},replica="{r}"', n) for r, n in enumerate(stats["replica_steps"])])
         metric("jaxserve:step_programs_compiled_total", "counter",
                "Step programs compiled since start (warm-up included); on CPU they are "
                "compiled when a step shape is first met, each adding to the process memory.",

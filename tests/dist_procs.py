@@ -80,6 +80,10 @@ class Group:
         with urllib.request.urlopen(req, timeout=GUARD_S) as r:
             return json.loads(r.read())
 
+    def get_text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=GUARD_S) as r:
+            return r.read().decode()
+
     def signal(self, i: int, sig=signal.SIGKILL) -> None:
         self.procs[i].send_signal(sig)
 

@@ -1,6 +1,9 @@
 """Multi-host serving (jaxserve/distributed.py) on localhost: `jaxserve serve --distributed` in
 2 and 4 processes of one CPU device each, against one process holding as many simulated
-devices (the same tp program); a lost process stops the group; the startup check.
+devices (the same tp program); data-parallel replicas across processes (`--dp 2 --tp 2`: a
+replica per process of 2 devices, and replicas spanning 2 processes of one device each), the
+leader holding one replica and driving the other over the step channel; a lost process stops
+the group; the startup check.
 
 The 2-process group serves one batch of requests (greedy and seeded sampling, base and
 adapter, penalties and log-probs) at once; the 4-process group, to bound its compiles, one
@@ -49,9 +52,12 @@ def args(root, tp: int) -> list[str]:
 def groups(models, tmp_path_factory):
     """Started together, so that their start-ups and compiles overlap on the cores."""
     logs = tmp_path_factory.mktemp("logs")
+    dp = args(models, 2) + ["--dp", "2"]
     g = {"ref": Group(logs, args(models, 2), 1, devices=2),
          "dist2": Group(logs, args(models, 2), 2),
-         "dist4": Group(logs, args(models, 4), 4)}
+         "dist4": Group(logs, args(models, 4), 4),
+         "dp2": Group(logs, dp, 2, devices=2),
+         "dp4": Group(logs, dp, 4)}
     yield g
     for group in g.values():
         group.stop()
@@ -106,6 +112,34 @@ def test_four_processes_serve_as_one_and_a_lost_follower_stops_them(groups, refe
         assert f"process {i}: the leader (process 0) closed the step channel" in g.log(i)
 
 
+def replica_steps(group: Group) -> list[float]:
+    """jaxserve:replica_steps_total of each replica, from the leader's /metrics."""
+    import re
+    text = group.get_text("/metrics")
+    found = re.findall(r'^jaxserve:replica_steps_total\{[^}]*replica="(\d+)"\} (\S+)$', text, re.M)
+    return [float(v) for _, v in sorted(found, key=lambda x: int(x[0]))]
+
+
+@pytest.mark.slow
+def test_dp_replicas_across_processes_serve_as_one(groups, reference):
+    """--dp 2 --tp 2 over 2 processes of 2 devices (replica 1 is process 1's) and over 4
+    processes of one device (replica 1 spans processes 2 and 3): the batch's outputs equal one
+    process's at tp 2, both replicas ran steps, and the remote replica's first process is the
+    one returning its outputs. Killing that process stops the leader, naming it."""
+    for name, head in (("dp2", 1), ("dp4", 2)):
+        g = groups[name]
+        assert_same(serve_batch(g), reference)
+        steps = replica_steps(g)
+        assert len(steps) == 2 and min(steps) > 0, steps
+        assert "returns the outputs of replicas [1]" in g.log(head)
+        assert all("returns the outputs" not in g.log(i)
+                   for i in range(1, len(g.procs)) if i != head)
+    g = groups["dp4"]
+    g.signal(2, signal.SIGKILL)
+    assert g.wait(0) not in (0, -signal.SIGKILL)
+    assert "process 2 (a follower) stopped" in g.log(0)
+
+
 @pytest.mark.slow
 def test_startup_refuses_another_checkpoint(models, tmp_path):
     """A follower that loaded other weights (same architecture and files' names): both exit,
@@ -128,7 +162,8 @@ def test_a_mesh_short_of_the_devices_is_refused(models, tmp_path):
     try:
         for i in (0, 1):
             assert g.wait(i) == 2
-            assert "--tp 1 must span every device of the 2 processes (2 devices)" in g.log(i)
+            assert ("--dp 1 x --tp 1 must span every device of the 2 processes (2 devices)"
+                    in g.log(i))
     finally:
         g.stop()
 

@@ -148,6 +148,23 @@ def test_bad_combinations_are_refused():
     assert main(["generate", "--dp", "3", "--prompt", "hi", "--max-tokens", "1"]) == 2
 
 
+def test_replicas_across_processes_take_whole_processes_or_parts_of_one():
+    """Across processes a replica is part of one process's devices or all devices of each
+    process it spans (3 processes of 2 devices here); anything else is refused naming it."""
+    from types import SimpleNamespace
+
+    from jaxserve.replicas import processes, replica_devices
+    devs = [SimpleNamespace(id=i, process_index=i // 2, platform="cpu") for i in range(6)]
+    assert [processes(g) for g in replica_devices(6, 1, devs)] == [[0], [0], [1], [1], [2], [2]]
+    assert [processes(g) for g in replica_devices(3, 2, devs)] == [[0], [1], [2]]
+    assert [processes(g) for g in replica_devices(1, 6, devs)] == [[0, 1, 2]]
+    devs8 = [SimpleNamespace(id=i, process_index=i // 2, platform="cpu") for i in range(8)]
+    assert [processes(g) for g in replica_devices(2, 4, devs8)] == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match=r"replica 0 would take part of the devices of "
+                                         r"processes \[0, 1\]"):
+        replica_devices(2, 3, devs)
+
+
 # -- the engine on 4 simulated devices -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dp(tmp_path_factory) -> dict:
