@@ -166,50 +166,76 @@ def die(message: str) -> None:
 class Leader:
     """The step channel's sending side: one socket per follower, a watchdog thread each."""
 
-    def __init__(self, engine, address: tuple[str, int] | None = None, *,
-                 wait_s: float | None = None):
-        """Wait up to wait_s (default JAXSERVE_STEP_CONNECT_TIMEOUT_S, 600) for every
-        follower's hello, check the fingerprints, then record the engine's runner."""
+    def __init__(self, address: tuple[str, int] | None = None):
+        """Listen on the step channel and take the followers' joins in the background: made
+        before the model loads, so that a process that stops while the group forms (a
+        missing checkpoint, a crash while loading) stops the others at once, named."""
         import jax
         self.num_followers = jax.process_count() - 1
         self.timeout_s = timeout_s()
         self._lock = threading.Lock()      # one message at a time on the sockets
         self._closed = False
         self.socks: dict[int, socket.socket] = {}
-        _, port = address or step_address()   # listens on every interface
-        self.port = port
+        self._joined = threading.Condition()
+        _, self.port = address or step_address()   # listens on every interface
+        self._srv = socket.create_server(("", self.port), reuse_port=False)
+        log.info("step channel: waiting for %d followers on port %d", self.num_followers,
+                 self.port)
+        threading.Thread(target=self._accept, daemon=True, name="jaxserve-accept").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:
+                return   # closed: every follower joined
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(10.0)
+            try:
+                pid = int(_recv_json(conn)["process_id"])
+                if not 0 < pid <= self.num_followers or pid in self.socks:
+                    raise ValueError(f"process id {pid}")
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                # not a follower of this group (a stray connection): ignored
+                log.warning("step channel: ignored a connection with a bad hello (%s)", e)
+                conn.close()
+                continue
+            conn.settimeout(None)
+            with self._joined:
+                self.socks[pid] = conn
+                self._joined.notify_all()
+            threading.Thread(target=_watch_forming, args=(conn, f"process {pid} (a follower)"),
+                             daemon=True, name=f"jaxserve-forming-{pid}").start()
+
+    def start(self, engine, *, wait_s: float | None = None) -> None:
+        """Wait up to wait_s (default JAXSERVE_STEP_CONNECT_TIMEOUT_S, 600) for every follower
+        to join and send the fingerprint of what it loaded, check them, then record the
+        engine's runners."""
         wait_s = wait_s or connect_timeout_s()
-        srv = socket.create_server(("", port), reuse_port=False)
-        log.info("step channel: waiting for %d followers on port %d", self.num_followers, port)
+        deadline = time.monotonic() + wait_s
+        with self._joined:
+            while len(self.socks) < self.num_followers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sorted(set(range(1, self.num_followers + 1)) - set(self.socks))
+                    raise ValueError(f"--distributed: processes {missing} did not connect to "
+                                     f"the step channel (port {self.port}) within "
+                                     f"{wait_s:g} s")
+                self._joined.wait(left)
+        self._srv.close()
         mine = fingerprint(engine)
         hellos = {}
-        deadline = time.monotonic() + wait_s
-        try:
-            while len(hellos) < self.num_followers:
-                srv.settimeout(max(0.1, deadline - time.monotonic()))
-                try:
-                    conn, _ = srv.accept()
-                except socket.timeout:
-                    missing = sorted(set(range(1, self.num_followers + 1)) - set(hellos))
-                    raise ValueError(f"--distributed: processes {missing} did not connect to "
-                                     f"the step channel (port {port}) within "
-                                     f"{wait_s:g} s") from None
-                conn.settimeout(self.timeout_s)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                try:
-                    hello = _recv_json(conn)
-                    pid, fp = int(hello["process_id"]), dict(hello["fingerprint"])
-                    if not 0 < pid <= self.num_followers or pid in hellos:
-                        raise ValueError(f"process id {pid}")
-                except (OSError, ValueError, KeyError, TypeError) as e:
-                    # not a follower of this group (a stray connection): ignored
-                    log.warning("step channel: ignored a connection with a bad hello (%s)", e)
-                    conn.close()
-                    continue
-                self.socks[pid] = conn
-                hellos[pid] = fp
-        finally:
-            srv.close()
+        for pid, conn in sorted(self.socks.items()):   # each sends it once loaded
+            conn.settimeout(max(1.0, deadline - time.monotonic()))
+            try:
+                hellos[pid] = dict(_recv_json(conn)["fingerprint"])
+            except socket.timeout:
+                raise ValueError(f"--distributed: process {pid} did not finish loading within "
+                                 f"{wait_s:g} s") from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                die(f"process {pid} (a follower) stopped while the group was forming ({e}): "
+                    "the serving group stops (see that process's log for its cause)")
+            conn.settimeout(self.timeout_s)
         bad = {pid: differences(mine, fp, pid) for pid, fp in sorted(hellos.items())}
         bad = {pid: d for pid, d in bad.items() if d}
         if bad:
@@ -309,10 +335,9 @@ class Leader:
 
 # ----------------------------------------------------------------------------- a follower
 
-def follow(engine, address: tuple[str, int] | None = None, *,
-           wait_s: float | None = None) -> int:
-    """Connect to the leader, then replay its device calls on this process's runner until it
-    says stop (returns 0); a refusal raises ValueError; a lost leader ends the process."""
+def join(address: tuple[str, int] | None = None, *, wait_s: float | None = None):
+    """A follower's step channel: connected to the leader and joined (before the model loads:
+    a leader that stops while the group forms stops this process at once)."""
     import jax
     host, port = address or step_address()
     pid = jax.process_index()
@@ -327,11 +352,82 @@ def follow(engine, address: tuple[str, int] | None = None, *,
                                  f"step channel at {host}:{port} ({e})") from None
             time.sleep(0.2)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _send_json(sock, {"process_id": pid, "fingerprint": fingerprint(engine)})
-    sock.settimeout(None)    # the leader compares every process's hello first
+    _send_json(sock, {"process_id": pid})
+    sock.settimeout(None)
+    threading.Thread(target=_watch_forming, args=(sock, "the leader (process 0)"),
+                     daemon=True, name="jaxserve-forming").start()
+    log.warning("process %d joined the leader at %s:%d", pid, host, port)
+    return sock
+
+
+BAD_INPUT = (ValueError, FileNotFoundError, NotImplementedError)
+
+
+def fail_forming(channel, error: BaseException) -> None:
+    """This process failed while the group formed (loading): say why and exit now. A bad
+    input of its own (a missing checkpoint) exits 2, as the CLI does; any other error may be
+    a collective failing because another process stopped: that process is named if its
+    channel closed (`blame`). os._exit: the normal exit waits in jax.distributed's shutdown
+    barrier for processes that will never reach it."""
+    import traceback
+    if isinstance(error, BAD_INPUT):
+        print(f"jaxserve: error: {error}", file=sys.stderr, flush=True)
+        os._exit(2)
+    blame(channel)
+    traceback.print_exception(error, file=sys.stderr)
+    print(f"jaxserve: error: {error!r}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def blame(channel, wait_s: float = 5.0) -> None:
+    """After this process failed while the group formed: if a peer's socket closed (within
+    wait_s), stop naming it: a collective with a dead process fails in JAX (gloo) about when
+    the channel sees it close, and the lost process is the cause worth naming. Else return
+    (the failure is this process's own)."""
+    import select
+    if isinstance(channel, Leader):
+        peers = {conn: f"process {pid} (a follower)" for pid, conn in channel.socks.items()}
+    else:
+        peers = {channel: "the leader (process 0)"}
+    deadline = time.monotonic() + wait_s
+    while peers:
+        ready, _, _ = select.select(list(peers), [], [], max(0.0, deadline - time.monotonic()))
+        for sock in ready:
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except OSError:
+                data = b""
+            if not data:
+                die(f"{peers[sock]} stopped while the serving group was forming (see its log "
+                    "for why): the serving group stops")
+            del peers[sock]
+        if time.monotonic() >= deadline:
+            return
+
+
+def _watch_forming(sock: socket.socket, who: str) -> None:
+    """While the group forms nothing is sent until the fingerprints (a follower's) or the
+    leader's answer: the peer's socket closing first means it stopped (its own log says
+    why); data arriving ends the watch (the channel's readers take over)."""
+    try:
+        data = sock.recv(1, socket.MSG_PEEK)
+    except OSError:
+        data = b""
+    if not data:
+        die(f"{who} stopped while the serving group was forming (see its log for why): "
+            "the serving group stops")
+
+
+def follow(engine, sock: socket.socket) -> int:
+    """Send the leader what this process loaded, then replay its device calls on this
+    process's runners until it says stop (returns 0); a refusal raises ValueError; a lost
+    leader ends the process."""
+    import jax
+    pid = jax.process_index()
+    _send_json(sock, {"fingerprint": fingerprint(engine)})
     try:
         reply = _recv_json(sock)
-    except ConnectionError:
+    except (OSError, ConnectionError):
         die(f"process {pid}: the leader (process 0) closed the step channel before serving")
     if "refused" in reply:
         raise ValueError(reply["refused"])
@@ -349,7 +445,7 @@ def follow(engine, address: tuple[str, int] | None = None, *,
                      name="jaxserve-step-reader").start()
     threading.Thread(target=_ping, args=(sock, send_lock), daemon=True,
                      name="jaxserve-heartbeat").start()
-    log.warning("process %d follows the leader at %s:%d%s", pid, host, port,
+    log.warning("process %d follows the leader%s", pid,
                 f"; returns the outputs of replicas {sorted(reports)}" if reports else "")
     while True:
         replica, name, args = calls.get()

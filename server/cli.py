@@ -221,14 +221,23 @@ def run(args) -> int:
 
     engine_cfg, async_cfg, server_cfg = build_configs(args)
     multi = distributed.enabled(getattr(args, "distributed", False))
+    channel = leader = None
     if multi:   # every process of the group runs this; process 0 serves, the others follow
         distributed.check_group(engine_cfg)
+        # joined before loading: a process that stops while loading stops the group
+        channel = distributed.join() if distributed.is_follower() else distributed.Leader()
     log.warning("loading %s ...", engine_cfg.model or "the embedded default model")
-    engine = LLMEngine(engine_cfg)
+    try:
+        engine = LLMEngine(engine_cfg)
+    except Exception as e:
+        if channel is not None:
+            distributed.fail_forming(channel, e)
+        raise
     if multi and distributed.is_follower():
-        return distributed.follow(engine)
-    leader = distributed.Leader(engine) if multi else None
-    if leader is not None:
+        return distributed.follow(engine, channel)
+    if multi:
+        leader = channel
+        leader.start(engine)
         print(f"jaxserve: distributed: process 0 of {leader.num_followers + 1}; the others "
               f"replay its steps (step channel port {leader.port})", file=sys.stderr, flush=True)
     try:

@@ -157,6 +157,24 @@ def test_startup_refuses_another_checkpoint(models, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_process_failing_to_load_stops_the_group_while_it_forms(models, tmp_path):
+    """Process 1 cannot load its checkpoint (a path missing on its host): it exits with its
+    own error, and process 0, still loading, stops at once naming it (the step channel is
+    joined before loading), not after JAX's or the channel's start-up timeouts."""
+    broken = args(models, 2)
+    broken[1] = str(tmp_path / "missing")
+    g = Group(tmp_path, args(models, 2), 2, args_of={1: broken},
+              env={"JAXSERVE_STEP_CONNECT_TIMEOUT_S": "3000"})
+    try:
+        assert g.wait(1) == 2, g.log(1)[-3000:]
+        assert "missing" in g.log(1)
+        assert g.wait(0) == 3, g.log(0)[-3000:]
+        assert "process 1 (a follower) stopped while the serving group was forming" in g.log(0)
+    finally:
+        g.stop()
+
+
+@pytest.mark.slow
 def test_a_mesh_short_of_the_devices_is_refused(models, tmp_path):
     g = Group(tmp_path, args(models, 1), 2)
     try:
