@@ -27,6 +27,10 @@ Steps, each under its own timeout, results in OUT_DIR/device_check.json and a su
               decode step must read (`decode_read_bytes`: the weights it uses, i.e. only the
               experts its tokens are routed to, and each row's K/V) over the step time, against
               the device's bandwidth
+  9. distributed  scripts/check_distributed.py: a 1B-shape model (random) served by one process,
+              then by `serve --distributed --dp 2 --tp 1` in 2 processes sharing the
+              accelerator (replica 1 remote to process 0): the same texts for one batch, and
+              both replicas ran steps
 Targets (issues 17, 23) are checked and printed; a missed target is reported, not an error.
 --cpu-smoke runs the same steps with a tiny model and tiny pools on CPU (CI runs it).
 --steps picks steps by name (e.g. `--steps families` alone fits a short device lease).
@@ -46,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 GIB = 1 << 30
-STEPS = ("tests", "kernels", "bench", "pool", "hlo", "overlap", "families")
+STEPS = ("tests", "kernels", "bench", "pool", "hlo", "overlap", "families", "distributed")
 
 # HF config.json of the families step's models (Qwen/Qwen3-8B's and Qwen/Qwen3-30B-A3B's
 # shapes; weights random), and the tiny stand-ins --cpu-smoke runs through the same code.
@@ -86,8 +90,10 @@ def plan(smoke: bool) -> dict:
                     overlap_batches=[4], overlap_steps=8,
                     families=FAMILY_MODELS_SMOKE, family_batches=[1, 4], family_input_len=24,
                     family_output_len=8,
+                    dist_preset="tiny", dist=["--prompt-len", "24", "--output-len", "8",
+                                              "--requests", "4"],
                     timeouts=dict(tests=300, kernels=300, bench=300, pool=300, hlo=300,
-                                  overlap=300, family=300))
+                                  overlap=300, family=300, distributed=300))
     # families: 512 tokens of context (448 + 64 / 2 on average) keeps Qwen3-30B-A3B's batch-256
     # pool (12.9 GB) beside its 61 GB of weights on one H200
     return dict(preset="llama3-8b", dtype="bfloat16", batches=[1, 64, 256], input_len=960,
@@ -96,8 +102,10 @@ def plan(smoke: bool) -> dict:
                 overlap_batches=[64, 256], overlap_steps=200,
                 families=FAMILY_MODELS, family_batches=[1, 64, 256], family_input_len=480,
                 family_output_len=64,
+                dist_preset="1b", dist=["--prompt-len", "256", "--output-len", "64",
+                                        "--requests", "16"],
                 timeouts=dict(tests=150, kernels=60, bench=180, pool=120, hlo=60, overlap=120,
-                              family=150))
+                              family=150, distributed=240))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -340,6 +348,12 @@ def summarize(res: dict, smoke: bool) -> list[tuple[str, str, bool | None]]:
                      f"{r['period_ms']:.2f} ms vs {r['device_ms']:.2f} ms (sync "
                      f"{over[(b, 'sync')]['period_ms']:.2f} ms)" if r and (b, "sync") in over
                      else "-", r["period_over_device"] <= 1.10 if r else None))
+    d = res.get("distributed_json")
+    group = next((v for k, v in (d or {}).items() if k.startswith("--dp")), None)
+    rows.append(("serve --distributed --dp 2 (2 processes) = one process",
+                 f"same outputs: {d['same_outputs']}, replica steps {group['replica_steps']}"
+                 if d and group else "-",
+                 d["same_outputs"] and d["every_replica_ran"] if d else None))
     return rows
 
 
@@ -413,6 +427,16 @@ def main(argv=None) -> int:
             res["overlap_json"] = json.load(open(oj))
     if "families" in steps:
         res["families"] = families_step(out, p, smoke, res)
+    if "distributed" in steps:
+        dmodel, dj = os.path.join(out, "dist_model"), os.path.join(out, "distributed.json")
+        write_model_dir(dmodel, p["dist_preset"])
+        res["steps"]["distributed"] = run(
+            [sys.executable, "scripts/check_distributed.py", "--model", dmodel, "--load-format",
+             "dummy", "--dtype", p["dtype"], "--out", dj, *p["dist"]]
+            + (["--cpu-smoke"] if smoke else []), T["distributed"],
+            os.path.join(out, "distributed.log"))
+        if os.path.exists(dj):
+            res["distributed_json"] = json.load(open(dj))
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["targets"] = summarize(res, smoke)
 

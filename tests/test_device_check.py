@@ -1,6 +1,7 @@
 """scripts/device_check.sh --cpu-smoke: the GPU check runs end to end on CPU with tiny shapes
 (every step, the bench with its roofline column, both pools, the compiled-HLO copy check, the
-serving loop's step period against device time), so
+serving loop's step period against device time, a --distributed --dp 2 group against one
+process), so
 the script is known to work before an accelerator session spends its minutes on it."""
 import json
 import os
@@ -32,6 +33,7 @@ def test_device_check_cpu_smoke(tmp_path):
     assert fams == {(m, b) for m in ("qwen3-tiny", "qwen3-moe-tiny") for b in (1, 4)}
     assert all(r["decode_tok_s"] > 0 and r["hbm_roofline_pct"] > 0 for r in res["families"])
     targets = {name: met for name, _, met in res["targets"]}
-    assert len(targets) == 8
+    assert len(targets) == 9
+    assert targets["serve --distributed --dp 2 (2 processes) = one process"] is True
     assert targets["decode step memory does not grow with the pool"] is True
     assert "| target | measured | met |" in proc.stdout
