@@ -176,10 +176,12 @@ def _load_hf(engine, dtype_name: str):
 def run_bench(args) -> int:
     from jaxserve.cli import engine_config_from_args
     from jaxserve.engine import EngineConfig, LLMEngine, resolve_config_dtype
+    from jaxserve.replicas import refuse_remote
     import dataclasses
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     # --dtype auto resolved once: the matmul peak and HF run in the dtype the engine serves
     base_cfg = resolve_config_dtype(engine_config_from_args(args))
+    refuse_remote(base_cfg.dp, base_cfg.tp, "bench")
     if args.compare_hf and base_cfg.load_format == "dummy":
         raise ValueError("--compare-hf runs HF on the checkpoint's weights: not with "
                          "--load-format dummy (random weights)")

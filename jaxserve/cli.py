@@ -135,6 +135,8 @@ def _cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
                             ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+    from jaxserve.replicas import refuse_remote
+    refuse_remote(args.dp, args.tp, "generate")
     engine = LLMEngine(engine_config_from_args(args))
     adapter = register_loras(engine, args)
     prompt = engine.tokenizer.chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt

@@ -57,6 +57,17 @@ def replica_devices(dp: int, tp: int, devices=None) -> list[list]:
     return groups
 
 
+def refuse_remote(dp: int, tp: int, command: str) -> None:
+    """`generate` and `bench` run the whole engine in every process: a replica without a device
+    in this process could not run (ValueError naming `serve --distributed`, which can)."""
+    if dp > 1 and jax.process_count() > 1 and not all(
+            is_local(g) for g in replica_devices(dp, tp)):
+        raise ValueError(f"--dp {dp} --tp {tp} over {jax.process_count()} processes: `{command}` "
+                         "runs the engine in every process, and some replicas have no device "
+                         "in this one; serve it with `jaxserve serve --distributed` (process 0 "
+                         "drives the replicas of the others)")
+
+
 def processes(group: list) -> list[int]:
     """The processes holding a replica's devices, lowest first."""
     return sorted({d.process_index for d in group})

@@ -291,3 +291,29 @@ def test_replaying_the_log_rebuilds_the_device_state(models):
                  (leader.runner._pen_counts, follower.runner._pen_counts)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert np.asarray(leader.runner.kv.k).any()
+
+
+@pytest.mark.slow
+def test_generate_with_replicas_across_processes_is_refused(models):
+    """`generate` runs the engine in every process: with a replica on another process it is
+    refused before loading, naming `serve --distributed` (which drives such replicas)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.dist_procs import ROOT
+    coord = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "generate", "--model", str(models / "base"),
+         "--dp", "2", "--distributed", "--prompt", "w3", "--max-tokens", "2"],
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+                 XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                 JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{coord}", JAX_NUM_PROCESSES="2",
+                 JAX_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)   # a hang guard
+        assert p.returncode == 2, out[-2000:]
+        assert "`generate` runs the engine in every process" in out
+        assert "jaxserve serve --distributed" in out
